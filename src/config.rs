@@ -1,0 +1,153 @@
+//! Every setting of the server, each with a flag and an environment variable,
+//! and the defaults a fresh install runs with.
+
+use crate::service::ApiLimits;
+use crate::store::{StoreConfig, WriterConfig};
+use crate::watch::WatchConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Settings of `tether serve`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Address to serve gRPC on (port 0 picks a free port).
+    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// SQLite database file [default: $XDG_DATA_HOME/tether/tether.db,
+    /// else ~/.local/share/tether/tether.db]
+    #[arg(long, env = "TETHER_DB")]
+    pub db: Option<PathBuf>,
+
+    /// Longest a reachability check may take.
+    #[arg(long, env = "TETHER_VERIFY_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub verify_timeout: Duration,
+
+    /// Most reachability checks running at once.
+    #[arg(long, env = "TETHER_VERIFY_CONCURRENCY", default_value_t = 64)]
+    pub verify_concurrency: usize,
+
+    /// Events older than this are pruned from the history.
+    #[arg(long, env = "TETHER_EVENT_RETENTION", default_value = "7days", value_parser = duration)]
+    pub event_retention: Duration,
+
+    /// At most this many events are kept in the history.
+    #[arg(
+        long,
+        env = "TETHER_EVENT_RETENTION_COUNT",
+        default_value_t = 1_000_000
+    )]
+    pub event_retention_count: u64,
+
+    /// How often history older than the retention window is pruned.
+    #[arg(long, env = "TETHER_PRUNE_INTERVAL", default_value = "1m", value_parser = duration)]
+    pub prune_interval: Duration,
+
+    /// Idle time before a BOOKMARK goes to watchers that asked for progress.
+    #[arg(long, env = "TETHER_BOOKMARK_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub bookmark_interval: Duration,
+
+    /// Most changes committed in one transaction (one fsync).
+    #[arg(long, env = "TETHER_COMMIT_GROUP", default_value_t = 256)]
+    pub commit_group: usize,
+
+    /// Committed batches kept in memory for live watchers; one that falls
+    /// further behind catches up from the database.
+    #[arg(long, env = "TETHER_WATCH_RING", default_value_t = 1024)]
+    pub watch_ring: usize,
+
+    /// Messages buffered per watch stream.
+    #[arg(long, env = "TETHER_WATCH_BUFFER", default_value_t = 256)]
+    pub watch_buffer: usize,
+
+    /// Page size when a list request names none.
+    #[arg(long, env = "TETHER_DEFAULT_PAGE_SIZE", default_value_t = 50)]
+    pub default_page_size: usize,
+
+    /// Largest page a list returns.
+    #[arg(long, env = "TETHER_MAX_PAGE_SIZE", default_value_t = 1000)]
+    pub max_page_size: usize,
+
+    /// Most items in one BatchTransitionConnections call.
+    #[arg(long, env = "TETHER_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+
+    /// Read connections kept open.
+    #[arg(long, env = "TETHER_READ_POOL", default_value_t = 8)]
+    pub read_pool: usize,
+
+    /// How long a database operation waits for a lock before answering UNAVAILABLE.
+    #[arg(long, env = "TETHER_BUSY_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub busy_timeout: Duration,
+
+    /// After a shutdown signal, how long open calls may take to finish.
+    #[arg(long, env = "TETHER_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    /// The same defaults as the flags, without reading the environment.
+    fn default() -> Self {
+        use clap::{Args, FromArgMatches};
+        // Parse no arguments with the environment switched off: only the
+        // declared defaults apply, so tests are not steered by a stray TETHER_*.
+        let mut cmd = Config::augment_args(clap::Command::new("tether"))
+            .mut_args(|a| a.env(None::<&'static str>));
+        let matches = cmd
+            .try_get_matches_from_mut(["tether"])
+            .expect("defaults parse");
+        let mut c = Config::from_arg_matches(&matches).expect("defaults are valid");
+        c.db = None;
+        c
+    }
+}
+
+impl Config {
+    /// The database file: `--db`, or the per-user data directory.
+    pub fn db_path(&self) -> PathBuf {
+        if let Some(p) = &self.db {
+            return p.clone();
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("tether").join("tether.db")
+    }
+
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            writer: WriterConfig {
+                max_group: self.commit_group.max(1),
+                retention: self.event_retention,
+                retention_count: self.event_retention_count.max(1),
+                prune_interval: self.prune_interval,
+            },
+            read_pool: self.read_pool,
+            publish_buffer: self.watch_ring,
+            busy_timeout: self.busy_timeout,
+        }
+    }
+
+    pub fn watch_config(&self) -> WatchConfig {
+        WatchConfig {
+            bookmark_interval: self.bookmark_interval,
+            replay_page: 1000,
+            buffer: self.watch_buffer,
+        }
+    }
+
+    pub fn api_limits(&self) -> ApiLimits {
+        ApiLimits {
+            default_page_size: self.default_page_size.clamp(1, self.max_page_size.max(1)),
+            max_page_size: self.max_page_size.max(1),
+            max_batch: self.max_batch,
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The domain model: a connection, its id, the events that record its changes,
+//! and the parsing rules for every field a client may send.
+//!
+//! No I/O and no proto types here; `service` converts to and from the wire and
+//! `store` persists these values.
+
+use crate::error::Error;
+use crate::lifecycle::{State, Trigger};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A connection's id: a UUID in its canonical lowercase hyphenated form.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConnectionId(String);
+
+impl ConnectionId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        ConnectionId(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Parses a client-supplied id; `field` names it in the error.
+    pub fn parse(s: &str, field: &str) -> Result<Self, Error> {
+        if s.is_empty() {
+            return Err(Error::invalid(field, "is required"));
+        }
+        uuid::Uuid::try_parse(s)
+            .map(|u| ConnectionId(u.to_string()))
+            .map_err(|_| Error::invalid(field, format!("{s:?} is not a UUID")))
+    }
+
+    /// Wraps an id read back from the store, which only ever holds parsed ids.
+    pub(crate) fn from_trusted(s: String) -> Self {
+        ConnectionId(s)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub type Micros = i64;
+
+/// The current time in microseconds since the Unix epoch.
+pub fn now_micros() -> Micros {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A 64-bit FNV-1a digest: stable across builds and platforms (unlike std's
+/// hasher), for values that are stored or handed to clients.
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A connection as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Connection {
+    pub id: ConnectionId,
+    pub kind: String,
+    pub type_: String,
+    pub sub_type: String,
+    pub name: String,
+    pub description: String,
+    pub url: String,
+    pub identity: String,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub labels: BTreeMap<String, String>,
+    pub managed: bool,
+    pub credential_id: String,
+    pub owner: String,
+    pub state: State,
+    pub state_reason: String,
+    pub state_trigger: Trigger,
+    pub state_time: Micros,
+    /// Store revision of its last change.
+    pub revision: i64,
+    pub create_time: Micros,
+    pub update_time: Micros,
+}
+
+impl Connection {
+    /// The opaque version tag clients send back for optimistic concurrency.
+    /// Every change gets a new revision, so the revision identifies the version.
+    pub fn etag(&self) -> String {
+        format!("r{}", self.revision)
+    }
+
+    /// Whether the connection still counts for identity uniqueness and listings.
+    pub fn is_live(&self) -> bool {
+        self.state != State::Deleted
+    }
+}
+
+/// What kind of change an event records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    Created,
+    Updated,
+    Transitioned,
+    Deleted,
+}
+
+impl EventType {
+    pub fn number(self) -> i32 {
+        match self {
+            EventType::Created => 1,
+            EventType::Updated => 2,
+            EventType::Transitioned => 3,
+            EventType::Deleted => 4,
+        }
+    }
+
+    pub fn from_number(n: i32) -> Option<EventType> {
+        match n {
+            1 => Some(EventType::Created),
+            2 => Some(EventType::Updated),
+            3 => Some(EventType::Transitioned),
+            4 => Some(EventType::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// One committed change, with the connection as it was right after it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub revision: i64,
+    pub connection_id: ConnectionId,
+    pub type_: EventType,
+    /// The state before the change (equal to `to_state` for updates; for
+    /// creations, the first state).
+    pub from_state: State,
+    pub to_state: State,
+    pub trigger: Trigger,
+    pub reason: String,
+    pub actor: String,
+    pub time: Micros,
+    /// The connection after the change.
+    pub connection: Connection,
+}
+
+/// Field limits. Generous enough for real use, small enough that one request
+/// cannot bloat the database or a watch stream.
+pub mod limits {
+    pub const KIND: usize = 63;
+    pub const SHORT: usize = 255;
+    pub const DESCRIPTION: usize = 4096;
+    pub const URL: usize = 2048;
+    pub const IDENTITY: usize = 1024;
+    pub const LABELS: usize = 64;
+    pub const LABEL_KEY: usize = 63;
+    pub const LABEL_VALUE: usize = 255;
+    pub const METADATA_BYTES: usize = 64 * 1024;
+    pub const REASON: usize = 1024;
+    pub const REQUEST_ID: usize = 128;
+}
+
+/// Checks that `value` is at most `max` bytes.
+pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), Error> {
+    if value.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes long, the limit is {max}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A kind: lowercase letters, digits, `-` and `_`, starting with a letter.
+pub fn parse_kind(field: &str, s: &str) -> Result<String, Error> {
+    if s.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    check_len(field, s, limits::KIND)?;
+    let ok = s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !ok {
+        return Err(Error::invalid(
+            field,
+            format!("{s:?} must be lowercase letters, digits, '-' or '_', starting with a letter"),
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// A url: empty, or absolute with a scheme and a host. Returned normalised
+/// (lowercase scheme and host, default port dropped).
+pub fn parse_url(field: &str, s: &str) -> Result<String, Error> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    check_len(field, s, limits::URL)?;
+    let u = url::Url::parse(s).map_err(|e| Error::invalid(field, format!("{s:?}: {e}")))?;
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(Error::invalid(field, format!("{s:?} has no host")));
+    }
+    Ok(u.to_string())
+}
+
+/// The natural key when the client gives none: kind and normalised url, or the id.
+pub fn derive_identity(kind: &str, url: &str, id: &ConnectionId) -> String {
+    if url.is_empty() {
+        id.to_string()
+    } else {
+        format!("{kind}:{url}")
+    }
+}
+
+/// Labels: at most 64, keys like Kubernetes label keys, values of bounded length.
+pub fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), Error> {
+    if labels.len() > limits::LABELS {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "has {} labels, the limit is {}",
+                labels.len(),
+                limits::LABELS
+            ),
+        ));
+    }
+    for (k, v) in labels {
+        check_label_key(field, k)?;
+        check_len(&format!("{field}[{k}]"), v, limits::LABEL_VALUE)?;
+    }
+    Ok(())
+}
+
+/// A label key: 1-63 of letters, digits, `-`, `_`, `.` and `/`.
+pub fn check_label_key(field: &str, k: &str) -> Result<(), Error> {
+    let ok = !k.is_empty()
+        && k.len() <= limits::LABEL_KEY
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("label key {k:?} must be 1-63 letters, digits, '-', '_', '.' or '/'"),
+        ))
+    }
+}
+
+/// Metadata: a JSON object of bounded encoded size.
+pub fn check_metadata(
+    field: &str,
+    m: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), Error> {
+    let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > limits::METADATA_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is {size} bytes as JSON, the limit is {}",
+                limits::METADATA_BYTES
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_canonical_uuids() {
+        let id = ConnectionId::parse("6F9619FF-8B86-D011-B42D-00C04FC964FF", "id").unwrap();
+        assert_eq!(id.as_str(), "6f9619ff-8b86-d011-b42d-00c04fc964ff");
+        assert!(ConnectionId::parse("nope", "id").is_err());
+        assert!(ConnectionId::parse("", "id").is_err());
+    }
+
+    #[test]
+    fn urls_are_normalised_and_need_a_host() {
+        assert_eq!(
+            parse_url("url", "HTTP://Prom.Example:80/metrics").unwrap(),
+            "http://prom.example/metrics"
+        );
+        assert_eq!(parse_url("url", "tcp://db:5432").unwrap(), "tcp://db:5432");
+        assert!(parse_url("url", "not a url").is_err());
+        assert!(parse_url("url", "file:///etc/passwd").is_err());
+        assert_eq!(parse_url("url", "").unwrap(), "");
+    }
+
+    #[test]
+    fn kinds_are_lowercase_words() {
+        assert!(parse_kind("kind", "prometheus").is_ok());
+        assert!(parse_kind("kind", "k8s_v1-x").is_ok());
+        assert!(parse_kind("kind", "Prometheus").is_err());
+        assert!(parse_kind("kind", "").is_err());
+        assert!(parse_kind("kind", "1abc").is_err());
+    }
+
+    #[test]
+    fn identity_falls_back_to_the_id() {
+        let id = ConnectionId::generate();
+        assert_eq!(derive_identity("tcp", "", &id), id.to_string());
+        assert_eq!(derive_identity("tcp", "tcp://a:1", &id), "tcp:tcp://a:1");
+    }
+}

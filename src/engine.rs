@@ -1,0 +1,660 @@
+//! The single write path: load, check the lifecycle table, verify if needed,
+//! commit the row change and its event in one transaction, then publish.
+//!
+//! Every rule is re-checked inside the writer's transaction against the row as
+//! it is then, so changes to one connection are serialised in commit order and
+//! the latest accepted request wins. A verification runs outside the
+//! transaction (it may take seconds); its result commits only if the connection
+//! is still at the revision that was verified, so a slow check never
+//! overwrites a newer state.
+//!
+//! No gRPC here: requests arrive parsed, answers leave as domain values.
+
+use crate::connection::{Connection, ConnectionId, EventType, derive_identity};
+use crate::error::{Error, RefusalInfo};
+use crate::lifecycle::{self, Refusal, State, Trigger};
+use crate::probe::{Verdict, Verifier};
+use crate::store::{EventDraft, EventFilter, Filter, ListQuery, Page, Store, Tx, query};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The actor recorded for changes the server makes on its own.
+pub const SYSTEM_ACTOR: &str = "tether";
+
+/// A client's retry key (AIP-155) and a digest of the request it came with.
+#[derive(Clone, Debug)]
+pub struct RequestKey {
+    pub id: String,
+    pub fingerprint: i64,
+}
+
+/// The fields of a connection a client chooses, already parsed.
+#[derive(Clone, Debug, Default)]
+pub struct NewConnection {
+    pub kind: String,
+    pub type_: String,
+    pub sub_type: String,
+    pub name: String,
+    pub description: String,
+    pub url: String,
+    /// Empty: derived from kind and url (or the id).
+    pub identity: String,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub labels: BTreeMap<String, String>,
+    pub managed: bool,
+    pub credential_id: String,
+    pub owner: String,
+}
+
+pub struct CreateRequest {
+    pub connection: NewConnection,
+    pub initial_state: State,
+    pub skip_verification: bool,
+    pub request: Option<RequestKey>,
+    pub actor: String,
+}
+
+pub struct TransitionRequest {
+    pub id: ConnectionId,
+    pub target: State,
+    pub reason: String,
+    pub etag: Option<String>,
+    pub skip_verification: bool,
+    pub request: Option<RequestKey>,
+    pub actor: String,
+}
+
+/// The fields an update replaces; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct Patch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub url: Option<String>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub labels: Option<BTreeMap<String, String>>,
+    /// `Some("")` re-derives the identity from kind and url.
+    pub identity: Option<String>,
+}
+
+pub struct UpdateRequest {
+    pub id: ConnectionId,
+    pub patch: Patch,
+    pub etag: Option<String>,
+    pub request: Option<RequestKey>,
+    pub actor: String,
+}
+
+/// A page of history.
+pub struct EventPage {
+    pub events: Vec<crate::connection::Event>,
+    /// Pass as `after_revision` for the next page; `None` when there is no more.
+    pub next_after_revision: Option<i64>,
+    pub revision: i64,
+    pub compact_revision: i64,
+}
+
+/// The answer a request gets, stored for `request_id` retries. A failed
+/// verification that moved the connection is an answer worth replaying too.
+type Answer = Result<Connection, Error>;
+
+#[derive(Clone)]
+pub struct Engine {
+    store: Store,
+    verifier: Arc<dyn Verifier>,
+}
+
+impl Engine {
+    pub fn new(store: Store, verifier: Arc<dyn Verifier>) -> Self {
+        Engine { store, verifier }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub async fn get(&self, id: ConnectionId) -> Result<Connection, Error> {
+        self.store
+            .read(move |c| query::get(c, &id)?.ok_or_else(|| Error::not_found(&id)))
+            .await
+    }
+
+    pub async fn list(&self, q: ListQuery) -> Result<Page, Error> {
+        self.store.read(move |c| query::list(c, &q)).await
+    }
+
+    pub async fn count(&self, filter: Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
+        self.store.read(move |c| query::count(c, &filter)).await
+    }
+
+    pub async fn events(&self, f: EventFilter) -> Result<EventPage, Error> {
+        self.store
+            .read(move |c| {
+                let (revision, compact_revision) = query::revisions(c)?;
+                let mut events = query::events(
+                    c,
+                    &EventFilter {
+                        limit: f.limit + 1,
+                        ..f
+                    },
+                )?;
+                let more = events.len() > f.limit;
+                events.truncate(f.limit);
+                Ok(EventPage {
+                    next_after_revision: more.then(|| events.last().map(|e| e.revision)).flatten(),
+                    events,
+                    revision,
+                    compact_revision,
+                })
+            })
+            .await
+    }
+
+    /// Registers a connection by hand: DISCOVERED, then along the allowed
+    /// edges to `initial_state`, one event per step.
+    pub async fn create(&self, r: CreateRequest) -> Result<Connection, Error> {
+        if let Some(answer) = self.replay(&r.request).await? {
+            return answer;
+        }
+        let steps: &[State] = match r.initial_state {
+            State::Discovered => &[],
+            State::Ignored => &[State::Ignored],
+            State::Registered => &[State::Registered],
+            State::Connected => &[State::Registered, State::Connected],
+            other => {
+                return Err(Error::invalid(
+                    "initial_state",
+                    format!(
+                        "{other} is not a state to create in; use DISCOVERED, REGISTERED, CONNECTED or IGNORED"
+                    ),
+                ));
+            }
+        };
+        let n = r.connection;
+        let id = ConnectionId::generate();
+        let identity = if n.identity.is_empty() {
+            derive_identity(&n.kind, &n.url, &id)
+        } else {
+            n.identity
+        };
+        let mut conn = Connection {
+            id,
+            kind: n.kind,
+            type_: n.type_,
+            sub_type: n.sub_type,
+            name: n.name,
+            description: n.description,
+            url: n.url,
+            identity,
+            metadata: n.metadata,
+            labels: n.labels,
+            managed: n.managed,
+            credential_id: n.credential_id,
+            owner: n.owner,
+            state: State::Discovered,
+            state_reason: "created".into(),
+            state_trigger: Trigger::User,
+            state_time: 0,
+            revision: 0,
+            create_time: 0,
+            update_time: 0,
+        };
+
+        // Refuse a duplicate before spending a verification on it; the writer
+        // checks again, authoritatively.
+        let identity = conn.identity.clone();
+        if let Some(existing) = self
+            .store
+            .read(move |c| query::live_by_identity(c, &identity))
+            .await?
+        {
+            return Err(already_exists(&existing));
+        }
+
+        let needs_verification = steps.iter().any(|s| {
+            // Every step is a USER edge of the table from the state before it.
+            let from = match s {
+                State::Connected => State::Registered,
+                _ => State::Discovered,
+            };
+            lifecycle::check(from, *s, Trigger::User).is_ok_and(|e| e.needs_verification)
+        });
+        let mut plan: Vec<Step> = steps
+            .iter()
+            .map(|&target| Step {
+                target,
+                trigger: Trigger::User,
+                reason: format!("requested {} at creation", r.initial_state),
+            })
+            .collect();
+        let mut failure = None;
+        if needs_verification && !r.skip_verification {
+            match self.verifier.verify(&conn).await {
+                None => {}
+                Some(Verdict::Reachable(detail)) => {
+                    for s in &mut plan {
+                        s.reason = detail.clone();
+                    }
+                }
+                Some(verdict) => {
+                    let (err, fallback, detail) = failed(&conn, verdict);
+                    plan = vec![Step {
+                        target: fallback,
+                        trigger: Trigger::System,
+                        reason: detail,
+                    }];
+                    failure = Some(err);
+                }
+            }
+        }
+
+        let key = r.request;
+        let actor = r.actor;
+        self.store
+            .write(move |tx| {
+                if let Some(answer) = replayed(tx, &key)? {
+                    return Ok(answer);
+                }
+                if let Some(existing) = tx.live_by_identity(&conn.identity)? {
+                    return Err(already_exists(&existing));
+                }
+                tx.record(
+                    &mut conn,
+                    EventDraft {
+                        type_: EventType::Created,
+                        from_state: State::Discovered,
+                        trigger: Trigger::User,
+                        reason: "created".into(),
+                        actor: actor.clone(),
+                    },
+                )?;
+                for step in plan {
+                    let actor = match step.trigger {
+                        Trigger::User => actor.clone(),
+                        Trigger::System => SYSTEM_ACTOR.into(),
+                    };
+                    conn = apply_transition(
+                        tx,
+                        Move {
+                            id: conn.id.clone(),
+                            target: step.target,
+                            trigger: step.trigger,
+                            reason: step.reason,
+                            actor,
+                            etag: None,
+                            expect_revision: None,
+                        },
+                    )?;
+                }
+                let answer = match failure {
+                    None => Ok(conn),
+                    Some(err) => Err(with_state(err, conn.state)),
+                };
+                remember(tx, &key, &answer)?;
+                Ok(answer)
+            })
+            .await?
+    }
+
+    /// Moves a connection along one USER edge (DELETED included).
+    pub async fn transition(&self, r: TransitionRequest) -> Result<Connection, Error> {
+        if let Some(answer) = self.replay(&r.request).await? {
+            return answer;
+        }
+        let current = self.get(r.id.clone()).await?;
+        check_etag(&current, r.etag.as_deref())?;
+        if current.state == r.target {
+            return Ok(current);
+        }
+        let edge = lifecycle::check(current.state, r.target, Trigger::User)
+            .map_err(|refusal| invalid_transition(&current.id, refusal))?;
+
+        let mut reason = r.reason;
+        let mut expect_revision = None;
+        if edge.needs_verification && !r.skip_verification {
+            match self.verifier.verify(&current).await {
+                None => {}
+                Some(Verdict::Reachable(detail)) => {
+                    expect_revision = Some(current.revision);
+                    if reason.is_empty() {
+                        reason = detail;
+                    }
+                }
+                Some(verdict) => {
+                    return self
+                        .fail_verification(current, r.target, verdict, r.request)
+                        .await;
+                }
+            }
+        }
+        let m = Move {
+            id: r.id,
+            target: r.target,
+            trigger: Trigger::User,
+            reason,
+            actor: r.actor,
+            etag: r.etag,
+            expect_revision,
+        };
+        let key = r.request;
+        self.store
+            .write(move |tx| {
+                if let Some(answer) = replayed(tx, &key)? {
+                    return Ok(answer);
+                }
+                let answer = Ok(apply_transition(tx, m)?);
+                remember(tx, &key, &answer)?;
+                Ok(answer)
+            })
+            .await?
+    }
+
+    /// Applies each transition independently; one result per request, in order.
+    pub async fn batch_transition(
+        &self,
+        requests: Vec<TransitionRequest>,
+    ) -> Vec<Result<Connection, Error>> {
+        futures::future::join_all(requests.into_iter().map(|r| self.transition(r))).await
+    }
+
+    /// A failed verification: a register attempt moves the connection where
+    /// the SYSTEM column of the table says (unreachable: NOT_FOUND; credentials
+    /// rejected: DISCONNECTED); any other attempt leaves it as it was.
+    async fn fail_verification(
+        &self,
+        current: Connection,
+        target: State,
+        verdict: Verdict,
+        key: Option<RequestKey>,
+    ) -> Result<Connection, Error> {
+        let (err, fallback, detail) = failed(&current, verdict);
+        let moves = target == State::Registered
+            && lifecycle::check(current.state, fallback, Trigger::System).is_ok();
+        if !moves {
+            return Err(with_state(err, current.state));
+        }
+        let m = Move {
+            id: current.id.clone(),
+            target: fallback,
+            trigger: Trigger::System,
+            reason: detail,
+            actor: SYSTEM_ACTOR.into(),
+            etag: None,
+            expect_revision: Some(current.revision),
+        };
+        self.store
+            .write(move |tx| {
+                if let Some(answer) = replayed(tx, &key)? {
+                    return Ok(answer);
+                }
+                let moved = apply_transition(tx, m)?;
+                let answer = Err(with_state(err, moved.state));
+                remember(tx, &key, &answer)?;
+                Ok(answer)
+            })
+            .await?
+    }
+
+    /// Changes fields other than the state.
+    pub async fn update(&self, r: UpdateRequest) -> Result<Connection, Error> {
+        if let Some(answer) = self.replay(&r.request).await? {
+            return answer;
+        }
+        let key = r.request;
+        self.store
+            .write(move |tx| {
+                if let Some(answer) = replayed(tx, &key)? {
+                    return Ok(answer);
+                }
+                let mut c = tx.get(&r.id)?.ok_or_else(|| Error::not_found(&r.id))?;
+                check_etag(&c, r.etag.as_deref())?;
+                if !c.is_live() {
+                    return Err(Error::Deleted {
+                        id: c.id.to_string(),
+                    });
+                }
+                let before = c.clone();
+                let p = r.patch;
+                if let Some(v) = p.name {
+                    c.name = v;
+                }
+                if let Some(v) = p.description {
+                    c.description = v;
+                }
+                if let Some(v) = p.metadata {
+                    c.metadata = v;
+                }
+                if let Some(v) = p.labels {
+                    c.labels = v;
+                }
+                if let Some(url) = p.url {
+                    // An identity that was derived from the url follows it.
+                    let derived = derive_identity(&c.kind, &c.url, &c.id);
+                    if p.identity.is_none() && c.identity == derived {
+                        c.identity = derive_identity(&c.kind, &url, &c.id);
+                    }
+                    c.url = url;
+                }
+                if let Some(identity) = p.identity {
+                    c.identity = if identity.is_empty() {
+                        derive_identity(&c.kind, &c.url, &c.id)
+                    } else {
+                        identity
+                    };
+                }
+                let changed = changed_fields(&before, &c);
+                if changed.is_empty() {
+                    let answer = Ok(c);
+                    remember(tx, &key, &answer)?;
+                    return Ok(answer);
+                }
+                if c.identity != before.identity
+                    && let Some(other) = tx.live_by_identity(&c.identity)?
+                {
+                    return Err(already_exists(&other));
+                }
+                let from_state = c.state;
+                tx.record(
+                    &mut c,
+                    EventDraft {
+                        type_: EventType::Updated,
+                        from_state,
+                        trigger: Trigger::User,
+                        reason: format!("updated {}", changed.join(", ")),
+                        actor: r.actor,
+                    },
+                )?;
+                let answer = Ok(c);
+                remember(tx, &key, &answer)?;
+                Ok(answer)
+            })
+            .await?
+    }
+
+    /// The stored answer to a retried request, read outside the writer so a
+    /// retry costs no verification.
+    async fn replay(&self, key: &Option<RequestKey>) -> Result<Option<Answer>, Error> {
+        let Some(k) = key.clone() else {
+            return Ok(None);
+        };
+        self.store
+            .read(move |c| decode_answer(&k, query::request_answer(c, &k.id)?))
+            .await
+    }
+}
+
+struct Step {
+    target: State,
+    trigger: Trigger,
+    reason: String,
+}
+
+/// One transition as the writer applies it.
+struct Move {
+    id: ConnectionId,
+    target: State,
+    trigger: Trigger,
+    reason: String,
+    actor: String,
+    etag: Option<String>,
+    /// Commit only if the connection is still at this revision (it was verified there).
+    expect_revision: Option<i64>,
+}
+
+/// Applies one transition against the row as it is now: the authoritative
+/// check of etag, revision and the lifecycle table.
+fn apply_transition(tx: &mut Tx<'_>, m: Move) -> Result<Connection, Error> {
+    let mut c = tx.get(&m.id)?.ok_or_else(|| Error::not_found(&m.id))?;
+    check_etag(&c, m.etag.as_deref())?;
+    if m.expect_revision.is_some_and(|r| r != c.revision) {
+        return Err(Error::Conflict {
+            id: c.id.to_string(),
+        });
+    }
+    if c.state == m.target {
+        return Ok(c);
+    }
+    // Whether a USER edge needs verification depends only on its target (a
+    // lifecycle test pins this), so the caller's decision made against an
+    // older row still holds here.
+    lifecycle::check(c.state, m.target, m.trigger)
+        .map_err(|refusal| invalid_transition(&c.id, refusal))?;
+    let from_state = c.state;
+    c.state = m.target;
+    c.state_reason = m.reason.clone();
+    c.state_trigger = m.trigger;
+    let type_ = if m.target == State::Deleted {
+        // What remains is a tombstone: its credentials and collected data go.
+        c.credential_id.clear();
+        c.metadata.clear();
+        c.description.clear();
+        c.labels.clear();
+        EventType::Deleted
+    } else {
+        EventType::Transitioned
+    };
+    tx.record(
+        &mut c,
+        EventDraft {
+            type_,
+            from_state,
+            trigger: m.trigger,
+            reason: m.reason,
+            actor: m.actor,
+        },
+    )?;
+    tracing::info!(id = %c.id, from = %from_state, to = %c.state, trigger = %m.trigger, revision = c.revision, "transition");
+    Ok(c)
+}
+
+fn check_etag(c: &Connection, etag: Option<&str>) -> Result<(), Error> {
+    match etag {
+        Some(given) if !given.is_empty() && given != c.etag() => Err(Error::EtagMismatch {
+            id: c.id.to_string(),
+            given: given.to_owned(),
+            current: c.etag(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn invalid_transition(id: &ConnectionId, r: Refusal) -> Error {
+    Error::InvalidTransition {
+        id: id.to_string(),
+        refusal: RefusalInfo {
+            from: r.from,
+            to: r.to,
+            trigger: r.trigger,
+            allowed: r.allowed,
+        },
+    }
+}
+
+fn already_exists(existing: &Connection) -> Error {
+    Error::AlreadyExists {
+        identity: existing.identity.clone(),
+        existing_id: existing.id.to_string(),
+    }
+}
+
+/// The error, the SYSTEM fallback state and the detail of a failed verification.
+fn failed(c: &Connection, verdict: Verdict) -> (Error, State, String) {
+    let id = c.id.to_string();
+    match verdict {
+        Verdict::CredentialsRejected(detail) => (
+            Error::CredentialsRejected {
+                id,
+                detail: detail.clone(),
+                state: c.state,
+            },
+            State::Disconnected,
+            format!("credentials rejected: {detail}"),
+        ),
+        Verdict::Unreachable(detail) | Verdict::Reachable(detail) => (
+            Error::Unreachable {
+                id,
+                detail: detail.clone(),
+                state: c.state,
+            },
+            State::NotFound,
+            format!("unreachable: {detail}"),
+        ),
+    }
+}
+
+/// Sets the state a verification error reports the connection in.
+fn with_state(e: Error, state: State) -> Error {
+    match e {
+        Error::Unreachable { id, detail, .. } => Error::Unreachable { id, detail, state },
+        Error::CredentialsRejected { id, detail, .. } => {
+            Error::CredentialsRejected { id, detail, state }
+        }
+        other => other,
+    }
+}
+
+fn changed_fields(a: &Connection, b: &Connection) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if a.name != b.name {
+        out.push("name");
+    }
+    if a.description != b.description {
+        out.push("description");
+    }
+    if a.url != b.url {
+        out.push("url");
+    }
+    if a.identity != b.identity {
+        out.push("identity");
+    }
+    if a.metadata != b.metadata {
+        out.push("metadata");
+    }
+    if a.labels != b.labels {
+        out.push("labels");
+    }
+    out
+}
+
+fn decode_answer(key: &RequestKey, stored: Option<(i64, String)>) -> Result<Option<Answer>, Error> {
+    match stored {
+        None => Ok(None),
+        Some((fingerprint, _)) if fingerprint != key.fingerprint => Err(Error::RequestIdReused {
+            request_id: key.id.clone(),
+        }),
+        Some((_, json)) => Ok(Some(serde_json::from_str(&json)?)),
+    }
+}
+
+fn replayed(tx: &Tx<'_>, key: &Option<RequestKey>) -> Result<Option<Answer>, Error> {
+    match key {
+        None => Ok(None),
+        Some(k) => decode_answer(k, tx.answer(&k.id)?),
+    }
+}
+
+fn remember(tx: &Tx<'_>, key: &Option<RequestKey>, answer: &Answer) -> Result<(), Error> {
+    if let Some(k) = key {
+        tx.remember(&k.id, k.fingerprint, &serde_json::to_string(answer)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! The one error type of the domain, engine and store. Each variant is a distinct
+//! answer a client can act on; `service` maps it to a gRPC status in one place.
+//!
+//! Storage failures keep their detail here for the log; it never reaches a client.
+
+use crate::lifecycle::{State, Trigger};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum Error {
+    /// The request is malformed; `field` names the part to fix.
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+
+    #[error("connection {id} not found")]
+    NotFound { id: String },
+
+    #[error("connection {existing_id} already has identity {identity:?}")]
+    AlreadyExists {
+        identity: String,
+        existing_id: String,
+    },
+
+    #[error(
+        "cannot move connection {id} from {} to {} as {}; allowed: {}",
+        refusal.from, refusal.to, refusal.trigger, list(&refusal.allowed)
+    )]
+    InvalidTransition { id: String, refusal: RefusalInfo },
+
+    /// Verification found the connection unreachable.
+    #[error("connection {id} is unreachable: {detail}")]
+    Unreachable {
+        id: String,
+        detail: String,
+        state: State,
+    },
+
+    /// Verification reached the connection but its credentials were refused.
+    #[error("connection {id} rejected its credentials: {detail}")]
+    CredentialsRejected {
+        id: String,
+        detail: String,
+        state: State,
+    },
+
+    /// The connection is a tombstone and cannot be changed.
+    #[error("connection {id} is deleted")]
+    Deleted { id: String },
+
+    #[error("etag {given:?} does not match connection {id} (current etag {current:?})")]
+    EtagMismatch {
+        id: String,
+        given: String,
+        current: String,
+    },
+
+    /// The connection changed while a verification for an older version ran.
+    #[error("connection {id} changed while it was being verified; read it again and retry")]
+    Conflict { id: String },
+
+    /// A request_id was reused for a different request.
+    #[error("request_id {request_id:?} was already used for a different request")]
+    RequestIdReused { request_id: String },
+
+    #[error("revision {requested} has been compacted; the oldest retained is above {compact}")]
+    RevisionCompacted { requested: i64, compact: i64 },
+
+    #[error("revision {requested} is in the future; the current revision is {current}")]
+    RevisionInFuture { requested: i64, current: i64 },
+
+    /// Retry later: the server is shutting down or the database is busy.
+    #[error("{0}")]
+    Unavailable(String),
+
+    /// A bug or a storage fault; the detail is logged, never sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A refused transition as carried in an error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefusalInfo {
+    pub from: State,
+    pub to: State,
+    pub trigger: Trigger,
+    pub allowed: Vec<State>,
+}
+
+fn list(states: &[State]) -> String {
+    if states.is_empty() {
+        return "none".into();
+    }
+    states
+        .iter()
+        .map(|s| s.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(id: impl ToString) -> Self {
+        Error::NotFound { id: id.to_string() }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ffi::ErrorCode;
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                Error::Unavailable("database busy; retry".into())
+            }
+            _ => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Internal(format!("json: {e}"))
+    }
+}

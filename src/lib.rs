@@ -1,0 +1,21 @@
+//! Tether: a gRPC service that tracks the lifecycle of connections (the links a
+//! platform keeps to external systems), holds their state durably, moves it
+//! only along the allowed edges, and streams every change to watchers.
+//!
+//! Dependencies run one way, from [`lifecycle`] at the bottom to [`server`] at
+//! the top; see `docs/ARCHITECTURE.md`.
+
+pub mod config;
+pub mod connection;
+pub mod engine;
+pub mod error;
+pub mod lifecycle;
+pub mod pb;
+pub mod probe;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod watch;
+
+pub use config::Config;
+pub use error::Error;

@@ -1,0 +1,339 @@
+//! The connection lifecycle: states, triggers and the transition table of
+//! `shared/spec/lifecycle.md`, as one total function.
+//!
+//! Pure: no I/O, no clock, no storage. Everything that moves a connection asks
+//! [`check`] first; `DescribeLifecycle` is generated from [`targets`].
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Where a connection is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum State {
+    Discovered,
+    Registered,
+    Connected,
+    Ignored,
+    Maintenance,
+    Disconnected,
+    Deleted,
+    NotFound,
+}
+
+/// Who asks for a transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Trigger {
+    /// An administrative request through the API.
+    User,
+    /// The server itself: a verification or probe result, or a discovery report.
+    System,
+}
+
+impl State {
+    /// Every state, in wire order.
+    pub const ALL: [State; 8] = [
+        State::Discovered,
+        State::Registered,
+        State::Connected,
+        State::Ignored,
+        State::Maintenance,
+        State::Disconnected,
+        State::Deleted,
+        State::NotFound,
+    ];
+
+    /// The stable number used on the wire and in the database.
+    pub fn number(self) -> i32 {
+        match self {
+            State::Discovered => 1,
+            State::Registered => 2,
+            State::Connected => 3,
+            State::Ignored => 4,
+            State::Maintenance => 5,
+            State::Disconnected => 6,
+            State::Deleted => 7,
+            State::NotFound => 8,
+        }
+    }
+
+    /// The state with the given wire number, if there is one.
+    pub fn from_number(n: i32) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.number() == n)
+    }
+
+    /// The name used in messages and on the wire (without the enum prefix).
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Discovered => "DISCOVERED",
+            State::Registered => "REGISTERED",
+            State::Connected => "CONNECTED",
+            State::Ignored => "IGNORED",
+            State::Maintenance => "MAINTENANCE",
+            State::Disconnected => "DISCONNECTED",
+            State::Deleted => "DELETED",
+            State::NotFound => "NOT_FOUND",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Trigger {
+    pub fn number(self) -> i32 {
+        match self {
+            Trigger::User => 1,
+            Trigger::System => 2,
+        }
+    }
+
+    pub fn from_number(n: i32) -> Option<Trigger> {
+        match n {
+            1 => Some(Trigger::User),
+            2 => Some(Trigger::System),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Trigger::User => "USER",
+            Trigger::System => "SYSTEM",
+        })
+    }
+}
+
+/// An allowed move out of a state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Edge {
+    pub to: State,
+    /// The target must be verified (reachable, credentials accepted) before committing.
+    pub needs_verification: bool,
+}
+
+const fn edge(to: State) -> Edge {
+    Edge {
+        to,
+        needs_verification: false,
+    }
+}
+
+const fn verified(to: State) -> Edge {
+    Edge {
+        to,
+        needs_verification: true,
+    }
+}
+
+/// The moves `trigger` may make out of `from`: the lifecycle table, row by row.
+pub fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
+    use State::*;
+    match (from, trigger) {
+        (Discovered, Trigger::User) => {
+            &const { [verified(Registered), edge(Ignored), edge(Deleted)] }
+        }
+        (Discovered, Trigger::System) => {
+            &const { [edge(Registered), edge(NotFound), edge(Disconnected)] }
+        }
+        (Registered, Trigger::User) => {
+            &const {
+                [
+                    verified(Connected),
+                    edge(Maintenance),
+                    edge(Ignored),
+                    edge(Deleted),
+                ]
+            }
+        }
+        (Registered, Trigger::System) => &const { [edge(Connected), edge(NotFound)] },
+        (Connected, Trigger::User) => {
+            &const {
+                [
+                    edge(Disconnected),
+                    edge(Maintenance),
+                    edge(Ignored),
+                    edge(Deleted),
+                ]
+            }
+        }
+        (Connected, Trigger::System) => &const { [edge(Disconnected)] },
+        (Ignored, Trigger::User) => &const { [verified(Registered), edge(Deleted)] },
+        (Ignored, Trigger::System) => &const { [] },
+        (Maintenance, Trigger::User) => {
+            &const {
+                [
+                    verified(Connected),
+                    verified(Registered),
+                    edge(Ignored),
+                    edge(Deleted),
+                ]
+            }
+        }
+        (Maintenance, Trigger::System) => &const { [] },
+        (Disconnected, Trigger::User) => &const { [verified(Connected), edge(Deleted)] },
+        (Disconnected, Trigger::System) => &const { [edge(Connected)] },
+        (NotFound, Trigger::User) => &const { [verified(Registered), edge(Deleted)] },
+        (NotFound, Trigger::System) => &const { [edge(Discovered)] },
+        (Deleted, Trigger::User) => &const { [] },
+        (Deleted, Trigger::System) => &const { [] },
+    }
+}
+
+/// A refused transition, with what the caller could have chosen instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub from: State,
+    pub to: State,
+    pub trigger: Trigger,
+    pub allowed: Vec<State>,
+}
+
+/// Whether `trigger` may move a connection from `from` to `to`.
+///
+/// Asking for the state a connection is already in is not a transition: callers
+/// treat it as a no-op before asking.
+pub fn check(from: State, to: State, trigger: Trigger) -> Result<Edge, Refusal> {
+    let edges = targets(from, trigger);
+    edges
+        .iter()
+        .copied()
+        .find(|e| e.to == to)
+        .ok_or_else(|| Refusal {
+            from,
+            to,
+            trigger,
+            allowed: edges.iter().map(|e| e.to).collect(),
+        })
+}
+
+/// No way out: nothing may move a connection out of this state.
+pub fn is_terminal(state: State) -> bool {
+    targets(state, Trigger::User).is_empty() && targets(state, Trigger::System).is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use State::*;
+
+    /// The table of `shared/spec/lifecycle.md`, transcribed independently of
+    /// [`targets`]: (from, USER targets with `*` for verified, SYSTEM targets).
+    /// One row: from, USER targets (with "needs verification"), SYSTEM targets.
+    type Row = (State, &'static [(State, bool)], &'static [State]);
+
+    const SPEC: &[Row] = &[
+        (
+            Discovered,
+            &[(Registered, true), (Ignored, false), (Deleted, false)],
+            &[Registered, NotFound, Disconnected],
+        ),
+        (
+            Registered,
+            &[
+                (Connected, true),
+                (Maintenance, false),
+                (Ignored, false),
+                (Deleted, false),
+            ],
+            &[Connected, NotFound],
+        ),
+        (
+            Connected,
+            &[
+                (Disconnected, false),
+                (Maintenance, false),
+                (Ignored, false),
+                (Deleted, false),
+            ],
+            &[Disconnected],
+        ),
+        (Ignored, &[(Registered, true), (Deleted, false)], &[]),
+        (
+            Maintenance,
+            &[
+                (Connected, true),
+                (Registered, true),
+                (Ignored, false),
+                (Deleted, false),
+            ],
+            &[],
+        ),
+        (
+            Disconnected,
+            &[(Connected, true), (Deleted, false)],
+            &[Connected],
+        ),
+        (Deleted, &[], &[]),
+        (
+            NotFound,
+            &[(Registered, true), (Deleted, false)],
+            &[Discovered],
+        ),
+    ];
+
+    #[test]
+    fn every_state_trigger_and_target_matches_the_spec() {
+        assert_eq!(SPEC.len(), State::ALL.len());
+        for &(from, user, system) in SPEC {
+            for to in State::ALL {
+                let user_row = user.iter().find(|(t, _)| *t == to);
+                match (check(from, to, Trigger::User), user_row) {
+                    (Ok(e), Some(&(_, v))) => assert_eq!(e.needs_verification, v, "{from}->{to}"),
+                    (Err(r), None) => {
+                        let want: Vec<State> = user.iter().map(|(t, _)| *t).collect();
+                        assert_eq!(r.allowed, want, "{from}->{to} USER allowed list");
+                    }
+                    (got, want) => panic!("USER {from}->{to}: got {got:?}, spec {want:?}"),
+                }
+                let system_allowed = system.contains(&to);
+                match check(from, to, Trigger::System) {
+                    Ok(e) => {
+                        assert!(system_allowed, "SYSTEM {from}->{to} is not in the spec");
+                        assert!(
+                            !e.needs_verification,
+                            "SYSTEM edges are results, not requests"
+                        );
+                    }
+                    Err(r) => {
+                        assert!(!system_allowed, "SYSTEM {from}->{to} is in the spec");
+                        assert_eq!(r.allowed, system.to_vec());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn user_verification_depends_only_on_the_target() {
+        for to in State::ALL {
+            let needs: Vec<bool> = State::ALL
+                .into_iter()
+                .filter_map(|from| check(from, to, Trigger::User).ok())
+                .map(|e| e.needs_verification)
+                .collect();
+            assert!(needs.windows(2).all(|w| w[0] == w[1]), "{to}: {needs:?}");
+        }
+    }
+
+    #[test]
+    fn only_deleted_is_terminal() {
+        for s in State::ALL {
+            assert_eq!(is_terminal(s), s == Deleted, "{s}");
+        }
+    }
+
+    #[test]
+    fn wire_numbers_round_trip() {
+        for s in State::ALL {
+            assert_eq!(State::from_number(s.number()), Some(s));
+        }
+        assert_eq!(State::from_number(0), None);
+        assert_eq!(State::from_number(9), None);
+        assert_eq!(Trigger::from_number(0), None);
+    }
+}

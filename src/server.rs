@@ -1,0 +1,122 @@
+//! The composition root: opens the store, wires engine, watcher and verifier
+//! into the gRPC service, adds health and reflection, serves until told to
+//! stop, then shuts down in order.
+//!
+//! Shutdown order: health turns NOT_SERVING, open watch streams end with
+//! UNAVAILABLE, tonic stops accepting and lets in-flight calls finish (within
+//! the grace period), then the writer commits what is queued and stops.
+//! [`run`] returns only after all of that.
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::pb;
+use crate::pb::tether::v1::connection_service_server::ConnectionServiceServer;
+use crate::probe::GenericVerifier;
+use crate::service::ConnectionService;
+use crate::store::Store;
+use crate::watch::Watcher;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic_health::ServingStatus;
+
+type Service = ConnectionServiceServer<ConnectionService>;
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let store = Store::open(&config.db_path(), config.store_config())?;
+    let result = serve(&config, store.clone(), listener, shutdown).await;
+    // Commit whatever is queued, then stop the writer.
+    let closing = store.clone();
+    tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .map_err(|e| Error::Internal(format!("closing the store: {e}")))?;
+    tracing::info!("stopped");
+    result
+}
+
+async fn serve(
+    config: &Config,
+    store: Store,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let verifier = GenericVerifier::new(config.verify_timeout, config.verify_concurrency)
+        .map_err(|e| Error::Internal(format!("cannot build the http client: {e}")))?;
+    let engine = Engine::new(store.clone(), Arc::new(verifier));
+    let stopping = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let watcher = Watcher::new(
+        store,
+        stopping.clone(),
+        tasks.clone(),
+        config.watch_config(),
+    );
+    let service = ConnectionService::new(engine, watcher, config.api_limits());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<Service>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let signal = {
+        let stopping = stopping.clone();
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            health.set_not_serving::<Service>().await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            stopping.cancel();
+        }
+    };
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, "serving");
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ConnectionServiceServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let mut server = tokio::spawn(server);
+
+    let served = tokio::select! {
+        r = &mut server => r,
+        _ = stopping.cancelled() => {
+            match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(grace = ?config.shutdown_grace, "calls still open after the grace period; closing them");
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
+    tasks.close();
+    tasks.wait().await;
+    match served {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Internal(format!("transport: {e}"))),
+        Err(e) => Err(Error::Internal(format!("server task: {e}"))),
+    }
+}

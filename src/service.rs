@@ -1,0 +1,900 @@
+//! The gRPC surface: the only place proto and domain types meet, and the one
+//! mapping from [`Error`] to `tonic::Status` (with a `google.rpc.ErrorInfo`).
+//!
+//! Requests are parsed here into domain values (ids, urls, kinds, states),
+//! so the engine only ever sees well-formed input.
+
+use crate::connection::{
+    self, Connection, ConnectionId, Event, EventType, check_labels, check_len, check_metadata,
+    limits, parse_kind, parse_url,
+};
+use crate::engine::{
+    CreateRequest, Engine, NewConnection, Patch, RequestKey, TransitionRequest, UpdateRequest,
+};
+use crate::error::Error;
+use crate::lifecycle::{self, State, Trigger};
+use crate::pb::tether::v1 as pb;
+use crate::store::{Cursor, EventFilter, Filter, ListQuery, Order};
+use crate::watch::{Change, Item, WatchSpec, Watcher};
+use prost::Message;
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo.domain` of every error Tether returns.
+pub const ERROR_DOMAIN: &str = "tether.dev";
+
+/// The request metadata key naming who acts, recorded on events. Until access
+/// control arrives it is taken on trust.
+pub const ACTOR_HEADER: &str = "tether-actor";
+
+/// Page and batch limits of the API.
+#[derive(Clone, Debug)]
+pub struct ApiLimits {
+    pub default_page_size: usize,
+    pub max_page_size: usize,
+    pub max_batch: usize,
+}
+
+pub struct ConnectionService {
+    engine: Engine,
+    watcher: Watcher,
+    limits: ApiLimits,
+}
+
+impl ConnectionService {
+    pub fn new(engine: Engine, watcher: Watcher, limits: ApiLimits) -> Self {
+        ConnectionService {
+            engine,
+            watcher,
+            limits,
+        }
+    }
+
+    fn page_size(&self, requested: i32, field: &str) -> Result<usize, Error> {
+        match requested {
+            n if n < 0 => Err(Error::invalid(field, "must not be negative")),
+            0 => Ok(self.limits.default_page_size),
+            // AIP-158: a larger page than allowed is coerced, not refused.
+            n => Ok((n as usize).min(self.limits.max_page_size)),
+        }
+    }
+
+    fn transition_request(
+        &self,
+        r: pb::TransitionConnectionRequest,
+        actor: &str,
+        field: &str,
+    ) -> Result<TransitionRequest, Error> {
+        let request = request_key(&r.request_id, &r, &format!("{field}request_id"))?;
+        check_len(&format!("{field}reason"), &r.reason, limits::REASON)?;
+        Ok(TransitionRequest {
+            id: ConnectionId::parse(&r.id, &format!("{field}id"))?,
+            target: state_from_pb(r.target_state, &format!("{field}target_state"))?,
+            reason: r.reason,
+            etag: non_empty(r.etag),
+            skip_verification: r.skip_verification,
+            request,
+            actor: actor.to_owned(),
+        })
+    }
+}
+
+type WatchResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchConnectionsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::connection_service_server::ConnectionService for ConnectionService {
+    async fn create_connection(
+        &self,
+        request: Request<pb::CreateConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let actor = actor(&request)?;
+        let r = request.into_inner();
+        let key = request_key(&r.request_id, &r, "request_id")?;
+        let initial_state = match r.initial_state {
+            0 => State::Discovered,
+            n => state_from_pb(n, "initial_state")?,
+        };
+        let connection = new_connection(r.connection.unwrap_or_default())?;
+        let c = self
+            .engine
+            .create(CreateRequest {
+                connection,
+                initial_state,
+                skip_verification: r.skip_verification,
+                request: key,
+                actor,
+            })
+            .await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn get_connection(
+        &self,
+        request: Request<pb::GetConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let id = ConnectionId::parse(&request.get_ref().id, "id")?;
+        let c = self.engine.get(id).await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn list_connections(
+        &self,
+        request: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        let r = request.into_inner();
+        let page_size = self.page_size(r.page_size, "page_size")?;
+        let filter = filter_from_pb(
+            r.kinds,
+            r.states,
+            r.types,
+            r.search,
+            r.labels,
+            r.show_deleted,
+        )?;
+        let order = Order::parse(&r.order_by)?;
+        let after = match r.page_token.as_str() {
+            "" => None,
+            t => Some(Cursor::decode(t, &filter, order)?),
+        };
+        let page = self
+            .engine
+            .list(ListQuery {
+                filter,
+                order,
+                page_size,
+                after,
+            })
+            .await?;
+        Ok(Response::new(pb::ListConnectionsResponse {
+            connections: page.connections.iter().map(connection_to_pb).collect(),
+            next_page_token: page.next.map(|c| c.encode()).unwrap_or_default(),
+            revision: page.revision,
+        }))
+    }
+
+    async fn count_connections(
+        &self,
+        request: Request<pb::CountConnectionsRequest>,
+    ) -> Result<Response<pb::CountConnectionsResponse>, Status> {
+        let r = request.into_inner();
+        let filter = filter_from_pb(
+            r.kinds,
+            r.states,
+            r.types,
+            r.search,
+            r.labels,
+            r.show_deleted,
+        )?;
+        let (counts, revision) = self.engine.count(filter).await?;
+        Ok(Response::new(pb::CountConnectionsResponse {
+            total: counts.iter().map(|(_, n)| n).sum(),
+            counts: counts
+                .into_iter()
+                .map(|(s, count)| pb::StateCount {
+                    state: s.number(),
+                    count,
+                })
+                .collect(),
+            revision,
+        }))
+    }
+
+    async fn update_connection(
+        &self,
+        request: Request<pb::UpdateConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let actor = actor(&request)?;
+        let r = request.into_inner();
+        let key = request_key(&r.request_id, &r, "request_id")?;
+        let body = r
+            .connection
+            .ok_or_else(|| Error::invalid("connection", "is required"))?;
+        let id = ConnectionId::parse(&body.id, "connection.id")?;
+        let etag = non_empty(body.etag.clone());
+        let patch = patch_from_pb(body, r.update_mask)?;
+        let c = self
+            .engine
+            .update(UpdateRequest {
+                id,
+                patch,
+                etag,
+                request: key,
+                actor,
+            })
+            .await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn transition_connection(
+        &self,
+        request: Request<pb::TransitionConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let actor = actor(&request)?;
+        let t = self.transition_request(request.into_inner(), &actor, "")?;
+        let c = self.engine.transition(t).await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn batch_transition_connections(
+        &self,
+        request: Request<pb::BatchTransitionConnectionsRequest>,
+    ) -> Result<Response<pb::BatchTransitionConnectionsResponse>, Status> {
+        let actor = actor(&request)?;
+        let items = request.into_inner().requests;
+        if items.len() > self.limits.max_batch {
+            return Err(Error::invalid(
+                "requests",
+                format!(
+                    "has {} items, the limit is {}",
+                    items.len(),
+                    self.limits.max_batch
+                ),
+            )
+            .into());
+        }
+        // A malformed item fails alone, like any other per-item error.
+        let mut results: Vec<Option<Result<Connection, Error>>> = Vec::new();
+        let mut valid = Vec::new();
+        for (i, r) in items.into_iter().enumerate() {
+            match self.transition_request(r, &actor, &format!("requests[{i}].")) {
+                Ok(t) => {
+                    results.push(None);
+                    valid.push(t);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let mut done = self.engine.batch_transition(valid).await.into_iter();
+        let results = results
+            .into_iter()
+            .map(|r| {
+                let r = r
+                    .or_else(|| done.next())
+                    .expect("one result per valid item");
+                pb::BatchTransitionResult {
+                    result: Some(match r {
+                        Ok(c) => {
+                            pb::batch_transition_result::Result::Connection(connection_to_pb(&c))
+                        }
+                        Err(e) => pb::batch_transition_result::Result::Error(rpc_status(e)),
+                    }),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::BatchTransitionConnectionsResponse {
+            results,
+        }))
+    }
+
+    async fn delete_connection(
+        &self,
+        request: Request<pb::DeleteConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let actor = actor(&request)?;
+        let r = request.into_inner();
+        let key = request_key(&r.request_id, &r, "request_id")?;
+        check_len("reason", &r.reason, limits::REASON)?;
+        let c = self
+            .engine
+            .transition(TransitionRequest {
+                id: ConnectionId::parse(&r.id, "id")?,
+                target: State::Deleted,
+                reason: if r.reason.is_empty() {
+                    "deleted".into()
+                } else {
+                    r.reason
+                },
+                etag: non_empty(r.etag),
+                skip_verification: false,
+                request: key,
+                actor,
+            })
+            .await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn list_connection_events(
+        &self,
+        request: Request<pb::ListConnectionEventsRequest>,
+    ) -> Result<Response<pb::ListConnectionEventsResponse>, Status> {
+        let r = request.into_inner();
+        let connection_id = match r.connection_id.as_str() {
+            "" => None,
+            s => Some(ConnectionId::parse(s, "connection_id")?),
+        };
+        if r.after_revision < 0 {
+            return Err(Error::invalid("after_revision", "must not be negative").into());
+        }
+        let limit = match r.page_size {
+            n if n < 0 => return Err(Error::invalid("page_size", "must not be negative").into()),
+            0 => 100,
+            n => (n as usize).min(self.limits.max_page_size),
+        };
+        let page = self
+            .engine
+            .events(EventFilter {
+                connection_id,
+                after_revision: r.after_revision,
+                limit,
+            })
+            .await?;
+        Ok(Response::new(pb::ListConnectionEventsResponse {
+            events: page.events.iter().map(event_to_pb).collect(),
+            next_after_revision: page.next_after_revision.unwrap_or(0),
+            revision: page.revision,
+            compact_revision: page.compact_revision,
+        }))
+    }
+
+    async fn describe_lifecycle(
+        &self,
+        _request: Request<pb::DescribeLifecycleRequest>,
+    ) -> Result<Response<pb::DescribeLifecycleResponse>, Status> {
+        let states = State::ALL
+            .into_iter()
+            .map(|s| {
+                let user = lifecycle::targets(s, Trigger::User);
+                pb::StateTransitions {
+                    state: s.number(),
+                    user_targets: user.iter().map(|e| e.to.number()).collect(),
+                    system_targets: lifecycle::targets(s, Trigger::System)
+                        .iter()
+                        .map(|e| e.to.number())
+                        .collect(),
+                    verified_targets: user
+                        .iter()
+                        .filter(|e| e.needs_verification)
+                        .map(|e| e.to.number())
+                        .collect(),
+                    terminal: lifecycle::is_terminal(s),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeLifecycleResponse { states }))
+    }
+
+    type WatchConnectionsStream = WatchResponseStream;
+
+    async fn watch_connections(
+        &self,
+        request: Request<pb::WatchConnectionsRequest>,
+    ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
+        let r = request.into_inner();
+        let mut filter = Filter {
+            kinds: parse_kinds(r.kinds)?,
+            states: parse_states(r.states)?,
+            ..Filter::default()
+        };
+        for (i, id) in r.ids.iter().enumerate() {
+            filter
+                .ids
+                .push(ConnectionId::parse(id, &format!("ids[{i}]"))?);
+        }
+        let stream = self
+            .watcher
+            .watch(WatchSpec {
+                after_revision: r.after_revision,
+                filter,
+                progress_notify: r.progress_notify,
+            })
+            .await?;
+        let stream = stream.map(|item| item.map(watch_item_to_pb).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+// ---- requests -> domain ----
+
+/// The caller's name from request metadata, or "anonymous".
+fn actor<T>(r: &Request<T>) -> Result<String, Error> {
+    match r.metadata().get(ACTOR_HEADER) {
+        None => Ok("anonymous".into()),
+        Some(v) => {
+            let s = v
+                .to_str()
+                .map_err(|_| Error::invalid(ACTOR_HEADER, "must be printable ASCII"))?;
+            check_len(ACTOR_HEADER, s, limits::SHORT)?;
+            Ok(if s.is_empty() { "anonymous" } else { s }.to_owned())
+        }
+    }
+}
+
+/// The retry key of a request, bound to a digest of the whole request so a
+/// reused id with a different body is caught.
+fn request_key<M: Message>(
+    request_id: &str,
+    message: &M,
+    field: &str,
+) -> Result<Option<RequestKey>, Error> {
+    if request_id.is_empty() {
+        return Ok(None);
+    }
+    check_len(field, request_id, limits::REQUEST_ID)?;
+    Ok(Some(RequestKey {
+        id: request_id.to_owned(),
+        fingerprint: connection::digest(&message.encode_to_vec()) as i64,
+    }))
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn state_from_pb(n: i32, field: &str) -> Result<State, Error> {
+    State::from_number(n).ok_or_else(|| {
+        Error::invalid(
+            field,
+            if n == 0 {
+                "is required".to_owned()
+            } else {
+                format!("{n} is not a ConnectionState")
+            },
+        )
+    })
+}
+
+fn parse_states(states: Vec<i32>) -> Result<Vec<State>, Error> {
+    states
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| state_from_pb(n, &format!("states[{i}]")))
+        .collect()
+}
+
+fn parse_kinds(kinds: Vec<String>) -> Result<Vec<String>, Error> {
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| parse_kind(&format!("kinds[{i}]"), k))
+        .collect()
+}
+
+fn filter_from_pb(
+    kinds: Vec<String>,
+    states: Vec<i32>,
+    types: Vec<String>,
+    search: String,
+    labels: HashMap<String, String>,
+    show_deleted: bool,
+) -> Result<Filter, Error> {
+    check_len("search", &search, limits::SHORT)?;
+    for (i, t) in types.iter().enumerate() {
+        check_len(&format!("types[{i}]"), t, limits::SHORT)?;
+    }
+    let labels: BTreeMap<String, String> = labels.into_iter().collect();
+    check_labels("labels", &labels)?;
+    Ok(Filter {
+        kinds: parse_kinds(kinds)?,
+        states: parse_states(states)?,
+        types,
+        ids: Vec::new(),
+        search,
+        labels,
+        show_deleted,
+    })
+}
+
+fn new_connection(c: pb::Connection) -> Result<NewConnection, Error> {
+    let kind = parse_kind("connection.kind", &c.kind)?;
+    let url = parse_url("connection.url", &c.url)?;
+    check_len("connection.type", &c.r#type, limits::SHORT)?;
+    check_len("connection.sub_type", &c.sub_type, limits::SHORT)?;
+    check_len("connection.name", &c.name, limits::SHORT)?;
+    check_len(
+        "connection.description",
+        &c.description,
+        limits::DESCRIPTION,
+    )?;
+    check_len("connection.identity", &c.identity, limits::IDENTITY)?;
+    check_len("connection.credential_id", &c.credential_id, limits::SHORT)?;
+    check_len("connection.owner", &c.owner, limits::SHORT)?;
+    let labels: BTreeMap<String, String> = c.labels.into_iter().collect();
+    check_labels("connection.labels", &labels)?;
+    let metadata = struct_to_json("connection.metadata", c.metadata)?;
+    check_metadata("connection.metadata", &metadata)?;
+    // A connection needs a name people can read; the url, or the kind, will do.
+    let name = if !c.name.is_empty() {
+        c.name
+    } else if !url.is_empty() {
+        url.clone()
+    } else {
+        kind.clone()
+    };
+    Ok(NewConnection {
+        kind,
+        type_: c.r#type,
+        sub_type: c.sub_type,
+        name,
+        description: c.description,
+        url,
+        identity: c.identity,
+        metadata,
+        labels,
+        managed: c.managed.unwrap_or(true),
+        credential_id: c.credential_id,
+        owner: c.owner,
+    })
+}
+
+/// The fields an update mask may name.
+const UPDATABLE: [&str; 6] = [
+    "name",
+    "description",
+    "url",
+    "metadata",
+    "labels",
+    "identity",
+];
+
+fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Result<Patch, Error> {
+    let paths: Vec<String> = match mask {
+        Some(m) if !m.paths.is_empty() => m.paths,
+        // AIP-134: without a mask, every updatable field that is set.
+        _ => {
+            let set = [
+                !c.name.is_empty(),
+                !c.description.is_empty(),
+                !c.url.is_empty(),
+                c.metadata.is_some(),
+                !c.labels.is_empty(),
+                !c.identity.is_empty(),
+            ];
+            UPDATABLE
+                .iter()
+                .zip(set)
+                .filter(|(_, s)| *s)
+                .map(|(f, _)| f.to_string())
+                .collect()
+        }
+    };
+    let mut fields = Vec::new();
+    for p in &paths {
+        match p.as_str() {
+            "*" => fields.extend(UPDATABLE),
+            f if UPDATABLE.contains(&f) => {
+                fields.push(UPDATABLE[UPDATABLE.iter().position(|u| *u == f).expect("contained")])
+            }
+            f => {
+                return Err(Error::invalid(
+                    "update_mask",
+                    format!(
+                        "{f:?} cannot be updated; updatable fields: {}",
+                        UPDATABLE.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let mut patch = Patch::default();
+    let mut c = c;
+    for f in fields {
+        match f {
+            "name" => {
+                if c.name.is_empty() {
+                    return Err(Error::invalid("connection.name", "must not be empty"));
+                }
+                check_len("connection.name", &c.name, limits::SHORT)?;
+                patch.name = Some(std::mem::take(&mut c.name));
+            }
+            "description" => {
+                check_len(
+                    "connection.description",
+                    &c.description,
+                    limits::DESCRIPTION,
+                )?;
+                patch.description = Some(std::mem::take(&mut c.description));
+            }
+            "url" => patch.url = Some(parse_url("connection.url", &c.url)?),
+            "metadata" => {
+                let m = struct_to_json("connection.metadata", c.metadata.take())?;
+                check_metadata("connection.metadata", &m)?;
+                patch.metadata = Some(m);
+            }
+            "labels" => {
+                let labels: BTreeMap<String, String> =
+                    std::mem::take(&mut c.labels).into_iter().collect();
+                check_labels("connection.labels", &labels)?;
+                patch.labels = Some(labels);
+            }
+            "identity" => {
+                check_len("connection.identity", &c.identity, limits::IDENTITY)?;
+                patch.identity = Some(std::mem::take(&mut c.identity));
+            }
+            _ => unreachable!("only updatable fields are collected"),
+        }
+    }
+    Ok(patch)
+}
+
+// ---- domain -> responses ----
+
+fn timestamp(micros: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
+    })
+}
+
+pub fn connection_to_pb(c: &Connection) -> pb::Connection {
+    pb::Connection {
+        id: c.id.to_string(),
+        kind: c.kind.clone(),
+        r#type: c.type_.clone(),
+        sub_type: c.sub_type.clone(),
+        name: c.name.clone(),
+        description: c.description.clone(),
+        url: c.url.clone(),
+        identity: c.identity.clone(),
+        metadata: Some(json_to_struct(&c.metadata)),
+        labels: c
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        managed: Some(c.managed),
+        credential_id: c.credential_id.clone(),
+        owner: c.owner.clone(),
+        state: c.state.number(),
+        state_reason: c.state_reason.clone(),
+        state_trigger: c.state_trigger.number(),
+        state_time: timestamp(c.state_time),
+        revision: c.revision,
+        etag: c.etag(),
+        create_time: timestamp(c.create_time),
+        update_time: timestamp(c.update_time),
+    }
+}
+
+fn event_type_to_pb(t: EventType) -> pb::EventType {
+    match t {
+        EventType::Created => pb::EventType::Created,
+        EventType::Updated => pb::EventType::Updated,
+        EventType::Transitioned => pb::EventType::Transitioned,
+        EventType::Deleted => pb::EventType::Deleted,
+    }
+}
+
+pub fn event_to_pb(e: &Event) -> pb::ConnectionEvent {
+    pb::ConnectionEvent {
+        revision: e.revision,
+        connection_id: e.connection_id.to_string(),
+        r#type: event_type_to_pb(e.type_) as i32,
+        from_state: e.from_state.number(),
+        to_state: e.to_state.number(),
+        trigger: e.trigger.number(),
+        reason: e.reason.clone(),
+        actor: e.actor.clone(),
+        time: timestamp(e.time),
+    }
+}
+
+fn watch_item_to_pb(item: Item) -> pb::WatchConnectionsResponse {
+    use pb::WatchEventType as W;
+    let (t, revision, connection, event) = match item {
+        Item::Snapshot(c) => (W::Added, c.revision, Some(connection_to_pb(&c)), None),
+        Item::Change(change, e) => {
+            let t = match change {
+                Change::Added => W::Added,
+                Change::Modified => W::Modified,
+                Change::Removed => W::Removed,
+            };
+            (
+                t,
+                e.revision,
+                Some(connection_to_pb(&e.connection)),
+                Some(event_to_pb(&e)),
+            )
+        }
+        Item::Synced(r) => (W::Synced, r, None, None),
+        Item::Bookmark(r) => (W::Bookmark, r, None, None),
+    };
+    pb::WatchConnectionsResponse {
+        r#type: t as i32,
+        revision,
+        connection,
+        event,
+    }
+}
+
+// ---- google.protobuf.Struct <-> JSON ----
+
+fn struct_to_json(
+    field: &str,
+    s: Option<prost_types::Struct>,
+) -> Result<serde_json::Map<String, serde_json::Value>, Error> {
+    s.map(|s| {
+        s.fields
+            .into_iter()
+            .map(|(k, v)| Ok((k, value_to_json(field, v)?)))
+            .collect()
+    })
+    .unwrap_or_else(|| Ok(serde_json::Map::new()))
+}
+
+fn value_to_json(field: &str, v: prost_types::Value) -> Result<serde_json::Value, Error> {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    Ok(match v.kind {
+        None | Some(Kind::NullValue(_)) => J::Null,
+        Some(Kind::BoolValue(b)) => J::Bool(b),
+        Some(Kind::NumberValue(n)) => J::Number(
+            serde_json::Number::from_f64(n)
+                .ok_or_else(|| Error::invalid(field, "numbers must be finite"))?,
+        ),
+        Some(Kind::StringValue(s)) => J::String(s),
+        Some(Kind::ListValue(l)) => J::Array(
+            l.values
+                .into_iter()
+                .map(|v| value_to_json(field, v))
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(Kind::StructValue(s)) => J::Object(struct_to_json(field, Some(s))?),
+    })
+}
+
+fn json_to_struct(m: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: m
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
+    }
+}
+
+fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(*b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        J::String(s) => Kind::StringValue(s.clone()),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(json_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+// ---- errors ----
+
+/// The gRPC code, `ErrorInfo.reason` and metadata of an error.
+fn classify(e: &Error) -> (tonic::Code, &'static str, Vec<(&'static str, String)>) {
+    use tonic::Code;
+    match e {
+        Error::InvalidArgument { field, .. } => (
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+            vec![("field", field.clone())],
+        ),
+        Error::NotFound { id } => (
+            Code::NotFound,
+            "CONNECTION_NOT_FOUND",
+            vec![("id", id.clone())],
+        ),
+        Error::AlreadyExists {
+            identity,
+            existing_id,
+        } => (
+            Code::AlreadyExists,
+            "CONNECTION_ALREADY_EXISTS",
+            vec![
+                ("identity", identity.clone()),
+                ("existing_id", existing_id.clone()),
+            ],
+        ),
+        Error::InvalidTransition { id, refusal } => (
+            Code::FailedPrecondition,
+            "INVALID_TRANSITION",
+            vec![
+                ("id", id.clone()),
+                ("from", refusal.from.name().into()),
+                ("to", refusal.to.name().into()),
+                ("trigger", refusal.trigger.to_string()),
+                (
+                    "allowed",
+                    refusal
+                        .allowed
+                        .iter()
+                        .map(|s| s.name())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+            ],
+        ),
+        Error::Unreachable { id, detail, state } => (
+            Code::FailedPrecondition,
+            "CONNECTION_UNREACHABLE",
+            vec![
+                ("id", id.clone()),
+                ("detail", detail.clone()),
+                ("state", state.name().into()),
+            ],
+        ),
+        Error::CredentialsRejected { id, detail, state } => (
+            Code::FailedPrecondition,
+            "CREDENTIALS_REJECTED",
+            vec![
+                ("id", id.clone()),
+                ("detail", detail.clone()),
+                ("state", state.name().into()),
+            ],
+        ),
+        Error::Deleted { id } => (
+            Code::FailedPrecondition,
+            "CONNECTION_DELETED",
+            vec![("id", id.clone())],
+        ),
+        Error::EtagMismatch { id, current, .. } => (
+            Code::Aborted,
+            "ETAG_MISMATCH",
+            vec![("id", id.clone()), ("current_etag", current.clone())],
+        ),
+        Error::Conflict { id } => (
+            Code::Aborted,
+            "CONCURRENT_MODIFICATION",
+            vec![("id", id.clone())],
+        ),
+        Error::RequestIdReused { request_id } => (
+            Code::InvalidArgument,
+            "REQUEST_ID_REUSED",
+            vec![("request_id", request_id.clone())],
+        ),
+        Error::RevisionCompacted { requested, compact } => (
+            Code::OutOfRange,
+            "REVISION_COMPACTED",
+            vec![
+                ("requested_revision", requested.to_string()),
+                ("compact_revision", compact.to_string()),
+            ],
+        ),
+        Error::RevisionInFuture { requested, current } => (
+            Code::OutOfRange,
+            "REVISION_IN_FUTURE",
+            vec![
+                ("requested_revision", requested.to_string()),
+                ("current_revision", current.to_string()),
+            ],
+        ),
+        Error::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE", vec![]),
+        Error::Internal(_) => (Code::Internal, "INTERNAL", vec![]),
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let (code, reason, metadata) = classify(&e);
+        let message = match &e {
+            Error::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                "internal error; see the server log".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let metadata: HashMap<String, String> = metadata
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+        if let Error::InvalidArgument { field, message } = &e {
+            details.add_bad_request_violation(field.clone(), message.clone());
+        }
+        Status::with_error_details(code, message, details)
+    }
+}
+
+/// The `google.rpc.Status` a batch item carries: exactly what the single call
+/// would have returned.
+fn rpc_status(e: Error) -> tonic_types::pb::Status {
+    let status = Status::from(e);
+    tonic_types::pb::Status::decode(status.details()).unwrap_or_else(|_| tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: Vec::new(),
+    })
+}

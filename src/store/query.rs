@@ -1,0 +1,454 @@
+//! Reads: single rows, filtered keyset pages, counts, event history and the
+//! watch snapshot. Every function runs on a connection or transaction it is
+//! given, so callers choose the snapshot.
+
+use crate::connection::{Connection, ConnectionId, Event, EventType};
+use crate::error::Error;
+use crate::lifecycle::{State, Trigger};
+use base64::Engine as _;
+use rusqlite::types::Value;
+use rusqlite::{OptionalExtension, Row, params, params_from_iter};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+const CONNECTION_COLUMNS: &str = "id, kind, type, sub_type, name, description, url, identity, \
+     metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
+     state_time, revision, create_time, update_time";
+
+fn connection_from_row(r: &Row<'_>) -> rusqlite::Result<Connection> {
+    let bad = |i: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Integer,
+            format!("bad {what}").into(),
+        )
+    };
+    let metadata: String = r.get(8)?;
+    let labels: String = r.get(9)?;
+    Ok(Connection {
+        id: ConnectionId::from_trusted(r.get(0)?),
+        kind: r.get(1)?,
+        type_: r.get(2)?,
+        sub_type: r.get(3)?,
+        name: r.get(4)?,
+        description: r.get(5)?,
+        url: r.get(6)?,
+        identity: r.get(7)?,
+        metadata: serde_json::from_str(&metadata).map_err(|_| bad(8, "metadata"))?,
+        labels: serde_json::from_str(&labels).map_err(|_| bad(9, "labels"))?,
+        managed: r.get(10)?,
+        credential_id: r.get(11)?,
+        owner: r.get(12)?,
+        state: State::from_number(r.get(13)?).ok_or_else(|| bad(13, "state"))?,
+        state_reason: r.get(14)?,
+        state_trigger: Trigger::from_number(r.get(15)?).ok_or_else(|| bad(15, "trigger"))?,
+        state_time: r.get(16)?,
+        revision: r.get(17)?,
+        create_time: r.get(18)?,
+        update_time: r.get(19)?,
+    })
+}
+
+/// The store-wide revision and the compaction mark (events at or below it are gone).
+pub fn revisions(c: &rusqlite::Connection) -> Result<(i64, i64), Error> {
+    let mut stmt = c.prepare_cached(
+        "SELECT (SELECT value FROM meta WHERE key = 'revision'), \
+                (SELECT value FROM meta WHERE key = 'compact_revision')",
+    )?;
+    Ok(stmt.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?)
+}
+
+pub fn get(c: &rusqlite::Connection, id: &ConnectionId) -> Result<Option<Connection>, Error> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = ?1"
+    ))?;
+    Ok(stmt
+        .query_row([id.as_str()], connection_from_row)
+        .optional()?)
+}
+
+pub fn live_by_identity(
+    c: &rusqlite::Connection,
+    identity: &str,
+) -> Result<Option<Connection>, Error> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE identity = ?1 AND state <> {}",
+        State::Deleted.number()
+    ))?;
+    Ok(stmt.query_row([identity], connection_from_row).optional()?)
+}
+
+pub fn request_answer(
+    c: &rusqlite::Connection,
+    request_id: &str,
+) -> Result<Option<(i64, String)>, Error> {
+    let mut stmt =
+        c.prepare_cached("SELECT fingerprint, answer FROM requests WHERE request_id = ?1")?;
+    Ok(stmt
+        .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// Which connections a list, count or watch snapshot covers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Filter {
+    pub kinds: Vec<String>,
+    pub states: Vec<State>,
+    pub types: Vec<String>,
+    pub ids: Vec<ConnectionId>,
+    /// Case-insensitive substring of name, description, url, identity or kind.
+    pub search: String,
+    pub labels: BTreeMap<String, String>,
+    /// Include tombstones. Asking for the DELETED state includes them too.
+    pub show_deleted: bool,
+}
+
+impl Filter {
+    fn includes_deleted(&self) -> bool {
+        self.show_deleted || self.states.contains(&State::Deleted)
+    }
+
+    fn to_sql(&self, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
+        fn any_of(col: &str, items: Vec<Value>, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
+            if items.is_empty() {
+                return;
+            }
+            let marks = vec!["?"; items.len()].join(", ");
+            clauses.push(format!("{col} IN ({marks})"));
+            args.extend(items);
+        }
+        any_of(
+            "kind",
+            self.kinds.iter().cloned().map(Value::Text).collect(),
+            clauses,
+            args,
+        );
+        any_of(
+            "state",
+            self.states
+                .iter()
+                .map(|s| Value::Integer(s.number().into()))
+                .collect(),
+            clauses,
+            args,
+        );
+        any_of(
+            "type",
+            self.types.iter().cloned().map(Value::Text).collect(),
+            clauses,
+            args,
+        );
+        any_of(
+            "id",
+            self.ids
+                .iter()
+                .map(|i| Value::Text(i.to_string()))
+                .collect(),
+            clauses,
+            args,
+        );
+        if !self.includes_deleted() {
+            clauses.push(format!("state <> {}", State::Deleted.number()));
+        }
+        if !self.search.is_empty() {
+            let escaped = self
+                .search
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            let cols = ["name", "description", "url", "identity", "kind"];
+            let any = cols
+                .iter()
+                .map(|c| format!("{c} LIKE ? ESCAPE '\\'"))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            clauses.push(format!("({any})"));
+            for _ in cols {
+                args.push(Value::Text(format!("%{escaped}%")));
+            }
+        }
+        for (k, v) in &self.labels {
+            // Keys are validated (letters, digits, - _ . /), so quoting is safe.
+            clauses.push("json_extract(labels, ?) = ?".into());
+            args.push(Value::Text(format!("$.\"{k}\"")));
+            args.push(Value::Text(v.clone()));
+        }
+    }
+}
+
+fn where_clause(clauses: &[String]) -> String {
+    if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    }
+}
+
+/// The column a list is sorted by; ties are broken by id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderField {
+    #[default]
+    CreateTime,
+    UpdateTime,
+    Name,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub field: OrderField,
+    pub descending: bool,
+}
+
+impl Order {
+    /// Parses `order_by`: `create_time`, `update_time` or `name`, optionally
+    /// followed by `desc` or `asc`.
+    pub fn parse(s: &str) -> Result<Order, Error> {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        let (field, dir) = match words.as_slice() {
+            [] => return Ok(Order::default()),
+            [f] => (*f, "asc"),
+            [f, d] => (*f, *d),
+            _ => return Err(bad_order(s)),
+        };
+        let field = match field {
+            "create_time" => OrderField::CreateTime,
+            "update_time" => OrderField::UpdateTime,
+            "name" => OrderField::Name,
+            _ => return Err(bad_order(s)),
+        };
+        let descending = match dir.to_ascii_lowercase().as_str() {
+            "asc" => false,
+            "desc" => true,
+            _ => return Err(bad_order(s)),
+        };
+        Ok(Order { field, descending })
+    }
+
+    fn column(self) -> &'static str {
+        match self.field {
+            OrderField::CreateTime => "create_time",
+            OrderField::UpdateTime => "update_time",
+            OrderField::Name => "name",
+        }
+    }
+
+    fn key_of(self, c: &Connection) -> CursorKey {
+        match self.field {
+            OrderField::CreateTime => CursorKey::Int(c.create_time),
+            OrderField::UpdateTime => CursorKey::Int(c.update_time),
+            OrderField::Name => CursorKey::Text(c.name.clone()),
+        }
+    }
+}
+
+fn bad_order(s: &str) -> Error {
+    Error::invalid(
+        "order_by",
+        format!("{s:?}: use create_time, update_time or name, optionally followed by desc"),
+    )
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+enum CursorKey {
+    Int(i64),
+    Text(String),
+}
+
+/// Where the next page starts: the sort key and id of the last row returned,
+/// bound to the filter and order it was made for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cursor {
+    #[serde(rename = "k")]
+    key: CursorKey,
+    #[serde(rename = "i")]
+    id: String,
+    /// A digest of the filter and order, so a token cannot be replayed against
+    /// a different query and silently skip rows.
+    #[serde(rename = "q")]
+    query: u64,
+}
+
+impl Cursor {
+    /// The opaque page token.
+    pub fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a cursor always serialises");
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    }
+
+    /// Reads a page token made for `filter` and `order`.
+    pub fn decode(token: &str, filter: &Filter, order: Order) -> Result<Cursor, Error> {
+        let bad = || Error::invalid("page_token", "is not a token this server issued");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| bad())?;
+        let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        if cursor.query != query_digest(filter, order) {
+            return Err(Error::invalid(
+                "page_token",
+                "was issued for a different filter or order_by",
+            ));
+        }
+        Ok(cursor)
+    }
+}
+
+fn query_digest(filter: &Filter, order: Order) -> u64 {
+    let text = serde_json::to_string(&(filter, order)).expect("filters always serialise");
+    crate::connection::digest(text.as_bytes())
+}
+
+pub struct ListQuery {
+    pub filter: Filter,
+    pub order: Order,
+    pub page_size: usize,
+    pub after: Option<Cursor>,
+}
+
+pub struct Page {
+    pub connections: Vec<Connection>,
+    pub next: Option<Cursor>,
+    /// The store revision the page was read at.
+    pub revision: i64,
+}
+
+/// One keyset page. Rows that exist throughout a paging session are returned
+/// exactly once, whatever is written meanwhile.
+pub fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Error> {
+    let (revision, _) = revisions(c)?;
+    let mut clauses = Vec::new();
+    let mut args = Vec::new();
+    q.filter.to_sql(&mut clauses, &mut args);
+    let col = q.order.column();
+    let (cmp, dir) = if q.order.descending {
+        ("<", "DESC")
+    } else {
+        (">", "ASC")
+    };
+    if let Some(cur) = &q.after {
+        clauses.push(format!("({col}, id) {cmp} (?, ?)"));
+        args.push(match &cur.key {
+            CursorKey::Int(i) => Value::Integer(*i),
+            CursorKey::Text(s) => Value::Text(s.clone()),
+        });
+        args.push(Value::Text(cur.id.clone()));
+    }
+    let sql = format!(
+        "SELECT {CONNECTION_COLUMNS} FROM connections {} ORDER BY {col} {dir}, id {dir} LIMIT {}",
+        where_clause(&clauses),
+        q.page_size + 1
+    );
+    let mut stmt = c.prepare_cached(&sql)?;
+    let mut connections = stmt
+        .query_map(params_from_iter(args), connection_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = if connections.len() > q.page_size {
+        connections.truncate(q.page_size);
+        connections.last().map(|last| Cursor {
+            key: q.order.key_of(last),
+            id: last.id.to_string(),
+            query: query_digest(&q.filter, q.order),
+        })
+    } else {
+        None
+    };
+    Ok(Page {
+        connections,
+        next,
+        revision,
+    })
+}
+
+/// Every matching connection, and the revision they were read at.
+pub fn snapshot(
+    c: &rusqlite::Connection,
+    filter: &Filter,
+) -> Result<(Vec<Connection>, i64), Error> {
+    let (revision, _) = revisions(c)?;
+    let mut clauses = Vec::new();
+    let mut args = Vec::new();
+    filter.to_sql(&mut clauses, &mut args);
+    let sql = format!(
+        "SELECT {CONNECTION_COLUMNS} FROM connections {} ORDER BY create_time, id",
+        where_clause(&clauses)
+    );
+    let mut stmt = c.prepare_cached(&sql)?;
+    let rows = stmt
+        .query_map(params_from_iter(args), connection_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((rows, revision))
+}
+
+/// Counts per state, and the revision they were read at.
+pub fn count(c: &rusqlite::Connection, filter: &Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
+    let (revision, _) = revisions(c)?;
+    let mut clauses = Vec::new();
+    let mut args = Vec::new();
+    filter.to_sql(&mut clauses, &mut args);
+    let sql = format!(
+        "SELECT state, count(*) FROM connections {} GROUP BY state",
+        where_clause(&clauses)
+    );
+    let mut stmt = c.prepare_cached(&sql)?;
+    let found: BTreeMap<i32, i64> = stmt
+        .query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let counts = State::ALL
+        .into_iter()
+        .filter(|s| *s != State::Deleted || filter.includes_deleted())
+        .map(|s| (s, found.get(&s.number()).copied().unwrap_or(0)))
+        .collect();
+    Ok((counts, revision))
+}
+
+/// Which events a history page or a watch replay reads.
+pub struct EventFilter {
+    pub connection_id: Option<ConnectionId>,
+    pub after_revision: i64,
+    pub limit: usize,
+}
+
+/// Events above `after_revision` in revision order, at most `limit` of them.
+pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, Error> {
+    let sql = match f.connection_id {
+        Some(_) => {
+            "SELECT revision, connection_id, type, from_state, to_state, trigger, reason, actor, time, snapshot \
+             FROM events WHERE connection_id = ?1 AND revision > ?2 ORDER BY revision LIMIT ?3"
+        }
+        None => {
+            "SELECT revision, connection_id, type, from_state, to_state, trigger, reason, actor, time, snapshot \
+             FROM events WHERE ?1 IS NULL AND revision > ?2 ORDER BY revision LIMIT ?3"
+        }
+    };
+    let mut stmt = c.prepare_cached(sql)?;
+    let id = f.connection_id.as_ref().map(|i| i.to_string());
+    let rows = stmt.query_map(params![id, f.after_revision, f.limit as i64], |r| {
+        let bad = |i: usize| {
+            rusqlite::Error::FromSqlConversionFailure(
+                i,
+                rusqlite::types::Type::Integer,
+                "bad enum".into(),
+            )
+        };
+        let snapshot: String = r.get(9)?;
+        Ok(Event {
+            revision: r.get(0)?,
+            connection_id: ConnectionId::from_trusted(r.get(1)?),
+            type_: EventType::from_number(r.get(2)?).ok_or_else(|| bad(2))?,
+            from_state: State::from_number(r.get(3)?).ok_or_else(|| bad(3))?,
+            to_state: State::from_number(r.get(4)?).ok_or_else(|| bad(4))?,
+            trigger: Trigger::from_number(r.get(5)?).ok_or_else(|| bad(5))?,
+            reason: r.get(6)?,
+            actor: r.get(7)?,
+            time: r.get(8)?,
+            connection: serde_json::from_str(&snapshot).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    9,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}

@@ -1,0 +1,94 @@
+//! The database schema and its migrations, run at start.
+//!
+//! `PRAGMA user_version` records how many migrations a database has had. A
+//! database migrated by a newer Tether is refused rather than guessed at.
+
+use crate::error::Error;
+use rusqlite::Connection;
+
+/// Each entry moves the schema one version up; never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: connections, their events, the store-wide counters, idempotent requests.
+    r#"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO meta (key, value) VALUES ('revision', 0), ('compact_revision', 0);
+
+    CREATE TABLE connections (
+        id            TEXT PRIMARY KEY,
+        kind          TEXT NOT NULL,
+        type          TEXT NOT NULL,
+        sub_type      TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        description   TEXT NOT NULL,
+        url           TEXT NOT NULL,
+        identity      TEXT NOT NULL,
+        metadata      TEXT NOT NULL,
+        labels        TEXT NOT NULL,
+        managed       INTEGER NOT NULL,
+        credential_id TEXT NOT NULL,
+        owner         TEXT NOT NULL,
+        state         INTEGER NOT NULL,
+        state_reason  TEXT NOT NULL,
+        state_trigger INTEGER NOT NULL,
+        state_time    INTEGER NOT NULL,
+        revision      INTEGER NOT NULL,
+        create_time   INTEGER NOT NULL,
+        update_time   INTEGER NOT NULL
+    ) STRICT;
+    -- Two live connections never share an identity; tombstones (state 7) may.
+    CREATE UNIQUE INDEX connections_live_identity ON connections (identity) WHERE state <> 7;
+    CREATE INDEX connections_by_create ON connections (create_time, id);
+    CREATE INDEX connections_by_update ON connections (update_time, id);
+    CREATE INDEX connections_by_name ON connections (name, id);
+
+    -- One row per committed change; `snapshot` is the connection after it, as JSON.
+    CREATE TABLE events (
+        revision      INTEGER PRIMARY KEY,
+        connection_id TEXT NOT NULL,
+        type          INTEGER NOT NULL,
+        from_state    INTEGER NOT NULL,
+        to_state      INTEGER NOT NULL,
+        trigger       INTEGER NOT NULL,
+        reason        TEXT NOT NULL,
+        actor         TEXT NOT NULL,
+        time          INTEGER NOT NULL,
+        snapshot      TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX events_by_connection ON events (connection_id, revision);
+    CREATE INDEX events_by_time ON events (time);
+
+    -- The first answer to each request_id, kept as long as the event history.
+    CREATE TABLE requests (
+        request_id  TEXT PRIMARY KEY,
+        fingerprint INTEGER NOT NULL,
+        answer      TEXT NOT NULL,
+        time        INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX requests_by_time ON requests (time);
+    "#,
+];
+
+/// The schema version this build writes.
+pub const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database up to [`VERSION`], or refuses one that is newer.
+pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > VERSION {
+        return Err(Error::Internal(format!(
+            "the database has schema version {current}, newer than this tether understands ({VERSION}); \
+             run a newer tether or restore a backup"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "migrated database schema");
+    }
+    Ok(())
+}

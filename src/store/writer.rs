@@ -1,0 +1,362 @@
+//! The single writer: one thread owns the write connection and commits queued
+//! changes in groups, one transaction (and one fsync) per group.
+//!
+//! Each queued job runs inside its own savepoint, so a job that fails rolls back
+//! alone while the rest of the group commits. Replies and watch events leave
+//! only after COMMIT returns: nothing uncommitted is ever acknowledged or
+//! published. Pruning of old history happens here too, so revisions and the
+//! compaction mark only ever move under this one owner.
+
+use super::{Inner, encode_labels};
+use crate::connection::{Connection, ConnectionId, Event, EventType, Micros, now_micros};
+use crate::error::Error;
+use crate::lifecycle::{State, Trigger};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// How the writer groups commits and prunes history.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// Most changes committed in one transaction.
+    pub max_group: usize,
+    /// Events older than this are pruned.
+    pub retention: Duration,
+    /// At most this many events are kept.
+    pub retention_count: u64,
+    /// How often the time-based pruning runs.
+    pub prune_interval: Duration,
+}
+
+pub(super) enum Msg {
+    Job(Box<dyn Job>),
+    Stop,
+}
+
+/// A unit of work queued for the writer.
+pub(super) trait Job: Send {
+    /// Runs inside the group transaction; `false` rolls back this job's savepoint.
+    fn run(&mut self, tx: &mut Tx<'_>) -> bool;
+    /// Delivers the answer once the group's fate is known.
+    fn finish(self: Box<Self>, committed: Result<(), Error>);
+}
+
+pub(super) struct TypedJob<F, T> {
+    pub f: Option<F>,
+    pub result: Option<Result<T, Error>>,
+    pub reply: oneshot::Sender<Result<T, Error>>,
+}
+
+impl<F, T> Job for TypedJob<F, T>
+where
+    F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send,
+    T: Send,
+{
+    fn run(&mut self, tx: &mut Tx<'_>) -> bool {
+        let f = self.f.take().expect("a job runs once");
+        let r = f(tx);
+        let ok = r.is_ok();
+        self.result = Some(r);
+        ok
+    }
+
+    fn finish(self: Box<Self>, committed: Result<(), Error>) {
+        let answer = match committed {
+            Ok(()) => self
+                .result
+                .unwrap_or_else(|| Err(Error::Internal("job was not run".into()))),
+            Err(e) => Err(e),
+        };
+        // The caller may have gone away (client cancelled); the change stands.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// What one change records besides the connection itself.
+pub struct EventDraft {
+    pub type_: EventType,
+    pub from_state: State,
+    pub trigger: Trigger,
+    pub reason: String,
+    pub actor: String,
+}
+
+/// The write transaction as jobs see it: reads of the current rows and the one
+/// way to change them, [`Tx::record`].
+pub struct Tx<'a> {
+    sql: &'a rusqlite::Transaction<'a>,
+    revision: i64,
+    events: Vec<Event>,
+    now: Micros,
+}
+
+impl Tx<'_> {
+    /// The time this group commits at.
+    pub fn now(&self) -> Micros {
+        self.now
+    }
+
+    pub fn get(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
+        super::query::get(self.sql, id)
+    }
+
+    /// The live (not deleted) connection holding `identity`, if any.
+    pub fn live_by_identity(&self, identity: &str) -> Result<Option<Connection>, Error> {
+        super::query::live_by_identity(self.sql, identity)
+    }
+
+    /// The stored answer to `request_id`: its request fingerprint and answer JSON.
+    pub fn answer(&self, request_id: &str) -> Result<Option<(i64, String)>, Error> {
+        super::query::request_answer(self.sql, request_id)
+    }
+
+    /// Stores the answer to `request_id` in the same transaction as the change.
+    pub fn remember(&self, request_id: &str, fingerprint: i64, answer: &str) -> Result<(), Error> {
+        self.sql
+            .prepare_cached(
+                "INSERT INTO requests (request_id, fingerprint, answer, time) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![request_id, fingerprint, answer, self.now])?;
+        Ok(())
+    }
+
+    /// Commits a change to `conn`: the next revision, the row, and its event.
+    /// `conn` comes back with its revision and update time set.
+    pub fn record(&mut self, conn: &mut Connection, draft: EventDraft) -> Result<(), Error> {
+        self.revision += 1;
+        conn.revision = self.revision;
+        conn.update_time = self.now;
+        if draft.type_ == EventType::Created {
+            conn.create_time = self.now;
+        }
+        if draft.from_state != conn.state || draft.type_ == EventType::Created {
+            conn.state_time = self.now;
+        }
+        let metadata = serde_json::to_string(&conn.metadata)?;
+        let labels = encode_labels(&conn.labels)?;
+        let values = params![
+            conn.id.as_str(),
+            conn.kind,
+            conn.type_,
+            conn.sub_type,
+            conn.name,
+            conn.description,
+            conn.url,
+            conn.identity,
+            metadata,
+            labels,
+            conn.managed,
+            conn.credential_id,
+            conn.owner,
+            conn.state.number(),
+            conn.state_reason,
+            conn.state_trigger.number(),
+            conn.state_time,
+            conn.revision,
+            conn.create_time,
+            conn.update_time,
+        ];
+        let sql = if draft.type_ == EventType::Created {
+            "INSERT INTO connections (id, kind, type, sub_type, name, description, url, identity, \
+             metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
+             state_time, revision, create_time, update_time) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+        } else {
+            "UPDATE connections SET kind = ?2, type = ?3, sub_type = ?4, name = ?5, description = ?6, \
+             url = ?7, identity = ?8, metadata = ?9, labels = ?10, managed = ?11, credential_id = ?12, \
+             owner = ?13, state = ?14, state_reason = ?15, state_trigger = ?16, state_time = ?17, \
+             revision = ?18, create_time = ?19, update_time = ?20 WHERE id = ?1"
+        };
+        let changed = self.sql.prepare_cached(sql)?.execute(values)?;
+        if changed != 1 {
+            return Err(Error::Internal(format!(
+                "connection {} row not written",
+                conn.id
+            )));
+        }
+        let event = Event {
+            revision: self.revision,
+            connection_id: conn.id.clone(),
+            type_: draft.type_,
+            from_state: draft.from_state,
+            to_state: conn.state,
+            trigger: draft.trigger,
+            reason: draft.reason,
+            actor: draft.actor,
+            time: self.now,
+            connection: conn.clone(),
+        };
+        self.sql
+            .prepare_cached(
+                "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
+                 reason, actor, time, snapshot) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?
+            .execute(params![
+                event.revision,
+                event.connection_id.as_str(),
+                event.type_.number(),
+                event.from_state.number(),
+                event.to_state.number(),
+                event.trigger.number(),
+                event.reason,
+                event.actor,
+                event.time,
+                serde_json::to_string(&event.connection)?,
+            ])?;
+        self.events.push(event);
+        Ok(())
+    }
+}
+
+/// The writer's own state: the connection, the counters it alone moves.
+pub(super) struct Writer {
+    pub conn: rusqlite::Connection,
+    pub revision: i64,
+    pub compact: i64,
+    pub config: WriterConfig,
+    pub inner: Arc<Inner>,
+}
+
+impl Writer {
+    pub fn run(mut self, rx: Receiver<Msg>) {
+        let mut next_prune = Instant::now();
+        loop {
+            let wait = next_prune.saturating_duration_since(Instant::now());
+            let first = match rx.recv_timeout(wait) {
+                Ok(Msg::Job(j)) => j,
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.prune_by_time();
+                    next_prune = Instant::now() + self.config.prune_interval;
+                    continue;
+                }
+            };
+            let mut jobs = vec![first];
+            let mut stop = false;
+            while jobs.len() < self.config.max_group {
+                match rx.try_recv() {
+                    Ok(Msg::Job(j)) => jobs.push(j),
+                    Ok(Msg::Stop) => {
+                        stop = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.commit_group(jobs);
+            if Instant::now() >= next_prune {
+                self.prune_by_time();
+                next_prune = Instant::now() + self.config.prune_interval;
+            }
+            if stop {
+                break;
+            }
+        }
+        tracing::debug!(revision = self.revision, "writer stopped");
+    }
+
+    fn commit_group(&mut self, mut jobs: Vec<Box<dyn Job>>) {
+        match self.try_commit_group(&mut jobs) {
+            Ok(events) => {
+                if !events.is_empty() {
+                    // No receivers is fine: nobody is watching.
+                    let _ = self.inner.hub.send(Arc::from(events));
+                }
+                for job in jobs {
+                    job.finish(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = jobs.len(), "commit failed; nothing in the group was applied");
+                let answer = match e {
+                    Error::Unavailable(m) => Error::Unavailable(m),
+                    _ => Error::Unavailable("the change could not be stored; retry".into()),
+                };
+                for job in jobs {
+                    job.finish(Err(answer.clone()));
+                }
+            }
+        }
+    }
+
+    fn try_commit_group(&mut self, jobs: &mut [Box<dyn Job>]) -> Result<Vec<Event>, Error> {
+        let sql = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut tx = Tx {
+            sql: &sql,
+            revision: self.revision,
+            events: Vec::new(),
+            now: now_micros(),
+        };
+        for job in jobs.iter_mut() {
+            tx.sql.execute_batch("SAVEPOINT job")?;
+            let (revision, n_events) = (tx.revision, tx.events.len());
+            if job.run(&mut tx) {
+                tx.sql.execute_batch("RELEASE job")?;
+            } else {
+                tx.sql.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                tx.revision = revision;
+                tx.events.truncate(n_events);
+            }
+        }
+        let (revision, events) = (tx.revision, tx.events);
+        let mut compact = self.compact;
+        if revision != self.revision {
+            sql.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'revision'")?
+                .execute([revision])?;
+            let keep = i64::try_from(self.config.retention_count).unwrap_or(i64::MAX);
+            let floor = revision.saturating_sub(keep);
+            if floor > compact {
+                compact = floor;
+                sql.prepare_cached("DELETE FROM events WHERE revision <= ?1")?
+                    .execute([compact])?;
+                sql.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'compact_revision'")?
+                    .execute([compact])?;
+            }
+        }
+        sql.commit()?;
+        self.revision = revision;
+        self.compact = compact;
+        Ok(events)
+    }
+
+    /// Drops events and remembered answers older than the retention window.
+    fn prune_by_time(&mut self) {
+        let cutoff = now_micros() - self.config.retention.as_micros() as i64;
+        let result = (|| -> Result<(), Error> {
+            let sql = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let newest_old: Option<i64> = sql
+                .query_row(
+                    "SELECT max(revision) FROM events WHERE time < ?1",
+                    [cutoff],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            let mut compact = self.compact;
+            if let Some(r) = newest_old.filter(|r| *r > compact) {
+                compact = r;
+                sql.execute("DELETE FROM events WHERE revision <= ?1", [r])?;
+                sql.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'compact_revision'",
+                    [r],
+                )?;
+            }
+            sql.execute("DELETE FROM requests WHERE time < ?1", [cutoff])?;
+            sql.commit()?;
+            if compact != self.compact {
+                tracing::info!(compact_revision = compact, "pruned event history");
+                self.compact = compact;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "pruning history failed; will retry");
+        }
+    }
+}
