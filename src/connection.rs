@@ -206,9 +206,16 @@ pub fn parse_url(field: &str, s: &str) -> Result<String, Error> {
         return Ok(String::new());
     }
     check_len(field, s, limits::URL)?;
-    let u = url::Url::parse(s).map_err(|e| Error::invalid(field, format!("{s:?}: {e}")))?;
-    if u.host_str().is_none_or(str::is_empty) {
-        return Err(Error::invalid(field, format!("{s:?} has no host")));
+    let mut u = url::Url::parse(s).map_err(|e| Error::invalid(field, format!("{s:?}: {e}")))?;
+    let host = match u.host_str() {
+        Some(h) if !h.is_empty() => h.to_owned(),
+        _ => return Err(Error::invalid(field, format!("{s:?} has no host"))),
+    };
+    // Host names are case-insensitive; `url` lowercases them only for the
+    // schemes it knows (http, https, ...), not for tcp:// and the like.
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        u.set_host(Some(&host.to_ascii_lowercase()))
+            .map_err(|e| Error::invalid(field, format!("{s:?}: {e}")))?;
     }
     Ok(u.to_string())
 }

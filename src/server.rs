@@ -19,9 +19,9 @@ use crate::watch::Watcher;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 type Service = ConnectionServiceServer<ConnectionService>;
@@ -96,7 +96,11 @@ async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ConnectionServiceServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY, small streamed messages wait on delayed ACKs.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            signal,
+        );
     let mut server = tokio::spawn(server);
 
     let served = tokio::select! {

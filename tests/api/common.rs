@@ -1,0 +1,271 @@
+//! Test harness: a real server on 127.0.0.1:0 over a SQLite file in a temp
+//! dir, a real tonic client, and small real peers for reachability checks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tether::Config;
+use tether::pb::tether::v1 as pb;
+use tether::pb::tether::v1::connection_service_client::ConnectionServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+pub use pb::ConnectionState as S;
+
+pub type Client = ConnectionServiceClient<Channel>;
+
+/// A running server and a client for it.
+pub struct App {
+    pub client: Client,
+    pub channel: Channel,
+    pub dir: Arc<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), tether::Error>>>,
+}
+
+/// Test defaults: short verification timeout, everything else as shipped.
+pub fn test_config() -> Config {
+    Config {
+        verify_timeout: Duration::from_secs(3),
+        shutdown_grace: Duration::from_secs(5),
+        ..Config::default()
+    }
+}
+
+impl App {
+    pub async fn start() -> App {
+        App::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> App {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        App::start_in(dir, tweak).await
+    }
+
+    /// Starts a server on the database in `dir` (a restart when one ran there before).
+    pub async fn start_in(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Config)) -> App {
+        let mut config = test_config();
+        config.db = Some(dir.path().join("tether.db"));
+        tweak(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(tether::server::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        App {
+            client: ConnectionServiceClient::new(channel.clone()),
+            channel,
+            dir,
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("tether.db")
+    }
+
+    /// Signals shutdown without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Shuts the server down and waits until `run` has returned; its result.
+    pub async fn stop(mut self) -> Result<(), tether::Error> {
+        self.begin_stop();
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("server stops within 30 s")
+            .expect("server task")
+    }
+}
+
+/// A connection body with a unique identity so tests never collide.
+pub fn conn(kind: &str, url: &str) -> pb::Connection {
+    pb::Connection {
+        kind: kind.into(),
+        url: url.into(),
+        name: format!("{kind} test"),
+        identity: format!("test:{}", uuid::Uuid::new_v4()),
+        ..Default::default()
+    }
+}
+
+pub async fn create(client: &mut Client, c: pb::Connection) -> pb::Connection {
+    create_in(client, c, S::Discovered, true).await
+}
+
+pub async fn create_in(
+    client: &mut Client,
+    c: pb::Connection,
+    state: S,
+    skip_verification: bool,
+) -> pb::Connection {
+    client
+        .create_connection(pb::CreateConnectionRequest {
+            connection: Some(c),
+            initial_state: state as i32,
+            skip_verification,
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+}
+
+pub async fn transition(
+    client: &mut Client,
+    id: &str,
+    target: S,
+) -> Result<pb::Connection, tonic::Status> {
+    client
+        .transition_connection(pb::TransitionConnectionRequest {
+            id: id.into(),
+            target_state: target as i32,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn get(client: &mut Client, id: &str) -> pb::Connection {
+    client
+        .get_connection(pb::GetConnectionRequest { id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+pub async fn events_of(client: &mut Client, id: &str) -> Vec<pb::ConnectionEvent> {
+    client
+        .list_connection_events(pb::ListConnectionEventsRequest {
+            connection_id: id.into(),
+            after_revision: 0,
+            page_size: 1000,
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events
+}
+
+/// The code, ErrorInfo reason and metadata of a failed call; asserts the domain.
+pub fn error_info(
+    status: &tonic::Status,
+) -> (
+    tonic::Code,
+    String,
+    std::collections::HashMap<String, String>,
+) {
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .expect("every error carries an ErrorInfo");
+    assert_eq!(info.domain, "tether.dev");
+    (status.code(), info.reason.clone(), info.metadata.clone())
+}
+
+pub fn assert_error(
+    r: Result<impl std::fmt::Debug, tonic::Status>,
+    code: tonic::Code,
+    reason: &str,
+) -> std::collections::HashMap<String, String> {
+    let status = r.expect_err("the call must fail");
+    let (c, got, metadata) = error_info(&status);
+    assert_eq!((c, got.as_str()), (code, reason), "{status:?}");
+    metadata
+}
+
+/// A TCP port that accepts connections for as long as the value lives.
+pub struct OpenPort {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl OpenPort {
+    pub async fn new() -> OpenPort {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+            }
+        });
+        OpenPort { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("tcp://{}", self.addr)
+    }
+}
+
+impl Drop for OpenPort {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback port with nothing listening on it.
+pub async fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+    // Dropped here: connecting is refused.
+}
+
+/// A minimal HTTP server answering every request with `status`.
+pub struct HttpStub {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl HttpStub {
+    pub async fn new(status: u16) -> HttpStub {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    // Read the request head, then answer and close.
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 {status} Test\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        HttpStub { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/health", self.addr)
+    }
+}
+
+impl Drop for HttpStub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

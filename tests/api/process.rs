@@ -1,0 +1,198 @@
+//! The `tether` binary as an operator runs it: flags and environment,
+//! SIGTERM, kill -9, and a database from the future.
+
+use crate::common::*;
+use std::process::Stdio;
+use std::time::Duration;
+use tether::pb::tether::v1 as pb;
+use tether::pb::tether::v1::connection_service_client::ConnectionServiceClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+/// Starts the binary and reads the address it prints once it listens.
+async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tether");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .expect("tether prints its address within 30 s")
+    .expect("read stdout");
+    let addr = line
+        .trim()
+        .strip_prefix("tether listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    Proc { child, addr }
+}
+
+impl Proc {
+    async fn client(&self) -> Client {
+        ConnectionServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+    }
+
+    async fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .await
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Its exit status; a server that does not stop fails the test instead of hanging it.
+    async fn wait(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("tether exits within 30 s")
+            .expect("wait")
+    }
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_cleanly_with_exit_code_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nested/dir/t.db");
+    // Environment variables configure it as well as flags do.
+    let p = spawn(
+        &["serve"],
+        &[
+            ("TETHER_LISTEN", "127.0.0.1:0"),
+            ("TETHER_DB", db.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let mut c = p.client().await;
+    let mut s = c
+        .watch_connections(pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    s.message().await.unwrap().unwrap();
+    create(&mut c, conn("http", "")).await;
+    p.signal("-TERM").await;
+    // The open watch ends with UNAVAILABLE (possibly after the change it was sent).
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("stream ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let exit = p.wait().await;
+    assert_eq!(exit.code(), Some(0));
+    assert!(db.exists(), "the database was created at --db / TETHER_DB");
+}
+
+#[tokio::test]
+async fn acknowledged_changes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let p = spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let mut c = p.client().await;
+    let mut acked = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        let mut c = c.clone();
+        handles.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..10 {
+                let x = create(&mut c, conn("http", "")).await;
+                let x = transition(&mut c, &x.id, S::Ignored).await.unwrap();
+                ids.push((x.id, x.revision));
+            }
+            ids
+        }));
+    }
+    for h in handles {
+        acked.extend(h.await.unwrap());
+    }
+    let last = create(&mut c, conn("http", "")).await;
+    p.signal("-KILL").await;
+    let status = p.wait().await;
+    assert_ne!(status.code(), Some(0));
+
+    let p = spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let mut c = p.client().await;
+    for (id, revision) in &acked {
+        let x = get(&mut c, id).await;
+        assert_eq!((x.state, x.revision), (S::Ignored as i32, *revision));
+    }
+    assert_eq!(get(&mut c, &last.id).await.revision, last.revision);
+    let history = c
+        .list_connection_events(pb::ListConnectionEventsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.events.len(), 401);
+    p.signal("-TERM").await;
+    assert_eq!(p.wait().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_version_is_refused() {
+    let app = App::start().await;
+    let (db, _dir) = (app.db_path(), app.dir.clone());
+    app.stop().await.unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let mut config = test_config();
+    config.db = Some(db);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = tether::server::run(config, listener, std::future::pending())
+        .await
+        .expect_err("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("schema version 99") && msg.contains("newer"),
+        "{msg}"
+    );
+}

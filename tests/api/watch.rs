@@ -1,0 +1,438 @@
+//! Watch: snapshot, resume, filters, compaction, slow watchers, bookmarks,
+//! restarts and shutdown.
+
+use crate::common::*;
+use std::time::Duration;
+use tether::pb::tether::v1 as pb;
+use tonic::Code;
+use tonic::Streaming;
+
+type W = pb::WatchEventType;
+
+async fn watch(
+    c: &mut Client,
+    req: pb::WatchConnectionsRequest,
+) -> Result<Streaming<pb::WatchConnectionsResponse>, tonic::Status> {
+    c.watch_connections(req).await.map(|r| r.into_inner())
+}
+
+/// The next message, failing the test if none comes within 10 s.
+async fn next(s: &mut Streaming<pb::WatchConnectionsResponse>) -> pb::WatchConnectionsResponse {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("a message within 10 s")
+        .expect("no stream error")
+        .expect("stream still open")
+}
+
+fn kind(m: &pb::WatchConnectionsResponse) -> W {
+    W::try_from(m.r#type).unwrap()
+}
+
+fn id(m: &pb::WatchConnectionsResponse) -> &str {
+    &m.connection.as_ref().unwrap().id
+}
+
+#[tokio::test]
+async fn snapshot_then_synced_then_live_changes() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let a = create(&mut c, conn("http", "")).await;
+    let b = create(&mut c, conn("tcp", "")).await;
+    let gone = create(&mut c, conn("tcp", "")).await;
+    transition(&mut c, &gone.id, S::Deleted).await.unwrap();
+
+    let mut s = watch(&mut c, pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap();
+    let m1 = next(&mut s).await;
+    let m2 = next(&mut s).await;
+    assert_eq!((kind(&m1), id(&m1)), (W::Added, a.id.as_str()));
+    assert_eq!((kind(&m2), id(&m2)), (W::Added, b.id.as_str()));
+    assert!(m1.event.is_none(), "snapshot items are not events");
+    let synced = next(&mut s).await;
+    assert_eq!(
+        (kind(&synced), synced.revision),
+        (W::Synced, 4),
+        "tombstones are not in the snapshot"
+    );
+
+    let moved = transition(&mut c, &a.id, S::Ignored).await.unwrap();
+    let m = next(&mut s).await;
+    assert_eq!(
+        (kind(&m), id(&m), m.revision),
+        (W::Modified, a.id.as_str(), moved.revision)
+    );
+    let e = m.event.unwrap();
+    assert_eq!(
+        (e.from_state, e.to_state, e.r#type),
+        (
+            S::Discovered as i32,
+            S::Ignored as i32,
+            pb::EventType::Transitioned as i32
+        )
+    );
+    assert_eq!(m.connection.unwrap(), moved);
+
+    let fresh = create(&mut c, conn("grafana", "")).await;
+    let m = next(&mut s).await;
+    assert_eq!((kind(&m), id(&m)), (W::Added, fresh.id.as_str()));
+    transition(&mut c, &b.id, S::Deleted).await.unwrap();
+    let m = next(&mut s).await;
+    assert_eq!(
+        (kind(&m), id(&m)),
+        (W::Removed, b.id.as_str()),
+        "deletion removes it from view"
+    );
+    assert_eq!(m.connection.unwrap().state, S::Deleted as i32);
+}
+
+#[tokio::test]
+async fn resume_delivers_every_later_change_once_in_order() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let a = create(&mut c, conn("http", "")).await;
+    let mark = a.revision;
+    let b = create(&mut c, conn("http", "")).await;
+    transition(&mut c, &a.id, S::Ignored).await.unwrap();
+    transition(&mut c, &b.id, S::Registered).await.unwrap();
+    let mut s = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            after_revision: mark,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let m = next(&mut s).await;
+        if kind(&m) == W::Synced {
+            assert_eq!(m.revision, 4);
+            break;
+        }
+        got.push((kind(&m), m.revision));
+    }
+    assert_eq!(got, [(W::Added, 2), (W::Modified, 3), (W::Modified, 4)]);
+    let later = transition(&mut c, &b.id, S::Deleted).await.unwrap();
+    let m = next(&mut s).await;
+    assert_eq!((kind(&m), m.revision), (W::Removed, later.revision));
+
+    // Out of range either way.
+    let future = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            after_revision: 99,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_error(future, Code::OutOfRange, "REVISION_IN_FUTURE");
+    let negative = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            after_revision: -1,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_error(negative, Code::InvalidArgument, "INVALID_ARGUMENT");
+}
+
+#[tokio::test]
+async fn filters_report_entering_as_added_and_leaving_as_removed() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let x = create(&mut c, conn("prometheus", "")).await;
+    let other = create(&mut c, conn("grafana", "")).await;
+    let mut s = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            kinds: vec!["prometheus".into()],
+            states: vec![S::Ignored as i32, S::Registered as i32],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(kind(&next(&mut s).await), W::Synced, "nothing matches yet");
+    transition(&mut c, &other.id, S::Ignored).await.unwrap(); // wrong kind: unseen
+    transition(&mut c, &x.id, S::Ignored).await.unwrap(); // enters
+    transition(&mut c, &x.id, S::Registered).await.unwrap(); // stays
+    transition(&mut c, &x.id, S::Maintenance).await.unwrap(); // leaves
+    let seen: Vec<(W, String)> = [next(&mut s).await, next(&mut s).await, next(&mut s).await]
+        .iter()
+        .map(|m| (kind(m), id(m).to_owned()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (W::Added, x.id.clone()),
+            (W::Modified, x.id.clone()),
+            (W::Removed, x.id.clone())
+        ]
+    );
+
+    // By id, and tombstones only when DELETED is asked for.
+    let mut by_id = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            ids: vec![x.id.clone()],
+            states: vec![S::Deleted as i32],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(kind(&next(&mut by_id).await), W::Synced);
+    transition(&mut c, &other.id, S::Deleted).await.unwrap();
+    transition(&mut c, &x.id, S::Deleted).await.unwrap();
+    let m = next(&mut by_id).await;
+    assert_eq!((kind(&m), id(&m)), (W::Added, x.id.as_str()));
+    let bad = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            ids: vec!["x".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_error(bad, Code::InvalidArgument, "INVALID_ARGUMENT");
+}
+
+#[tokio::test]
+async fn pruned_history_is_out_of_range() {
+    let app = App::start_with(|cfg| cfg.event_retention_count = 3).await;
+    let mut c = app.client.clone();
+    let x = create(&mut c, conn("http", "")).await;
+    for s in [
+        S::Ignored,
+        S::Registered,
+        S::Maintenance,
+        S::Ignored,
+        S::Registered,
+    ] {
+        transition(&mut c, &x.id, s).await.unwrap();
+    }
+    // Revisions 1..=6; only the last 3 are kept.
+    let r = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            after_revision: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let meta = assert_error(r, Code::OutOfRange, "REVISION_COMPACTED");
+    assert_eq!(meta["compact_revision"], "3");
+    let mut s = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            after_revision: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let revs: Vec<i64> = [next(&mut s).await, next(&mut s).await, next(&mut s).await]
+        .iter()
+        .map(|m| m.revision)
+        .collect();
+    assert_eq!(revs, [4, 5, 6]);
+    let history = c
+        .list_connection_events(pb::ListConnectionEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.compact_revision, 3);
+    assert_eq!(history.events.len(), 3);
+    // A snapshot watch still works: it needs no history.
+    let mut s = watch(&mut c, pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(kind(&next(&mut s).await), W::Added);
+    assert_eq!(next(&mut s).await.revision, 6);
+}
+
+#[tokio::test]
+async fn a_slow_watcher_catches_up_without_losing_or_repeating_anything() {
+    // A tiny live ring and stream buffer force the watcher off the ring and
+    // back to the store while it is not reading.
+    let app = App::start_with(|cfg| {
+        cfg.watch_ring = 2;
+        cfg.watch_buffer = 1;
+    })
+    .await;
+    let mut c = app.client.clone();
+    let mut s = watch(&mut c, pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(kind(&next(&mut s).await), W::Synced);
+    let mut fast = watch(&mut c, pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(kind(&next(&mut fast).await), W::Synced);
+    let writes = 300;
+    let writer = {
+        let mut c = c.clone();
+        tokio::spawn(async move {
+            for _ in 0..writes {
+                create(&mut c, conn("http", "")).await;
+            }
+        })
+    };
+    // One watcher keeps up while the other does not read at all.
+    for want in 1..=writes {
+        assert_eq!(next(&mut fast).await.revision, want);
+    }
+    writer.await.unwrap();
+    for want in 1..=writes {
+        let m = next(&mut s).await;
+        assert_eq!((kind(&m), m.revision), (W::Added, want));
+    }
+}
+
+#[tokio::test]
+async fn idle_watchers_that_ask_get_bookmarks() {
+    let app = App::start_with(|cfg| cfg.bookmark_interval = Duration::from_millis(50)).await;
+    let mut c = app.client.clone();
+    create(&mut c, conn("http", "")).await;
+    let mut s = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            progress_notify: true,
+            kinds: vec!["grafana".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(kind(&next(&mut s).await), W::Synced);
+    create(&mut c, conn("http", "")).await; // filtered out, but still progress
+    loop {
+        let m = next(&mut s).await;
+        assert_eq!(kind(&m), W::Bookmark);
+        if m.revision == 2 {
+            break;
+        }
+        assert_eq!(m.revision, 1);
+    }
+}
+
+#[tokio::test]
+async fn resume_works_across_a_restart() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let x = create(&mut c, conn("http", "")).await;
+    let mark = x.revision;
+    transition(&mut c, &x.id, S::Ignored).await.unwrap();
+    let dir = app.dir.clone();
+    app.stop().await.expect("clean stop");
+
+    let app = App::start_in(dir, |_| {}).await;
+    let mut c = app.client.clone();
+    transition(&mut c, &x.id, S::Registered).await.unwrap();
+    let mut s = watch(
+        &mut c,
+        pb::WatchConnectionsRequest {
+            after_revision: mark,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let got: Vec<(W, i64, i32)> = [next(&mut s).await, next(&mut s).await]
+        .iter()
+        .map(|m| (kind(m), m.revision, m.event.as_ref().unwrap().to_state))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (W::Modified, 2, S::Ignored as i32),
+            (W::Modified, 3, S::Registered as i32)
+        ]
+    );
+    assert_eq!((kind(&next(&mut s).await)), W::Synced);
+    let fresh = create(&mut c, conn("http", "")).await;
+    assert_eq!(fresh.revision, 4, "revisions continue after a restart");
+}
+
+#[tokio::test]
+async fn shutdown_ends_watch_streams_with_unavailable_and_health_goes_not_serving() {
+    let mut app = App::start_with(|cfg| cfg.shutdown_grace = Duration::from_secs(2)).await;
+    let mut c = app.client.clone();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
+    let check = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tether.v1.ConnectionService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        check.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let mut hw = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "tether.v1.ConnectionService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hw.message().await.unwrap().unwrap().status, 1);
+
+    let mut watchers = Vec::new();
+    for _ in 0..3 {
+        let mut s = watch(&mut c, pb::WatchConnectionsRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(kind(&next(&mut s).await), W::Synced);
+        watchers.push(s);
+    }
+    app.begin_stop();
+    let not_serving = tokio::time::timeout(Duration::from_secs(10), hw.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        not_serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    for mut s in watchers {
+        let end = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("the stream ends promptly");
+        let status = end.expect_err("ends with an error status");
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    app.stop()
+        .await
+        .expect("run returns Ok after a graceful shutdown");
+}
+
+#[tokio::test]
+async fn hundreds_of_watchers_all_see_every_change() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let mut streams = Vec::new();
+    for _ in 0..200 {
+        let mut s = watch(&mut c, pb::WatchConnectionsRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(kind(&next(&mut s).await), W::Synced);
+        streams.push(s);
+    }
+    let x = create(&mut c, conn("http", "")).await;
+    transition(&mut c, &x.id, S::Ignored).await.unwrap();
+    for s in &mut streams {
+        let a = next(s).await;
+        let b = next(s).await;
+        assert_eq!(
+            (kind(&a), a.revision, kind(&b), b.revision),
+            (W::Added, 1, W::Modified, 2)
+        );
+    }
+}
