@@ -294,7 +294,14 @@ impl Writer {
         for job in jobs.iter_mut() {
             tx.sql.execute_batch("SAVEPOINT job")?;
             let (revision, n_events) = (tx.revision, tx.events.len());
-            if job.run(&mut tx) {
+            // A panicking job is a bug; it must not take the writer (and with
+            // it every later write) down. It rolls back like a failed job.
+            let kept = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(&mut tx)))
+                .unwrap_or_else(|_| {
+                    tracing::error!("a write job panicked; its changes were rolled back");
+                    false
+                });
+            if kept {
                 tx.sql.execute_batch("RELEASE job")?;
             } else {
                 tx.sql.execute_batch("ROLLBACK TO job; RELEASE job")?;
