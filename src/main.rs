@@ -2,7 +2,7 @@
 //! listening socket, and a run until SIGINT or SIGTERM. Nothing else.
 
 use clap::{Parser, Subcommand};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use tether::Config;
 
@@ -31,6 +31,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let Command::Serve(config) = Cli::parse().command;
     let listener = match tokio::net::TcpListener::bind(config.listen).await {

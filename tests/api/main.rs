@@ -5,4 +5,5 @@ mod common;
 mod connections;
 mod lifecycle;
 mod process;
+mod standard;
 mod watch;
