@@ -56,9 +56,9 @@ pub struct Config {
     #[arg(long, env = "TETHER_COMMIT_GROUP", default_value_t = 256)]
     pub commit_group: usize,
 
-    /// Committed batches kept in memory for live watchers; one that falls
+    /// Committed events kept in memory for live watchers; one that falls
     /// further behind catches up from the database.
-    #[arg(long, env = "TETHER_WATCH_RING", default_value_t = 1024)]
+    #[arg(long, env = "TETHER_WATCH_RING", default_value_t = 4096)]
     pub watch_ring: usize,
 
     /// Messages buffered per watch stream.

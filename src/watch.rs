@@ -191,7 +191,7 @@ struct Task {
 }
 
 impl Task {
-    async fn run(&self, mut live: broadcast::Receiver<Arc<[Event]>>) -> Result<(), Error> {
+    async fn run(&self, mut live: broadcast::Receiver<Arc<Event>>) -> Result<(), Error> {
         match self.stream(&mut live).await {
             Ok(Ok(())) | Ok(Err(Gone)) => Ok(()),
             Err(e) => Err(e),
@@ -200,7 +200,7 @@ impl Task {
 
     async fn stream(
         &self,
-        live: &mut broadcast::Receiver<Arc<[Event]>>,
+        live: &mut broadcast::Receiver<Arc<Event>>,
     ) -> Result<Result<(), Gone>, Error> {
         let mut last = self.spec.after_revision;
         if last == 0 {
@@ -227,22 +227,20 @@ impl Task {
         let mut idle_until = Instant::now() + interval;
         loop {
             let sent = tokio::select! {
-                batch = live.recv() => match batch {
-                    Ok(batch) => {
-                        let mut sent = false;
-                        for e in batch.iter() {
-                            if e.revision <= last {
-                                continue;
-                            }
-                            if let Some(item) = classify(&self.spec.filter, e) {
+                event = live.recv() => match event {
+                    // Already sent from the store while catching up.
+                    Ok(e) if e.revision <= last => false,
+                    Ok(e) => {
+                        last = e.revision;
+                        match classify(&self.spec.filter, &e) {
+                            Some(item) => {
                                 if self.send(item).await.is_err() {
                                     return Ok(Err(Gone));
                                 }
-                                sent = true;
+                                true
                             }
-                            last = e.revision;
+                            None => false,
                         }
-                        sent
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::debug!(missed, last, "watcher fell behind the live ring; replaying from the store");

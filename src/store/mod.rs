@@ -31,8 +31,8 @@ pub struct StoreConfig {
     pub writer: WriterConfig,
     /// Read connections kept open for reuse.
     pub read_pool: usize,
-    /// Committed batches buffered for watchers before a slow one must catch up
-    /// from the database.
+    /// Committed events buffered for watchers before a slow one must catch up
+    /// from the database. Bounds the memory live watching takes.
     pub publish_buffer: usize,
     /// How long a connection waits for a lock before answering "busy".
     pub busy_timeout: Duration,
@@ -49,7 +49,7 @@ pub(crate) struct Inner {
     sender: Mutex<Option<mpsc::Sender<writer::Msg>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<rusqlite::Connection>>,
-    hub: broadcast::Sender<Arc<[Event]>>,
+    hub: broadcast::Sender<Arc<Event>>,
     config: StoreConfig,
 }
 
@@ -153,8 +153,8 @@ impl Store {
         .map_err(|e| Error::Internal(format!("read task failed: {e}")))?
     }
 
-    /// Receives every committed batch of events from now on, in revision order.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<[Event]>> {
+    /// Receives every committed event from now on, in revision order.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.inner.hub.subscribe()
     }
 

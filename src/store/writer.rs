@@ -260,9 +260,9 @@ impl Writer {
     fn commit_group(&mut self, mut jobs: Vec<Box<dyn Job>>) {
         match self.try_commit_group(&mut jobs) {
             Ok(events) => {
-                if !events.is_empty() {
+                for event in events {
                     // No receivers is fine: nobody is watching.
-                    let _ = self.inner.hub.send(Arc::from(events));
+                    let _ = self.inner.hub.send(Arc::new(event));
                 }
                 for job in jobs {
                     job.finish(Ok(()));

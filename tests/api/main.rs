@@ -6,4 +6,5 @@ mod connections;
 mod lifecycle;
 mod process;
 mod standard;
+mod storage;
 mod watch;
