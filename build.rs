@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tether_descriptor.bin"))
         .extern_path(".google.rpc", "::tonic_types::pb")
+        // Ordered maps encode deterministically, so a request's bytes (and the
+        // fingerprint that guards request_id retries) do not depend on hashing.
+        .btree_map(".")
         .compile_protos(
             &[
                 std::path::PathBuf::from("proto/tether/v1/connection.proto"),

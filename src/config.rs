@@ -1,6 +1,7 @@
 //! Every setting of the server, each with a flag and an environment variable,
 //! and the defaults a fresh install runs with.
 
+use crate::error::Error;
 use crate::service::ApiLimits;
 use crate::store::{StoreConfig, WriterConfig};
 use crate::watch::WatchConfig;
@@ -65,6 +66,14 @@ pub struct Config {
     #[arg(long, env = "TETHER_WATCH_BUFFER", default_value_t = 256)]
     pub watch_buffer: usize,
 
+    /// Events read from the database per page when a watcher catches up.
+    #[arg(long, env = "TETHER_WATCH_REPLAY_PAGE", default_value_t = 1000)]
+    pub watch_replay_page: usize,
+
+    /// Changes waiting for the writer before new ones are refused with UNAVAILABLE.
+    #[arg(long, env = "TETHER_WRITE_QUEUE", default_value_t = 10_000)]
+    pub write_queue: usize,
+
     /// Page size when a list request names none.
     #[arg(long, env = "TETHER_DEFAULT_PAGE_SIZE", default_value_t = 50)]
     pub default_page_size: usize,
@@ -72,6 +81,10 @@ pub struct Config {
     /// Largest page a list returns.
     #[arg(long, env = "TETHER_MAX_PAGE_SIZE", default_value_t = 1000)]
     pub max_page_size: usize,
+
+    /// Page size of ListConnectionEvents when the request names none.
+    #[arg(long, env = "TETHER_DEFAULT_EVENTS_PAGE_SIZE", default_value_t = 100)]
+    pub default_events_page_size: usize,
 
     /// Most items in one BatchTransitionConnections call.
     #[arg(long, env = "TETHER_MAX_BATCH", default_value_t = 1000)]
@@ -108,6 +121,50 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Refuses settings that would make the server spin, flood or overflow.
+    pub fn validate(&self) -> Result<(), Error> {
+        let positive = [
+            ("verify-timeout", self.verify_timeout),
+            ("prune-interval", self.prune_interval),
+            ("bookmark-interval", self.bookmark_interval),
+            ("event-retention", self.event_retention),
+        ];
+        for (flag, d) in positive {
+            if d.is_zero() {
+                return Err(Error::invalid(flag, "must be greater than zero"));
+            }
+        }
+        // Microseconds since the epoch must stay representable.
+        if self.event_retention > Duration::from_secs(100 * 365 * 24 * 3600) {
+            return Err(Error::invalid("event-retention", "must be under 100 years"));
+        }
+        let counts = [
+            ("verify-concurrency", self.verify_concurrency),
+            ("commit-group", self.commit_group),
+            ("watch-ring", self.watch_ring),
+            ("watch-buffer", self.watch_buffer),
+            ("watch-replay-page", self.watch_replay_page),
+            ("write-queue", self.write_queue),
+            ("default-page-size", self.default_page_size),
+            ("max-page-size", self.max_page_size),
+            ("default-events-page-size", self.default_events_page_size),
+            ("max-batch", self.max_batch),
+            ("read-pool", self.read_pool),
+        ];
+        for (flag, n) in counts {
+            if n == 0 {
+                return Err(Error::invalid(flag, "must be at least 1"));
+            }
+        }
+        if self.event_retention_count == 0 {
+            return Err(Error::invalid(
+                "event-retention-count",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     /// The database file: `--db`, or the per-user data directory.
     pub fn db_path(&self) -> PathBuf {
         if let Some(p) = &self.db {
@@ -124,11 +181,12 @@ impl Config {
     pub fn store_config(&self) -> StoreConfig {
         StoreConfig {
             writer: WriterConfig {
-                max_group: self.commit_group.max(1),
+                max_group: self.commit_group,
                 retention: self.event_retention,
-                retention_count: self.event_retention_count.max(1),
+                retention_count: self.event_retention_count,
                 prune_interval: self.prune_interval,
             },
+            write_queue: self.write_queue,
             read_pool: self.read_pool,
             publish_buffer: self.watch_ring,
             busy_timeout: self.busy_timeout,
@@ -138,15 +196,16 @@ impl Config {
     pub fn watch_config(&self) -> WatchConfig {
         WatchConfig {
             bookmark_interval: self.bookmark_interval,
-            replay_page: 1000,
+            replay_page: self.watch_replay_page,
             buffer: self.watch_buffer,
         }
     }
 
     pub fn api_limits(&self) -> ApiLimits {
         ApiLimits {
-            default_page_size: self.default_page_size.clamp(1, self.max_page_size.max(1)),
-            max_page_size: self.max_page_size.max(1),
+            default_page_size: self.default_page_size.min(self.max_page_size),
+            max_page_size: self.max_page_size,
+            default_events_page_size: self.default_events_page_size.min(self.max_page_size),
             max_batch: self.max_batch,
         }
     }

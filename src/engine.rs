@@ -152,9 +152,6 @@ impl Engine {
     /// Registers a connection by hand: DISCOVERED, then along the allowed
     /// edges to `initial_state`, one event per step.
     pub async fn create(&self, r: CreateRequest) -> Result<Connection, Error> {
-        if let Some(answer) = self.replay(&r.request).await? {
-            return answer;
-        }
         let steps: &[State] = match r.initial_state {
             State::Discovered => &[],
             State::Ignored => &[State::Ignored],
@@ -199,15 +196,24 @@ impl Engine {
             update_time: 0,
         };
 
-        // Refuse a duplicate before spending a verification on it; the writer
-        // checks again, authoritatively.
+        // A retry gets its first answer; a duplicate is refused before a
+        // verification is spent on it. One snapshot for both, so a retry never
+        // sees its own first attempt as a duplicate. The writer checks again.
         let identity = conn.identity.clone();
-        if let Some(existing) = self
+        let retry = r.request.clone();
+        let earlier = self
             .store
-            .read(move |c| query::live_by_identity(c, &identity))
-            .await?
-        {
-            return Err(already_exists(&existing));
+            .read(move |c| {
+                if let Some(k) = &retry
+                    && let Some(answer) = decode_answer(k, query::request_answer(c, &k.id)?)?
+                {
+                    return Ok(Some(answer));
+                }
+                Ok(query::live_by_identity(c, &identity)?.map(|e| Err(already_exists(&e))))
+            })
+            .await?;
+        if let Some(answer) = earlier {
+            return answer;
         }
 
         let needs_verification = steps.iter().any(|s| {
@@ -281,15 +287,16 @@ impl Engine {
                             reason: step.reason,
                             actor,
                             etag: None,
-                            expect_revision: None,
+                            verified: None,
                         },
                     )?;
                 }
+                let id = conn.id.clone();
                 let answer = match failure {
                     None => Ok(conn),
                     Some(err) => Err(with_state(err, conn.state)),
                 };
-                remember(tx, &key, &answer)?;
+                remember(tx, &key, &id, &answer)?;
                 Ok(answer)
             })
             .await?
@@ -302,21 +309,25 @@ impl Engine {
         }
         let current = self.get(r.id.clone()).await?;
         check_etag(&current, r.etag.as_deref())?;
-        if current.state == r.target {
+        // A no-op needs no writer, unless its answer must be remembered.
+        if current.state == r.target && r.request.is_none() {
             return Ok(current);
+        }
+        if current.state == r.target {
+            return self.commit_user_move(r, None).await;
         }
         let edge = lifecycle::check(current.state, r.target, Trigger::User)
             .map_err(|refusal| invalid_transition(&current.id, refusal))?;
 
-        let mut reason = r.reason;
-        let mut expect_revision = None;
+        let mut r = r;
+        let mut verified = None;
         if edge.needs_verification && !r.skip_verification {
             match self.verifier.verify(&current).await {
                 None => {}
                 Some(Verdict::Reachable(detail)) => {
-                    expect_revision = Some(current.revision);
-                    if reason.is_empty() {
-                        reason = detail;
+                    verified = Some(Verified::of(&current));
+                    if r.reason.is_empty() {
+                        r.reason = detail;
                     }
                 }
                 Some(verdict) => {
@@ -326,14 +337,22 @@ impl Engine {
                 }
             }
         }
+        self.commit_user_move(r, verified).await
+    }
+
+    async fn commit_user_move(
+        &self,
+        r: TransitionRequest,
+        verified: Option<Verified>,
+    ) -> Result<Connection, Error> {
         let m = Move {
             id: r.id,
             target: r.target,
             trigger: Trigger::User,
-            reason,
+            reason: r.reason,
             actor: r.actor,
             etag: r.etag,
-            expect_revision,
+            verified,
         };
         let key = r.request;
         self.store
@@ -341,19 +360,46 @@ impl Engine {
                 if let Some(answer) = replayed(tx, &key)? {
                     return Ok(answer);
                 }
+                let id = m.id.clone();
                 let answer = Ok(apply_transition(tx, m)?);
-                remember(tx, &key, &answer)?;
+                remember(tx, &key, &id, &answer)?;
                 Ok(answer)
             })
             .await?
     }
 
-    /// Applies each transition independently; one result per request, in order.
+    /// Applies each transition independently; one result per request, in
+    /// order. Items for the same connection apply in request order; different
+    /// connections go in parallel, a bounded number at a time.
     pub async fn batch_transition(
         &self,
         requests: Vec<TransitionRequest>,
     ) -> Vec<Result<Connection, Error>> {
-        futures::future::join_all(requests.into_iter().map(|r| self.transition(r))).await
+        use futures::StreamExt;
+        let n = requests.len();
+        let mut chains: BTreeMap<ConnectionId, Vec<(usize, TransitionRequest)>> = BTreeMap::new();
+        for (i, r) in requests.into_iter().enumerate() {
+            chains.entry(r.id.clone()).or_default().push((i, r));
+        }
+        let mut results: Vec<Option<Result<Connection, Error>>> = (0..n).map(|_| None).collect();
+        let mut done = futures::stream::iter(chains.into_values())
+            .map(|chain| async move {
+                let mut out = Vec::with_capacity(chain.len());
+                for (i, r) in chain {
+                    out.push((i, self.transition(r).await));
+                }
+                out
+            })
+            .buffer_unordered(BATCH_PARALLELISM);
+        while let Some(chain) = done.next().await {
+            for (i, r) in chain {
+                results[i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every item ran"))
+            .collect()
     }
 
     /// A failed verification: a register attempt moves the connection where
@@ -379,7 +425,7 @@ impl Engine {
             reason: detail,
             actor: SYSTEM_ACTOR.into(),
             etag: None,
-            expect_revision: Some(current.revision),
+            verified: Some(Verified::of(&current)),
         };
         self.store
             .write(move |tx| {
@@ -388,7 +434,7 @@ impl Engine {
                 }
                 let moved = apply_transition(tx, m)?;
                 let answer = Err(with_state(err, moved.state));
-                remember(tx, &key, &answer)?;
+                remember(tx, &key, &moved.id, &answer)?;
                 Ok(answer)
             })
             .await?
@@ -443,8 +489,9 @@ impl Engine {
                 }
                 let changed = changed_fields(&before, &c);
                 if changed.is_empty() {
+                    let id = c.id.clone();
                     let answer = Ok(c);
-                    remember(tx, &key, &answer)?;
+                    remember(tx, &key, &id, &answer)?;
                     return Ok(answer);
                 }
                 if c.identity != before.identity
@@ -463,8 +510,9 @@ impl Engine {
                         actor: r.actor,
                     },
                 )?;
+                let id = c.id.clone();
                 let answer = Ok(c);
-                remember(tx, &key, &answer)?;
+                remember(tx, &key, &id, &answer)?;
                 Ok(answer)
             })
             .await?
@@ -496,16 +544,38 @@ struct Move {
     reason: String,
     actor: String,
     etag: Option<String>,
-    /// Commit only if the connection is still at this revision (it was verified there).
-    expect_revision: Option<i64>,
+    /// Commit only if the connection is still what was verified.
+    verified: Option<Verified>,
 }
 
+/// What a verification looked at. A change to any of it while the check ran
+/// makes the result stale; other changes (labels, a name) do not.
+#[derive(PartialEq)]
+struct Verified {
+    state: State,
+    url: String,
+    credential_id: String,
+}
+
+impl Verified {
+    fn of(c: &Connection) -> Verified {
+        Verified {
+            state: c.state,
+            url: c.url.clone(),
+            credential_id: c.credential_id.clone(),
+        }
+    }
+}
+
+/// Connections a batch moves at once.
+const BATCH_PARALLELISM: usize = 32;
+
 /// Applies one transition against the row as it is now: the authoritative
-/// check of etag, revision and the lifecycle table.
+/// check of etag, what was verified, and the lifecycle table.
 fn apply_transition(tx: &mut Tx<'_>, m: Move) -> Result<Connection, Error> {
     let mut c = tx.get(&m.id)?.ok_or_else(|| Error::not_found(&m.id))?;
     check_etag(&c, m.etag.as_deref())?;
-    if m.expect_revision.is_some_and(|r| r != c.revision) {
+    if m.verified.as_ref().is_some_and(|v| *v != Verified::of(&c)) {
         return Err(Error::Conflict {
             id: c.id.to_string(),
         });
@@ -523,11 +593,13 @@ fn apply_transition(tx: &mut Tx<'_>, m: Move) -> Result<Connection, Error> {
     c.state_reason = m.reason.clone();
     c.state_trigger = m.trigger;
     let type_ = if m.target == State::Deleted {
-        // What remains is a tombstone: its credentials and collected data go.
+        // What remains is a tombstone: its credentials and collected data go,
+        // here and from everything stored about it before.
         c.credential_id.clear();
         c.metadata.clear();
         c.description.clear();
         c.labels.clear();
+        tx.scrub(&c.id)?;
         EventType::Deleted
     } else {
         EventType::Transitioned
@@ -652,9 +724,14 @@ fn replayed(tx: &Tx<'_>, key: &Option<RequestKey>) -> Result<Option<Answer>, Err
     }
 }
 
-fn remember(tx: &Tx<'_>, key: &Option<RequestKey>, answer: &Answer) -> Result<(), Error> {
+fn remember(
+    tx: &Tx<'_>,
+    key: &Option<RequestKey>,
+    id: &ConnectionId,
+    answer: &Answer,
+) -> Result<(), Error> {
     if let Some(k) = key {
-        tx.remember(&k.id, k.fingerprint, &serde_json::to_string(answer)?)?;
+        tx.remember(&k.id, k.fingerprint, id, &serde_json::to_string(answer)?)?;
     }
     Ok(())
 }

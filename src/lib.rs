@@ -9,6 +9,7 @@ pub mod config;
 pub mod connection;
 pub mod engine;
 pub mod error;
+pub mod health;
 pub mod lifecycle;
 pub mod pb;
 pub mod probe;

@@ -34,19 +34,37 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let Command::Serve(config) = Cli::parse().command;
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    // Signal handlers first: a SIGTERM from here on is a graceful shutdown,
+    // never the default "terminate at once".
+    let signal = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listen = config.listen;
+    let server = match tether::server::Server::open(config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(listen = %config.listen, error = %e, "cannot listen");
+            tracing::error!(%listen, error = %e, "cannot listen");
             return ExitCode::FAILURE;
         }
     };
     if let Ok(addr) = listener.local_addr() {
-        // One line on stdout for scripts and tests that start us on port 0.
+        // One line on stdout, once the database is open and the port bound,
+        // for scripts and tests that start us on port 0.
         println!("tether listening on {addr}");
         let _ = std::io::stdout().flush();
     }
-    match tether::server::run(config, listener, signal()).await {
+    match server.serve(listener, signal.recv()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "tether failed");
@@ -55,26 +73,26 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the server");
-                let _ = interrupt.await;
-                return;
-            }
-        };
+/// SIGINT and SIGTERM, registered as soon as this is built.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Completes on the first SIGINT or SIGTERM.
+    async fn recv(mut self) {
         tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

@@ -76,9 +76,10 @@ impl GenericVerifier {
         }
     }
 
-    async fn check_http(&self, url: &str) -> Verdict {
+    async fn check_http(&self, target: &url::Url) -> Verdict {
+        let url = redacted(target);
         let started = Instant::now();
-        match self.http.get(url).send().await {
+        match self.http.get(target.as_str()).send().await {
             Ok(resp) => {
                 let status = resp.status();
                 let ms = started.elapsed().as_millis();
@@ -94,9 +95,17 @@ impl GenericVerifier {
                 "GET {url}: timed out after {} ms",
                 self.timeout.as_millis()
             )),
-            Err(e) => Verdict::Unreachable(format!("GET {url}: {}", error_chain(&e))),
+            Err(e) => Verdict::Unreachable(format!("GET {url}: {}", error_chain(&e.without_url()))),
         }
     }
+}
+
+/// The url without any user name or password, fit for messages and logs.
+fn redacted(url: &url::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.to_string()
 }
 
 /// The error and its causes on one line: reqwest's top-level message alone
@@ -123,7 +132,7 @@ impl Verifier for GenericVerifier {
             let _permit = self.permits.acquire().await.ok()?;
             Some(match scheme {
                 "tcp" => self.check_tcp(&url).await,
-                _ => self.check_http(url.as_str()).await,
+                _ => self.check_http(&url).await,
             })
         })
     }

@@ -2,14 +2,16 @@
 //! into the gRPC service, adds health and reflection, serves until told to
 //! stop, then shuts down in order.
 //!
-//! Shutdown order: health turns NOT_SERVING, open watch streams end with
-//! UNAVAILABLE, tonic stops accepting and lets in-flight calls finish (within
-//! the grace period), then the writer commits what is queued and stops.
-//! [`run`] returns only after all of that.
+//! Shutdown order: health turns NOT_SERVING (health watchers get that, then
+//! their stream ends), open watch streams end with UNAVAILABLE, tonic stops
+//! accepting and lets in-flight calls finish (within the grace period), then
+//! the writer commits what is queued and stops. [`Server::serve`] returns
+//! only after all of that.
 
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::health::{HealthServer, HealthService};
 use crate::pb;
 use crate::pb::tether::v1::connection_service_server::ConnectionServiceServer;
 use crate::probe::GenericVerifier;
@@ -22,25 +24,46 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
 
-type Service = ConnectionServiceServer<ConnectionService>;
+/// A server whose database is open and migrated, ready to serve.
+pub struct Server {
+    config: Config,
+    store: Store,
+}
 
-/// Serves the API on `listener` until `shutdown` completes.
+impl Server {
+    /// Checks the configuration and opens (creating or migrating) the database.
+    /// Fails if another process has it open.
+    pub fn open(config: Config) -> Result<Server, Error> {
+        config.validate()?;
+        let store = Store::open(&config.db_path(), config.store_config())?;
+        Ok(Server { config, store })
+    }
+
+    /// Serves the API on `listener` until `shutdown` completes, then shuts down in order.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let result = serve(&self.config, self.store.clone(), listener, shutdown).await;
+        // Commit whatever is queued, then stop the writer and release the database.
+        let store = self.store;
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .map_err(|e| Error::Internal(format!("closing the store: {e}")))?;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Opens the database and serves on `listener` until `shutdown` completes.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let store = Store::open(&config.db_path(), config.store_config())?;
-    let result = serve(&config, store.clone(), listener, shutdown).await;
-    // Commit whatever is queued, then stop the writer.
-    let closing = store.clone();
-    tokio::task::spawn_blocking(move || closing.close())
-        .await
-        .map_err(|e| Error::Internal(format!("closing the store: {e}")))?;
-    tracing::info!("stopped");
-    result
+    Server::open(config)?.serve(listener, shutdown).await
 }
 
 async fn serve(
@@ -62,8 +85,6 @@ async fn serve(
     );
     let service = ConnectionService::new(engine, watcher, config.api_limits());
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<Service>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -78,21 +99,18 @@ async fn serve(
 
     let signal = {
         let stopping = stopping.clone();
-        let health = health.clone();
         async move {
             shutdown.await;
             tracing::info!("shutting down");
-            health.set_not_serving::<Service>().await;
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
+            // Health turns NOT_SERVING and open streams end: nothing long-lived
+            // holds the graceful shutdown open.
             stopping.cancel();
         }
     };
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "serving");
     let server = tonic::transport::Server::builder()
-        .add_service(health_service)
+        .add_service(HealthServer::new(HealthService::new(stopping.clone())))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ConnectionServiceServer::new(service))

@@ -35,6 +35,7 @@ pub const ACTOR_HEADER: &str = "tether-actor";
 pub struct ApiLimits {
     pub default_page_size: usize,
     pub max_page_size: usize,
+    pub default_events_page_size: usize,
     pub max_batch: usize,
 }
 
@@ -311,7 +312,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         }
         let limit = match r.page_size {
             n if n < 0 => return Err(Error::invalid("page_size", "must not be negative").into()),
-            0 => 100,
+            0 => self.limits.default_events_page_size,
             n => (n as usize).min(self.limits.max_page_size),
         };
         let page = self
@@ -369,6 +370,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             states: parse_states(r.states)?,
             ..Filter::default()
         };
+        check_count("ids", &r.ids)?;
         for (i, id) in r.ids.iter().enumerate() {
             filter
                 .ids
@@ -437,7 +439,24 @@ fn state_from_pb(n: i32, field: &str) -> Result<State, Error> {
     })
 }
 
+/// Most values one filter list may hold; keeps queries within SQLite's limits.
+const MAX_FILTER_VALUES: usize = 1000;
+
+fn check_count<T>(field: &str, values: &[T]) -> Result<(), Error> {
+    if values.len() > MAX_FILTER_VALUES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "has {} values, the limit is {MAX_FILTER_VALUES}",
+                values.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn parse_states(states: Vec<i32>) -> Result<Vec<State>, Error> {
+    check_count("states", &states)?;
     states
         .into_iter()
         .enumerate()
@@ -446,6 +465,7 @@ fn parse_states(states: Vec<i32>) -> Result<Vec<State>, Error> {
 }
 
 fn parse_kinds(kinds: Vec<String>) -> Result<Vec<String>, Error> {
+    check_count("kinds", &kinds)?;
     kinds
         .iter()
         .enumerate()
@@ -458,14 +478,14 @@ fn filter_from_pb(
     states: Vec<i32>,
     types: Vec<String>,
     search: String,
-    labels: HashMap<String, String>,
+    labels: BTreeMap<String, String>,
     show_deleted: bool,
 ) -> Result<Filter, Error> {
     check_len("search", &search, limits::SHORT)?;
+    check_count("types", &types)?;
     for (i, t) in types.iter().enumerate() {
         check_len(&format!("types[{i}]"), t, limits::SHORT)?;
     }
-    let labels: BTreeMap<String, String> = labels.into_iter().collect();
     check_labels("labels", &labels)?;
     Ok(Filter {
         kinds: parse_kinds(kinds)?,
@@ -492,7 +512,7 @@ fn new_connection(c: pb::Connection) -> Result<NewConnection, Error> {
     check_len("connection.identity", &c.identity, limits::IDENTITY)?;
     check_len("connection.credential_id", &c.credential_id, limits::SHORT)?;
     check_len("connection.owner", &c.owner, limits::SHORT)?;
-    let labels: BTreeMap<String, String> = c.labels.into_iter().collect();
+    let labels = c.labels;
     check_labels("connection.labels", &labels)?;
     let metadata = struct_to_json("connection.metadata", c.metadata)?;
     check_metadata("connection.metadata", &metadata)?;
@@ -595,8 +615,7 @@ fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Res
                 patch.metadata = Some(m);
             }
             "labels" => {
-                let labels: BTreeMap<String, String> =
-                    std::mem::take(&mut c.labels).into_iter().collect();
+                let labels = std::mem::take(&mut c.labels);
                 check_labels("connection.labels", &labels)?;
                 patch.labels = Some(labels);
             }
@@ -630,11 +649,7 @@ pub fn connection_to_pb(c: &Connection) -> pb::Connection {
         url: c.url.clone(),
         identity: c.identity.clone(),
         metadata: Some(json_to_struct(&c.metadata)),
-        labels: c
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        labels: c.labels.clone(),
         managed: Some(c.managed),
         credential_id: c.credential_id.clone(),
         owner: c.owner.clone(),

@@ -116,8 +116,12 @@ impl Watcher {
                 _ = out.closed() => Ok(()),
             };
             if let Err(e) = result {
-                // Best effort: the client may already be gone.
-                let _ = out.try_send(Err(e));
+                // The error is the last word, so wait for room behind whatever
+                // is still buffered; give up only if the client goes or we stop.
+                tokio::select! {
+                    _ = out.send(Err(e)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
             }
         });
         Ok(WatchStream {
@@ -175,6 +179,14 @@ impl tokio_stream::Stream for WatchStream {
                 self.done = true;
                 Poll::Ready(Some(Err(e)))
             }
+            // A watch never ends on its own; if its task does, say so rather
+            // than let the client take the end for "nothing more to see".
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(Some(Err(Error::Unavailable(
+                    "the watch ended unexpectedly; resume from the last revision".into(),
+                ))))
+            }
             other => other,
         }
     }
@@ -204,6 +216,8 @@ impl Task {
     ) -> Result<Result<(), Gone>, Error> {
         let mut last = self.spec.after_revision;
         if last == 0 {
+            // Everything committed after this snapshot was published after we
+            // subscribed, so the live ring has it: no replay is needed here.
             let filter = self.spec.filter.clone();
             let (connections, revision) = self
                 .store
@@ -215,11 +229,12 @@ impl Task {
                 }
             }
             last = revision;
+        } else {
+            last = match self.catch_up(last).await? {
+                Ok(r) => r,
+                Err(Gone) => return Ok(Err(Gone)),
+            };
         }
-        last = match self.catch_up(last).await? {
-            Ok(r) => r,
-            Err(Gone) => return Ok(Err(Gone)),
-        };
         if self.send(Item::Synced(last)).await.is_err() {
             return Ok(Err(Gone));
         }

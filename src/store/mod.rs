@@ -23,13 +23,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{Semaphore, broadcast, oneshot};
 
 /// Store settings.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     pub writer: WriterConfig,
-    /// Read connections kept open for reuse.
+    /// Changes queued for the writer before new ones are refused.
+    pub write_queue: usize,
+    /// Reads running at once, each on its own pooled connection.
     pub read_pool: usize,
     /// Committed events buffered for watchers before a slow one must catch up
     /// from the database. Bounds the memory live watching takes.
@@ -46,9 +48,12 @@ pub struct Store {
 
 pub(crate) struct Inner {
     path: PathBuf,
-    sender: Mutex<Option<mpsc::Sender<writer::Msg>>>,
+    sender: Mutex<Option<mpsc::SyncSender<writer::Msg>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Held while the store is open: one process per database.
+    lock: Mutex<Option<std::fs::File>>,
     readers: Mutex<Vec<rusqlite::Connection>>,
+    read_permits: Semaphore,
     hub: broadcast::Sender<Arc<Event>>,
     config: StoreConfig,
 }
@@ -62,25 +67,28 @@ impl Store {
                 Error::Internal(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
-        let mut conn = rusqlite::Connection::open(path)?;
-        conn.busy_timeout(config.busy_timeout)?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Internal(format!(
-                "{} cannot use write-ahead logging (journal_mode is {mode})",
+        // Two writers would each keep their own revision counter; refuse the second.
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = std::fs::File::create(&lock_path)
+            .map_err(|e| Error::Internal(format!("cannot create {}: {e}", lock_path.display())))?;
+        lock.try_lock().map_err(|_| {
+            Error::Unavailable(format!(
+                "{} is in use by another tether process",
                 path.display()
-            )));
-        }
-        conn.pragma_update(None, "synchronous", "FULL")?;
+            ))
+        })?;
+        let mut conn = open_writer(path, config.busy_timeout)?;
         schema::migrate(&mut conn)?;
         let (revision, compact) = query::revisions(&conn)?;
         let (hub, _) = broadcast::channel(config.publish_buffer.max(1));
-        let (sender, rx) = mpsc::channel();
+        let (sender, rx) = mpsc::sync_channel(config.write_queue.max(1));
         let inner = Arc::new(Inner {
             path: path.to_owned(),
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(None),
+            lock: Mutex::new(Some(lock)),
             readers: Mutex::new(Vec::new()),
+            read_permits: Semaphore::new(config.read_pool.max(1)),
             hub,
             config: config.clone(),
         });
@@ -116,9 +124,15 @@ impl Store {
         {
             let sender = self.inner.sender.lock().expect("writer sender lock");
             let sender = sender.as_ref().ok_or_else(shutting_down)?;
+            // Never block the caller: a full queue means the writer is behind.
             sender
-                .send(writer::Msg::Job(Box::new(job)))
-                .map_err(|_| shutting_down())?;
+                .try_send(writer::Msg::Job(Box::new(job)))
+                .map_err(|e| match e {
+                    mpsc::TrySendError::Full(_) => {
+                        Error::Unavailable("too many changes queued; retry".into())
+                    }
+                    mpsc::TrySendError::Disconnected(_) => shutting_down(),
+                })?;
         }
         answer.await.map_err(|_| shutting_down())?
     }
@@ -130,6 +144,13 @@ impl Store {
         F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
     {
+        // Bounds blocking threads and open read connections alike.
+        let _permit = self
+            .inner
+            .read_permits
+            .acquire()
+            .await
+            .map_err(|_| shutting_down())?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let pooled = inner.readers.lock().expect("reader pool lock").pop();
@@ -170,11 +191,29 @@ impl Store {
         {
             tracing::error!("writer thread panicked");
         }
+        self.inner.readers.lock().expect("reader pool lock").clear();
+        // Released last, once nothing of ours writes to the file any more.
+        drop(self.inner.lock.lock().expect("lock file lock").take());
     }
 }
 
 fn shutting_down() -> Error {
     Error::Unavailable("the server is shutting down".into())
+}
+
+/// The write connection: WAL, and every commit synced to disk before it returns.
+fn open_writer(path: &Path, busy: Duration) -> Result<rusqlite::Connection, Error> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(busy)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Internal(format!(
+            "{} cannot use write-ahead logging (journal_mode is {mode})",
+            path.display()
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
 }
 
 fn open_reader(path: &Path, busy: Duration) -> Result<rusqlite::Connection, Error> {
@@ -188,4 +227,22 @@ fn open_reader(path: &Path, busy: Duration) -> Result<rusqlite::Connection, Erro
 
 pub(crate) fn encode_labels(labels: &BTreeMap<String, String>) -> Result<String, Error> {
     Ok(serde_json::to_string(labels)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_syncs_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("t.db"), Duration::from_secs(1)).unwrap();
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((sync, mode.as_str()), (2, "wal"), "FULL is 2");
+    }
 }

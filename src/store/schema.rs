@@ -60,14 +60,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_by_connection ON events (connection_id, revision);
     CREATE INDEX events_by_time ON events (time);
 
-    -- The first answer to each request_id, kept as long as the event history.
+    -- The first answer to each request_id, kept for the retention window.
     CREATE TABLE requests (
-        request_id  TEXT PRIMARY KEY,
-        fingerprint INTEGER NOT NULL,
-        answer      TEXT NOT NULL,
-        time        INTEGER NOT NULL
+        request_id    TEXT PRIMARY KEY,
+        fingerprint   INTEGER NOT NULL,
+        connection_id TEXT NOT NULL,
+        answer        TEXT NOT NULL,
+        time          INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX requests_by_time ON requests (time);
+    CREATE INDEX requests_by_connection ON requests (connection_id);
     "#,
 ];
 

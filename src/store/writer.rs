@@ -112,13 +112,47 @@ impl Tx<'_> {
         super::query::request_answer(self.sql, request_id)
     }
 
-    /// Stores the answer to `request_id` in the same transaction as the change.
-    pub fn remember(&self, request_id: &str, fingerprint: i64, answer: &str) -> Result<(), Error> {
+    /// Stores the answer to `request_id`, which concerns `connection`, in the
+    /// same transaction as the change.
+    pub fn remember(
+        &self,
+        request_id: &str,
+        fingerprint: i64,
+        connection: &ConnectionId,
+        answer: &str,
+    ) -> Result<(), Error> {
         self.sql
             .prepare_cached(
-                "INSERT INTO requests (request_id, fingerprint, answer, time) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO requests (request_id, fingerprint, connection_id, answer, time) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![request_id, fingerprint, answer, self.now])?;
+            .execute(params![
+                request_id,
+                fingerprint,
+                connection.as_str(),
+                answer,
+                self.now
+            ])?;
+        Ok(())
+    }
+
+    /// Removes a deleted connection's credentials and collected data from
+    /// everything stored about it: earlier event snapshots and stored answers.
+    pub fn scrub(&self, id: &ConnectionId) -> Result<(), Error> {
+        const CLEARED: &str = "'$.credential_id', '', '$.description', '', \
+             '$.metadata', json('{}'), '$.labels', json('{}')";
+        self.sql
+            .prepare_cached(&format!(
+                "UPDATE events SET snapshot = json_set(snapshot, {CLEARED}) WHERE connection_id = ?1"
+            ))?
+            .execute([id.as_str()])?;
+        let cleared_answer = CLEARED.replace("'$.", "'$.Ok.");
+        self.sql
+            .prepare_cached(&format!(
+                "UPDATE requests SET answer = json_set(answer, {cleared_answer}) \
+                 WHERE connection_id = ?1 AND json_type(answer, '$.Ok') IS NOT NULL"
+            ))?
+            .execute([id.as_str()])?;
         Ok(())
     }
 
@@ -270,10 +304,8 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, jobs = jobs.len(), "commit failed; nothing in the group was applied");
-                let answer = match e {
-                    Error::Unavailable(m) => Error::Unavailable(m),
-                    _ => Error::Unavailable("the change could not be stored; retry".into()),
-                };
+                // Busy is worth a retry; any other storage fault is not.
+                let answer = e;
                 for job in jobs {
                     job.finish(Err(answer.clone()));
                 }

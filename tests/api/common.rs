@@ -219,11 +219,26 @@ impl Drop for OpenPort {
     }
 }
 
-/// A loopback port with nothing listening on it.
-pub async fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-    // Dropped here: connecting is refused.
+/// A loopback port that refuses connections: bound, so no other test can
+/// take it, but never listening.
+pub struct ClosedPort {
+    pub addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        ClosedPort {
+            addr: socket.local_addr().expect("addr"),
+            _socket: socket,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("tcp://{}", self.addr)
+    }
 }
 
 /// A minimal HTTP server answering every request with `status`.
@@ -267,5 +282,54 @@ impl HttpStub {
 impl Drop for HttpStub {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// An HTTP server for one request that answers 200 only when told to, to hold
+/// a verification open while the test does something else.
+pub struct GatedHttp {
+    pub addr: SocketAddr,
+    accepted: tokio::sync::mpsc::Receiver<()>,
+    go: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl GatedHttp {
+    pub async fn new() -> GatedHttp {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (accepted_tx, accepted) = tokio::sync::mpsc::channel(1);
+        let (go, gate) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf).await;
+            let _ = accepted_tx.send(()).await;
+            let _ = gate.await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        });
+        GatedHttp {
+            addr,
+            accepted,
+            go: Some(go),
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Waits until the request has arrived.
+    pub async fn request_arrived(&mut self) {
+        self.accepted.recv().await.expect("a request arrived");
+    }
+
+    /// Lets the answer go and waits until it is sent.
+    pub async fn answer(mut self) {
+        let _ = self.go.take().expect("answered once").send(());
+        (&mut self.task).await.expect("gated server");
     }
 }

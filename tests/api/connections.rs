@@ -874,3 +874,163 @@ async fn batch_transitions_apply_each_item_independently() {
         "a refused batch changes nothing"
     );
 }
+
+#[tokio::test]
+async fn retries_with_many_labels_get_the_first_answer() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let labels: std::collections::BTreeMap<String, String> =
+        (0..8).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+    let req = pb::CreateConnectionRequest {
+        connection: Some(pb::Connection {
+            labels,
+            ..conn("http", "")
+        }),
+        request_id: "labels-1".into(),
+        ..Default::default()
+    };
+    let first = c.create_connection(req.clone()).await.unwrap().into_inner();
+    for _ in 0..5 {
+        let again = c
+            .create_connection(req.clone())
+            .await
+            .expect("the same request again")
+            .into_inner();
+        assert_eq!(again, first);
+    }
+}
+
+#[tokio::test]
+async fn a_batch_applies_items_for_one_connection_in_order() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let x = create(&mut c, conn("http", "")).await;
+    let y = create(&mut c, conn("http", "")).await;
+    let item = |id: &str, s: S| pb::TransitionConnectionRequest {
+        id: id.into(),
+        target_state: s as i32,
+        ..Default::default()
+    };
+    let resp = c
+        .batch_transition_connections(pb::BatchTransitionConnectionsRequest {
+            requests: vec![
+                item(&x.id, S::Ignored),
+                item(&y.id, S::Deleted),
+                item(&x.id, S::Registered),
+                item(&y.id, S::Ignored),
+                item(&x.id, S::Maintenance),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    use pb::batch_transition_result::Result as R;
+    let states: Vec<Result<i32, i32>> = resp
+        .results
+        .into_iter()
+        .map(|r| match r.result.unwrap() {
+            R::Connection(c) => Ok(c.state),
+            R::Error(s) => Err(s.code),
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            Ok(S::Ignored as i32),
+            Ok(S::Deleted as i32),
+            Ok(S::Registered as i32),
+            Err(Code::FailedPrecondition as i32),
+            Ok(S::Maintenance as i32),
+        ]
+    );
+    let steps: Vec<i32> = events_of(&mut c, &x.id)
+        .await
+        .iter()
+        .map(|e| e.to_state)
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            S::Discovered as i32,
+            S::Ignored as i32,
+            S::Registered as i32,
+            S::Maintenance as i32
+        ]
+    );
+}
+
+#[tokio::test]
+async fn deletion_scrubs_collected_data_from_history_and_stored_answers() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let secret_bits = pb::Connection {
+        credential_id: "cred-42".into(),
+        description: "collected description".into(),
+        labels: [("team".to_string(), "payments".to_string())].into(),
+        metadata: Some(prost_types::Struct {
+            fields: [(
+                "server_version".to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue("v1.31".into())),
+                },
+            )]
+            .into(),
+        }),
+        ..conn("kubernetes", "")
+    };
+    let req = pb::CreateConnectionRequest {
+        connection: Some(secret_bits),
+        request_id: "scrub-1".into(),
+        ..Default::default()
+    };
+    let made = c.create_connection(req.clone()).await.unwrap().into_inner();
+    transition(&mut c, &made.id, S::Ignored).await.unwrap();
+    c.delete_connection(pb::DeleteConnectionRequest {
+        id: made.id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Replaying history (resume after the creation) shows the scrubbed snapshots.
+    let mut s = c
+        .watch_connections(pb::WatchConnectionsRequest {
+            after_revision: made.revision,
+            ids: vec![made.id.clone()],
+            states: vec![S::Ignored as i32, S::Deleted as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ignored = s.message().await.unwrap().unwrap().connection.unwrap();
+    assert_eq!(ignored.state, S::Ignored as i32);
+    assert_eq!(
+        (ignored.credential_id.as_str(), ignored.labels.len()),
+        ("", 0)
+    );
+    let db = rusqlite::Connection::open(app.db_path()).unwrap();
+    let mut stmt = db
+        .prepare("SELECT snapshot FROM events UNION ALL SELECT answer FROM requests")
+        .unwrap();
+    let stored: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(stored.len(), 4, "three events and one stored answer");
+    for text in &stored {
+        for secret in ["cred-42", "collected description", "payments", "v1.31"] {
+            assert!(
+                !text.contains(secret),
+                "{secret} survived deletion in {text}"
+            );
+        }
+    }
+    // And a retry of the creation gets the scrubbed answer.
+    let again = c.create_connection(req).await.unwrap().into_inner();
+    assert_eq!(
+        (again.id.as_str(), again.credential_id.as_str()),
+        (made.id.as_str(), "")
+    );
+}

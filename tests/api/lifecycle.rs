@@ -56,8 +56,8 @@ async fn in_state(c: &mut Client, url: &str, state: S) -> pb::Connection {
         }
         S::NotFound => {
             // A register attempt that cannot reach it: SYSTEM moves it to NOT_FOUND.
-            let closed = closed_port().await;
-            let x = create(c, conn("tcp", &format!("tcp://{closed}"))).await;
+            let closed = ClosedPort::new();
+            let x = create(c, conn("tcp", &closed.url())).await;
             let r = transition(c, &x.id, S::Registered).await;
             assert_error(r, Code::FailedPrecondition, "CONNECTION_UNREACHABLE");
             let x = get(c, &x.id).await;
@@ -127,8 +127,8 @@ async fn every_row_of_the_table_through_the_api() {
 async fn verified_targets_are_checked_and_failures_follow_the_table() {
     let app = App::start().await;
     let mut c = app.client.clone();
-    let closed = closed_port().await;
-    let closed_url = format!("tcp://{closed}");
+    let closed = ClosedPort::new();
+    let closed_url = closed.url();
 
     // Registering something unreachable moves it to NOT_FOUND (SYSTEM).
     let x = create(&mut c, conn("tcp", &closed_url)).await;
@@ -256,32 +256,10 @@ async fn http_checks_read_the_status_code() {
 
 #[tokio::test]
 async fn a_change_during_verification_wins_over_the_verification() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // An HTTP server that answers 200 only when the test says so, to hold a
-    // verification open while another request changes the connection.
     let app = App::start().await;
     let mut c = app.client.clone();
-    let gate = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = gate.local_addr().unwrap();
-    let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel(1);
-    let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let (mut s, _) = gate.accept().await.unwrap();
-        let mut buf = [0u8; 2048];
-        let _ = s.read(&mut buf).await.unwrap();
-        accepted_tx.send(()).await.unwrap();
-        go.await.unwrap();
-        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-    });
-    let x = create_in(
-        &mut c,
-        conn("http", &format!("http://{addr}/")),
-        S::Registered,
-        true,
-    )
-    .await;
+    let mut gate = GatedHttp::new().await;
+    let x = create_in(&mut c, conn("http", &gate.url()), S::Registered, true).await;
     let slow = {
         let mut c = c.clone();
         let id = x.id.clone();
@@ -289,19 +267,51 @@ async fn a_change_during_verification_wins_over_the_verification() {
     };
     // While the check is under way, a user puts it in maintenance; then the
     // check succeeds.
-    accepted
-        .recv()
-        .await
-        .expect("the verification reached the server");
+    gate.request_arrived().await;
     let m = transition(&mut c, &x.id, S::Maintenance).await.unwrap();
-    go_tx.send(()).unwrap();
-    server.await.unwrap();
-    let r = slow.await.unwrap();
-    assert_error(r, Code::Aborted, "CONCURRENT_MODIFICATION");
-    let now = get(&mut c, &x.id).await;
+    gate.answer().await;
+    assert_error(
+        slow.await.unwrap(),
+        Code::Aborted,
+        "CONCURRENT_MODIFICATION",
+    );
     assert_eq!(
-        now, m,
+        get(&mut c, &x.id).await,
+        m,
         "the older request did not overwrite the newer state"
+    );
+}
+
+#[tokio::test]
+async fn an_unrelated_change_during_verification_does_not_abort_it() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let mut gate = GatedHttp::new().await;
+    let x = create_in(&mut c, conn("http", &gate.url()), S::Registered, true).await;
+    let slow = {
+        let mut c = c.clone();
+        let id = x.id.clone();
+        tokio::spawn(async move { transition(&mut c, &id, S::Connected).await })
+    };
+    gate.request_arrived().await;
+    c.update_connection(pb::UpdateConnectionRequest {
+        connection: Some(pb::Connection {
+            id: x.id.clone(),
+            labels: [("team".to_string(), "infra".to_string())].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    gate.answer().await;
+    let done = slow
+        .await
+        .unwrap()
+        .expect("a label change does not make the check stale");
+    assert_eq!(
+        (done.state, done.labels["team"].as_str()),
+        (S::Connected as i32, "infra")
     );
 }
 

@@ -196,3 +196,60 @@ async fn a_database_from_a_newer_version_is_refused() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn sigterm_right_after_startup_is_still_graceful() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    for _ in 0..3 {
+        let p = spawn(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                db.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .await;
+        p.signal("-TERM").await;
+        assert_eq!(p.wait().await.code(), Some(0));
+    }
+}
+
+#[tokio::test]
+async fn one_database_serves_one_process() {
+    let app = App::start().await;
+    let mut config = test_config();
+    config.db = Some(app.db_path());
+    let second = tether::server::Server::open(config.clone())
+        .err()
+        .expect("refused while in use");
+    assert!(second.to_string().contains("in use"), "{second}");
+    app.stop().await.unwrap();
+    // Free again once the first has stopped.
+    let server = tether::server::Server::open(config).expect("opens after the first stopped");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    server.serve(listener, async {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn settings_that_would_spin_or_flood_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for tweak in [
+        (|c: &mut tether::Config| c.bookmark_interval = Duration::ZERO) as fn(&mut tether::Config),
+        |c| c.prune_interval = Duration::ZERO,
+        |c| c.watch_ring = 0,
+        |c| c.event_retention = Duration::from_secs(u64::MAX / 4),
+    ] {
+        let mut config = test_config();
+        config.db = Some(dir.path().join("t.db"));
+        tweak(&mut config);
+        let err = tether::server::Server::open(config).err().expect("refused");
+        assert!(
+            matches!(err, tether::Error::InvalidArgument { .. }),
+            "{err}"
+        );
+    }
+}

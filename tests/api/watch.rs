@@ -360,7 +360,8 @@ async fn resume_works_across_a_restart() {
 
 #[tokio::test]
 async fn shutdown_ends_watch_streams_with_unavailable_and_health_goes_not_serving() {
-    let mut app = App::start_with(|cfg| cfg.shutdown_grace = Duration::from_secs(2)).await;
+    // A grace period far longer than App::stop waits: shutdown must not need it.
+    let mut app = App::start_with(|cfg| cfg.shutdown_grace = Duration::from_secs(600)).await;
     let mut c = app.client.clone();
     let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
     let check = health
@@ -435,4 +436,58 @@ async fn hundreds_of_watchers_all_see_every_change() {
             (W::Added, 1, W::Modified, 2)
         );
     }
+}
+
+#[tokio::test]
+async fn a_watcher_that_falls_out_of_history_is_told_so() {
+    // A tiny live ring, a one-message buffer and a short history: a watcher
+    // that does not read falls behind all three while the writers go on.
+    let app = App::start_with(|cfg| {
+        cfg.watch_ring = 2;
+        cfg.watch_buffer = 1;
+        cfg.event_retention_count = 5;
+    })
+    .await;
+    let mut c = app.client.clone();
+    let mut s = watch(&mut c, pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(kind(&next(&mut s).await), W::Synced);
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        let mut c = c.clone();
+        writers.push(tokio::spawn(async move {
+            for _ in 0..400 {
+                create(&mut c, conn("http", "")).await;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Whatever was delivered came in order without gaps; then the stream
+    // ends with REVISION_COMPACTED, never with a plain end of stream.
+    let mut expected = 1;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("the stream goes on or ends")
+        {
+            Ok(Some(m)) => {
+                assert_eq!((kind(&m), m.revision), (W::Added, expected));
+                expected += 1;
+            }
+            Ok(None) => panic!(
+                "the stream ended without saying why after revision {}",
+                expected - 1
+            ),
+            Err(status) => break status,
+        }
+    };
+    assert!(expected <= 3200 - 5, "the watcher really fell behind");
+    let (code, reason, _) = error_info(&status);
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::OutOfRange, "REVISION_COMPACTED")
+    );
 }
