@@ -6,6 +6,10 @@
 //! own: TCP connect for `tcp://host:port`, HTTP(S) GET for `http(s)://` urls,
 //! each bounded by a timeout and a global concurrency limit.
 
+mod check;
+
+pub use check::{Check, Secret};
+
 use crate::connection::Connection;
 use std::future::Future;
 use std::pin::Pin;
