@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 std::path::PathBuf::from("proto/tether/v1/connection.proto"),
                 std::path::PathBuf::from("proto/tether/v1/connection_service.proto"),
+                std::path::PathBuf::from("proto/tether/v1/definition.proto"),
+                std::path::PathBuf::from("proto/tether/v1/credential.proto"),
                 std::path::PathBuf::from("proto/google/rpc/error_details.proto"),
             ],
             &[std::path::PathBuf::from("proto"), include],

@@ -90,6 +90,10 @@ pub struct Config {
     #[arg(long, env = "TETHER_MAX_BATCH", default_value_t = 1000)]
     pub max_batch: usize,
 
+    /// Most connections in one ReportDiscovered call.
+    #[arg(long, env = "TETHER_MAX_DISCOVERY_REPORT", default_value_t = 10_000)]
+    pub max_discovery_report: usize,
+
     /// Read connections kept open.
     #[arg(long, env = "TETHER_READ_POOL", default_value_t = 8)]
     pub read_pool: usize,
@@ -149,6 +153,7 @@ impl Config {
             ("max-page-size", self.max_page_size),
             ("default-events-page-size", self.default_events_page_size),
             ("max-batch", self.max_batch),
+            ("max-discovery-report", self.max_discovery_report),
             ("read-pool", self.read_pool),
         ];
         for (flag, n) in counts {
@@ -207,6 +212,7 @@ impl Config {
             max_page_size: self.max_page_size,
             default_events_page_size: self.default_events_page_size.min(self.max_page_size),
             max_batch: self.max_batch,
+            max_discovery_report: self.max_discovery_report,
         }
     }
 }

@@ -91,6 +91,28 @@ pub struct Connection {
     pub revision: i64,
     pub create_time: Micros,
     pub update_time: Micros,
+    /// The latest reachability check; changing it alone records no event.
+    #[serde(default)]
+    pub last_probe: Option<ProbeResult>,
+}
+
+/// What a reachability check saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeOutcome {
+    Reachable,
+    Unreachable,
+    CredentialsRejected,
+}
+
+/// One reachability check's result, as kept on the connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    pub time: Micros,
+    pub outcome: ProbeOutcome,
+    pub latency_ms: i64,
+    pub message: String,
+    /// Failed checks in a row, reset by a successful one.
+    pub consecutive_failures: i32,
 }
 
 impl Connection {

@@ -166,35 +166,7 @@ impl Engine {
                 ));
             }
         };
-        let n = r.connection;
-        let id = ConnectionId::generate();
-        let identity = if n.identity.is_empty() {
-            derive_identity(&n.kind, &n.url, &id)
-        } else {
-            n.identity
-        };
-        let mut conn = Connection {
-            id,
-            kind: n.kind,
-            type_: n.type_,
-            sub_type: n.sub_type,
-            name: n.name,
-            description: n.description,
-            url: n.url,
-            identity,
-            metadata: n.metadata,
-            labels: n.labels,
-            managed: n.managed,
-            credential_id: n.credential_id,
-            owner: n.owner,
-            state: State::Discovered,
-            state_reason: "created".into(),
-            state_trigger: Trigger::User,
-            state_time: 0,
-            revision: 0,
-            create_time: 0,
-            update_time: 0,
-        };
+        let mut conn = new_connection(r.connection, Trigger::User, "created".into());
 
         // A retry gets its first answer; a duplicate is refused before a
         // verification is spent on it. One snapshot for both, so a retry never
@@ -518,6 +490,38 @@ impl Engine {
             .await?
     }
 
+    /// Takes what a discovery agent found. Identity is the key: nothing live
+    /// with it (or only tombstones) makes a new DISCOVERED connection; a
+    /// NOT_FOUND one comes back to DISCOVERED; anything else stays as it is,
+    /// an IGNORED one above all. Items commit in groups of
+    /// [`DISCOVERY_GROUP`], each group one writer job.
+    pub async fn report_discovered(
+        &self,
+        source: &str,
+        items: Vec<Result<NewConnection, Error>>,
+    ) -> Result<Vec<Discovered>, Error> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let group: Vec<_> = items.by_ref().take(DISCOVERY_GROUP).collect();
+            let source = source.to_owned();
+            let done = self
+                .store
+                .write(move |tx| {
+                    group
+                        .into_iter()
+                        .map(|item| match item {
+                            Ok(n) => discover(tx, n, &source),
+                            Err(e) => Ok(Discovered::Rejected(e)),
+                        })
+                        .collect::<Result<Vec<_>, Error>>()
+                })
+                .await?;
+            out.extend(done);
+        }
+        Ok(out)
+    }
+
     /// The stored answer to a retried request, read outside the writer so a
     /// retry costs no verification.
     async fn replay(&self, key: &Option<RequestKey>) -> Result<Option<Answer>, Error> {
@@ -528,6 +532,86 @@ impl Engine {
             .read(move |c| decode_answer(&k, query::request_answer(c, &k.id)?))
             .await
     }
+}
+
+/// What one reported connection came to.
+#[derive(Debug)]
+pub enum Discovered {
+    Created(Connection),
+    Rediscovered(Connection),
+    Unchanged(Connection),
+    SuppressedIgnored(Connection),
+    Rejected(Error),
+}
+
+/// A connection not yet stored, in DISCOVERED, with its identity settled.
+fn new_connection(n: NewConnection, trigger: Trigger, reason: String) -> Connection {
+    let id = ConnectionId::generate();
+    let identity = if n.identity.is_empty() {
+        derive_identity(&n.kind, &n.url, &id)
+    } else {
+        n.identity
+    };
+    Connection {
+        id,
+        kind: n.kind,
+        type_: n.type_,
+        sub_type: n.sub_type,
+        name: n.name,
+        description: n.description,
+        url: n.url,
+        identity,
+        metadata: n.metadata,
+        labels: n.labels,
+        managed: n.managed,
+        credential_id: n.credential_id,
+        owner: n.owner,
+        state: State::Discovered,
+        state_reason: reason,
+        state_trigger: trigger,
+        // Set by the store when recorded.
+        state_time: 0,
+        revision: 0,
+        create_time: 0,
+        update_time: 0,
+        last_probe: None,
+    }
+}
+
+/// Reported connections committed per writer job.
+pub const DISCOVERY_GROUP: usize = 500;
+
+fn discover(tx: &mut Tx<'_>, n: NewConnection, source: &str) -> Result<Discovered, Error> {
+    let mut conn = new_connection(n, Trigger::System, format!("discovered by {source}"));
+    if let Some(existing) = tx.live_by_identity(&conn.identity)? {
+        return Ok(match existing.state {
+            State::Ignored => Discovered::SuppressedIgnored(existing),
+            State::NotFound => Discovered::Rediscovered(apply_transition(
+                tx,
+                Move {
+                    id: existing.id,
+                    target: State::Discovered,
+                    trigger: Trigger::System,
+                    reason: format!("reported again by {source}"),
+                    actor: source.to_owned(),
+                    etag: None,
+                    verified: None,
+                },
+            )?),
+            _ => Discovered::Unchanged(existing),
+        });
+    }
+    tx.record(
+        &mut conn,
+        EventDraft {
+            type_: EventType::Created,
+            from_state: State::Discovered,
+            trigger: Trigger::System,
+            reason: format!("discovered by {source}"),
+            actor: source.to_owned(),
+        },
+    )?;
+    Ok(Discovered::Created(conn))
 }
 
 struct Step {

@@ -5,11 +5,12 @@
 //! so the engine only ever sees well-formed input.
 
 use crate::connection::{
-    self, Connection, ConnectionId, Event, EventType, check_labels, check_len, check_metadata,
-    limits, parse_kind, parse_url,
+    self, Connection, ConnectionId, Event, EventType, ProbeOutcome, ProbeResult, check_labels,
+    check_len, check_metadata, limits, parse_kind, parse_url,
 };
 use crate::engine::{
-    CreateRequest, Engine, NewConnection, Patch, RequestKey, TransitionRequest, UpdateRequest,
+    CreateRequest, Discovered, Engine, NewConnection, Patch, RequestKey, TransitionRequest,
+    UpdateRequest,
 };
 use crate::error::Error;
 use crate::lifecycle::{self, State, Trigger};
@@ -37,6 +38,7 @@ pub struct ApiLimits {
     pub max_page_size: usize,
     pub default_events_page_size: usize,
     pub max_batch: usize,
+    pub max_discovery_report: usize,
 }
 
 pub struct ConnectionService {
@@ -358,6 +360,60 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         Ok(Response::new(pb::DescribeLifecycleResponse { states }))
     }
 
+    async fn report_discovered(
+        &self,
+        request: Request<pb::ReportDiscoveredRequest>,
+    ) -> Result<Response<pb::ReportDiscoveredResponse>, Status> {
+        let r = request.into_inner();
+        if r.source.is_empty() {
+            return Err(Error::invalid("source", "is required").into());
+        }
+        check_len("source", &r.source, limits::SHORT)?;
+        if r.connections.len() > self.limits.max_discovery_report {
+            return Err(Error::invalid(
+                "connections",
+                format!(
+                    "has {} items, the limit is {}",
+                    r.connections.len(),
+                    self.limits.max_discovery_report
+                ),
+            )
+            .into());
+        }
+        let items = r.connections.into_iter().map(new_connection).collect();
+        let results = self.engine.report_discovered(&r.source, items).await?;
+        let results = results
+            .into_iter()
+            .map(|d| {
+                let (outcome, connection, reason) = match d {
+                    Discovered::Created(c) => {
+                        (pb::DiscoveryOutcome::Created, Some(c), String::new())
+                    }
+                    Discovered::Rediscovered(c) => {
+                        (pb::DiscoveryOutcome::Rediscovered, Some(c), String::new())
+                    }
+                    Discovered::Unchanged(c) => {
+                        (pb::DiscoveryOutcome::Unchanged, Some(c), String::new())
+                    }
+                    Discovered::SuppressedIgnored(c) => (
+                        pb::DiscoveryOutcome::SuppressedIgnored,
+                        Some(c),
+                        String::new(),
+                    ),
+                    Discovered::Rejected(e) => {
+                        (pb::DiscoveryOutcome::Rejected, None, e.to_string())
+                    }
+                };
+                pb::DiscoveryResult {
+                    outcome: outcome as i32,
+                    connection: connection.as_ref().map(connection_to_pb),
+                    reason,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ReportDiscoveredResponse { results }))
+    }
+
     type WatchConnectionsStream = WatchResponseStream;
 
     async fn watch_connections(
@@ -661,6 +717,24 @@ pub fn connection_to_pb(c: &Connection) -> pb::Connection {
         etag: c.etag(),
         create_time: timestamp(c.create_time),
         update_time: timestamp(c.update_time),
+        last_probe: c.last_probe.as_ref().map(probe_to_pb),
+    }
+}
+
+fn probe_to_pb(p: &ProbeResult) -> pb::ProbeResult {
+    pb::ProbeResult {
+        time: timestamp(p.time),
+        outcome: match p.outcome {
+            ProbeOutcome::Reachable => pb::ProbeOutcome::Reachable,
+            ProbeOutcome::Unreachable => pb::ProbeOutcome::Unreachable,
+            ProbeOutcome::CredentialsRejected => pb::ProbeOutcome::CredentialsRejected,
+        } as i32,
+        latency: Some(prost_types::Duration {
+            seconds: p.latency_ms / 1000,
+            nanos: ((p.latency_ms % 1000) * 1_000_000) as i32,
+        }),
+        message: p.message.clone(),
+        consecutive_failures: p.consecutive_failures,
     }
 }
 

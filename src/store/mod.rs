@@ -13,7 +13,9 @@ pub mod query;
 mod schema;
 mod writer;
 
-pub use query::{Cursor, EventFilter, Filter, ListQuery, Order, OrderField, Page};
+pub use query::{
+    Cursor, EventFilter, Filter, ListQuery, Order, OrderField, Page, StoredCredential,
+};
 pub use writer::{EventDraft, Tx, WriterConfig};
 
 use crate::connection::Event;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 const CONNECTION_COLUMNS: &str = "id, kind, type, sub_type, name, description, url, identity, \
      metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
-     state_time, revision, create_time, update_time";
+     state_time, revision, create_time, update_time, last_probe";
 
 fn connection_from_row(r: &Row<'_>) -> rusqlite::Result<Connection> {
     let bad = |i: usize, what: &str| {
@@ -46,6 +46,11 @@ fn connection_from_row(r: &Row<'_>) -> rusqlite::Result<Connection> {
         revision: r.get(17)?,
         create_time: r.get(18)?,
         update_time: r.get(19)?,
+        last_probe: r
+            .get::<_, Option<String>>(20)?
+            .map(|p| serde_json::from_str(&p))
+            .transpose()
+            .map_err(|_| bad(20, "last_probe"))?,
     })
 }
 
@@ -450,5 +455,84 @@ pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, E
             })?,
         })
     })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// A credential row: its sealed secret is only ever opened by `secrets`.
+#[derive(Clone, Debug)]
+pub struct StoredCredential {
+    pub id: String,
+    pub name: String,
+    pub type_: String,
+    pub owner: String,
+    pub nonce: Vec<u8>,
+    pub sealed: Vec<u8>,
+    pub create_time: i64,
+}
+
+const CREDENTIAL_COLUMNS: &str = "id, name, type, owner, nonce, sealed, create_time";
+
+fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
+    Ok(StoredCredential {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        type_: r.get(2)?,
+        owner: r.get(3)?,
+        nonce: r.get(4)?,
+        sealed: r.get(5)?,
+        create_time: r.get(6)?,
+    })
+}
+
+pub fn credential(c: &rusqlite::Connection, id: &str) -> Result<Option<StoredCredential>, Error> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1"
+    ))?;
+    Ok(stmt.query_row([id], credential_from_row).optional()?)
+}
+
+/// Credentials in creation order after `(create_time, id)`, at most `limit`.
+pub fn credentials(
+    c: &rusqlite::Connection,
+    after: Option<(i64, String)>,
+    limit: usize,
+) -> Result<Vec<StoredCredential>, Error> {
+    let (t, id) = after.unwrap_or((i64::MIN, String::new()));
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE (create_time, id) > (?1, ?2) \
+         ORDER BY create_time, id LIMIT ?3"
+    ))?;
+    let rows = stmt.query_map(params![t, id, limit as i64], credential_from_row)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// A live connection other than `except` that refers to credential `id`.
+pub fn credential_user(
+    c: &rusqlite::Connection,
+    id: &str,
+    except: Option<&ConnectionId>,
+) -> Result<Option<ConnectionId>, Error> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT id FROM connections WHERE credential_id = ?1 AND state <> {} AND id <> ?2 LIMIT 1",
+        State::Deleted.number()
+    ))?;
+    let except = except.map(|e| e.to_string()).unwrap_or_default();
+    Ok(stmt
+        .query_row(params![id, except], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(ConnectionId::from_trusted))
+}
+
+/// Every connection the monitor may have to probe: managed and not in a
+/// state it leaves alone.
+pub fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connection>, Error> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE managed = 1 AND state IN ({}, {}, {}, {})",
+        State::Discovered.number(),
+        State::Registered.number(),
+        State::Connected.number(),
+        State::Disconnected.number(),
+    ))?;
+    let rows = stmt.query_map([], connection_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }

@@ -36,7 +36,8 @@ const MIGRATIONS: &[&str] = &[
         state_time    INTEGER NOT NULL,
         revision      INTEGER NOT NULL,
         create_time   INTEGER NOT NULL,
-        update_time   INTEGER NOT NULL
+        update_time   INTEGER NOT NULL,
+        last_probe    TEXT
     ) STRICT;
     -- Two live connections never share an identity; tombstones (state 7) may.
     CREATE UNIQUE INDEX connections_live_identity ON connections (identity) WHERE state <> 7;
@@ -70,6 +71,21 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX requests_by_time ON requests (time);
     CREATE INDEX requests_by_connection ON requests (connection_id);
+
+    -- Secrets, sealed with XChaCha20-Poly1305 under the server's key; the
+    -- credential id is the associated data, so a sealed secret cannot be moved
+    -- to another row.
+    CREATE TABLE credentials (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        type        TEXT NOT NULL,
+        owner       TEXT NOT NULL,
+        nonce       BLOB NOT NULL,
+        sealed      BLOB NOT NULL,
+        create_time INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX credentials_by_create ON credentials (create_time, id);
+    CREATE INDEX connections_by_credential ON connections (credential_id) WHERE credential_id <> '';
     "#,
 ];
 

@@ -7,8 +7,11 @@
 //! published. Pruning of old history happens here too, so revisions and the
 //! compaction mark only ever move under this one owner.
 
+use super::query::StoredCredential;
 use super::{Inner, encode_labels};
-use crate::connection::{Connection, ConnectionId, Event, EventType, Micros, now_micros};
+use crate::connection::{
+    Connection, ConnectionId, Event, EventType, Micros, ProbeResult, now_micros,
+};
 use crate::error::Error;
 use crate::lifecycle::{State, Trigger};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
@@ -136,6 +139,48 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Keeps a check's result on the connection without a new revision or event.
+    pub fn set_probe(&self, id: &ConnectionId, probe: &ProbeResult) -> Result<(), Error> {
+        self.sql
+            .prepare_cached("UPDATE connections SET last_probe = ?2 WHERE id = ?1")?
+            .execute(params![id.as_str(), serde_json::to_string(probe)?])?;
+        Ok(())
+    }
+
+    pub fn insert_credential(&self, c: &StoredCredential) -> Result<(), Error> {
+        self.sql
+            .prepare_cached(
+                "INSERT INTO credentials (id, name, type, owner, nonce, sealed, create_time) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                c.id, c.name, c.type_, c.owner, c.nonce, c.sealed, self.now
+            ])?;
+        Ok(())
+    }
+
+    /// Deletes a credential; whether it existed.
+    pub fn delete_credential(&self, id: &str) -> Result<bool, Error> {
+        Ok(self
+            .sql
+            .prepare_cached("DELETE FROM credentials WHERE id = ?1")?
+            .execute([id])?
+            == 1)
+    }
+
+    pub fn credential(&self, id: &str) -> Result<Option<StoredCredential>, Error> {
+        super::query::credential(self.sql, id)
+    }
+
+    /// A live connection other than `except` that uses credential `id`, if any.
+    pub fn credential_user(
+        &self,
+        id: &str,
+        except: Option<&ConnectionId>,
+    ) -> Result<Option<ConnectionId>, Error> {
+        super::query::credential_user(self.sql, id, except)
+    }
+
     /// Removes a deleted connection's credentials and collected data from
     /// everything stored about it: earlier event snapshots and stored answers.
     pub fn scrub(&self, id: &ConnectionId) -> Result<(), Error> {
@@ -170,6 +215,11 @@ impl Tx<'_> {
         }
         let metadata = serde_json::to_string(&conn.metadata)?;
         let labels = encode_labels(&conn.labels)?;
+        let last_probe = conn
+            .last_probe
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?;
         let values = params![
             conn.id.as_str(),
             conn.kind,
@@ -191,17 +241,18 @@ impl Tx<'_> {
             conn.revision,
             conn.create_time,
             conn.update_time,
+            last_probe,
         ];
         let sql = if draft.type_ == EventType::Created {
             "INSERT INTO connections (id, kind, type, sub_type, name, description, url, identity, \
              metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
-             state_time, revision, create_time, update_time) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+             state_time, revision, create_time, update_time, last_probe) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
         } else {
             "UPDATE connections SET kind = ?2, type = ?3, sub_type = ?4, name = ?5, description = ?6, \
              url = ?7, identity = ?8, metadata = ?9, labels = ?10, managed = ?11, credential_id = ?12, \
              owner = ?13, state = ?14, state_reason = ?15, state_trigger = ?16, state_time = ?17, \
-             revision = ?18, create_time = ?19, update_time = ?20 WHERE id = ?1"
+             revision = ?18, create_time = ?19, update_time = ?20, last_probe = ?21 WHERE id = ?1"
         };
         let changed = self.sql.prepare_cached(sql)?.execute(values)?;
         if changed != 1 {
