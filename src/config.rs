@@ -2,6 +2,7 @@
 //! and the defaults a fresh install runs with.
 
 use crate::error::Error;
+use crate::monitor::MonitorConfig;
 use crate::service::ApiLimits;
 use crate::store::{StoreConfig, WriterConfig};
 use crate::watch::WatchConfig;
@@ -25,11 +26,43 @@ pub struct Config {
     #[arg(long, env = "TETHER_DB")]
     pub db: Option<PathBuf>,
 
+    /// A folder of connection definition files (YAML or JSON) to load besides
+    /// the built-in ones; repeatable. A bad file stops the server at start.
+    #[arg(
+        long = "models",
+        value_name = "DIR",
+        env = "TETHER_MODELS",
+        value_delimiter = ':'
+    )]
+    pub models: Vec<PathBuf>,
+
+    /// Accept connections whose kind has no definition (generic checks apply).
+    #[arg(long, env = "TETHER_ALLOW_UNKNOWN_KINDS")]
+    pub allow_unknown_kinds: bool,
+
+    /// File holding the key that encrypts credential secrets (base64 of 32
+    /// bytes), created with mode 0600 if missing. TETHER_SECRET_KEY, when set,
+    /// is the key itself and takes precedence [default: tether.key beside the database]
+    #[arg(long, env = "TETHER_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+
+    /// Do not probe connections in the background (verification on request still runs).
+    #[arg(long, env = "TETHER_DISABLE_MONITOR")]
+    pub disable_monitor: bool,
+
+    /// How often managed connections are probed, for kinds whose definition names no interval.
+    #[arg(long, env = "TETHER_PROBE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub probe_interval: Duration,
+
+    /// Failed probes in a row before a CONNECTED connection becomes DISCONNECTED.
+    #[arg(long, env = "TETHER_PROBE_FAILURE_THRESHOLD", default_value_t = 3)]
+    pub probe_failure_threshold: u32,
+
     /// Longest a reachability check may take.
     #[arg(long, env = "TETHER_VERIFY_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub verify_timeout: Duration,
 
-    /// Most reachability checks running at once.
+    /// Most reachability checks (verifications and probes) running at once.
     #[arg(long, env = "TETHER_VERIFY_CONCURRENCY", default_value_t = 64)]
     pub verify_concurrency: usize,
 
@@ -132,6 +165,7 @@ impl Config {
             ("prune-interval", self.prune_interval),
             ("bookmark-interval", self.bookmark_interval),
             ("event-retention", self.event_retention),
+            ("probe-interval", self.probe_interval),
         ];
         for (flag, d) in positive {
             if d.is_zero() {
@@ -161,6 +195,12 @@ impl Config {
                 return Err(Error::invalid(flag, "must be at least 1"));
             }
         }
+        if self.probe_failure_threshold == 0 {
+            return Err(Error::invalid(
+                "probe-failure-threshold",
+                "must be at least 1",
+            ));
+        }
         if self.event_retention_count == 0 {
             return Err(Error::invalid(
                 "event-retention-count",
@@ -181,6 +221,24 @@ impl Config {
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
             .unwrap_or_else(|| PathBuf::from("."));
         base.join("tether").join("tether.db")
+    }
+
+    /// The secret key file: `--secret-key-file`, or `tether.key` beside the database.
+    pub fn secret_key_path(&self) -> PathBuf {
+        self.secret_key_file.clone().unwrap_or_else(|| {
+            self.db_path()
+                .parent()
+                .map(|d| d.join("tether.key"))
+                .unwrap_or_else(|| PathBuf::from("tether.key"))
+        })
+    }
+
+    pub fn monitor_config(&self) -> MonitorConfig {
+        MonitorConfig {
+            interval: self.probe_interval,
+            failure_threshold: self.probe_failure_threshold,
+            concurrency: self.verify_concurrency,
+        }
     }
 
     pub fn store_config(&self) -> StoreConfig {

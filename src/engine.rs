@@ -11,9 +11,11 @@
 //! No gRPC here: requests arrive parsed, answers leave as domain values.
 
 use crate::connection::{Connection, ConnectionId, EventType, derive_identity};
+use crate::connection::{ProbeOutcome, ProbeResult};
 use crate::error::{Error, RefusalInfo};
-use crate::lifecycle::{self, Refusal, State, Trigger};
-use crate::probe::{Verdict, Verifier};
+use crate::kinds::Kinds;
+use crate::lifecycle::{State, Trigger};
+use crate::probe::{self, Verdict, Verifier};
 use crate::store::{EventDraft, EventFilter, Filter, ListQuery, Page, Store, Tx, query};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,7 +43,8 @@ pub struct NewConnection {
     pub identity: String,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub labels: BTreeMap<String, String>,
-    pub managed: bool,
+    /// `None`: the kind's default.
+    pub managed: Option<bool>,
     pub credential_id: String,
     pub owner: String,
 }
@@ -74,6 +77,8 @@ pub struct Patch {
     pub labels: Option<BTreeMap<String, String>>,
     /// `Some("")` re-derives the identity from kind and url.
     pub identity: Option<String>,
+    /// `Some("")` drops the credential.
+    pub credential_id: Option<String>,
 }
 
 pub struct UpdateRequest {
@@ -101,11 +106,16 @@ type Answer = Result<Connection, Error>;
 pub struct Engine {
     store: Store,
     verifier: Arc<dyn Verifier>,
+    kinds: Kinds,
 }
 
 impl Engine {
-    pub fn new(store: Store, verifier: Arc<dyn Verifier>) -> Self {
-        Engine { store, verifier }
+    pub fn new(store: Store, verifier: Arc<dyn Verifier>, kinds: Kinds) -> Self {
+        Engine {
+            store,
+            verifier,
+            kinds,
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -166,12 +176,19 @@ impl Engine {
                 ));
             }
         };
-        let mut conn = new_connection(r.connection, Trigger::User, "created".into());
+        self.kinds.admit(&r.connection.kind)?;
+        self.kinds.check_metadata(
+            &r.connection.kind,
+            "connection.metadata",
+            &r.connection.metadata,
+        )?;
+        let mut conn = new_connection(r.connection, &self.kinds, Trigger::User, "created".into());
 
         // A retry gets its first answer; a duplicate is refused before a
         // verification is spent on it. One snapshot for both, so a retry never
         // sees its own first attempt as a duplicate. The writer checks again.
         let identity = conn.identity.clone();
+        let credential = conn.credential_id.clone();
         let retry = r.request.clone();
         let earlier = self
             .store
@@ -180,6 +197,9 @@ impl Engine {
                     && let Some(answer) = decode_answer(k, query::request_answer(c, &k.id)?)?
                 {
                     return Ok(Some(answer));
+                }
+                if !credential.is_empty() && query::credential(c, &credential)?.is_none() {
+                    return Ok(Some(Err(no_such_credential(&credential))));
                 }
                 Ok(query::live_by_identity(c, &identity)?.map(|e| Err(already_exists(&e))))
             })
@@ -194,7 +214,9 @@ impl Engine {
                 State::Connected => State::Registered,
                 _ => State::Discovered,
             };
-            lifecycle::check(from, *s, Trigger::User).is_ok_and(|e| e.needs_verification)
+            self.kinds
+                .check(&conn.kind, from, *s, Trigger::User)
+                .is_ok_and(|e| e.needs_verification)
         });
         let mut plan: Vec<Step> = steps
             .iter()
@@ -227,6 +249,7 @@ impl Engine {
 
         let key = r.request;
         let actor = r.actor;
+        let kinds = self.kinds.clone();
         self.store
             .write(move |tx| {
                 if let Some(answer) = replayed(tx, &key)? {
@@ -234,6 +257,9 @@ impl Engine {
                 }
                 if let Some(existing) = tx.live_by_identity(&conn.identity)? {
                     return Err(already_exists(&existing));
+                }
+                if !conn.credential_id.is_empty() && tx.credential(&conn.credential_id)?.is_none() {
+                    return Err(no_such_credential(&conn.credential_id));
                 }
                 tx.record(
                     &mut conn,
@@ -252,6 +278,7 @@ impl Engine {
                     };
                     conn = apply_transition(
                         tx,
+                        &kinds,
                         Move {
                             id: conn.id.clone(),
                             target: step.target,
@@ -288,7 +315,9 @@ impl Engine {
         if current.state == r.target {
             return self.commit_user_move(r, None).await;
         }
-        let edge = lifecycle::check(current.state, r.target, Trigger::User)
+        let edge = self
+            .kinds
+            .check(&current.kind, current.state, r.target, Trigger::User)
             .map_err(|refusal| invalid_transition(&current.id, refusal))?;
 
         let mut r = r;
@@ -327,13 +356,14 @@ impl Engine {
             verified,
         };
         let key = r.request;
+        let kinds = self.kinds.clone();
         self.store
             .write(move |tx| {
                 if let Some(answer) = replayed(tx, &key)? {
                     return Ok(answer);
                 }
                 let id = m.id.clone();
-                let answer = Ok(apply_transition(tx, m)?);
+                let answer = Ok(apply_transition(tx, &kinds, m)?);
                 remember(tx, &key, &id, &answer)?;
                 Ok(answer)
             })
@@ -386,7 +416,10 @@ impl Engine {
     ) -> Result<Connection, Error> {
         let (err, fallback, detail) = failed(&current, verdict);
         let moves = target == State::Registered
-            && lifecycle::check(current.state, fallback, Trigger::System).is_ok();
+            && self
+                .kinds
+                .check(&current.kind, current.state, fallback, Trigger::System)
+                .is_ok();
         if !moves {
             return Err(with_state(err, current.state));
         }
@@ -399,12 +432,13 @@ impl Engine {
             etag: None,
             verified: Some(Verified::of(&current)),
         };
+        let kinds = self.kinds.clone();
         self.store
             .write(move |tx| {
                 if let Some(answer) = replayed(tx, &key)? {
                     return Ok(answer);
                 }
-                let moved = apply_transition(tx, m)?;
+                let moved = apply_transition(tx, &kinds, m)?;
                 let answer = Err(with_state(err, moved.state));
                 remember(tx, &key, &moved.id, &answer)?;
                 Ok(answer)
@@ -418,6 +452,7 @@ impl Engine {
             return answer;
         }
         let key = r.request;
+        let kinds = self.kinds.clone();
         self.store
             .write(move |tx| {
                 if let Some(answer) = replayed(tx, &key)? {
@@ -439,7 +474,14 @@ impl Engine {
                     c.description = v;
                 }
                 if let Some(v) = p.metadata {
+                    kinds.check_metadata(&c.kind, "connection.metadata", &v)?;
                     c.metadata = v;
+                }
+                if let Some(v) = p.credential_id {
+                    if !v.is_empty() && tx.credential(&v)?.is_none() {
+                        return Err(no_such_credential(&v));
+                    }
+                    c.credential_id = v;
                 }
                 if let Some(v) = p.labels {
                     c.labels = v;
@@ -505,13 +547,14 @@ impl Engine {
         while items.peek().is_some() {
             let group: Vec<_> = items.by_ref().take(DISCOVERY_GROUP).collect();
             let source = source.to_owned();
+            let kinds = self.kinds.clone();
             let done = self
                 .store
                 .write(move |tx| {
                     group
                         .into_iter()
                         .map(|item| match item {
-                            Ok(n) => discover(tx, n, &source),
+                            Ok(n) => discover(tx, &kinds, n, &source),
                             Err(e) => Ok(Discovered::Rejected(e)),
                         })
                         .collect::<Result<Vec<_>, Error>>()
@@ -520,6 +563,110 @@ impl Engine {
             out.extend(done);
         }
         Ok(out)
+    }
+
+    /// Applies what a background probe of `probed` saw: keeps the result on
+    /// the connection (no event), and moves it along the SYSTEM edges the
+    /// result calls for (one event per step). Nothing happens if the
+    /// connection changed in what was checked since the probe started, or is
+    /// no longer monitored: a user request always wins over an older probe.
+    /// The connection as it is afterwards, or `None` when the result was dropped.
+    pub async fn apply_probe(
+        &self,
+        probed: &Connection,
+        result: Option<probe::ProbeResult>,
+        failure_threshold: u32,
+    ) -> Result<Option<Connection>, Error> {
+        // A kind with no check passes verification (the lifecycle's rule).
+        let (verdict, latency) = match result {
+            Some(r) => (r.verdict, r.latency),
+            None => (
+                Verdict::Reachable("no check is defined for this connection".into()),
+                std::time::Duration::ZERO,
+            ),
+        };
+        let snapshot = Verified::of(probed);
+        let id = probed.id.clone();
+        let kinds = self.kinds.clone();
+        self.store
+            .write(move |tx| {
+                let Some(row) = tx.get(&id)? else {
+                    return Ok(None);
+                };
+                if Verified::of(&row) != snapshot || !crate::monitor::monitored(&row) {
+                    return Ok(None);
+                }
+                let outcome = match &verdict {
+                    Verdict::Reachable(_) => ProbeOutcome::Reachable,
+                    Verdict::Unreachable(_) => ProbeOutcome::Unreachable,
+                    Verdict::CredentialsRejected(_) => ProbeOutcome::CredentialsRejected,
+                };
+                let failures = match outcome {
+                    ProbeOutcome::Reachable => 0,
+                    _ => {
+                        row.last_probe
+                            .as_ref()
+                            .map_or(0, |p| p.consecutive_failures)
+                            + 1
+                    }
+                };
+                let detail = verdict.detail().to_owned();
+                tx.set_probe(
+                    &id,
+                    &ProbeResult {
+                        time: tx.now(),
+                        outcome,
+                        latency_ms: latency.as_millis() as i64,
+                        message: detail.clone(),
+                        consecutive_failures: failures,
+                    },
+                )?;
+                let auto = kinds.auto_connects(&row.kind);
+                let steps: &[State] = match (row.state, outcome) {
+                    (State::Discovered, ProbeOutcome::Reachable) if auto => {
+                        &[State::Registered, State::Connected]
+                    }
+                    (State::Discovered, ProbeOutcome::Reachable) => &[State::Registered],
+                    (State::Discovered, ProbeOutcome::Unreachable) => &[State::NotFound],
+                    (State::Discovered, ProbeOutcome::CredentialsRejected) => {
+                        &[State::Disconnected]
+                    }
+                    (State::Registered, ProbeOutcome::Reachable) if auto => &[State::Connected],
+                    (State::Registered, ProbeOutcome::Unreachable) => &[State::NotFound],
+                    (
+                        State::Connected,
+                        ProbeOutcome::Unreachable | ProbeOutcome::CredentialsRejected,
+                    ) if failures >= failure_threshold as i32 => &[State::Disconnected],
+                    (State::Disconnected, ProbeOutcome::Reachable) => &[State::Connected],
+                    _ => &[],
+                };
+                let reason = match outcome {
+                    ProbeOutcome::Reachable => detail,
+                    _ if row.state == State::Connected => {
+                        format!("{failures} failed probes in a row; last: {detail}")
+                    }
+                    ProbeOutcome::Unreachable => format!("unreachable: {detail}"),
+                    ProbeOutcome::CredentialsRejected => format!("credentials rejected: {detail}"),
+                };
+                let mut now = tx.get(&id)?;
+                for &target in steps {
+                    now = Some(apply_transition(
+                        tx,
+                        &kinds,
+                        Move {
+                            id: id.clone(),
+                            target,
+                            trigger: Trigger::System,
+                            reason: reason.clone(),
+                            actor: SYSTEM_ACTOR.into(),
+                            etag: None,
+                            verified: None,
+                        },
+                    )?);
+                }
+                Ok(now)
+            })
+            .await
     }
 
     /// The stored answer to a retried request, read outside the writer so a
@@ -545,8 +692,12 @@ pub enum Discovered {
 }
 
 /// A connection not yet stored, in DISCOVERED, with its identity settled.
-fn new_connection(n: NewConnection, trigger: Trigger, reason: String) -> Connection {
+fn new_connection(n: NewConnection, kinds: &Kinds, trigger: Trigger, reason: String) -> Connection {
     let id = ConnectionId::generate();
+    let (type_, sub_type) = kinds.default_types(&n.kind);
+    let managed = n
+        .managed
+        .unwrap_or_else(|| kinds.managed_by_default(&n.kind));
     let identity = if n.identity.is_empty() {
         derive_identity(&n.kind, &n.url, &id)
     } else {
@@ -554,16 +705,20 @@ fn new_connection(n: NewConnection, trigger: Trigger, reason: String) -> Connect
     };
     Connection {
         id,
+        type_: if n.type_.is_empty() { type_ } else { n.type_ },
+        sub_type: if n.sub_type.is_empty() {
+            sub_type
+        } else {
+            n.sub_type
+        },
         kind: n.kind,
-        type_: n.type_,
-        sub_type: n.sub_type,
         name: n.name,
         description: n.description,
         url: n.url,
         identity,
         metadata: n.metadata,
         labels: n.labels,
-        managed: n.managed,
+        managed,
         credential_id: n.credential_id,
         owner: n.owner,
         state: State::Discovered,
@@ -581,13 +736,28 @@ fn new_connection(n: NewConnection, trigger: Trigger, reason: String) -> Connect
 /// Reported connections committed per writer job.
 pub const DISCOVERY_GROUP: usize = 500;
 
-fn discover(tx: &mut Tx<'_>, n: NewConnection, source: &str) -> Result<Discovered, Error> {
-    let mut conn = new_connection(n, Trigger::System, format!("discovered by {source}"));
+fn discover(
+    tx: &mut Tx<'_>,
+    kinds: &Kinds,
+    n: NewConnection,
+    source: &str,
+) -> Result<Discovered, Error> {
+    let admitted = kinds
+        .admit(&n.kind)
+        .and_then(|()| kinds.check_metadata(&n.kind, "metadata", &n.metadata));
+    if let Err(e) = admitted {
+        return Ok(Discovered::Rejected(e));
+    }
+    if !n.credential_id.is_empty() && tx.credential(&n.credential_id)?.is_none() {
+        return Ok(Discovered::Rejected(no_such_credential(&n.credential_id)));
+    }
+    let mut conn = new_connection(n, kinds, Trigger::System, format!("discovered by {source}"));
     if let Some(existing) = tx.live_by_identity(&conn.identity)? {
         return Ok(match existing.state {
             State::Ignored => Discovered::SuppressedIgnored(existing),
             State::NotFound => Discovered::Rediscovered(apply_transition(
                 tx,
+                kinds,
                 Move {
                     id: existing.id,
                     target: State::Discovered,
@@ -656,7 +826,7 @@ const BATCH_PARALLELISM: usize = 32;
 
 /// Applies one transition against the row as it is now: the authoritative
 /// check of etag, what was verified, and the lifecycle table.
-fn apply_transition(tx: &mut Tx<'_>, m: Move) -> Result<Connection, Error> {
+fn apply_transition(tx: &mut Tx<'_>, kinds: &Kinds, m: Move) -> Result<Connection, Error> {
     let mut c = tx.get(&m.id)?.ok_or_else(|| Error::not_found(&m.id))?;
     check_etag(&c, m.etag.as_deref())?;
     if m.verified.as_ref().is_some_and(|v| *v != Verified::of(&c)) {
@@ -670,7 +840,8 @@ fn apply_transition(tx: &mut Tx<'_>, m: Move) -> Result<Connection, Error> {
     // Whether a USER edge needs verification depends only on its target (a
     // lifecycle test pins this), so the caller's decision made against an
     // older row still holds here.
-    lifecycle::check(c.state, m.target, m.trigger)
+    kinds
+        .check(&c.kind, c.state, m.target, m.trigger)
         .map_err(|refusal| invalid_transition(&c.id, refusal))?;
     let from_state = c.state;
     c.state = m.target;
@@ -678,8 +849,12 @@ fn apply_transition(tx: &mut Tx<'_>, m: Move) -> Result<Connection, Error> {
     c.state_trigger = m.trigger;
     let type_ = if m.target == State::Deleted {
         // What remains is a tombstone: its credentials and collected data go,
-        // here and from everything stored about it before.
-        c.credential_id.clear();
+        // here and from everything stored about it before. The credential
+        // itself goes too, unless another live connection uses it.
+        let credential = std::mem::take(&mut c.credential_id);
+        if !credential.is_empty() && tx.credential_user(&credential, Some(&c.id))?.is_none() {
+            tx.delete_credential(&credential)?;
+        }
         c.metadata.clear();
         c.description.clear();
         c.labels.clear();
@@ -713,16 +888,15 @@ fn check_etag(c: &Connection, etag: Option<&str>) -> Result<(), Error> {
     }
 }
 
-fn invalid_transition(id: &ConnectionId, r: Refusal) -> Error {
+fn invalid_transition(id: &ConnectionId, refusal: RefusalInfo) -> Error {
     Error::InvalidTransition {
         id: id.to_string(),
-        refusal: RefusalInfo {
-            from: r.from,
-            to: r.to,
-            trigger: r.trigger,
-            allowed: r.allowed,
-        },
+        refusal,
     }
+}
+
+fn no_such_credential(id: &str) -> Error {
+    Error::invalid("connection.credential_id", format!("no credential {id:?}"))
 }
 
 fn already_exists(existing: &Connection) -> Error {
@@ -787,6 +961,9 @@ fn changed_fields(a: &Connection, b: &Connection) -> Vec<&'static str> {
     }
     if a.labels != b.labels {
         out.push("labels");
+    }
+    if a.credential_id != b.credential_id {
+        out.push("credential_id");
     }
     out
 }

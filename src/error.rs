@@ -43,6 +43,16 @@ pub enum Error {
         state: State,
     },
 
+    #[error("credential {id} not found")]
+    CredentialNotFound { id: String },
+
+    #[error("credential {id} is used by connection {connection_id}")]
+    CredentialInUse { id: String, connection_id: String },
+
+    /// The connection's kind has no definition and unknown kinds are not allowed.
+    #[error("kind {kind:?} has no definition; known kinds: {known}")]
+    UnknownKind { kind: String, known: String },
+
     /// The connection is a tombstone and cannot be changed.
     #[error("connection {id} is deleted")]
     Deleted { id: String },

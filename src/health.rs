@@ -17,7 +17,12 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 pub use tonic_health::pb::health_server::HealthServer;
 
 /// The services this server reports on; "" is the server as a whole.
-const SERVICES: [&str; 2] = ["", "tether.v1.ConnectionService"];
+const SERVICES: [&str; 4] = [
+    "",
+    "tether.v1.ConnectionService",
+    "tether.v1.DefinitionService",
+    "tether.v1.CredentialService",
+];
 
 pub struct HealthService {
     stopping: CancellationToken,

@@ -7,12 +7,17 @@
 
 pub mod config;
 pub mod connection;
+pub mod credentials;
+pub mod definitions;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod kinds;
 pub mod lifecycle;
+pub mod monitor;
 pub mod pb;
 pub mod probe;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod store;

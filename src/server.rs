@@ -9,13 +9,22 @@
 //! only after all of that.
 
 use crate::config::Config;
+use crate::credentials::Credentials;
+use crate::definitions::Registry;
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::health::{HealthServer, HealthService};
+use crate::kinds::Kinds;
+use crate::monitor::{Checker, Monitor};
 use crate::pb;
 use crate::pb::tether::v1::connection_service_server::ConnectionServiceServer;
-use crate::probe::GenericVerifier;
+use crate::pb::tether::v1::credential_service_server::CredentialServiceServer;
+use crate::pb::tether::v1::definition_service_server::DefinitionServiceServer;
+use crate::probe::Prober;
+use crate::secrets::SecretBox;
 use crate::service::ConnectionService;
+use crate::service::credentials::CredentialService;
+use crate::service::definitions::DefinitionService;
 use crate::store::Store;
 use crate::watch::Watcher;
 use std::future::Future;
@@ -25,19 +34,38 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
-/// A server whose database is open and migrated, ready to serve.
+/// A server whose definitions are loaded, whose secret key is at hand and
+/// whose database is open and migrated: ready to serve.
 pub struct Server {
     config: Config,
     store: Store,
+    registry: Arc<Registry>,
+    secrets: Arc<SecretBox>,
 }
 
 impl Server {
-    /// Checks the configuration and opens (creating or migrating) the database.
-    /// Fails if another process has it open.
+    /// Checks the configuration, loads the connection definitions and the
+    /// secret key, and opens (creating or migrating) the database. Fails if a
+    /// definition file is bad or another process has the database open.
     pub fn open(config: Config) -> Result<Server, Error> {
         config.validate()?;
+        let registry =
+            Registry::load(&config.models).map_err(|e| Error::invalid("models", e.to_string()))?;
+        let env_key = std::env::var("TETHER_SECRET_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
+        let secrets = SecretBox::load_or_create(&config.secret_key_path(), env_key.as_deref())?;
         let store = Store::open(&config.db_path(), config.store_config())?;
-        Ok(Server { config, store })
+        tracing::info!(
+            kinds = registry.list(None, None).len(),
+            "definitions loaded"
+        );
+        Ok(Server {
+            config,
+            store,
+            registry: Arc::new(registry),
+            secrets: Arc::new(secrets),
+        })
     }
 
     /// Serves the API on `listener` until `shutdown` completes, then shuts down in order.
@@ -46,7 +74,7 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
-        let result = serve(&self.config, self.store.clone(), listener, shutdown).await;
+        let result = serve(&self, listener, shutdown).await;
         // Commit whatever is queued, then stop the writer and release the database.
         let store = self.store;
         tokio::task::spawn_blocking(move || store.close())
@@ -67,23 +95,45 @@ pub async fn run(
 }
 
 async fn serve(
-    config: &Config,
-    store: Store,
+    server: &Server,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let verifier = GenericVerifier::new(config.verify_timeout, config.verify_concurrency)
+    let config = &server.config;
+    let store = server.store.clone();
+    let kinds = Kinds::new(server.registry.clone(), config.allow_unknown_kinds);
+    let credentials = Credentials::new(
+        store.clone(),
+        server.secrets.clone(),
+        server.registry.clone(),
+    );
+    let prober = Prober::new(config.verify_timeout, config.verify_concurrency)
         .map_err(|e| Error::Internal(format!("cannot build the http client: {e}")))?;
-    let engine = Engine::new(store.clone(), Arc::new(verifier));
+    let checker = Arc::new(Checker::new(prober, kinds.clone(), credentials.clone()));
+    let engine = Engine::new(store.clone(), checker.clone(), kinds.clone());
     let stopping = CancellationToken::new();
     let tasks = TaskTracker::new();
+    if !config.disable_monitor {
+        let monitor = Monitor::new(
+            engine.clone(),
+            store.clone(),
+            checker,
+            kinds,
+            config.monitor_config(),
+        );
+        tasks.spawn(monitor.run(stopping.clone()));
+    }
     let watcher = Watcher::new(
         store,
         stopping.clone(),
         tasks.clone(),
         config.watch_config(),
     );
-    let service = ConnectionService::new(engine, watcher, config.api_limits());
+    let limits = config.api_limits();
+    let definitions = DefinitionService::new(server.registry.clone());
+    let credentials =
+        CredentialService::new(credentials, limits.default_page_size, limits.max_page_size);
+    let service = ConnectionService::new(engine, watcher, limits);
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -114,6 +164,8 @@ async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ConnectionServiceServer::new(service))
+        .add_service(DefinitionServiceServer::new(definitions))
+        .add_service(CredentialServiceServer::new(credentials))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small streamed messages wait on delayed ACKs.
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -28,11 +28,14 @@ pub struct App {
     handle: Option<JoinHandle<Result<(), tether::Error>>>,
 }
 
-/// Test defaults: short verification timeout, everything else as shipped.
+/// Test defaults: short verification timeout and no background probing (so
+/// states move only when a test moves them); everything else as shipped.
+/// Monitoring tests turn the monitor back on.
 pub fn test_config() -> Config {
     Config {
         verify_timeout: Duration::from_secs(3),
         shutdown_grace: Duration::from_secs(5),
+        disable_monitor: true,
         ..Config::default()
     }
 }
@@ -332,4 +335,29 @@ impl GatedHttp {
         let _ = self.go.take().expect("answered once").send(());
         (&mut self.task).await.expect("gated server");
     }
+}
+
+/// Stores a credential of `kind` with a bearer token; its id.
+pub async fn bearer_credential(app: &App, kind: &str, token: &str) -> String {
+    let mut creds =
+        pb::credential_service_client::CredentialServiceClient::new(app.channel.clone());
+    creds
+        .create_credential(pb::CreateCredentialRequest {
+            name: format!("{kind} token"),
+            r#type: kind.into(),
+            secret: Some(prost_types::Struct {
+                fields: [(
+                    "token".to_string(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue(token.into())),
+                    },
+                )]
+                .into(),
+            }),
+            owner: String::new(),
+        })
+        .await
+        .expect("create credential")
+        .into_inner()
+        .id
 }

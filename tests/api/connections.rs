@@ -395,10 +395,11 @@ async fn update_applies_the_mask_and_checks_the_etag() {
 async fn delete_leaves_a_tombstone_and_repeats_harmlessly() {
     let app = App::start().await;
     let mut c = app.client.clone();
+    let cred = bearer_credential(&app, "grafana", "t0ken").await;
     let made = create(
         &mut c,
         pb::Connection {
-            credential_id: "cred-1".into(),
+            credential_id: cred.clone(),
             description: "collected".into(),
             metadata: Some(prost_types::Struct {
                 fields: [(
@@ -963,8 +964,9 @@ async fn a_batch_applies_items_for_one_connection_in_order() {
 async fn deletion_scrubs_collected_data_from_history_and_stored_answers() {
     let app = App::start().await;
     let mut c = app.client.clone();
+    let cred = bearer_credential(&app, "kubernetes", "k8s-token").await;
     let secret_bits = pb::Connection {
-        credential_id: "cred-42".into(),
+        credential_id: cred.clone(),
         description: "collected description".into(),
         labels: [("team".to_string(), "payments".to_string())].into(),
         metadata: Some(prost_types::Struct {
@@ -1020,7 +1022,7 @@ async fn deletion_scrubs_collected_data_from_history_and_stored_answers() {
         .collect();
     assert_eq!(stored.len(), 4, "three events and one stored answer");
     for text in &stored {
-        for secret in ["cred-42", "collected description", "payments", "v1.31"] {
+        for secret in [cred.as_str(), "collected description", "payments", "v1.31"] {
             assert!(
                 !text.contains(secret),
                 "{secret} survived deletion in {text}"

@@ -112,6 +112,7 @@ async fn sigterm_shuts_down_cleanly_with_exit_code_zero() {
 async fn acknowledged_changes_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
+    // No background probing: every change here is the test's own.
     let p = spawn(
         &[
             "serve",
@@ -119,6 +120,7 @@ async fn acknowledged_changes_survive_kill_9() {
             "127.0.0.1:0",
             "--db",
             db.to_str().unwrap(),
+            "--disable-monitor",
         ],
         &[],
     )
@@ -146,6 +148,7 @@ async fn acknowledged_changes_survive_kill_9() {
     let status = p.wait().await;
     assert_ne!(status.code(), Some(0));
 
+    // No background probing: every change here is the test's own.
     let p = spawn(
         &[
             "serve",
@@ -153,6 +156,7 @@ async fn acknowledged_changes_survive_kill_9() {
             "127.0.0.1:0",
             "--db",
             db.to_str().unwrap(),
+            "--disable-monitor",
         ],
         &[],
     )

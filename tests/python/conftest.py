@@ -76,7 +76,7 @@ def tether_bin() -> Path:
 class Server:
     """One `tether serve` process on a free port with its own database."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, *extra_args: str):
         self.workdir = workdir
         self.log_path = workdir / "tether.log"
         self._log = open(self.log_path, "wb")
@@ -88,6 +88,7 @@ class Server:
                 "127.0.0.1:0",
                 "--db",
                 str(workdir / "tether.db"),
+                *extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -136,8 +137,9 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path):
-    """A fresh server per test; on teardown it must exit 0 after SIGTERM."""
-    s = Server(tmp_path)
+    """A fresh server per test, without background probing so states move only
+    when a test moves them; on teardown it must exit 0 after SIGTERM."""
+    s = Server(tmp_path, "--disable-monitor")
     yield s
     code = s.stop()
     assert code == 0, f"tether exited with {code} after SIGTERM\n{s.log()}"

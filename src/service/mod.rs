@@ -1,8 +1,13 @@
 //! The gRPC surface: the only place proto and domain types meet, and the one
 //! mapping from [`Error`] to `tonic::Status` (with a `google.rpc.ErrorInfo`).
+//! This file holds `tether.v1.ConnectionService` and the shared conversions;
+//! the definition and credential services have a file each.
 //!
 //! Requests are parsed here into domain values (ids, urls, kinds, states),
 //! so the engine only ever sees well-formed input.
+
+pub mod credentials;
+pub mod definitions;
 
 use crate::connection::{
     self, Connection, ConnectionId, Event, EventType, ProbeOutcome, ProbeResult, check_labels,
@@ -590,20 +595,21 @@ fn new_connection(c: pb::Connection) -> Result<NewConnection, Error> {
         identity: c.identity,
         metadata,
         labels,
-        managed: c.managed.unwrap_or(true),
+        managed: c.managed,
         credential_id: c.credential_id,
         owner: c.owner,
     })
 }
 
 /// The fields an update mask may name.
-const UPDATABLE: [&str; 6] = [
+const UPDATABLE: [&str; 7] = [
     "name",
     "description",
     "url",
     "metadata",
     "labels",
     "identity",
+    "credential_id",
 ];
 
 fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Result<Patch, Error> {
@@ -618,6 +624,7 @@ fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Res
                 c.metadata.is_some(),
                 !c.labels.is_empty(),
                 !c.identity.is_empty(),
+                !c.credential_id.is_empty(),
             ];
             UPDATABLE
                 .iter()
@@ -679,6 +686,10 @@ fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Res
                 check_len("connection.identity", &c.identity, limits::IDENTITY)?;
                 patch.identity = Some(std::mem::take(&mut c.identity));
             }
+            "credential_id" => {
+                check_len("connection.credential_id", &c.credential_id, limits::SHORT)?;
+                patch.credential_id = Some(std::mem::take(&mut c.credential_id));
+            }
             _ => unreachable!("only updatable fields are collected"),
         }
     }
@@ -686,6 +697,13 @@ fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Res
 }
 
 // ---- domain -> responses ----
+
+fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
 
 fn timestamp(micros: i64) -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp {
@@ -913,6 +931,21 @@ fn classify(e: &Error) -> (tonic::Code, &'static str, Vec<(&'static str, String)
                 ("detail", detail.clone()),
                 ("state", state.name().into()),
             ],
+        ),
+        Error::CredentialNotFound { id } => (
+            Code::NotFound,
+            "CREDENTIAL_NOT_FOUND",
+            vec![("id", id.clone())],
+        ),
+        Error::CredentialInUse { id, connection_id } => (
+            Code::FailedPrecondition,
+            "CREDENTIAL_IN_USE",
+            vec![("id", id.clone()), ("connection_id", connection_id.clone())],
+        ),
+        Error::UnknownKind { kind, .. } => (
+            Code::InvalidArgument,
+            "UNKNOWN_KIND",
+            vec![("kind", kind.clone())],
         ),
         Error::Deleted { id } => (
             Code::FailedPrecondition,

@@ -1,0 +1,279 @@
+//! Background monitoring: probes managed connections on an interval and feeds
+//! what it sees to the engine, which moves them along the SYSTEM edges.
+//!
+//! One task owns the schedule (a timer queue keyed by connection id). It
+//! learns of new and changed connections from the store's published events,
+//! so it never polls the database; it runs at most `concurrency` probes at
+//! once and spreads them with jitter, so 10,000 connections are watched
+//! without bursts or unbounded tasks. It decides nothing about state: the
+//! engine applies results, and discards one that a newer change overtook.
+
+use crate::connection::{Connection, ConnectionId};
+use crate::credentials::Credentials;
+use crate::engine::Engine;
+use crate::kinds::Kinds;
+use crate::lifecycle::{State, Trigger};
+use crate::probe::{Check, ProbeResult, Prober, Verdict, Verifier, VerifyFuture};
+use crate::store::{Store, query};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::{DelayQueue, delay_queue};
+
+/// Monitoring settings.
+#[derive(Clone, Debug)]
+pub struct MonitorConfig {
+    /// Probe interval for kinds whose definition names none.
+    pub interval: Duration,
+    /// Consecutive failed probes before CONNECTED becomes DISCONNECTED.
+    pub failure_threshold: u32,
+    /// Most probes running at once.
+    pub concurrency: usize,
+}
+
+/// Runs a connection's check as its definition says, with its credential.
+pub struct Checker {
+    prober: Prober,
+    kinds: Kinds,
+    credentials: Credentials,
+}
+
+impl Checker {
+    pub fn new(prober: Prober, kinds: Kinds, credentials: Credentials) -> Self {
+        Checker {
+            prober,
+            kinds,
+            credentials,
+        }
+    }
+
+    /// What the check saw; `None` when there is nothing to check: the kind
+    /// defines no check, or the connection has no url to check.
+    pub async fn check(&self, c: &Connection) -> Option<ProbeResult> {
+        if c.url.is_empty() {
+            return None;
+        }
+        let check = self
+            .kinds
+            .registry()
+            .get(&c.kind)
+            .map(|d| d.check.clone())
+            .unwrap_or(Check::Url);
+        let secret = if c.credential_id.is_empty() {
+            None
+        } else {
+            match self.credentials.secret(c.credential_id.clone()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(id = %c.id, error = %e, "cannot open the connection's credential");
+                    return Some(ProbeResult {
+                        verdict: Verdict::CredentialsRejected(
+                            "the credential cannot be opened with this server's key".into(),
+                        ),
+                        latency: Duration::ZERO,
+                    });
+                }
+            }
+        };
+        self.prober.probe(&c.url, &check, secret.as_ref()).await
+    }
+}
+
+impl Verifier for Checker {
+    fn verify<'a>(&'a self, connection: &'a Connection) -> VerifyFuture<'a> {
+        Box::pin(async move { self.check(connection).await.map(|r| r.verdict) })
+    }
+}
+
+/// Whether the server watches this connection: managed, and in a state the
+/// lifecycle probes (a DISCONNECTED one only if the server caused it).
+pub fn monitored(c: &Connection) -> bool {
+    c.managed
+        && match c.state {
+            State::Discovered | State::Registered | State::Connected => true,
+            State::Disconnected => c.state_trigger == Trigger::System,
+            State::Ignored | State::Maintenance | State::Deleted | State::NotFound => false,
+        }
+}
+
+pub struct Monitor {
+    engine: Engine,
+    store: Store,
+    checker: Arc<Checker>,
+    kinds: Kinds,
+    config: MonitorConfig,
+}
+
+impl Monitor {
+    pub fn new(
+        engine: Engine,
+        store: Store,
+        checker: Arc<Checker>,
+        kinds: Kinds,
+        config: MonitorConfig,
+    ) -> Self {
+        Monitor {
+            engine,
+            store,
+            checker,
+            kinds,
+            config,
+        }
+    }
+
+    fn interval(&self, kind: &str) -> Duration {
+        self.kinds
+            .registry()
+            .get(kind)
+            .and_then(|d| d.probe_interval)
+            .unwrap_or(self.config.interval)
+    }
+
+    /// When to probe `c` next: a new DISCOVERED one almost at once (it is
+    /// verified once), the rest one interval on, give or take 10%.
+    fn delay(&self, c: &Connection, first: bool) -> Duration {
+        let interval = self.interval(&c.kind);
+        if c.state == State::Discovered {
+            return interval
+                .min(Duration::from_secs(1))
+                .mul_f64(fastrand::f64());
+        }
+        if first {
+            // Spread what was already there over one interval after a start.
+            return interval.mul_f64(fastrand::f64());
+        }
+        interval.mul_f64(0.9 + 0.2 * fastrand::f64())
+    }
+
+    /// Runs until `stopping` is cancelled.
+    pub async fn run(self, stopping: CancellationToken) {
+        let mut live = self.store.subscribe();
+        let mut schedule = Schedule::default();
+        self.resync(&mut schedule, true).await;
+        let mut running: JoinSet<(Connection, Option<Connection>)> = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = stopping.cancelled() => break,
+                Some(due) = schedule.queue.next(), if running.len() < self.config.concurrency => {
+                    let id = due.into_inner();
+                    schedule.keys.remove(&id);
+                    let Ok(Some(c)) = self.engine_get(&id).await else { continue };
+                    if !monitored(&c) {
+                        continue;
+                    }
+                    schedule.running.insert(id);
+                    let (engine, checker, threshold) =
+                        (self.engine.clone(), self.checker.clone(), self.config.failure_threshold);
+                    running.spawn(async move {
+                        let result = checker.check(&c).await;
+                        let after = engine.apply_probe(&c, result, threshold).await.unwrap_or_else(|e| {
+                            tracing::warn!(id = %c.id, error = %e, "probe result not applied");
+                            None
+                        });
+                        (c, after)
+                    });
+                }
+                Some(done) = running.join_next() => {
+                    let Ok((before, after)) = done else { continue };
+                    schedule.running.remove(&before.id);
+                    // The result may have been overtaken; look at the row as it is.
+                    let now = match after {
+                        Some(c) => Some(c),
+                        None => self.engine_get(&before.id).await.ok().flatten(),
+                    };
+                    if let Some(c) = now.filter(monitored) {
+                        let delay = self.delay(&c, false);
+                        schedule.put(c.id, delay);
+                    }
+                }
+                event = live.recv() => match event {
+                    Ok(e) => self.on_change(&mut schedule, &e.connection),
+                    Err(RecvError::Lagged(_)) => self.resync(&mut schedule, false).await,
+                    Err(RecvError::Closed) => break,
+                },
+            }
+        }
+        running.shutdown().await;
+    }
+
+    async fn engine_get(&self, id: &ConnectionId) -> Result<Option<Connection>, crate::Error> {
+        let id = id.clone();
+        self.store.read(move |c| query::get(c, &id)).await
+    }
+
+    fn on_change(&self, schedule: &mut Schedule, c: &Connection) {
+        if schedule.running.contains(&c.id) {
+            // Rescheduled when its probe finishes.
+            return;
+        }
+        if !monitored(c) {
+            schedule.remove(&c.id);
+        } else if c.state == State::Discovered || !schedule.keys.contains_key(&c.id) {
+            let delay = self.delay(c, false);
+            schedule.put(c.id.clone(), delay);
+        }
+    }
+
+    /// Brings the schedule in line with the database (at start, and after
+    /// missing published events).
+    async fn resync(&self, schedule: &mut Schedule, first: bool) {
+        let candidates = match self.store.read(|c| query::probe_candidates(c)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load connections to monitor");
+                return;
+            }
+        };
+        let wanted: HashSet<_> = candidates
+            .iter()
+            .filter(|c| monitored(c))
+            .map(|c| c.id.clone())
+            .collect();
+        let stale: Vec<_> = schedule
+            .keys
+            .keys()
+            .filter(|id| !wanted.contains(*id))
+            .cloned()
+            .collect();
+        for id in stale {
+            schedule.remove(&id);
+        }
+        for c in candidates.iter().filter(|c| monitored(c)) {
+            if !schedule.keys.contains_key(&c.id) && !schedule.running.contains(&c.id) {
+                let delay = self.delay(c, first);
+                schedule.put(c.id.clone(), delay);
+            }
+        }
+        tracing::debug!(monitored = wanted.len(), "monitor schedule loaded");
+    }
+}
+
+/// Who is due when, and who is being probed now.
+#[derive(Default)]
+struct Schedule {
+    queue: DelayQueue<ConnectionId>,
+    keys: HashMap<ConnectionId, delay_queue::Key>,
+    running: HashSet<ConnectionId>,
+}
+
+impl Schedule {
+    fn put(&mut self, id: ConnectionId, delay: Duration) {
+        match self.keys.get(&id) {
+            Some(key) => self.queue.reset(key, delay),
+            None => {
+                let key = self.queue.insert(id.clone(), delay);
+                self.keys.insert(id, key);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &ConnectionId) {
+        if let Some(key) = self.keys.remove(id) {
+            self.queue.remove(&key);
+        }
+    }
+}

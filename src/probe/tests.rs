@@ -1,0 +1,492 @@
+//! The checks against real loopback peers: a small HTTP/1.1 stub, a
+//! tonic-health server, a reserved but closed port and a peer that accepts
+//! and never answers. Every peer binds port 0; nothing sleeps to wait.
+
+use super::*;
+use base64::Engine as _;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn prober() -> Prober {
+    Prober::new(TIMEOUT, 8).unwrap()
+}
+
+fn secret(v: serde_json::Value) -> Secret {
+    v.as_object().expect("an object").clone()
+}
+
+fn http(paths: &[&str]) -> Check {
+    Check::Http {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+async fn verdict(p: &Prober, url: &str, check: &Check, secret: Option<&Secret>) -> Verdict {
+    p.probe(url, check, secret)
+        .await
+        .expect("a check ran")
+        .verdict
+}
+
+type Headers = HashMap<String, String>;
+
+/// An HTTP/1.1 peer answering each request with the status `answer` picks,
+/// recording the paths asked for in order.
+struct Stub {
+    url: String,
+    paths: Arc<Mutex<Vec<String>>>,
+}
+
+impl Stub {
+    fn paths(&self) -> Vec<String> {
+        self.paths.lock().unwrap().clone()
+    }
+}
+
+async fn http_stub(answer: impl Fn(&str, &Headers) -> u16 + Send + Sync + 'static) -> Stub {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let answer = Arc::new(answer);
+    let seen = paths.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (answer, seen) = (answer.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Some((path, headers)) = read_head(&mut socket).await else {
+                    return;
+                };
+                seen.lock().unwrap().push(path.clone());
+                let code = answer(&path, &headers);
+                let reply = format!(
+                    "HTTP/1.1 {code} Stub\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    Stub { url, paths }
+}
+
+/// The request target and the headers (names lowercased) of one request.
+async fn read_head(socket: &mut TcpStream) -> Option<(String, Headers)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 || buf.len() > 64 * 1024 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let mut lines = head.split("\r\n");
+    let path = lines.next()?.split(' ').nth(1)?.to_owned();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some((path, headers))
+}
+
+fn authorization(headers: &Headers) -> &str {
+    headers.get("authorization").map_or("", String::as_str)
+}
+
+/// A peer that accepts connections and never answers on them.
+async fn silent_peer() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    addr
+}
+
+/// A port bound but not listening: reserved, so nobody else takes it, and a
+/// connect to it is refused.
+fn closed_port() -> (TcpSocket, SocketAddr) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
+/// A tonic server with the standard health service; when `token` is given
+/// every call must carry `authorization: Bearer <token>`.
+struct HealthPeer {
+    url: String,
+    reporter: HealthReporter,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl HealthPeer {
+    async fn start(token: Option<&'static str>) -> HealthPeer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("grpc://{}", listener.local_addr().unwrap());
+        let (reporter, service) = tonic_health::server::health_reporter();
+        let service = tonic::service::interceptor::InterceptedService::new(
+            service,
+            move |request: tonic::Request<()>| {
+                let Some(token) = token else {
+                    return Ok(request);
+                };
+                let sent = request.metadata().get("authorization");
+                if sent.and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {token}")) {
+                    Ok(request)
+                } else {
+                    Err(tonic::Status::unauthenticated("bad or missing token"))
+                }
+            },
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+        HealthPeer {
+            url,
+            reporter,
+            stop,
+            served,
+        }
+    }
+
+    async fn shut_down(self) {
+        let _ = self.stop.send(());
+        self.served.await.unwrap().unwrap();
+    }
+}
+
+fn grpc(service: &str) -> Check {
+    Check::Grpc {
+        service: service.into(),
+    }
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_sent_and_never_shown() {
+    let stub = http_stub(|_, h| {
+        if authorization(h) == "Bearer good-token-7f3a" {
+            200
+        } else {
+            401
+        }
+    })
+    .await;
+    let p = prober();
+    let good = secret(serde_json::json!({"token": "good-token-7f3a"}));
+    let bad = secret(serde_json::json!({"token": "bad-token-91c2"}));
+
+    let v = verdict(&p, &stub.url, &Check::Url, Some(&good)).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+    assert!(
+        v.detail().contains("HTTP 200") && v.detail().contains(" ms"),
+        "{v:?}"
+    );
+    assert!(!v.detail().contains("good-token-7f3a"), "{v:?}");
+
+    let v = verdict(&p, &stub.url, &http(&["/api"]), Some(&bad)).await;
+    assert!(matches!(v, Verdict::CredentialsRejected(_)), "{v:?}");
+    assert!(
+        v.detail().contains("HTTP 401") && v.detail().contains("/api"),
+        "{v:?}"
+    );
+    assert!(!v.detail().contains("bad-token-91c2"), "{v:?}");
+
+    let v = verdict(&p, &stub.url, &Check::Url, None).await;
+    assert!(matches!(v, Verdict::CredentialsRejected(_)), "{v:?}");
+}
+
+#[tokio::test]
+async fn basic_auth_from_the_secret_wins_over_url_user_info() {
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:open-sesame-42")
+    );
+    let stub = http_stub(move |_, h| {
+        if authorization(h) == expected {
+            200
+        } else {
+            401
+        }
+    })
+    .await;
+    let p = prober();
+    let right = secret(serde_json::json!({"username": "alice", "password": "open-sesame-42"}));
+    let wrong = secret(serde_json::json!({"username": "alice", "password": "guess-0000"}));
+
+    let v = verdict(&p, &stub.url, &http(&[]), Some(&right)).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+    assert!(!v.detail().contains("open-sesame-42"), "{v:?}");
+
+    let v = verdict(&p, &stub.url, &http(&[]), Some(&wrong)).await;
+    assert!(matches!(v, Verdict::CredentialsRejected(_)), "{v:?}");
+    assert!(!v.detail().contains("guess-0000"), "{v:?}");
+
+    // User-info in the url is used when there is no secret, replaced when
+    // there is one, and never shown.
+    let with_user_info = stub.url.replace("http://", "http://bob:url-pass-5e1d@");
+    let v = verdict(&p, &with_user_info, &Check::Url, None).await;
+    assert!(matches!(v, Verdict::CredentialsRejected(_)), "{v:?}");
+    assert!(!v.detail().contains("url-pass-5e1d"), "{v:?}");
+    assert!(!v.detail().contains("bob"), "{v:?}");
+    let v = verdict(&p, &with_user_info, &Check::Url, Some(&right)).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+    assert!(!v.detail().contains("url-pass-5e1d"), "{v:?}");
+}
+
+#[tokio::test]
+async fn every_path_must_answer() {
+    let p = prober();
+    let stub = http_stub(|path, _| if path == "/readyz" { 200 } else { 500 }).await;
+    let v = verdict(&p, &stub.url, &http(&["/readyz", "/version"]), None).await;
+    assert!(matches!(v, Verdict::Unreachable(_)), "{v:?}");
+    assert!(
+        v.detail().contains("/version") && v.detail().contains("HTTP 500"),
+        "{v:?}"
+    );
+    assert_eq!(stub.paths(), ["/readyz", "/version"]);
+
+    let stub = http_stub(|path, _| if path == "/readyz" { 200 } else { 403 }).await;
+    let v = verdict(&p, &stub.url, &http(&["/readyz", "/version"]), None).await;
+    assert!(matches!(v, Verdict::CredentialsRejected(_)), "{v:?}");
+    assert!(
+        v.detail().contains("/version") && v.detail().contains("HTTP 403"),
+        "{v:?}"
+    );
+
+    // A redirect is an answer and is not followed.
+    let stub = http_stub(|path, _| if path == "/readyz" { 200 } else { 302 }).await;
+    let v = verdict(&p, &stub.url, &http(&["/readyz", "/version"]), None).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+    assert!(
+        v.detail().contains("/readyz") && v.detail().contains("HTTP 302"),
+        "{v:?}"
+    );
+    assert_eq!(stub.paths(), ["/readyz", "/version"]);
+}
+
+#[tokio::test]
+async fn paths_join_under_the_url_prefix() {
+    let stub = http_stub(|path, _| if path == "/prom/-/ready" { 200 } else { 404 }).await;
+    let url = format!("{}/prom", stub.url);
+    let v = verdict(&prober(), &url, &http(&["/-/ready"]), None).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+    assert_eq!(stub.paths(), ["/prom/-/ready"]);
+}
+
+#[tokio::test]
+async fn tcp_checks_connect_to_the_host_and_port() {
+    let p = prober();
+    let (_reserved, closed) = closed_port();
+    for (url, check) in [
+        (format!("tcp://{closed}"), Check::Url),
+        (format!("tcp://{closed}"), Check::Tcp),
+        (format!("http://{closed}"), Check::Tcp),
+    ] {
+        let v = verdict(&p, &url, &check, None).await;
+        assert!(
+            matches!(v, Verdict::Unreachable(_)),
+            "{url} {check:?}: {v:?}"
+        );
+        assert!(
+            v.detail().contains(&format!("tcp connect to {closed}")),
+            "{v:?}"
+        );
+    }
+
+    let open = silent_peer().await;
+    let v = verdict(&p, &format!("http://{open}/x"), &Check::Tcp, None).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+    assert!(v.detail().contains("succeeded in"), "{v:?}");
+}
+
+#[tokio::test]
+async fn grpc_health_serving_and_not_serving() {
+    let peer = HealthPeer::start(None).await;
+    let p = prober();
+
+    let result = p.probe(&peer.url, &grpc(""), None).await.unwrap();
+    assert!(
+        matches!(result.verdict, Verdict::Reachable(_)),
+        "{result:?}"
+    );
+    assert!(result.verdict.detail().contains("SERVING"), "{result:?}");
+
+    peer.reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let v = verdict(&p, &peer.url, &grpc(""), None).await;
+    assert!(matches!(v, Verdict::Unreachable(_)), "{v:?}");
+    assert!(v.detail().contains("NOT_SERVING"), "{v:?}");
+
+    peer.reporter
+        .set_service_status("tether.Thing", ServingStatus::Serving)
+        .await;
+    let http_url = peer.url.replace("grpc://", "http://");
+    let v = verdict(&p, &http_url, &grpc("tether.Thing"), None).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+
+    // A service the server does not know: NotFound.
+    let v = verdict(&p, &peer.url, &grpc("nope.Missing"), None).await;
+    assert!(matches!(v, Verdict::Unreachable(_)), "{v:?}");
+    assert!(v.detail().contains("NotFound"), "{v:?}");
+
+    peer.shut_down().await;
+}
+
+#[tokio::test]
+async fn grpc_tokens_go_in_metadata_and_are_never_shown() {
+    let peer = HealthPeer::start(Some("grpc-token-c0ffee")).await;
+    let p = prober();
+    let good = secret(serde_json::json!({"token": "grpc-token-c0ffee"}));
+    let bad = secret(serde_json::json!({"token": "grpc-wrong-beef"}));
+
+    let v = verdict(&p, &peer.url, &grpc(""), Some(&good)).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+    assert!(!v.detail().contains("grpc-token-c0ffee"), "{v:?}");
+
+    let v = verdict(&p, &peer.url, &grpc(""), Some(&bad)).await;
+    assert!(matches!(v, Verdict::CredentialsRejected(_)), "{v:?}");
+    assert!(v.detail().contains("Unauthenticated"), "{v:?}");
+    assert!(!v.detail().contains("grpc-wrong-beef"), "{v:?}");
+
+    peer.shut_down().await;
+}
+
+#[tokio::test]
+async fn grpc_refuses_tls_and_reports_a_closed_port() {
+    let p = prober();
+    let v = verdict(&p, "https://127.0.0.1:1", &grpc(""), None).await;
+    assert_eq!(
+        v,
+        Verdict::Unreachable("TLS not supported for grpc checks".into())
+    );
+    let (_reserved, closed) = closed_port();
+    let v = verdict(&p, &format!("grpc://{closed}"), &grpc(""), None).await;
+    assert!(matches!(v, Verdict::Unreachable(_)), "{v:?}");
+    assert!(v.detail().contains(&closed.to_string()), "{v:?}");
+}
+
+#[tokio::test]
+async fn a_silent_peer_times_out() {
+    let p = Prober::new(Duration::from_millis(200), 8).unwrap();
+    let silent = silent_peer().await;
+    for (url, check) in [
+        (format!("http://{silent}"), http(&["/-/ready"])),
+        (format!("grpc://{silent}"), grpc("")),
+    ] {
+        let v = verdict(&p, &url, &check, None).await;
+        assert!(matches!(v, Verdict::Unreachable(_)), "{check:?}: {v:?}");
+        assert!(v.detail().contains("timed out"), "{check:?}: {v:?}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_pem_is_rejected_by_field() {
+    let stub = http_stub(|_, _| 200).await;
+    let p = prober();
+    let garbage = "-----BEGIN CERTIFICATE-----\nnot*base64*pem-8d2e\n-----END CERTIFICATE-----\n";
+    for (s, field) in [
+        (
+            serde_json::json!({"client_certificate": garbage, "client_key": garbage}),
+            "client_certificate/client_key",
+        ),
+        (
+            serde_json::json!({"client_certificate": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                               "client_key": "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"}),
+            "client_certificate/client_key",
+        ),
+        (
+            serde_json::json!({"ca_certificate": garbage}),
+            "ca_certificate",
+        ),
+        (
+            serde_json::json!({"ca_certificate": "no pem here"}),
+            "ca_certificate",
+        ),
+        (
+            serde_json::json!({"client_certificate": garbage}),
+            "client_key",
+        ),
+    ] {
+        let v = verdict(&p, &stub.url, &Check::Url, Some(&secret(s.clone()))).await;
+        assert!(matches!(v, Verdict::CredentialsRejected(_)), "{s}: {v:?}");
+        assert!(v.detail().contains(field), "{s}: {v:?}");
+        assert!(
+            !v.detail().contains("pem-8d2e") && !v.detail().contains("AAAA"),
+            "{v:?}"
+        );
+    }
+    assert!(
+        stub.paths().is_empty(),
+        "a request went out: {:?}",
+        stub.paths()
+    );
+}
+
+/// A public self-signed test certificate (its key was thrown away).
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBiTCCAS+gAwIBAgIUCPABdw3+rL0c7IeleWCC7/8sN+cwCgYIKoZIzj0EAwIw
+GTEXMBUGA1UEAwwOdGV0aGVyLXRlc3QtY2EwIBcNMjYxMTI3MTUyMzE2WhgPMjEy
+NjExMDMxNTIzMTZaMBkxFzAVBgNVBAMMDnRldGhlci10ZXN0LWNhMFkwEwYHKoZI
+zj0CAQYIKoZIzj0DAQcDQgAEB7c9SX7vd/IRAmLycSwbQpWrjQjRW8YgRR586IqY
+rnYIJyEoOncxlZ4WLEpDGjTRmW3ZC9FcqVXd4zWq2th0cqNTMFEwHQYDVR0OBBYE
+FK7vKp6r5IqipiXwqJdy3tUDxNYdMB8GA1UdIwQYMBaAFK7vKp6r5IqipiXwqJdy
+3tUDxNYdMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSAAwRQIhANXSJY/X
+tvvyL5RgueBsAWbXbcfg8y8zLlU6mjoOmJO4AiA8PJH39bJ/EZEIVmlBdiJnBHO2
+0uLX9FI8Dx6qzptp6Q==
+-----END CERTIFICATE-----
+";
+
+#[tokio::test]
+async fn an_extra_root_gets_a_client_of_its_own() {
+    let stub = http_stub(|_, h| {
+        if authorization(h) == "Bearer with-ca-6b1f" {
+            200
+        } else {
+            401
+        }
+    })
+    .await;
+    let s = secret(serde_json::json!({"ca_certificate": TEST_CA, "token": "with-ca-6b1f"}));
+    let v = verdict(&prober(), &stub.url, &http(&["/health"]), Some(&s)).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+}
+
+#[tokio::test]
+async fn nothing_to_check_is_none_and_a_missing_url_is_unreachable() {
+    let p = prober();
+    assert_eq!(
+        p.probe("http://127.0.0.1:1", &Check::None, None).await,
+        None
+    );
+    assert_eq!(p.probe("", &Check::Url, None).await, None);
+    assert_eq!(p.probe("postgres://db:5432", &Check::Url, None).await, None);
+    let v = verdict(&p, "", &http(&["/"]), None).await;
+    assert!(matches!(v, Verdict::Unreachable(_)), "{v:?}");
+    // A tcp check never reads the secret, so a bad one does not matter.
+    let (_reserved, closed) = closed_port();
+    let bad = secret(serde_json::json!({"token": 1}));
+    let v = verdict(&p, &format!("tcp://{closed}"), &Check::Tcp, Some(&bad)).await;
+    assert!(v.detail().contains("tcp connect"), "{v:?}");
+}

@@ -1,0 +1,106 @@
+//! `tether.v1.CredentialService`: create, list and delete credentials. No
+//! response, error or log line here carries a secret.
+
+use super::{struct_to_json, timestamp};
+use crate::credentials::{CredentialInfo, Credentials, NewCredential};
+use crate::error::Error;
+use crate::pb::tether::v1 as pb;
+use base64::Engine as _;
+use tonic::{Request, Response, Status};
+
+pub struct CredentialService {
+    credentials: Credentials,
+    default_page_size: usize,
+    max_page_size: usize,
+}
+
+impl CredentialService {
+    pub fn new(credentials: Credentials, default_page_size: usize, max_page_size: usize) -> Self {
+        CredentialService {
+            credentials,
+            default_page_size,
+            max_page_size,
+        }
+    }
+}
+
+fn credential_to_pb(c: &CredentialInfo) -> pb::Credential {
+    pb::Credential {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        r#type: c.type_.clone(),
+        owner: c.owner.clone(),
+        create_time: timestamp(c.create_time),
+    }
+}
+
+fn encode_cursor(c: &(i64, String)) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}/{}", c.0, c.1))
+}
+
+fn decode_cursor(token: &str) -> Result<(i64, String), Error> {
+    let bad = || Error::invalid("page_token", "is not a token this server issued");
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(bad)?;
+    let (t, id) = text.split_once('/').ok_or_else(bad)?;
+    Ok((t.parse().map_err(|_| bad())?, id.to_owned()))
+}
+
+#[tonic::async_trait]
+impl pb::credential_service_server::CredentialService for CredentialService {
+    async fn create_credential(
+        &self,
+        request: Request<pb::CreateCredentialRequest>,
+    ) -> Result<Response<pb::Credential>, Status> {
+        let r = request.into_inner();
+        let secret = struct_to_json("secret", r.secret)?;
+        let info = self
+            .credentials
+            .create(NewCredential {
+                name: r.name,
+                type_: r.r#type,
+                secret,
+                owner: r.owner,
+            })
+            .await?;
+        tracing::info!(id = %info.id, kind = %info.type_, "credential created");
+        Ok(Response::new(credential_to_pb(&info)))
+    }
+
+    async fn list_credentials(
+        &self,
+        request: Request<pb::ListCredentialsRequest>,
+    ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = match r.page_size {
+            n if n < 0 => return Err(Error::invalid("page_size", "must not be negative").into()),
+            0 => self.default_page_size,
+            n => (n as usize).min(self.max_page_size),
+        };
+        let after = match r.page_token.as_str() {
+            "" => None,
+            t => Some(decode_cursor(t)?),
+        };
+        let (credentials, next) = self.credentials.list(after, limit).await?;
+        Ok(Response::new(pb::ListCredentialsResponse {
+            credentials: credentials.iter().map(credential_to_pb).collect(),
+            next_page_token: next.as_ref().map(encode_cursor).unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_credential(
+        &self,
+        request: Request<pb::DeleteCredentialRequest>,
+    ) -> Result<Response<pb::DeleteCredentialResponse>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(Error::invalid("id", "is required").into());
+        }
+        self.credentials.delete(id.clone()).await?;
+        tracing::info!(%id, "credential deleted");
+        Ok(Response::new(pb::DeleteCredentialResponse {}))
+    }
+}
