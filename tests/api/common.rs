@@ -21,6 +21,7 @@ pub type Client = ConnectionServiceClient<Channel>;
 
 /// A running server and a client for it.
 pub struct App {
+    addr: SocketAddr,
     pub client: Client,
     pub channel: Channel,
     pub dir: Arc<tempfile::TempDir>,
@@ -67,12 +68,18 @@ impl App {
             .await
             .expect("connect");
         App {
+            addr,
             client: ConnectionServiceClient::new(channel.clone()),
             channel,
             dir,
             stop: Some(stop),
             handle: Some(handle),
         }
+    }
+
+    /// The address the server listens on.
+    pub fn channel_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -360,4 +367,166 @@ pub async fn bearer_credential(app: &App, kind: &str, token: &str) -> String {
         .expect("create credential")
         .into_inner()
         .id
+}
+
+// ---- definitions, credentials and discovery helpers ----
+
+/// What a [`RoutedHttp`] stub saw of one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenRequest {
+    /// The request target as sent: path and query.
+    pub path: String,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+}
+
+/// A loopback HTTP server whose answer depends on the request: `route` maps
+/// what it saw (path, `Authorization`) to a status code. Records every request.
+pub struct RoutedHttp {
+    pub addr: SocketAddr,
+    seen: Arc<std::sync::Mutex<Vec<SeenRequest>>>,
+    task: JoinHandle<()>,
+}
+
+impl RoutedHttp {
+    pub async fn new(route: impl Fn(&SeenRequest) -> u16 + Send + Sync + 'static) -> RoutedHttp {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let route = Arc::new(route);
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let route = route.clone();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let mut lines = head.split("\r\n");
+                    let path = lines
+                        .next()
+                        .and_then(|l| l.split(' ').nth(1))
+                        .unwrap_or_default()
+                        .to_owned();
+                    let authorization = lines.find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("authorization")
+                            .then(|| value.trim().to_owned())
+                    });
+                    let request = SeenRequest {
+                        path,
+                        authorization,
+                    };
+                    let status = route(&request);
+                    log.lock().unwrap().push(request);
+                    let reply = format!(
+                        "HTTP/1.1 {status} Test\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        RoutedHttp { addr, seen, task }
+    }
+
+    /// Answers 200 on exactly these paths and 404 everywhere else.
+    pub async fn ok_on(paths: &[&str]) -> RoutedHttp {
+        let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        RoutedHttp::new(move |r| if paths.contains(&r.path) { 200 } else { 404 }).await
+    }
+
+    /// Answers 200 to requests carrying exactly this `Authorization` value, 401 to the rest.
+    pub async fn requiring(authorization: &str) -> RoutedHttp {
+        let want = authorization.to_owned();
+        RoutedHttp::new(move |r| {
+            if r.authorization.as_deref() == Some(want.as_str()) {
+                200
+            } else {
+                401
+            }
+        })
+        .await
+    }
+
+    /// `http://ADDR` followed by `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The paths requested so far, in arrival order.
+    pub fn paths(&self) -> Vec<String> {
+        self.seen().into_iter().map(|r| r.path).collect()
+    }
+}
+
+impl Drop for RoutedHttp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A `google.protobuf.Struct` from a JSON object literal.
+pub fn json_struct(v: serde_json::Value) -> prost_types::Struct {
+    fn value(v: serde_json::Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        use serde_json::Value as J;
+        let kind = match v {
+            J::Null => Kind::NullValue(0),
+            J::Bool(b) => Kind::BoolValue(b),
+            J::Number(n) => Kind::NumberValue(n.as_f64().expect("finite")),
+            J::String(s) => Kind::StringValue(s),
+            J::Array(a) => Kind::ListValue(prost_types::ListValue {
+                values: a.into_iter().map(value).collect(),
+            }),
+            J::Object(o) => Kind::StructValue(json_struct(J::Object(o))),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    match v {
+        serde_json::Value::Object(o) => prost_types::Struct {
+            fields: o.into_iter().map(|(k, v)| (k, value(v))).collect(),
+        },
+        other => panic!("not a JSON object: {other}"),
+    }
+}
+
+/// A temp folder of definition files `(file name, text)`, for `cfg.models`.
+pub fn models_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).expect("write definition file");
+    }
+    dir
+}
+
+/// The `field` an INVALID_ARGUMENT error names.
+pub fn invalid_field(r: Result<impl std::fmt::Debug, tonic::Status>) -> String {
+    let mut metadata = assert_error(r, tonic::Code::InvalidArgument, "INVALID_ARGUMENT");
+    metadata.remove("field").expect("INVALID_ARGUMENT names a field")
+}
+
+/// The current store revision.
+pub async fn store_revision(client: &mut Client) -> i64 {
+    client
+        .list_connection_events(pb::ListConnectionEventsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .revision
 }

@@ -4,6 +4,7 @@
 mod common;
 mod connections;
 mod lifecycle;
+mod monitor;
 mod process;
 mod standard;
 mod storage;
