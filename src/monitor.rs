@@ -89,6 +89,21 @@ impl Verifier for Checker {
     }
 }
 
+/// When to probe `c` next: a DISCOVERED one almost at once (it is verified
+/// once), the rest one interval on, give or take 10% so probes do not bunch;
+/// at start (`first`), anywhere within one interval.
+fn delay_for(c: &Connection, interval: Duration, first: bool) -> Duration {
+    if c.state == State::Discovered {
+        return interval
+            .min(Duration::from_secs(1))
+            .mul_f64(fastrand::f64());
+    }
+    if first {
+        return interval.mul_f64(fastrand::f64());
+    }
+    interval.mul_f64(0.9 + 0.2 * fastrand::f64())
+}
+
 /// Whether the server watches this connection: managed, and in a state the
 /// lifecycle probes (a DISCONNECTED one only if the server caused it).
 pub fn monitored(c: &Connection) -> bool {
@@ -133,20 +148,8 @@ impl Monitor {
             .unwrap_or(self.config.interval)
     }
 
-    /// When to probe `c` next: a new DISCOVERED one almost at once (it is
-    /// verified once), the rest one interval on, give or take 10%.
     fn delay(&self, c: &Connection, first: bool) -> Duration {
-        let interval = self.interval(&c.kind);
-        if c.state == State::Discovered {
-            return interval
-                .min(Duration::from_secs(1))
-                .mul_f64(fastrand::f64());
-        }
-        if first {
-            // Spread what was already there over one interval after a start.
-            return interval.mul_f64(fastrand::f64());
-        }
-        interval.mul_f64(0.9 + 0.2 * fastrand::f64())
+        delay_for(c, self.interval(&c.kind), first)
     }
 
     /// Runs until `stopping` is cancelled.
@@ -274,6 +277,118 @@ impl Schedule {
     fn remove(&mut self, id: &ConnectionId) {
         if let Some(key) = self.keys.remove(id) {
             self.queue.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ConnectionId {
+        ConnectionId::parse(&format!("00000000-0000-4000-8000-0000000000{n:02}"), "id").unwrap()
+    }
+
+    /// The next due id, if one is due within `within` of (paused) time.
+    async fn due(s: &mut Schedule, within: Duration) -> Option<ConnectionId> {
+        tokio::time::timeout(within, s.queue.next())
+            .await
+            .ok()
+            .flatten()
+            .map(|e| e.into_inner())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_schedule_fires_in_order_and_forgets_what_is_removed() {
+        let mut s = Schedule::default();
+        s.put(id(1), Duration::from_secs(30));
+        s.put(id(2), Duration::from_secs(10));
+        s.put(id(3), Duration::from_secs(20));
+        s.remove(&id(3));
+        // Rescheduling replaces the earlier entry rather than adding one.
+        s.put(id(2), Duration::from_secs(40));
+        assert_eq!(due(&mut s, Duration::from_secs(29)).await, None);
+        assert_eq!(due(&mut s, Duration::from_secs(2)).await, Some(id(1)));
+        assert_eq!(due(&mut s, Duration::from_secs(15)).await, Some(id(2)));
+        assert_eq!(
+            due(&mut s, Duration::from_secs(3600)).await,
+            None,
+            "3 was removed"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent_and_new_connections_go_first() {
+        let interval = Duration::from_secs(30);
+        let spread = |first: bool, state: State| -> (Duration, Duration) {
+            let c = Connection { state, ..sample() };
+            let delays: Vec<Duration> = (0..2000).map(|_| delay_for(&c, interval, first)).collect();
+            (*delays.iter().min().unwrap(), *delays.iter().max().unwrap())
+        };
+        let (lo, hi) = spread(false, State::Connected);
+        assert!(
+            lo >= interval.mul_f64(0.9) && hi <= interval.mul_f64(1.1),
+            "{lo:?}..{hi:?}"
+        );
+        assert!(
+            hi - lo > interval.mul_f64(0.1),
+            "delays are spread, not fixed"
+        );
+        let (_, hi) = spread(false, State::Discovered);
+        assert!(hi <= Duration::from_secs(1));
+        let (lo, hi) = spread(true, State::Connected);
+        assert!(
+            hi <= interval && hi - lo > interval / 2,
+            "a start spreads over one interval"
+        );
+    }
+
+    fn sample() -> Connection {
+        Connection {
+            id: id(9),
+            kind: "http".into(),
+            type_: String::new(),
+            sub_type: String::new(),
+            name: "x".into(),
+            description: String::new(),
+            url: "http://127.0.0.1:1/".into(),
+            identity: "x".into(),
+            metadata: Default::default(),
+            labels: Default::default(),
+            managed: true,
+            credential_id: String::new(),
+            owner: String::new(),
+            state: State::Connected,
+            state_reason: String::new(),
+            state_trigger: Trigger::User,
+            state_time: 0,
+            revision: 1,
+            create_time: 0,
+            update_time: 0,
+            last_probe: None,
+        }
+    }
+
+    #[test]
+    fn only_managed_connections_in_probed_states_are_monitored() {
+        let with = |state, trigger, managed| Connection {
+            state,
+            state_trigger: trigger,
+            managed,
+            ..sample()
+        };
+        assert!(monitored(&with(State::Discovered, Trigger::User, true)));
+        assert!(monitored(&with(State::Connected, Trigger::User, true)));
+        assert!(monitored(&with(State::Disconnected, Trigger::System, true)));
+        assert!(!monitored(&with(State::Disconnected, Trigger::User, true)));
+        assert!(!monitored(&with(State::Connected, Trigger::User, false)));
+        for s in [
+            State::Ignored,
+            State::Maintenance,
+            State::Deleted,
+            State::NotFound,
+        ] {
+            assert!(!monitored(&with(s, Trigger::System, true)), "{s}");
         }
     }
 }

@@ -5,6 +5,7 @@ mod common;
 mod connections;
 mod lifecycle;
 mod monitor;
+mod probe_results;
 mod process;
 mod standard;
 mod storage;
