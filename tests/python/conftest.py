@@ -1,5 +1,6 @@
 """Fixtures for the cross-language tests: Python stubs generated from proto/,
-a real `tether serve` process per test, a grpcio client and the grpcurl binary.
+a real `tether serve` process per test, a grpcio client, the grpcurl binary,
+and a watch reader whose every wait has a deadline.
 
 The server binary comes from $TETHER_BIN (scripts/test sets it), else
 target/debug/tether. Nothing here sleeps to synchronise: the server's address
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -25,6 +27,8 @@ PROTO_DIR = ROOT / "proto"
 PROTO_FILES = [
     "tether/v1/connection.proto",
     "tether/v1/connection_service.proto",
+    "tether/v1/credential.proto",
+    "tether/v1/definition.proto",
     "google/rpc/status.proto",
     "google/rpc/error_details.proto",
 ]
@@ -34,6 +38,19 @@ START_TIMEOUT = 15
 STOP_TIMEOUT = 15
 # Deadline of every unary call the tests make.
 CALL_TIMEOUT = 10
+# Longest a test waits for the server to do something on its own (a monitor
+# transition, a probe result) before it fails.
+WAIT_TIMEOUT = 20
+# Background probing fast enough for tests: a CONNECTED connection that stops
+# answering is DISCONNECTED after two failed probes, well under a second.
+FAST_MONITOR = (
+    "--probe-interval",
+    "200ms",
+    "--probe-failure-threshold",
+    "2",
+    "--verify-timeout",
+    "1s",
+)
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +80,10 @@ def pb(tmp_path_factory):
         grpc=importlib.import_module("tether.v1.connection_service_pb2_grpc"),
         status=importlib.import_module("google.rpc.status_pb2"),
         error_details=importlib.import_module("google.rpc.error_details_pb2"),
+        credential=importlib.import_module("tether.v1.credential_pb2"),
+        credential_grpc=importlib.import_module("tether.v1.credential_pb2_grpc"),
+        definition=importlib.import_module("tether.v1.definition_pb2"),
+        definition_grpc=importlib.import_module("tether.v1.definition_pb2_grpc"),
     )
 
 
@@ -74,12 +95,28 @@ def tether_bin() -> Path:
 
 
 class Server:
-    """One `tether serve` process on a free port with its own database."""
+    """One `tether serve` process on a free port with its own database
+    (`workdir/tether.db` unless `db` names another) and its stderr in
+    `workdir/tether.log`. `env` adds to (or, with None values, removes from)
+    the environment it inherits."""
 
-    def __init__(self, workdir: Path, *extra_args: str):
+    def __init__(
+        self,
+        workdir: Path,
+        *extra_args: str,
+        db: Path | None = None,
+        env: dict[str, str | None] | None = None,
+    ):
         self.workdir = workdir
+        self.db_path = db or workdir / "tether.db"
         self.log_path = workdir / "tether.log"
         self._log = open(self.log_path, "wb")
+        environ = dict(os.environ)
+        for key, value in (env or {}).items():
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value
         self.proc = subprocess.Popen(
             [
                 str(tether_bin()),
@@ -87,13 +124,14 @@ class Server:
                 "--listen",
                 "127.0.0.1:0",
                 "--db",
-                str(workdir / "tether.db"),
+                str(self.db_path),
                 *extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env=environ,
         )
         self.addr = self._read_address()
 
@@ -143,6 +181,83 @@ def server(tmp_path):
     yield s
     code = s.stop()
     assert code == 0, f"tether exited with {code} after SIGTERM\n{s.log()}"
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Starts servers with extra arguments (for example the monitor on, with
+    FAST_MONITOR), each in its own folder under tmp_path: `name` names the
+    folder. Each must exit 0 after SIGTERM at teardown (unless the test
+    stopped it and checked that itself)."""
+    started: list[Server] = []
+
+    def start(*extra_args: str, name: str = "tether", **kw) -> Server:
+        workdir = tmp_path / name
+        workdir.mkdir()
+        s = Server(workdir, *extra_args, **kw)
+        started.append(s)
+        return s
+
+    yield start
+    # Stop them all before judging any, so none outlives the test.
+    codes = [(s, s.stop()) for s in started]
+    for s, code in codes:
+        assert code == 0, f"tether exited with {code} after SIGTERM\n{s.log()}"
+
+
+class Watch:
+    """A WatchConnections stream read by a thread into a queue, so that each
+    wait has its own deadline while the stream stays open. Every message
+    received is kept in `seen`."""
+
+    def __init__(self, stub, request, timeout: float = 300):
+        self.stream = stub.WatchConnections(request, timeout=timeout)
+        self.seen: list = []
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        try:
+            for message in self.stream:
+                self._queue.put(message)
+        except grpc.RpcError as e:
+            self._queue.put(e)
+        self._queue.put(None)
+
+    def wait_for(self, predicate, timeout: float = WAIT_TIMEOUT, what: str = "a message"):
+        """The first message from here on for which predicate(message) holds;
+        fails after `timeout` seconds, or when the stream ends first."""
+        deadline = time.monotonic() + timeout
+        skipped = []
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                message = self._queue.get(timeout=max(left, 0))
+            except queue.Empty:
+                pytest.fail(
+                    f"no {what} within {timeout}s; received meanwhile:\n"
+                    + "\n".join(str(m) for m in skipped)
+                )
+            if message is None or isinstance(message, grpc.RpcError):
+                pytest.fail(f"the watch ended before {what}: {message!r}")
+            self.seen.append(message)
+            if predicate(message):
+                return message
+            skipped.append(message)
+
+    def cancel(self):
+        """Ends the stream; what it had received but no wait consumed goes to
+        `seen` too."""
+        self.stream.cancel()
+        self._thread.join(timeout=CALL_TIMEOUT)
+        while True:
+            try:
+                message = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if message is not None and not isinstance(message, grpc.RpcError):
+                self.seen.append(message)
 
 
 @pytest.fixture

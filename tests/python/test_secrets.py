@@ -1,0 +1,300 @@
+"""Credentials end to end: checks use them, and no secret ever shows.
+
+A loopback HTTP server stands in for a Prometheus that wants a bearer token:
+401 unless the Authorization header is the right one. Tether runs with the
+monitor on and debug logging; afterwards the test looks for the tokens in
+every RPC answer it got, in the server's log, and in the SQLite files read
+as bytes. A copy of the database under another key yields no secret.
+"""
+
+import base64
+import secrets
+import shutil
+import stat
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import pytest
+
+from conftest import CALL_TIMEOUT, FAST_MONITOR, WAIT_TIMEOUT, Watch
+
+
+class TokenServer:
+    """Answers every GET with 200 when `Authorization: Bearer <token>`, 401
+    otherwise (echoing what it got, as a careless server might); records
+    (path, Authorization) of every request."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.requests: list[tuple[str, str | None]] = []
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                auth = self.headers.get("Authorization")
+                with lock:
+                    outer.requests.append((self.path, auth))
+                ok = auth == f"Bearer {outer.token}"
+                body = b"ok\n" if ok else f"rejected {auth!r}\n".encode()
+                self.send_response(200 if ok else 401)
+                if not ok:
+                    self.send_header("WWW-Authenticate", f'Bearer error="{auth}"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=CALL_TIMEOUT)
+
+
+def state(pb, name):
+    return pb.connection.ConnectionState.Value(f"CONNECTION_STATE_{name}")
+
+
+def status_text(err: grpc.RpcError) -> str:
+    """Everything an error carries: code, message and trailers."""
+    return f"{err.code()} {err.details()} {err.trailing_metadata()!r}"
+
+
+def test_secrets_are_used_by_checks_and_never_shown(pb, start_server, tmp_path):
+    good = "good-" + secrets.token_urlsafe(24)
+    wrong = "wrong-" + secrets.token_urlsafe(24)
+    tokens = [good, wrong]
+    # Also their forms on the wire, should one be echoed back encoded.
+    needles = tokens + [base64.b64encode(t.encode()).decode() for t in tokens]
+    target = TokenServer(good)
+    answers: list[str] = []  # str() of every RPC response and error the test sees
+
+    def call(method, request):
+        try:
+            response = method(request, timeout=CALL_TIMEOUT)
+        except grpc.RpcError as e:
+            answers.append(status_text(e))
+            raise
+        answers.append(str(response))
+        return response
+
+    system = pb.connection.TRIGGER_SYSTEM
+    server = start_server(*FAST_MONITOR, env={"RUST_LOG": "debug", "TETHER_SECRET_KEY": None})
+    try:
+        with grpc.insecure_channel(server.addr) as channel:
+            grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT)
+            stub = pb.grpc.ConnectionServiceStub(channel)
+            creds = pb.credential_grpc.CredentialServiceStub(channel)
+
+            def credential(name, token):
+                request = pb.credential.CreateCredentialRequest(name=name, type="prometheus")
+                request.secret.update({"token": token})
+                return call(creds.CreateCredential, request)
+
+            def connection(name, path, credential_id):
+                return call(
+                    stub.CreateConnection,
+                    pb.service.CreateConnectionRequest(
+                        connection=pb.connection.Connection(
+                            kind="prometheus",
+                            name=name,
+                            url=f"{target.url}/{path}",
+                            credential_id=credential_id,
+                        )
+                    ),
+                )
+
+            good_cred = credential("good", good)
+            assert good_cred.id and good_cred.name == "good" and good_cred.type == "prometheus"
+            ok = connection("ok", "ok", good_cred.id)
+            assert ok.credential_id == good_cred.id
+
+            watch = Watch(
+                stub,
+                pb.service.WatchConnectionsRequest(after_revision=ok.revision),
+            )
+            try:
+                # REGISTERED only if the check sent the right token.
+                registered = watch.wait_for(
+                    lambda m: m.connection.id == ok.id
+                    and m.event.to_state == state(pb, "REGISTERED"),
+                    what="REGISTERED by the monitor",
+                )
+                assert registered.event.trigger == system
+                assert ("/ok/-/ready", f"Bearer {good}") in target.requests
+
+                wrong_cred = credential("wrong", wrong)
+                rejected = connection("rejected", "rejected", wrong_cred.id)
+                down = watch.wait_for(
+                    lambda m: m.connection.id == rejected.id
+                    and m.event.to_state == state(pb, "DISCONNECTED"),
+                    what="DISCONNECTED (credentials rejected) by the monitor",
+                )
+                assert down.event.trigger == system
+                assert "credentials rejected" in down.event.reason, down
+                assert "401" in down.event.reason, down
+                probe = down.connection.last_probe
+                assert probe.outcome == pb.connection.PROBE_OUTCOME_CREDENTIALS_REJECTED, probe
+                assert ("/rejected/-/ready", f"Bearer {wrong}") in target.requests
+            finally:
+                watch.cancel()
+            answers.extend(str(m) for m in watch.seen)
+
+            # A user's verified move fails the same way, and says so without the token.
+            with pytest.raises(grpc.RpcError) as e:
+                call(
+                    stub.TransitionConnection,
+                    pb.service.TransitionConnectionRequest(
+                        id=rejected.id, target_state=state(pb, "CONNECTED")
+                    ),
+                )
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "CREDENTIALS_REJECTED" in status_text(e.value)
+
+            for id_ in (ok.id, rejected.id):
+                call(stub.GetConnection, pb.service.GetConnectionRequest(id=id_))
+            call(stub.ListConnections, pb.service.ListConnectionsRequest())
+            call(stub.ListConnectionEvents, pb.service.ListConnectionEventsRequest())
+            listed = call(creds.ListCredentials, pb.credential.ListCredentialsRequest())
+            assert {(c.id, c.name, c.type) for c in listed.credentials} == {
+                (good_cred.id, "good", "prometheus"),
+                (wrong_cred.id, "wrong", "prometheus"),
+            }
+            for c in listed.credentials:
+                assert [f.name for f, _ in c.ListFields()] == [
+                    "id",
+                    "name",
+                    "type",
+                    "create_time",
+                ], c
+            call(
+                pb.definition_grpc.DefinitionServiceStub(channel).GetDefinition,
+                pb.definition.GetDefinitionRequest(kind="prometheus"),
+            )
+
+        db_files = [server.db_path.with_name(server.db_path.name + s) for s in ("", "-wal", "-shm")]
+        running_bytes = {p.name: p.read_bytes() for p in db_files if p.exists()}
+        assert server.stop() == 0, server.log()
+    finally:
+        target.close()
+
+    log = server.log()
+    assert "credential created" in log, log  # the log was captured, at debug level
+    for needle in needles:
+        for text in answers:
+            assert needle not in text, f"a response holds a secret: {text}"
+        assert needle not in log, "the server log holds a secret"
+        for p in db_files:
+            if p.exists():
+                assert needle.encode() not in p.read_bytes(), f"{p.name} holds a secret"
+        for name, data in running_bytes.items():
+            assert needle.encode() not in data, f"{name} (while running) holds a secret"
+    assert running_bytes, "no database file found"
+
+    # The key file is beside the database, readable by its owner only.
+    key = server.db_path.parent / "tether.key"
+    assert key.exists()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600, oct(key.stat().st_mode)
+
+    # A copy of the database under a fresh key: the secrets cannot be opened.
+    copy_dir = tmp_path / "copy-data"
+    copy_dir.mkdir()
+    for p in db_files:
+        if p.exists():
+            shutil.copy(p, copy_dir / p.name)
+    other_key = tmp_path / "other.key"
+    requests_before = len(target.requests)
+    target = TokenServer(good)  # the same token, on a new port
+    try:
+        other = start_server(
+            *FAST_MONITOR,
+            "--secret-key-file",
+            str(other_key),
+            name="other",
+            db=copy_dir / server.db_path.name,
+            env={"RUST_LOG": "debug", "TETHER_SECRET_KEY": None},
+        )
+        assert stat.S_IMODE(other_key.stat().st_mode) == 0o600
+        assert other_key.read_bytes() != key.read_bytes()
+        with grpc.insecure_channel(other.addr) as channel:
+            grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT)
+            stub = pb.grpc.ConnectionServiceStub(channel)
+            creds = pb.credential_grpc.CredentialServiceStub(channel)
+            listed = call(creds.ListCredentials, pb.credential.ListCredentialsRequest())
+            assert {c.id for c in listed.credentials} == {good_cred.id, wrong_cred.id}
+
+            # A new connection with the good credential, at a server that
+            # would accept its token: the check cannot even read it.
+            copied = call(
+                stub.CreateConnection,
+                pb.service.CreateConnectionRequest(
+                    connection=pb.connection.Connection(
+                        kind="prometheus",
+                        name="copied",
+                        url=f"{target.url}/copied",
+                        credential_id=good_cred.id,
+                    )
+                ),
+            )
+            watch = Watch(
+                stub,
+                pb.service.WatchConnectionsRequest(after_revision=copied.revision, ids=[copied.id]),
+            )
+            try:
+                down = watch.wait_for(
+                    lambda m: m.event.to_state == state(pb, "DISCONNECTED"),
+                    what="DISCONNECTED: the credential cannot be opened",
+                )
+            finally:
+                watch.cancel()
+            answers.extend(str(m) for m in watch.seen)
+            assert down.event.trigger == system
+            assert "credentials rejected" in down.event.reason, down
+            assert (
+                down.connection.last_probe.outcome
+                == pb.connection.PROBE_OUTCOME_CREDENTIALS_REJECTED
+            )
+
+            # The connection registered under the first key: a verified move fails.
+            with pytest.raises(grpc.RpcError) as e:
+                call(
+                    stub.TransitionConnection,
+                    pb.service.TransitionConnectionRequest(
+                        id=ok.id, target_state=state(pb, "CONNECTED")
+                    ),
+                )
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "CREDENTIALS_REJECTED" in status_text(e.value)
+
+            # Its background probe says so too (bounded poll: a probe result
+            # alone makes no event).
+            deadline = time.monotonic() + WAIT_TIMEOUT
+            while True:
+                got = call(stub.GetConnection, pb.service.GetConnectionRequest(id=ok.id))
+                if got.last_probe.outcome == pb.connection.PROBE_OUTCOME_CREDENTIALS_REJECTED:
+                    break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no CREDENTIALS_REJECTED probe of {ok.id}: {got}")
+                time.sleep(0.05)
+            call(stub.ListConnectionEvents, pb.service.ListConnectionEventsRequest())
+        other_requests = target.requests
+    finally:
+        target.close()
+
+    # Nothing reached the server: the token was never decrypted to be sent.
+    assert requests_before > 0
+    assert other_requests == [], other_requests
+    other_log = other.log()
+    for needle in needles:
+        for text in answers:
+            assert needle not in text, f"a response holds a secret: {text}"
+        assert needle not in other_log, "the second server's log holds a secret"
