@@ -6,8 +6,8 @@
 //! a secret but never repeat its value.
 
 use crate::connection::{Micros, check_len, limits, parse_kind};
-use crate::definitions::Registry;
 use crate::error::Error;
+use crate::kinds::Kinds;
 use crate::probe::Secret;
 use crate::secrets::SecretBox;
 use crate::store::{Store, StoredCredential, query};
@@ -50,15 +50,15 @@ pub type CredentialCursor = (i64, String);
 pub struct Credentials {
     store: Store,
     secrets: Arc<SecretBox>,
-    registry: Arc<Registry>,
+    kinds: Kinds,
 }
 
 impl Credentials {
-    pub fn new(store: Store, secrets: Arc<SecretBox>, registry: Arc<Registry>) -> Self {
+    pub fn new(store: Store, secrets: Arc<SecretBox>, kinds: Kinds) -> Self {
         Credentials {
             store,
             secrets,
-            registry,
+            kinds,
         }
     }
 
@@ -78,16 +78,18 @@ impl Credentials {
         if size > limits::METADATA_BYTES {
             return Err(Error::invalid("secret", "is too large"));
         }
-        if self.registry.get(&kind).is_some() {
-            self.registry
-                .validate_secret(&kind, &n.secret)
-                .map_err(|v| {
-                    Error::invalid(
-                        format!("secret{}", v.path),
-                        format!("does not match the credential schema of kind {kind}"),
-                    )
-                })?;
-        }
+        // A credential serves connections of one kind: the kind must be one
+        // the server accepts, and the secret must fit its schema.
+        self.kinds.admit(&kind)?;
+        self.kinds
+            .registry()
+            .validate_secret(&kind, &n.secret)
+            .map_err(|v| {
+                Error::invalid(
+                    format!("secret{}", v.path),
+                    format!("does not match the credential schema of kind {kind}"),
+                )
+            })?;
         let id = uuid::Uuid::new_v4().to_string();
         let (nonce, sealed) = self.secrets.seal(&id, &n.secret)?;
         let row = StoredCredential {

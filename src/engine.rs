@@ -742,6 +742,14 @@ fn discover(
     n: NewConnection,
     source: &str,
 ) -> Result<Discovered, Error> {
+    // Without an identity or a url there is nothing to know it by when it is
+    // reported again: taking it would make a duplicate every time.
+    if n.identity.is_empty() && n.url.is_empty() {
+        return Ok(Discovered::Rejected(Error::invalid(
+            "identity",
+            "a discovered connection needs an identity or a url",
+        )));
+    }
     let admitted = kinds
         .admit(&n.kind)
         .and_then(|()| kinds.check_metadata(&n.kind, "metadata", &n.metadata));

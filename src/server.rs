@@ -102,11 +102,7 @@ async fn serve(
     let config = &server.config;
     let store = server.store.clone();
     let kinds = Kinds::new(server.registry.clone(), config.allow_unknown_kinds);
-    let credentials = Credentials::new(
-        store.clone(),
-        server.secrets.clone(),
-        server.registry.clone(),
-    );
+    let credentials = Credentials::new(store.clone(), server.secrets.clone(), kinds.clone());
     let prober = Prober::new(config.verify_timeout, config.verify_concurrency)
         .map_err(|e| Error::Internal(format!("cannot build the http client: {e}")))?;
     let checker = Arc::new(Checker::new(prober, kinds.clone(), credentials.clone()));

@@ -515,7 +515,9 @@ pub fn models_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 /// The `field` an INVALID_ARGUMENT error names.
 pub fn invalid_field(r: Result<impl std::fmt::Debug, tonic::Status>) -> String {
     let mut metadata = assert_error(r, tonic::Code::InvalidArgument, "INVALID_ARGUMENT");
-    metadata.remove("field").expect("INVALID_ARGUMENT names a field")
+    metadata
+        .remove("field")
+        .expect("INVALID_ARGUMENT names a field")
 }
 
 /// The current store revision.

@@ -3,6 +3,9 @@
 
 mod common;
 mod connections;
+mod credentials;
+mod definitions;
+mod discovery;
 mod lifecycle;
 mod monitor;
 mod probe_results;
