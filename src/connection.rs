@@ -228,16 +228,24 @@ pub fn parse_url(field: &str, s: &str) -> Result<String, Error> {
         return Ok(String::new());
     }
     check_len(field, s, limits::URL)?;
-    let mut u = url::Url::parse(s).map_err(|e| Error::invalid(field, format!("{s:?}: {e}")))?;
+    // Messages never repeat the url: it might hold a password.
+    let mut u =
+        url::Url::parse(s).map_err(|e| Error::invalid(field, format!("is not a url: {e}")))?;
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(Error::invalid(
+            field,
+            "must not carry a user name or password; store them in a credential",
+        ));
+    }
     let host = match u.host_str() {
         Some(h) if !h.is_empty() => h.to_owned(),
-        _ => return Err(Error::invalid(field, format!("{s:?} has no host"))),
+        _ => return Err(Error::invalid(field, "has no host")),
     };
     // Host names are case-insensitive; `url` lowercases them only for the
     // schemes it knows (http, https, ...), not for tcp:// and the like.
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         u.set_host(Some(&host.to_ascii_lowercase()))
-            .map_err(|e| Error::invalid(field, format!("{s:?}: {e}")))?;
+            .map_err(|e| Error::invalid(field, format!("has a bad host: {e}")))?;
     }
     Ok(u.to_string())
 }
@@ -324,6 +332,8 @@ mod tests {
         );
         assert_eq!(parse_url("url", "tcp://db:5432").unwrap(), "tcp://db:5432");
         assert!(parse_url("url", "not a url").is_err());
+        let e = parse_url("url", "http://admin:hunter2@db:80/").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(parse_url("url", "file:///etc/passwd").is_err());
         assert_eq!(parse_url("url", "").unwrap(), "");
     }

@@ -189,6 +189,7 @@ impl Engine {
         // sees its own first attempt as a duplicate. The writer checks again.
         let identity = conn.identity.clone();
         let credential = conn.credential_id.clone();
+        let kind = conn.kind.clone();
         let retry = r.request.clone();
         let earlier = self
             .store
@@ -198,8 +199,11 @@ impl Engine {
                 {
                     return Ok(Some(answer));
                 }
-                if !credential.is_empty() && query::credential(c, &credential)?.is_none() {
-                    return Ok(Some(Err(no_such_credential(&credential))));
+                if !credential.is_empty()
+                    && let Err(e) =
+                        usable_credential(query::credential(c, &credential)?, &credential, &kind)
+                {
+                    return Ok(Some(Err(e)));
                 }
                 Ok(query::live_by_identity(c, &identity)?.map(|e| Err(already_exists(&e))))
             })
@@ -235,6 +239,7 @@ impl Engine {
                         s.reason = detail.clone();
                     }
                 }
+                Some(Verdict::NotChecked(detail)) => return Err(not_checked(detail)),
                 Some(verdict) => {
                     let (err, fallback, detail) = failed(&conn, verdict);
                     plan = vec![Step {
@@ -258,8 +263,12 @@ impl Engine {
                 if let Some(existing) = tx.live_by_identity(&conn.identity)? {
                     return Err(already_exists(&existing));
                 }
-                if !conn.credential_id.is_empty() && tx.credential(&conn.credential_id)?.is_none() {
-                    return Err(no_such_credential(&conn.credential_id));
+                if !conn.credential_id.is_empty() {
+                    usable_credential(
+                        tx.credential(&conn.credential_id)?,
+                        &conn.credential_id,
+                        &conn.kind,
+                    )?;
                 }
                 tx.record(
                     &mut conn,
@@ -331,6 +340,7 @@ impl Engine {
                         r.reason = detail;
                     }
                 }
+                Some(Verdict::NotChecked(detail)) => return Err(not_checked(detail)),
                 Some(verdict) => {
                     return self
                         .fail_verification(current, r.target, verdict, r.request)
@@ -478,8 +488,8 @@ impl Engine {
                     c.metadata = v;
                 }
                 if let Some(v) = p.credential_id {
-                    if !v.is_empty() && tx.credential(&v)?.is_none() {
-                        return Err(no_such_credential(&v));
+                    if !v.is_empty() {
+                        usable_credential(tx.credential(&v)?, &v, &c.kind)?;
                     }
                     c.credential_id = v;
                 }
@@ -600,12 +610,17 @@ impl Engine {
                     Verdict::Reachable(_) => ProbeOutcome::Reachable,
                     Verdict::Unreachable(_) => ProbeOutcome::Unreachable,
                     Verdict::CredentialsRejected(_) => ProbeOutcome::CredentialsRejected,
+                    // Nothing was learnt about the peer: record nothing, try again later.
+                    Verdict::NotChecked(_) => return Ok(Some(row)),
                 };
+                // Failures count within the current state only: a state change
+                // (a user reconnecting, say) starts the count again.
                 let failures = match outcome {
                     ProbeOutcome::Reachable => 0,
                     _ => {
                         row.last_probe
                             .as_ref()
+                            .filter(|p| p.time >= row.state_time)
                             .map_or(0, |p| p.consecutive_failures)
                             + 1
                     }
@@ -756,11 +771,23 @@ fn discover(
     if let Err(e) = admitted {
         return Ok(Discovered::Rejected(e));
     }
-    if !n.credential_id.is_empty() && tx.credential(&n.credential_id)?.is_none() {
-        return Ok(Discovered::Rejected(no_such_credential(&n.credential_id)));
+    if !n.credential_id.is_empty()
+        && let Err(e) =
+            usable_credential(tx.credential(&n.credential_id)?, &n.credential_id, &n.kind)
+    {
+        return Ok(Discovered::Rejected(e));
     }
     let mut conn = new_connection(n, kinds, Trigger::System, format!("discovered by {source}"));
     if let Some(existing) = tx.live_by_identity(&conn.identity)? {
+        if existing.kind != conn.kind {
+            return Ok(Discovered::Rejected(Error::invalid(
+                "identity",
+                format!(
+                    "identity {:?} belongs to a {} connection, not {}",
+                    existing.identity, existing.kind, conn.kind
+                ),
+            )));
+        }
         return Ok(match existing.state {
             State::Ignored => Discovered::SuppressedIgnored(existing),
             State::NotFound => Discovered::Rediscovered(apply_transition(
@@ -815,6 +842,8 @@ struct Move {
 #[derive(PartialEq)]
 struct Verified {
     state: State,
+    /// When it entered its state: a state left and entered again is a change.
+    state_time: i64,
     url: String,
     credential_id: String,
 }
@@ -823,6 +852,7 @@ impl Verified {
     fn of(c: &Connection) -> Verified {
         Verified {
             state: c.state,
+            state_time: c.state_time,
             url: c.url.clone(),
             credential_id: c.credential_id.clone(),
         }
@@ -837,13 +867,14 @@ const BATCH_PARALLELISM: usize = 32;
 fn apply_transition(tx: &mut Tx<'_>, kinds: &Kinds, m: Move) -> Result<Connection, Error> {
     let mut c = tx.get(&m.id)?.ok_or_else(|| Error::not_found(&m.id))?;
     check_etag(&c, m.etag.as_deref())?;
+    // Already there (someone else moved it meanwhile): done, not a conflict.
+    if c.state == m.target {
+        return Ok(c);
+    }
     if m.verified.as_ref().is_some_and(|v| *v != Verified::of(&c)) {
         return Err(Error::Conflict {
             id: c.id.to_string(),
         });
-    }
-    if c.state == m.target {
-        return Ok(c);
     }
     // Whether a USER edge needs verification depends only on its target (a
     // lifecycle test pins this), so the caller's decision made against an
@@ -903,8 +934,24 @@ fn invalid_transition(id: &ConnectionId, refusal: RefusalInfo) -> Error {
     }
 }
 
-fn no_such_credential(id: &str) -> Error {
-    Error::invalid("connection.credential_id", format!("no credential {id:?}"))
+/// A connection may use credential `id` only if it exists and is for its kind
+/// (its secret was checked against that kind's schema).
+fn usable_credential(
+    found: Option<crate::store::StoredCredential>,
+    id: &str,
+    kind: &str,
+) -> Result<(), Error> {
+    match found {
+        None => Err(Error::invalid(
+            "connection.credential_id",
+            format!("no credential {id:?}"),
+        )),
+        Some(c) if c.type_ != kind => Err(Error::invalid(
+            "connection.credential_id",
+            format!("credential {id:?} is for kind {}, not {kind}", c.type_),
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 fn already_exists(existing: &Connection) -> Error {
@@ -912,6 +959,11 @@ fn already_exists(existing: &Connection) -> Error {
         identity: existing.identity.clone(),
         existing_id: existing.id.to_string(),
     }
+}
+
+/// A verification that could not run: the caller should retry, nothing moved.
+fn not_checked(detail: String) -> Error {
+    Error::Unavailable(format!("verification could not run; retry: {detail}"))
 }
 
 /// The error, the SYSTEM fallback state and the detail of a failed verification.
@@ -927,15 +979,17 @@ fn failed(c: &Connection, verdict: Verdict) -> (Error, State, String) {
             State::Disconnected,
             format!("credentials rejected: {detail}"),
         ),
-        Verdict::Unreachable(detail) | Verdict::Reachable(detail) => (
-            Error::Unreachable {
-                id,
-                detail: detail.clone(),
-                state: c.state,
-            },
-            State::NotFound,
-            format!("unreachable: {detail}"),
-        ),
+        Verdict::Unreachable(detail) | Verdict::Reachable(detail) | Verdict::NotChecked(detail) => {
+            (
+                Error::Unreachable {
+                    id,
+                    detail: detail.clone(),
+                    state: c.state,
+                },
+                State::NotFound,
+                format!("unreachable: {detail}"),
+            )
+        }
     }
 }
 

@@ -44,7 +44,7 @@ async fn main() -> ExitCode {
         }
     };
     let listen = config.listen;
-    let server = match tether::server::Server::open(config) {
+    let server = match tether::server::Server::open(config).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");

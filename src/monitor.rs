@@ -51,12 +51,11 @@ impl Checker {
         }
     }
 
-    /// What the check saw; `None` when there is nothing to check: the kind
-    /// defines no check, or the connection has no url to check.
+    /// What the check saw; `None` when the kind defines no check (or, for a
+    /// kind without a definition, the url's scheme has none). A kind whose
+    /// check needs a url finds a connection without one unreachable: nothing
+    /// unchecked is ever taken for reachable.
     pub async fn check(&self, c: &Connection) -> Option<ProbeResult> {
-        if c.url.is_empty() {
-            return None;
-        }
         let check = self
             .kinds
             .registry()
@@ -69,11 +68,10 @@ impl Checker {
             match self.credentials.secret(c.credential_id.clone()).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(id = %c.id, error = %e, "cannot open the connection's credential");
+                    // A server-side fault, not the peer's answer.
+                    tracing::warn!(id = %c.id, error = %e, "cannot read the connection's credential");
                     return Some(ProbeResult {
-                        verdict: Verdict::CredentialsRejected(
-                            "the credential cannot be opened with this server's key".into(),
-                        ),
+                        verdict: Verdict::NotChecked("the credential could not be read".into()),
                         latency: Duration::ZERO,
                     });
                 }

@@ -24,6 +24,15 @@ impl SecretBox {
     /// The key from `env_key` (base64) if given, else from `key_file`,
     /// creating that file (0600) with a fresh random key when it does not exist.
     pub fn load_or_create(key_file: &Path, env_key: Option<&str>) -> Result<SecretBox, Error> {
+        match SecretBox::load(key_file, env_key)? {
+            Some(b) => Ok(b),
+            None => SecretBox::from_base64(&create_key_file(key_file)?),
+        }
+    }
+
+    /// The key from `env_key` (base64) if given, else from `key_file`; `None`
+    /// when neither exists.
+    pub fn load(key_file: &Path, env_key: Option<&str>) -> Result<Option<SecretBox>, Error> {
         let encoded = match env_key {
             Some(k) => k.trim().to_owned(),
             None => match std::fs::read_to_string(key_file) {
@@ -31,7 +40,7 @@ impl SecretBox {
                     warn_if_readable_by_others(key_file);
                     text.trim().to_owned()
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key_file(key_file)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => {
                     return Err(Error::Internal(format!(
                         "cannot read the secret key file {}: {e}",
@@ -40,6 +49,10 @@ impl SecretBox {
                 }
             },
         };
+        SecretBox::from_base64(&encoded).map(Some)
+    }
+
+    fn from_base64(encoded: &str) -> Result<SecretBox, Error> {
         let key = base64::engine::general_purpose::STANDARD
             .decode(encoded.as_bytes())
             .ok()

@@ -47,15 +47,19 @@ impl Server {
     /// Checks the configuration, loads the connection definitions and the
     /// secret key, and opens (creating or migrating) the database. Fails if a
     /// definition file is bad or another process has the database open.
-    pub fn open(config: Config) -> Result<Server, Error> {
+    pub async fn open(config: Config) -> Result<Server, Error> {
         config.validate()?;
         let registry =
             Registry::load(&config.models).map_err(|e| Error::invalid("models", e.to_string()))?;
-        let env_key = std::env::var("TETHER_SECRET_KEY")
-            .ok()
-            .filter(|k| !k.is_empty());
-        let secrets = SecretBox::load_or_create(&config.secret_key_path(), env_key.as_deref())?;
         let store = Store::open(&config.db_path(), config.store_config())?;
+        let secrets = match open_secrets(&config, &store).await {
+            Ok(s) => s,
+            Err(e) => {
+                let closing = store.clone();
+                let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+                return Err(e);
+            }
+        };
         tracing::info!(
             kinds = registry.list(None, None).len(),
             "definitions loaded"
@@ -91,8 +95,59 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    Server::open(config)?.serve(listener, shutdown).await
+    Server::open(config).await?.serve(listener, shutdown).await
 }
+
+/// The secret key, checked against the database: a database that holds
+/// secrets only opens with the key that sealed them, and never gets a new key
+/// made for it. A fresh database gets the key (made if need be) recorded.
+async fn open_secrets(config: &Config, store: &Store) -> Result<SecretBox, Error> {
+    let path = config.secret_key_path();
+    let env_key = std::env::var("TETHER_SECRET_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    let recorded = store.read(|c| crate::store::query::key_check(c)).await?;
+    let source = if env_key.is_some() {
+        "TETHER_SECRET_KEY".to_owned()
+    } else {
+        path.display().to_string()
+    };
+    match (SecretBox::load(&path, env_key.as_deref())?, recorded) {
+        (Some(secrets), Some((nonce, sealed))) => {
+            secrets.open(KEY_CHECK, &nonce, &sealed).map_err(|_| {
+                Error::invalid(
+                    "secret key",
+                    format!(
+                        "the key in {source} does not open this database's secrets; \
+                         use the key it was created with"
+                    ),
+                )
+            })?;
+            Ok(secrets)
+        }
+        (None, Some(_)) => Err(Error::invalid(
+            "secret key",
+            format!(
+                "this database's secrets are sealed with a key, but there is none at {source}; \
+                 restore the key"
+            ),
+        )),
+        (found, None) => {
+            let secrets = match found {
+                Some(s) => s,
+                None => SecretBox::load_or_create(&path, None)?,
+            };
+            let (nonce, sealed) = secrets.seal(KEY_CHECK, &serde_json::Map::new())?;
+            store
+                .write(move |tx| tx.set_key_check(&nonce, &sealed))
+                .await?;
+            Ok(secrets)
+        }
+    }
+}
+
+/// The id the key check is sealed under (no credential has it: theirs are UUIDs).
+const KEY_CHECK: &str = "tether-key-check";
 
 async fn serve(
     server: &Server,

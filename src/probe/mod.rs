@@ -43,13 +43,19 @@ pub enum Verdict {
     /// UNAUTHENTICATED/PERMISSION_DENIED), or the credentials cannot be used
     /// at all (a malformed PEM, a token that cannot be sent in a header).
     CredentialsRejected(String),
+    /// The check could not run at all (no free probe slot in time, the
+    /// credential could not be read): says nothing about the peer.
+    NotChecked(String),
 }
 
 impl Verdict {
     /// The detail, whatever the outcome.
     pub fn detail(&self) -> &str {
         match self {
-            Verdict::Reachable(d) | Verdict::Unreachable(d) | Verdict::CredentialsRejected(d) => d,
+            Verdict::Reachable(d)
+            | Verdict::Unreachable(d)
+            | Verdict::CredentialsRejected(d)
+            | Verdict::NotChecked(d) => d,
         }
     }
 }

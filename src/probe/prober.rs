@@ -72,7 +72,7 @@ impl Prober {
 
         let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, self.permits.acquire()).await
         else {
-            return not_started(Verdict::Unreachable(format!(
+            return not_started(Verdict::NotChecked(format!(
                 "not checked: all {} probe slots stayed busy for the whole {} ms timeout",
                 self.concurrency,
                 self.timeout.as_millis()

@@ -85,6 +85,14 @@ const MIGRATIONS: &[&str] = &[
         create_time INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX credentials_by_create ON credentials (create_time, id);
+
+    -- An empty object sealed with the server's key when the database was first
+    -- opened, so a wrong key is noticed at start, not at the first probe.
+    CREATE TABLE key_check (
+        id     INTEGER PRIMARY KEY CHECK (id = 1),
+        nonce  BLOB NOT NULL,
+        sealed BLOB NOT NULL
+    ) STRICT;
     CREATE INDEX connections_by_credential ON connections (credential_id) WHERE credential_id <> '';
     "#,
 ];

@@ -147,6 +147,14 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Records the sealed key check (once per database).
+    pub fn set_key_check(&self, nonce: &[u8], sealed: &[u8]) -> Result<(), Error> {
+        self.sql
+            .prepare_cached("INSERT INTO key_check (id, nonce, sealed) VALUES (1, ?1, ?2)")?
+            .execute(params![nonce, sealed])?;
+        Ok(())
+    }
+
     pub fn insert_credential(&self, c: &StoredCredential) -> Result<(), Error> {
         self.sql
             .prepare_cached(

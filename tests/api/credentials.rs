@@ -587,23 +587,37 @@ async fn a_database_copied_without_its_key_yields_no_secret() {
             std::fs::copy(&from, copy.path().join(file)).unwrap();
         }
     }
-    let stolen = App::start_in(copy.clone(), |_| {}).await;
-    let mut c = stolen.client.clone();
-    let r = transition(&mut c, &made.id, S::Registered).await;
-    let status = r.expect_err("the secret cannot be opened");
-    let (code, reason, _) = error_info(&status);
-    assert_eq!(
-        (code, reason.as_str()),
-        (Code::FailedPrecondition, "CREDENTIALS_REJECTED"),
-        "{status:?}"
+    // Without the key the copy does not even start: no new key is made for a
+    // database that holds secrets, and another key is refused.
+    let mut config = test_config();
+    config.db = Some(copy.path().join("tether.db"));
+    let err = tether::server::Server::open(config.clone())
+        .await
+        .err()
+        .expect("no key, no start");
+    assert!(err.to_string().contains("restore the key"), "{err}");
+    assert!(
+        !copy.path().join("tether.key").exists(),
+        "no key was made up"
     );
+    let other = tempfile::tempdir().unwrap();
+    config.secret_key_file = Some(other.path().join("other.key"));
+    std::fs::write(
+        other.path().join("other.key"),
+        base64::engine::general_purpose::STANDARD.encode([9u8; 32]),
+    )
+    .unwrap();
+    let err = tether::server::Server::open(config)
+        .await
+        .err()
+        .expect("a wrong key, no start");
+    assert!(err.to_string().contains("does not open"), "{err}");
     assert!(
         peer.seen()
             .iter()
             .all(|r| r.authorization.as_deref() != Some("Bearer copied-token")),
         "the copy never sent the secret"
     );
-    stolen.stop().await.unwrap();
 
     // With its own key the original still works.
     let app = App::start_in(dir, |_| {}).await;

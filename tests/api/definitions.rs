@@ -336,19 +336,19 @@ async fn a_definition_may_replace_a_builtin_of_the_same_kind_in_place() {
 }
 
 /// `Server::open` with `dir` as the only models folder: the error text.
-fn open_error(dir: &tempfile::TempDir) -> String {
+async fn open_error(dir: &tempfile::TempDir) -> String {
     let db = tempfile::tempdir().unwrap();
     let mut config = test_config();
     config.db = Some(db.path().join("tether.db"));
     config.models = vec![dir.path().to_path_buf()];
-    match tether::server::Server::open(config) {
+    match tether::server::Server::open(config).await {
         Ok(_) => panic!("a bad definition file must stop the server"),
         Err(e) => e.to_string(),
     }
 }
 
-#[test]
-fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
+#[tokio::test]
+async fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
     // A field no definition has, on line 5.
     let unknown_field = models_dir(&[(
         "bad.yaml",
@@ -358,7 +358,7 @@ fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
              type: device\n    \
              colour: red\n",
     )]);
-    let e = open_error(&unknown_field);
+    let e = open_error(&unknown_field).await;
     assert!(e.contains("bad.yaml:5"), "{e}");
     assert!(e.contains("colour"), "says what is wrong: {e}");
 
@@ -367,7 +367,7 @@ fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
         "bad.yaml",
         "model: custom\nconnections:\n  - kind: Not A Name\n",
     )]);
-    let e = open_error(&bad_name);
+    let e = open_error(&bad_name).await;
     assert!(e.contains("bad.yaml:3"), "{e}");
     assert!(e.contains("invalid name"), "{e}");
 
@@ -380,7 +380,7 @@ fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
            - kind: orphan\n    \
              extends: nothing-here\n",
     )]);
-    let e = open_error(&dangling);
+    let e = open_error(&dangling).await;
     assert!(e.contains("bad.yaml:4"), "{e}");
     assert!(e.contains("nothing-here"), "{e}");
 
@@ -393,7 +393,7 @@ fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
              transitions:\n      \
                DISCOVERED: [CONNECTED]\n",
     )]);
-    let e = open_error(&wider);
+    let e = open_error(&wider).await;
     assert!(e.contains("bad.yaml:3"), "{e}");
     assert!(e.contains("CONNECTED"), "{e}");
 
@@ -405,7 +405,7 @@ fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
            - kind: my-prometheus\n    \
              extends: prometheus\n",
     )]);
-    let e = open_error(&foreign);
+    let e = open_error(&foreign).await;
     assert!(e.contains("bad.yaml:3"), "{e}");
     assert!(e.contains("model prometheus"), "{e}");
 
@@ -418,7 +418,7 @@ fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
            - kind: broken\n    \
              metadata_schema: {type: 12}\n",
     )]);
-    let e = open_error(&schema);
+    let e = open_error(&schema).await;
     assert!(e.contains("bad.yaml:4"), "{e}");
     assert!(e.contains("metadata_schema"), "{e}");
 
@@ -427,7 +427,7 @@ fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
         "bad.json",
         "{\n  \"model\": \"custom\",\n  \"connections\": [\n    {\"kind\": \"x\",}\n  ]\n}\n",
     )]);
-    let e = open_error(&json);
+    let e = open_error(&json).await;
     assert!(e.contains("bad.json:4"), "{e}");
 
     // A good folder opens.
@@ -436,7 +436,7 @@ fn a_bad_definition_file_is_refused_at_start_with_its_file_and_line() {
     let mut config = test_config();
     config.db = Some(db.path().join("tether.db"));
     config.models = vec![good.path().to_path_buf()];
-    assert!(tether::server::Server::open(config).is_ok());
+    assert!(tether::server::Server::open(config).await.is_ok());
 }
 
 const APPLIANCE: &str = "\

@@ -228,12 +228,15 @@ async fn one_database_serves_one_process() {
     let mut config = test_config();
     config.db = Some(app.db_path());
     let second = tether::server::Server::open(config.clone())
+        .await
         .err()
         .expect("refused while in use");
     assert!(second.to_string().contains("in use"), "{second}");
     app.stop().await.unwrap();
     // Free again once the first has stopped.
-    let server = tether::server::Server::open(config).expect("opens after the first stopped");
+    let server = tether::server::Server::open(config)
+        .await
+        .expect("opens after the first stopped");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     server.serve(listener, async {}).await.unwrap();
 }
@@ -250,7 +253,10 @@ async fn settings_that_would_spin_or_flood_are_refused() {
         let mut config = test_config();
         config.db = Some(dir.path().join("t.db"));
         tweak(&mut config);
-        let err = tether::server::Server::open(config).err().expect("refused");
+        let err = tether::server::Server::open(config)
+            .await
+            .err()
+            .expect("refused");
         assert!(
             matches!(err, tether::Error::InvalidArgument { .. }),
             "{err}"

@@ -95,7 +95,7 @@ async fn resume_delivers_every_later_change_once_in_order() {
     let mark = a.revision;
     let b = create(&mut c, conn("http", "")).await;
     transition(&mut c, &a.id, S::Ignored).await.unwrap();
-    transition(&mut c, &b.id, S::Registered).await.unwrap();
+    moved(&mut c, &b.id, S::Registered).await;
     let mut s = watch(
         &mut c,
         pb::WatchConnectionsRequest {
@@ -159,7 +159,7 @@ async fn filters_report_entering_as_added_and_leaving_as_removed() {
     assert_eq!(kind(&next(&mut s).await), W::Synced, "nothing matches yet");
     transition(&mut c, &other.id, S::Ignored).await.unwrap(); // wrong kind: unseen
     transition(&mut c, &x.id, S::Ignored).await.unwrap(); // enters
-    transition(&mut c, &x.id, S::Registered).await.unwrap(); // stays
+    moved(&mut c, &x.id, S::Registered).await; // stays
     transition(&mut c, &x.id, S::Maintenance).await.unwrap(); // leaves
     let seen: Vec<(W, String)> = [next(&mut s).await, next(&mut s).await, next(&mut s).await]
         .iter()
@@ -213,7 +213,7 @@ async fn pruned_history_is_out_of_range() {
         S::Ignored,
         S::Registered,
     ] {
-        transition(&mut c, &x.id, s).await.unwrap();
+        moved(&mut c, &x.id, s).await;
     }
     // Revisions 1..=6; only the last 3 are kept.
     let r = watch(
@@ -332,7 +332,7 @@ async fn resume_works_across_a_restart() {
 
     let app = App::start_in(dir, |_| {}).await;
     let mut c = app.client.clone();
-    transition(&mut c, &x.id, S::Registered).await.unwrap();
+    moved(&mut c, &x.id, S::Registered).await;
     let mut s = watch(
         &mut c,
         pb::WatchConnectionsRequest {
