@@ -537,8 +537,11 @@ pub fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connection>, Err
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
+/// A sealed value: (nonce, ciphertext).
+pub type Sealed = (Vec<u8>, Vec<u8>);
+
 /// The sealed key check, if the database has one.
-pub fn key_check(c: &rusqlite::Connection) -> Result<Option<(Vec<u8>, Vec<u8>)>, Error> {
+pub fn key_check(c: &rusqlite::Connection) -> Result<Option<Sealed>, Error> {
     let mut stmt = c.prepare_cached("SELECT nonce, sealed FROM key_check WHERE id = 1")?;
     Ok(stmt
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
