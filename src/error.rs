@@ -49,6 +49,9 @@ pub enum Error {
     #[error("credential {id} is used by connection {connection_id}")]
     CredentialInUse { id: String, connection_id: String },
 
+    #[error("no definition of kind {kind:?}")]
+    DefinitionNotFound { kind: String },
+
     /// The connection's kind has no definition and unknown kinds are not allowed.
     #[error("kind {kind:?} has no definition; known kinds: {known}")]
     UnknownKind { kind: String, known: String },

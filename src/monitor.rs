@@ -154,46 +154,64 @@ impl Monitor {
     pub async fn run(self, stopping: CancellationToken) {
         let mut live = self.store.subscribe();
         let mut schedule = Schedule::default();
-        self.resync(&mut schedule, true).await;
-        let mut running: JoinSet<(Connection, Option<Connection>)> = JoinSet::new();
+        // A failed (re)load is retried: the schedule must not stay empty.
+        let mut resync_at = (!self.resync(&mut schedule, true).await).then(retry_soon);
+        let mut running: JoinSet<ConnectionId> = JoinSet::new();
         loop {
             tokio::select! {
                 _ = stopping.cancelled() => break,
+                _ = sleep_until_some(resync_at) => {
+                    resync_at = (!self.resync(&mut schedule, false).await).then(retry_soon);
+                }
                 Some(due) = schedule.queue.next(), if running.len() < self.config.concurrency => {
                     let id = due.into_inner();
                     schedule.keys.remove(&id);
-                    let Ok(Some(c)) = self.engine_get(&id).await else { continue };
-                    if !monitored(&c) {
-                        continue;
-                    }
-                    schedule.running.insert(id);
+                    let c = match self.engine_get(&id).await {
+                        Ok(Some(c)) if monitored(&c) => c,
+                        Ok(_) => continue,
+                        Err(e) => {
+                            // Keep it: a read failing now says nothing about the peer.
+                            tracing::warn!(%id, error = %e, "cannot read a connection to probe");
+                            schedule.put(id, self.config.interval);
+                            continue;
+                        }
+                    };
+                    schedule.running.insert(id.clone());
                     let (engine, checker, threshold) =
                         (self.engine.clone(), self.checker.clone(), self.config.failure_threshold);
                     running.spawn(async move {
-                        let result = checker.check(&c).await;
-                        let after = engine.apply_probe(&c, result, threshold).await.unwrap_or_else(|e| {
-                            tracing::warn!(id = %c.id, error = %e, "probe result not applied");
-                            None
+                        // A panic in a probe must not lose the connection's place.
+                        let probe = std::panic::AssertUnwindSafe(async {
+                            let result = checker.check(&c).await;
+                            if let Err(e) = engine.apply_probe(&c, result, threshold).await {
+                                tracing::warn!(id = %c.id, error = %e, "probe result not applied");
+                            }
                         });
-                        (c, after)
+                        if futures::FutureExt::catch_unwind(probe).await.is_err() {
+                            tracing::error!(id = %c.id, "a probe panicked");
+                        }
+                        c.id
                     });
                 }
                 Some(done) = running.join_next() => {
-                    let Ok((before, after)) = done else { continue };
-                    schedule.running.remove(&before.id);
-                    // The result may have been overtaken; look at the row as it is.
-                    let now = match after {
-                        Some(c) => Some(c),
-                        None => self.engine_get(&before.id).await.ok().flatten(),
-                    };
-                    if let Some(c) = now.filter(monitored) {
-                        let delay = self.delay(&c, false);
-                        schedule.put(c.id, delay);
+                    let Ok(id) = done else { continue };
+                    schedule.running.remove(&id);
+                    // Events that came in while it ran were passed over: look at
+                    // the row as it is now.
+                    match self.engine_get(&id).await {
+                        Ok(Some(c)) if monitored(&c) => {
+                            let delay = self.delay(&c, false);
+                            schedule.put(id, delay);
+                        }
+                        Ok(_) => {}
+                        Err(_) => schedule.put(id, self.config.interval),
                     }
                 }
                 event = live.recv() => match event {
                     Ok(e) => self.on_change(&mut schedule, &e.connection),
-                    Err(RecvError::Lagged(_)) => self.resync(&mut schedule, false).await,
+                    Err(RecvError::Lagged(_)) => {
+                        resync_at = (!self.resync(&mut schedule, false).await).then(retry_soon);
+                    }
                     Err(RecvError::Closed) => break,
                 },
             }
@@ -220,13 +238,13 @@ impl Monitor {
     }
 
     /// Brings the schedule in line with the database (at start, and after
-    /// missing published events).
-    async fn resync(&self, schedule: &mut Schedule, first: bool) {
+    /// missing published events); whether it could.
+    async fn resync(&self, schedule: &mut Schedule, first: bool) -> bool {
         let candidates = match self.store.read(|c| query::probe_candidates(c)).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot load connections to monitor");
-                return;
+                tracing::warn!(error = %e, "cannot load connections to monitor; retrying");
+                return false;
             }
         };
         let wanted: HashSet<_> = candidates
@@ -250,6 +268,19 @@ impl Monitor {
             }
         }
         tracing::debug!(monitored = wanted.len(), "monitor schedule loaded");
+        true
+    }
+}
+
+fn retry_soon() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(1)
+}
+
+/// Completes at `at`, or never when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -103,7 +103,10 @@ impl TryFrom<String> for Interval {
 
     fn try_from(s: String) -> Result<Self, String> {
         match humantime::parse_duration(&s) {
-            Ok(d) if d.is_zero() => Err("probe_interval must be more than zero".into()),
+            // Faster than this is a busy loop against the peer, not monitoring.
+            Ok(d) if d < std::time::Duration::from_millis(100) => {
+                Err("probe_interval must be at least 100ms".into())
+            }
             Ok(d) => Ok(Interval(d)),
             Err(e) => Err(format!("invalid probe_interval {s:?}: {e}")),
         }

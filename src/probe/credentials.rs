@@ -184,6 +184,18 @@ impl Scrubber {
         let mut values = Vec::new();
         if let Some(secret) = secret {
             secret.values().for_each(|v| collect(v, &mut values));
+            // What goes on the wire is encoded too: a peer echoing the basic
+            // auth header, or any value in base64, must not leak it either.
+            use base64::Engine as _;
+            let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+            if let (Some(u), Some(p)) = (
+                secret.get("username").and_then(|v| v.as_str()),
+                secret.get("password").and_then(|v| v.as_str()),
+            ) {
+                values.push(b64(&format!("{u}:{p}")));
+            }
+            let encoded: Vec<String> = values.iter().map(|v| b64(v)).collect();
+            values.extend(encoded);
         }
         // Longest first, so a secret containing another is replaced whole.
         values.sort_by_key(|s| std::cmp::Reverse(s.len()));
@@ -274,5 +286,20 @@ mod tests {
             "saw <redacted> and <redacted>"
         );
         assert_eq!(s.clean(&"é".repeat(400)).chars().count(), 151);
+    }
+
+    #[test]
+    fn scrubber_replaces_encoded_secrets_too() {
+        use base64::Engine as _;
+        let s = Scrubber::new(Some(&secret(serde_json::json!({
+            "username": "alice", "password": "pw-77"
+        }))));
+        let basic = base64::engine::general_purpose::STANDARD.encode("alice:pw-77");
+        let alone = base64::engine::general_purpose::STANDARD.encode("pw-77");
+        let cleaned = s.clean(&format!("peer said: Basic {basic} ({alone})"));
+        assert!(
+            !cleaned.contains(&basic) && !cleaned.contains(&alone),
+            "{cleaned}"
+        );
     }
 }

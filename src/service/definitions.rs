@@ -41,10 +41,10 @@ impl pb::definition_service_server::DefinitionService for DefinitionService {
         request: Request<pb::GetDefinitionRequest>,
     ) -> Result<Response<pb::Definition>, Status> {
         let kind = &request.get_ref().kind;
-        let d = self.registry.get(kind).ok_or_else(|| Error::UnknownKind {
-            kind: kind.clone(),
-            known: known_kinds(&self.registry),
-        })?;
+        let d = self
+            .registry
+            .get(kind)
+            .ok_or_else(|| Error::DefinitionNotFound { kind: kind.clone() })?;
         Ok(Response::new(definition_to_pb(d)))
     }
 }
@@ -85,14 +85,4 @@ fn definition_to_pb(d: &Definition) -> pb::Definition {
         probe_interval: d.probe_interval.map(duration),
         extends: d.extends.clone().unwrap_or_default(),
     }
-}
-
-/// Every kind the registry knows, for error messages.
-pub fn known_kinds(registry: &Registry) -> String {
-    registry
-        .list(None, None)
-        .iter()
-        .map(|d| d.kind.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -942,6 +942,11 @@ fn classify(e: &Error) -> (tonic::Code, &'static str, Vec<(&'static str, String)
             "CREDENTIAL_IN_USE",
             vec![("id", id.clone()), ("connection_id", connection_id.clone())],
         ),
+        Error::DefinitionNotFound { kind } => (
+            Code::NotFound,
+            "DEFINITION_NOT_FOUND",
+            vec![("kind", kind.clone())],
+        ),
         Error::UnknownKind { kind, .. } => (
             Code::InvalidArgument,
             "UNKNOWN_KIND",

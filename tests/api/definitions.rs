@@ -175,13 +175,13 @@ async fn definitions_filter_by_model_and_kind() {
 }
 
 #[tokio::test]
-async fn get_definition_of_an_unknown_kind_is_invalid_argument() {
+async fn get_definition_of_an_unknown_kind_is_not_found() {
     let app = App::start().await;
     let mut d = definitions(&app);
     let meta = assert_error(
         get_def(&mut d, "no-such-kind").await,
-        Code::InvalidArgument,
-        "UNKNOWN_KIND",
+        Code::NotFound,
+        "DEFINITION_NOT_FOUND",
     );
     assert_eq!(meta["kind"], "no-such-kind");
     // Allowing unknown kinds for connections does not invent definitions.
@@ -189,8 +189,8 @@ async fn get_definition_of_an_unknown_kind_is_invalid_argument() {
     let mut d = definitions(&lax);
     assert_error(
         get_def(&mut d, "no-such-kind").await,
-        Code::InvalidArgument,
-        "UNKNOWN_KIND",
+        Code::NotFound,
+        "DEFINITION_NOT_FOUND",
     );
 }
 
