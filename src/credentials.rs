@@ -149,13 +149,6 @@ impl Credentials {
             .await
     }
 
-    /// Whether credential `id` exists.
-    pub async fn exists(&self, id: String) -> Result<bool, Error> {
-        self.store
-            .read(move |c| Ok(query::credential(c, &id)?.is_some()))
-            .await
-    }
-
     /// The decrypted secret of credential `id`, for a check to use.
     pub async fn secret(&self, id: String) -> Result<Option<Secret>, Error> {
         let row = self.store.read(move |c| query::credential(c, &id)).await?;

@@ -118,10 +118,6 @@ impl Engine {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     pub async fn get(&self, id: ConnectionId) -> Result<Connection, Error> {
         self.store
             .read(move |c| query::get(c, &id)?.ok_or_else(|| Error::not_found(&id)))
