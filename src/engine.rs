@@ -786,19 +786,37 @@ fn discover(
         }
         return Ok(match existing.state {
             State::Ignored => Discovered::SuppressedIgnored(existing),
-            State::NotFound => Discovered::Rediscovered(apply_transition(
-                tx,
-                kinds,
-                Move {
-                    id: existing.id,
-                    target: State::Discovered,
-                    trigger: Trigger::System,
-                    reason: format!("reported again by {source}"),
-                    actor: source.to_owned(),
-                    etag: None,
-                    verified: None,
-                },
-            )?),
+            State::NotFound => {
+                // Found again, perhaps somewhere else: verify it where it was
+                // reported, not where it could not be found.
+                let mut found = existing;
+                if !conn.url.is_empty() && conn.url != found.url {
+                    found.url = std::mem::take(&mut conn.url);
+                    tx.record(
+                        &mut found,
+                        EventDraft {
+                            type_: EventType::Updated,
+                            from_state: State::NotFound,
+                            trigger: Trigger::System,
+                            reason: format!("url reported by {source}"),
+                            actor: source.to_owned(),
+                        },
+                    )?;
+                }
+                Discovered::Rediscovered(apply_transition(
+                    tx,
+                    kinds,
+                    Move {
+                        id: found.id,
+                        target: State::Discovered,
+                        trigger: Trigger::System,
+                        reason: format!("reported again by {source}"),
+                        actor: source.to_owned(),
+                        etag: None,
+                        verified: None,
+                    },
+                )?)
+            }
             _ => Discovered::Unchanged(existing),
         });
     }

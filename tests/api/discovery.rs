@@ -422,3 +422,46 @@ async fn an_item_without_identity_or_url_is_rejected_not_duplicated() {
     }
     assert_eq!(total(&mut c, true).await, 1, "only the tcp one, once");
 }
+
+#[tokio::test]
+async fn a_rediscovered_connection_takes_the_url_it_was_found_at() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let closed = ClosedPort::new();
+    let open = OpenPort::new().await;
+    let at = |url: &str| pb::Connection {
+        identity: "cluster-uid-42".into(),
+        ..found("tcp", url)
+    };
+    let made = report_ok(&mut c, vec![at(&closed.url())]).await;
+    let id = connection(&made[0]).id.clone();
+    let r = transition(&mut c, &id, S::Registered).await;
+    assert_error(r, Code::FailedPrecondition, "CONNECTION_UNREACHABLE");
+
+    // Found again, at another address: that is where it is checked now.
+    let r = report_ok(&mut c, vec![at(&open.url())]).await;
+    assert_eq!(outcomes(&r), [O::Rediscovered]);
+    let back = connection(&r[0]);
+    assert_eq!(
+        (back.id.as_str(), back.url.as_str()),
+        (id.as_str(), open.url().as_str())
+    );
+    let steps: Vec<(i32, i32)> = events_of(&mut c, &id)
+        .await
+        .iter()
+        .rev()
+        .take(2)
+        .map(|e| (e.r#type, e.to_state))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (pb::EventType::Transitioned as i32, S::Discovered as i32),
+            (pb::EventType::Updated as i32, S::NotFound as i32),
+        ]
+    );
+    let registered = transition(&mut c, &id, S::Registered)
+        .await
+        .expect("reachable where it was found");
+    assert_eq!(registered.state, S::Registered as i32);
+}
