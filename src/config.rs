@@ -138,6 +138,21 @@ pub struct Config {
     /// After a shutdown signal, how long open calls may take to finish.
     #[arg(long, env = "TETHER_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
+
+    /// Access file: bearer tokens (as SHA-256 digests) and client-certificate
+    /// principals, with their roles and owner scopes. Without it,
+    /// authentication is off and every caller is the anonymous admin (allowed
+    /// only on a loopback address, unless --insecure).
+    #[arg(long, env = "TETHER_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Calls per second each principal may make (bursts of as many); 0: no limit.
+    #[arg(long, env = "TETHER_RATE_LIMIT", default_value_t = 1000)]
+    pub rate_limit: u32,
+
+    /// Watch streams each principal may hold open at once.
+    #[arg(long, env = "TETHER_MAX_WATCHES", default_value_t = 100)]
+    pub max_watches: usize,
 }
 
 impl Default for Config {
@@ -189,6 +204,7 @@ impl Config {
             ("max-batch", self.max_batch),
             ("max-discovery-report", self.max_discovery_report),
             ("read-pool", self.read_pool),
+            ("max-watches", self.max_watches),
         ];
         for (flag, n) in counts {
             if n == 0 {
@@ -271,6 +287,7 @@ impl Config {
             default_events_page_size: self.default_events_page_size.min(self.max_page_size),
             max_batch: self.max_batch,
             max_discovery_report: self.max_discovery_report,
+            max_watches: self.max_watches,
         }
     }
 }

@@ -193,6 +193,19 @@ pub mod limits {
 }
 
 /// Checks that `value` is at most `max` bytes.
+/// `s` cut to at most `max` bytes on a character boundary, marked with `…`
+/// when cut: for echoing a client's value in a message.
+pub fn shorten(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), Error> {
     if value.len() > max {
         return Err(Error::invalid(

@@ -1,10 +1,17 @@
 //! Credentials: secrets the server uses to reach connections, sealed at rest.
 //!
 //! Write-only by construction: [`CredentialInfo`], the only view that leaves
-//! this module for clients, has no secret in it; [`Credentials::secret`] is
-//! for the checks that use one. Validation errors name the offending field of
-//! a secret but never repeat its value.
+//! this module for clients, has no secret in it; [`Credentials::secret_for`]
+//! is for the checks that use one. Validation errors name the offending field
+//! of a secret but never repeat its value.
+//!
+//! Custody: every credential names the hosts it may be sent to, and
+//! [`custody`] is the one rule for where a secret may go: only to those hosts,
+//! and never over cleartext (`http://`, plaintext `grpc://`). The engine asks
+//! it whenever a credential and a url meet; the checker asks it again before
+//! anything is sent.
 
+use crate::access::Scope;
 use crate::connection::{Micros, check_len, limits, parse_kind};
 use crate::error::Error;
 use crate::kinds::Kinds;
@@ -22,6 +29,7 @@ pub struct CredentialInfo {
     pub type_: String,
     pub owner: String,
     pub create_time: Micros,
+    pub allowed_hosts: Vec<String>,
 }
 
 impl From<&StoredCredential> for CredentialInfo {
@@ -32,6 +40,7 @@ impl From<&StoredCredential> for CredentialInfo {
             type_: c.type_.clone(),
             owner: c.owner.clone(),
             create_time: c.create_time,
+            allowed_hosts: c.allowed_hosts.clone(),
         }
     }
 }
@@ -40,7 +49,76 @@ pub struct NewCredential {
     pub name: String,
     pub type_: String,
     pub secret: Secret,
+    /// Already settled by the caller's scope.
     pub owner: String,
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Most host patterns one credential may name.
+const MAX_HOSTS: usize = 64;
+
+/// Checks a host pattern: a host name, `*.` and a domain (its subdomains,
+/// not the domain itself), an IPv4 address or a bracketed IPv6 address.
+/// Lowercased; no scheme, port, path or other wildcard.
+pub fn parse_host_pattern(field: &str, p: &str) -> Result<String, Error> {
+    let bad = |why: &str| Error::invalid(field, format!("{:?}: {why}", crate::connection::shorten(p, 100)));
+    let lower = p.trim().to_ascii_lowercase();
+    let host = lower.strip_prefix("*.").unwrap_or(&lower);
+    if host.is_empty() {
+        return Err(bad("is empty"));
+    }
+    if host.contains('*') {
+        return Err(bad("only a leading \"*.\" wildcard is allowed"));
+    }
+    // The url crate's host parser is the one urls are read with, so a
+    // pattern means what a url's host means.
+    match url::Host::parse(host) {
+        Ok(url::Host::Domain(d)) if d == host && !host.contains(':') => {}
+        Ok(url::Host::Ipv4(a)) if a.to_string() == host && !lower.starts_with("*.") => {}
+        Ok(url::Host::Ipv6(_)) if host.starts_with('[') && !lower.starts_with("*.") => {}
+        _ => return Err(bad("is not a host name or address (no scheme, port or path)")),
+    }
+    Ok(lower)
+}
+
+/// Whether `host` (as the url crate prints it, lowercase) matches `pattern`.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(domain) => host
+            .strip_suffix(domain)
+            .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+        None => pattern == host,
+    }
+}
+
+/// The one rule for where a credential's secret may go: `url` must use a
+/// scheme that encrypts (no `http://`, no plaintext `grpc://`) and name a
+/// host the credential allows. A connection without a url sends nothing.
+pub fn custody(allowed_hosts: &[String], url: &str) -> Result<(), String> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    let parsed = url::Url::parse(url).map_err(|_| "the url cannot be parsed".to_owned())?;
+    if matches!(parsed.scheme(), "http" | "grpc") {
+        return Err(format!(
+            "a credential is never sent over cleartext ({}://); use {}",
+            parsed.scheme(),
+            if parsed.scheme() == "http" { "https://" } else { "grpcs://" }
+        ));
+    }
+    let host = parsed.host_str().unwrap_or("").to_ascii_lowercase();
+    if allowed_hosts.iter().any(|p| host_matches(p, &host)) {
+        return Ok(());
+    }
+    Err(if allowed_hosts.is_empty() {
+        "the credential names no host it may be sent to; create it again with allowed_hosts".to_owned()
+    } else {
+        format!(
+            "the credential may not be sent to {}; it allows {}",
+            crate::connection::shorten(&host, 100),
+            allowed_hosts.join(", ")
+        )
+    })
 }
 
 /// Where a credential listing goes on from.
@@ -72,6 +150,24 @@ impl Credentials {
         if n.secret.is_empty() {
             return Err(Error::invalid("secret", "is required"));
         }
+        if n.allowed_hosts.is_empty() {
+            return Err(Error::invalid(
+                "allowed_hosts",
+                "is required: name the hosts (or *.domain patterns) the secret may be sent to",
+            ));
+        }
+        if n.allowed_hosts.len() > MAX_HOSTS {
+            return Err(Error::invalid(
+                "allowed_hosts",
+                format!("has {} entries, the limit is {MAX_HOSTS}", n.allowed_hosts.len()),
+            ));
+        }
+        let allowed_hosts = n
+            .allowed_hosts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| parse_host_pattern(&format!("allowed_hosts[{i}]"), p))
+            .collect::<Result<Vec<_>, _>>()?;
         let size = serde_json::to_vec(&n.secret)
             .map(|v| v.len())
             .unwrap_or(usize::MAX);
@@ -100,6 +196,7 @@ impl Credentials {
             nonce,
             sealed,
             create_time: 0,
+            allowed_hosts,
         };
         self.store
             .write(move |tx| {
@@ -111,15 +208,18 @@ impl Credentials {
             .await
     }
 
-    /// A page of credentials in creation order, and where the next starts.
+    /// A page of the credentials `scope` sees, in creation order, and where
+    /// the next starts.
     pub async fn list(
         &self,
         after: Option<CredentialCursor>,
         limit: usize,
+        scope: &Scope,
     ) -> Result<(Vec<CredentialInfo>, Option<CredentialCursor>), Error> {
+        let owners = scope.owners();
         let rows = self
             .store
-            .read(move |c| query::credentials(c, after, limit + 1))
+            .read(move |c| query::credentials(c, after, limit + 1, owners.as_deref()))
             .await?;
         let more = rows.len() > limit;
         let infos: Vec<CredentialInfo> =
@@ -130,11 +230,13 @@ impl Credentials {
         Ok((infos, next))
     }
 
-    /// Deletes a credential no live connection uses.
-    pub async fn delete(&self, id: String) -> Result<(), Error> {
+    /// Deletes a credential no live connection uses; one outside `scope` is
+    /// not found.
+    pub async fn delete(&self, id: String, scope: &Scope) -> Result<(), Error> {
+        let scope = scope.clone();
         self.store
             .write(move |tx| {
-                if tx.credential(&id)?.is_none() {
+                if !tx.credential(&id)?.is_some_and(|c| scope.sees(&c.owner)) {
                     return Err(Error::CredentialNotFound { id });
                 }
                 if let Some(user) = tx.credential_user(&id, None)? {
@@ -149,10 +251,67 @@ impl Credentials {
             .await
     }
 
-    /// The decrypted secret of credential `id`, for a check to use.
-    pub async fn secret(&self, id: String) -> Result<Option<Secret>, Error> {
+    /// The decrypted secret of credential `id`, for a check of `url` to use:
+    /// `Ok(Err(why))` when [`custody`] forbids sending it there, `Ok(Ok(None))`
+    /// when the credential is gone.
+    pub async fn secret_for(
+        &self,
+        id: String,
+        url: &str,
+    ) -> Result<Result<Option<Secret>, String>, Error> {
         let row = self.store.read(move |c| query::credential(c, &id)).await?;
-        row.map(|r| self.secrets.open(&r.id, &r.nonce, &r.sealed))
-            .transpose()
+        let Some(row) = row else {
+            return Ok(Ok(None));
+        };
+        if let Err(why) = custody(&row.allowed_hosts, url) {
+            return Ok(Err(why));
+        }
+        self.secrets
+            .open(&row.id, &row.nonce, &row.sealed)
+            .map(|s| Ok(Some(s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts(p: &[&str]) -> Vec<String> {
+        p.iter()
+            .map(|p| parse_host_pattern("h", p).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn patterns_are_hosts_or_subdomain_wildcards() {
+        assert_eq!(hosts(&["Prom.Example"]), ["prom.example"]);
+        for bad in [
+            "", "*", "*.", "https://x", "x:80", "x/y", "a.*.b", "*.10.0.0.1", "user@x",
+        ] {
+            assert!(parse_host_pattern("h", bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_host_pattern("h", "10.0.0.1").is_ok());
+        assert!(parse_host_pattern("h", "[::1]").is_ok());
+    }
+
+    #[test]
+    fn custody_allows_only_named_hosts_over_tls() {
+        let allowed = hosts(&["prom.example", "*.k8s.example"]);
+        assert!(custody(&allowed, "https://prom.example:9090/x").is_ok());
+        assert!(custody(&allowed, "https://a.k8s.example/").is_ok());
+        assert!(custody(&allowed, "grpcs://b.a.k8s.example:443").is_ok());
+        assert!(custody(&allowed, "https://k8s.example/").is_err(), "the domain itself");
+        assert!(custody(&allowed, "https://evilk8s.example/").is_err());
+        assert!(custody(&allowed, "https://prom.example.evil/").is_err());
+        assert!(custody(&allowed, "https://attacker.example/").is_err());
+        let e = custody(&allowed, "http://prom.example/").unwrap_err();
+        assert!(e.contains("cleartext"), "{e}");
+        assert!(custody(&allowed, "grpc://prom.example:1").is_err());
+        assert!(custody(&[], "https://prom.example/").is_err());
+        assert!(custody(&[], "").is_ok(), "no url, nothing sent");
+        // The url crate reads other spellings of an address as the address.
+        let ip = hosts(&["127.0.0.1"]);
+        assert!(custody(&ip, "https://2130706433/").is_ok());
+        assert!(custody(&ip, "https://0x7f000002/").is_err());
     }
 }

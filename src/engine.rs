@@ -10,8 +10,10 @@
 //!
 //! No gRPC here: requests arrive parsed, answers leave as domain values.
 
+use crate::access::Scope;
 use crate::connection::{Connection, ConnectionId, EventType, derive_identity};
 use crate::connection::{ProbeOutcome, ProbeResult};
+use crate::credentials::custody;
 use crate::error::{Error, RefusalInfo};
 use crate::kinds::Kinds;
 use crate::lifecycle::{State, Trigger};
@@ -26,7 +28,11 @@ pub const SYSTEM_ACTOR: &str = "tether";
 /// A client's retry key (AIP-155) and a digest of the request it came with.
 #[derive(Clone, Debug)]
 pub struct RequestKey {
+    /// As the client sent it, for messages.
     pub id: String,
+    /// What it is stored under: a keyed digest of the caller and the id, so
+    /// two callers' ids never meet and the table does not hold them in clear.
+    pub stored: String,
     pub fingerprint: i64,
 }
 
@@ -55,6 +61,9 @@ pub struct CreateRequest {
     pub skip_verification: bool,
     pub request: Option<RequestKey>,
     pub actor: String,
+    /// Whose objects the caller sees: a credential or an existing identity
+    /// outside it is not named back.
+    pub scope: Scope,
 }
 
 pub struct TransitionRequest {
@@ -65,6 +74,7 @@ pub struct TransitionRequest {
     pub skip_verification: bool,
     pub request: Option<RequestKey>,
     pub actor: String,
+    pub scope: Scope,
 }
 
 /// The fields an update replaces; `None` leaves a field as it is.
@@ -87,6 +97,7 @@ pub struct UpdateRequest {
     pub etag: Option<String>,
     pub request: Option<RequestKey>,
     pub actor: String,
+    pub scope: Scope,
 }
 
 /// A page of history.
@@ -118,9 +129,12 @@ impl Engine {
         }
     }
 
-    pub async fn get(&self, id: ConnectionId) -> Result<Connection, Error> {
+    /// The connection, if it exists and `scope` sees it: one it may not see
+    /// is not found, exactly like one that does not exist.
+    pub async fn get(&self, id: ConnectionId, scope: &Scope) -> Result<Connection, Error> {
+        let scope = scope.clone();
         self.store
-            .read(move |c| query::get(c, &id)?.ok_or_else(|| Error::not_found(&id)))
+            .read(move |c| visible(query::get(c, &id)?, &id, &scope))
             .await
     }
 
@@ -132,9 +146,15 @@ impl Engine {
         self.store.read(move |c| query::count(c, &filter)).await
     }
 
-    pub async fn events(&self, f: EventFilter) -> Result<EventPage, Error> {
+    /// A page of history of the connections `scope` sees; one connection's
+    /// history when `f` names it (not found when it is not to be seen).
+    pub async fn events(&self, f: EventFilter, scope: &Scope) -> Result<EventPage, Error> {
+        let scope = scope.clone();
         self.store
             .read(move |c| {
+                if let Some(id) = &f.connection_id {
+                    visible(query::get(c, id)?, id, &scope)?;
+                }
                 let (revision, compact_revision) = query::revisions(c)?;
                 let mut events = query::events(
                     c,
@@ -186,22 +206,25 @@ impl Engine {
         let identity = conn.identity.clone();
         let credential = conn.credential_id.clone();
         let kind = conn.kind.clone();
+        let url = conn.url.clone();
         let retry = r.request.clone();
+        let scope = r.scope.clone();
         let earlier = self
             .store
             .read(move |c| {
                 if let Some(k) = &retry
-                    && let Some(answer) = decode_answer(k, query::request_answer(c, &k.id)?)?
+                    && let Some(answer) = decode_answer(k, query::request_answer(c, &k.stored)?)?
                 {
                     return Ok(Some(answer));
                 }
                 if !credential.is_empty()
                     && let Err(e) =
-                        usable_credential(query::credential(c, &credential)?, &credential, &kind)
+                        usable_credential(query::credential(c, &credential)?, &credential, &kind, &url, &scope)
                 {
                     return Ok(Some(Err(e)));
                 }
-                Ok(query::live_by_identity(c, &identity)?.map(|e| Err(already_exists(&e))))
+                Ok(query::live_by_identity(c, &identity)?
+                    .map(|e| Err(already_exists(&e, &scope))))
             })
             .await?;
         if let Some(answer) = earlier {
@@ -250,6 +273,7 @@ impl Engine {
 
         let key = r.request;
         let actor = r.actor;
+        let scope = r.scope;
         let kinds = self.kinds.clone();
         self.store
             .write(move |tx| {
@@ -257,13 +281,15 @@ impl Engine {
                     return Ok(answer);
                 }
                 if let Some(existing) = tx.live_by_identity(&conn.identity)? {
-                    return Err(already_exists(&existing));
+                    return Err(already_exists(&existing, &scope));
                 }
                 if !conn.credential_id.is_empty() {
                     usable_credential(
                         tx.credential(&conn.credential_id)?,
                         &conn.credential_id,
                         &conn.kind,
+                        &conn.url,
+                        &scope,
                     )?;
                 }
                 tx.record(
@@ -311,7 +337,7 @@ impl Engine {
         if let Some(answer) = self.replay(&r.request).await? {
             return answer;
         }
-        let current = self.get(r.id.clone()).await?;
+        let current = self.get(r.id.clone(), &r.scope).await?;
         check_etag(&current, r.etag.as_deref())?;
         // A no-op needs no writer, unless its answer must be remembered.
         if current.state == r.target && r.request.is_none() {
@@ -464,7 +490,7 @@ impl Engine {
                 if let Some(answer) = replayed(tx, &key)? {
                     return Ok(answer);
                 }
-                let mut c = tx.get(&r.id)?.ok_or_else(|| Error::not_found(&r.id))?;
+                let mut c = visible(tx.get(&r.id)?, &r.id, &r.scope)?;
                 check_etag(&c, r.etag.as_deref())?;
                 if !c.is_live() {
                     return Err(Error::Deleted {
@@ -484,9 +510,6 @@ impl Engine {
                     c.metadata = v;
                 }
                 if let Some(v) = p.credential_id {
-                    if !v.is_empty() {
-                        usable_credential(tx.credential(&v)?, &v, &c.kind)?;
-                    }
                     c.credential_id = v;
                 }
                 if let Some(v) = p.labels {
@@ -507,6 +530,26 @@ impl Engine {
                         identity
                     };
                 }
+                // A credential and a url meet: attaching one, or moving a
+                // connection that has one, needs the credential to allow the
+                // url (or a new credential given with it).
+                if !c.credential_id.is_empty()
+                    && (c.credential_id != before.credential_id || c.url != before.url)
+                {
+                    let field = if c.credential_id != before.credential_id {
+                        "connection.credential_id"
+                    } else {
+                        "connection.url"
+                    };
+                    usable_credential_for(
+                        tx.credential(&c.credential_id)?,
+                        &c.credential_id,
+                        &c.kind,
+                        &c.url,
+                        &r.scope,
+                        field,
+                    )?;
+                }
                 let changed = changed_fields(&before, &c);
                 if changed.is_empty() {
                     let id = c.id.clone();
@@ -517,7 +560,7 @@ impl Engine {
                 if c.identity != before.identity
                     && let Some(other) = tx.live_by_identity(&c.identity)?
                 {
-                    return Err(already_exists(&other));
+                    return Err(already_exists(&other, &r.scope));
                 }
                 let from_state = c.state;
                 tx.record(
@@ -545,14 +588,14 @@ impl Engine {
     /// [`DISCOVERY_GROUP`], each group one writer job.
     pub async fn report_discovered(
         &self,
-        source: &str,
+        reporter: &Reporter,
         items: Vec<Result<NewConnection, Error>>,
     ) -> Result<Vec<Discovered>, Error> {
         let mut out = Vec::with_capacity(items.len());
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {
             let group: Vec<_> = items.by_ref().take(DISCOVERY_GROUP).collect();
-            let source = source.to_owned();
+            let reporter = reporter.clone();
             let kinds = self.kinds.clone();
             let done = self
                 .store
@@ -560,7 +603,7 @@ impl Engine {
                     group
                         .into_iter()
                         .map(|item| match item {
-                            Ok(n) => discover(tx, &kinds, n, &source),
+                            Ok(n) => discover(tx, &kinds, n, &reporter),
                             Err(e) => Ok(Discovered::Rejected(e)),
                         })
                         .collect::<Result<Vec<_>, Error>>()
@@ -687,7 +730,7 @@ impl Engine {
             return Ok(None);
         };
         self.store
-            .read(move |c| decode_answer(&k, query::request_answer(c, &k.id)?))
+            .read(move |c| decode_answer(&k, query::request_answer(c, &k.stored)?))
             .await
     }
 }
@@ -699,6 +742,8 @@ pub enum Discovered {
     Rediscovered(Connection),
     Unchanged(Connection),
     SuppressedIgnored(Connection),
+    /// It exists, but belongs to an owner the reporter may not see.
+    Hidden,
     Rejected(Error),
 }
 
@@ -747,12 +792,23 @@ fn new_connection(n: NewConnection, kinds: &Kinds, trigger: Trigger, reason: Str
 /// Reported connections committed per writer job.
 pub const DISCOVERY_GROUP: usize = 500;
 
+/// Who reports discovered connections: the agent's own name for its source,
+/// the authenticated principal that records the events, and what it may see.
+#[derive(Clone, Debug)]
+pub struct Reporter {
+    pub source: String,
+    pub actor: String,
+    pub scope: Scope,
+}
+
 fn discover(
     tx: &mut Tx<'_>,
     kinds: &Kinds,
     n: NewConnection,
-    source: &str,
+    reporter: &Reporter,
 ) -> Result<Discovered, Error> {
+    let source = reporter.source.as_str();
+    let actor = reporter.actor.as_str();
     // Without an identity or a url there is nothing to know it by when it is
     // reported again: taking it would make a duplicate every time.
     if n.identity.is_empty() && n.url.is_empty() {
@@ -768,13 +824,23 @@ fn discover(
         return Ok(Discovered::Rejected(e));
     }
     if !n.credential_id.is_empty()
-        && let Err(e) =
-            usable_credential(tx.credential(&n.credential_id)?, &n.credential_id, &n.kind)
+        && let Err(e) = usable_credential(
+            tx.credential(&n.credential_id)?,
+            &n.credential_id,
+            &n.kind,
+            &n.url,
+            &reporter.scope,
+        )
     {
         return Ok(Discovered::Rejected(e));
     }
     let mut conn = new_connection(n, kinds, Trigger::System, format!("discovered by {source}"));
     if let Some(existing) = tx.live_by_identity(&conn.identity)? {
+        // Someone else's connection: left alone and not shown. Reporting it
+        // must not make a duplicate, so the answer admits only that it exists.
+        if !reporter.scope.sees(&existing.owner) {
+            return Ok(Discovered::Hidden);
+        }
         if existing.kind != conn.kind {
             return Ok(Discovered::Rejected(Error::invalid(
                 "identity",
@@ -789,19 +855,30 @@ fn discover(
             State::NotFound => {
                 // Found again, perhaps somewhere else: verify it where it was
                 // reported, not where it could not be found.
+                // A connection with a credential keeps its url: a report
+                // must never steer a secret to where the reporter chooses.
+                // The move is flagged in its reason for an operator to judge.
                 let mut found = existing;
+                let mut reason = format!("reported again by {source}");
                 if !conn.url.is_empty() && conn.url != found.url {
-                    found.url = std::mem::take(&mut conn.url);
-                    tx.record(
-                        &mut found,
-                        EventDraft {
-                            type_: EventType::Updated,
-                            from_state: State::NotFound,
-                            trigger: Trigger::System,
-                            reason: format!("url reported by {source}"),
-                            actor: source.to_owned(),
-                        },
-                    )?;
+                    if found.credential_id.is_empty() {
+                        found.url = std::mem::take(&mut conn.url);
+                        tx.record(
+                            &mut found,
+                            EventDraft {
+                                type_: EventType::Updated,
+                                from_state: State::NotFound,
+                                trigger: Trigger::System,
+                                reason: format!("url reported by {source}"),
+                                actor: actor.to_owned(),
+                            },
+                        )?;
+                    } else {
+                        reason = format!(
+                            "reported again by {source} at another url ({}); it has a credential, so its url is kept: an operator must move it",
+                            crate::connection::shorten(&conn.url, 200)
+                        );
+                    }
                 }
                 Discovered::Rediscovered(apply_transition(
                     tx,
@@ -810,8 +887,8 @@ fn discover(
                         id: found.id,
                         target: State::Discovered,
                         trigger: Trigger::System,
-                        reason: format!("reported again by {source}"),
-                        actor: source.to_owned(),
+                        reason,
+                        actor: actor.to_owned(),
                         etag: None,
                         verified: None,
                     },
@@ -827,7 +904,7 @@ fn discover(
             from_state: State::Discovered,
             trigger: Trigger::System,
             reason: format!("discovered by {source}"),
-            actor: source.to_owned(),
+            actor: actor.to_owned(),
         },
     )?;
     Ok(Discovered::Created(conn))
@@ -948,14 +1025,29 @@ fn invalid_transition(id: &ConnectionId, refusal: RefusalInfo) -> Error {
     }
 }
 
-/// A connection may use credential `id` only if it exists and is for its kind
-/// (its secret was checked against that kind's schema).
+/// A connection may use credential `id` only if it exists, the caller may see
+/// it, and it is for the connection's kind (its secret was checked against
+/// that kind's schema). One outside the caller's scope is "no credential".
+/// And the secret may go to `url` ([`custody`]): its error names `field`.
 fn usable_credential(
     found: Option<crate::store::StoredCredential>,
     id: &str,
     kind: &str,
+    url: &str,
+    scope: &Scope,
 ) -> Result<(), Error> {
-    match found {
+    usable_credential_for(found, id, kind, url, scope, "connection.credential_id")
+}
+
+fn usable_credential_for(
+    found: Option<crate::store::StoredCredential>,
+    id: &str,
+    kind: &str,
+    url: &str,
+    scope: &Scope,
+    field: &str,
+) -> Result<(), Error> {
+    match found.filter(|c| scope.sees(&c.owner)) {
         None => Err(Error::invalid(
             "connection.credential_id",
             format!("no credential {id:?}"),
@@ -964,15 +1056,28 @@ fn usable_credential(
             "connection.credential_id",
             format!("credential {id:?} is for kind {}, not {kind}", c.type_),
         )),
-        Some(_) => Ok(()),
+        Some(c) => custody(&c.allowed_hosts, url).map_err(|why| Error::invalid(field, why)),
     }
 }
 
-fn already_exists(existing: &Connection) -> Error {
+/// The identity is taken. Its holder is named only to a caller who may see
+/// it: identities are unique across owners, so that it exists cannot be hidden.
+fn already_exists(existing: &Connection, scope: &Scope) -> Error {
     Error::AlreadyExists {
         identity: existing.identity.clone(),
-        existing_id: existing.id.to_string(),
+        existing_id: if scope.sees(&existing.owner) {
+            existing.id.to_string()
+        } else {
+            String::new()
+        },
     }
+}
+
+/// `found` if `scope` sees it; otherwise not found, as if it did not exist.
+fn visible(found: Option<Connection>, id: &ConnectionId, scope: &Scope) -> Result<Connection, Error> {
+    found
+        .filter(|c| scope.sees(&c.owner))
+        .ok_or_else(|| Error::not_found(id))
 }
 
 /// A verification that could not run: the caller should retry, nothing moved.
@@ -1057,7 +1162,7 @@ fn decode_answer(key: &RequestKey, stored: Option<(i64, String)>) -> Result<Opti
 fn replayed(tx: &Tx<'_>, key: &Option<RequestKey>) -> Result<Option<Answer>, Error> {
     match key {
         None => Ok(None),
-        Some(k) => decode_answer(k, tx.answer(&k.id)?),
+        Some(k) => decode_answer(k, tx.answer(&k.stored)?),
     }
 }
 
@@ -1068,7 +1173,7 @@ fn remember(
     answer: &Answer,
 ) -> Result<(), Error> {
     if let Some(k) = key {
-        tx.remember(&k.id, k.fingerprint, id, &serde_json::to_string(answer)?)?;
+        tx.remember(&k.stored, k.fingerprint, id, &serde_json::to_string(answer)?)?;
     }
     Ok(())
 }

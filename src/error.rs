@@ -15,7 +15,7 @@ pub enum Error {
     #[error("connection {id} not found")]
     NotFound { id: String },
 
-    #[error("connection {existing_id} already has identity {identity:?}")]
+    #[error("a live connection already has identity {identity:?}")]
     AlreadyExists {
         identity: String,
         existing_id: String,
@@ -80,6 +80,10 @@ pub enum Error {
 
     #[error("revision {requested} is in the future; the current revision is {current}")]
     RevisionInFuture { requested: i64, current: i64 },
+
+    /// A per-caller limit is reached (open watches): free some, then retry.
+    #[error("{0}")]
+    ResourceExhausted(String),
 
     /// Retry later: the server is shutting down or the database is busy.
     #[error("{0}")]

@@ -5,6 +5,7 @@
 //! Dependencies run one way, from [`lifecycle`] at the bottom to [`server`] at
 //! the top; see `docs/ARCHITECTURE.md`.
 
+pub mod access;
 pub mod config;
 pub mod connection;
 pub mod credentials;
@@ -21,6 +22,7 @@ pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod transport;
 pub mod watch;
 
 pub use config::Config;

@@ -65,8 +65,16 @@ impl Checker {
         let secret = if c.credential_id.is_empty() {
             None
         } else {
-            match self.credentials.secret(c.credential_id.clone()).await {
-                Ok(s) => s,
+            match self.credentials.secret_for(c.credential_id.clone(), &c.url).await {
+                Ok(Ok(s)) => s,
+                // Checked when the credential and url met; this is the last
+                // word before anything is sent.
+                Ok(Err(why)) => {
+                    return Some(ProbeResult {
+                        verdict: Verdict::CredentialsRejected(format!("not sent: {why}")),
+                        latency: Duration::ZERO,
+                    });
+                }
                 Err(e) => {
                     // A server-side fault, not the peer's answer.
                     tracing::warn!(id = %c.id, error = %e, "cannot read the connection's credential");

@@ -18,6 +18,8 @@ use std::path::Path;
 /// Seals and opens secrets with the server's key.
 pub struct SecretBox {
     cipher: XChaCha20Poly1305,
+    /// Kept to derive keys for other purposes (see [`SecretBox::subkey`]).
+    key: [u8; 32],
 }
 
 impl SecretBox {
@@ -65,7 +67,20 @@ impl SecretBox {
             })?;
         let cipher = XChaCha20Poly1305::new_from_slice(&key)
             .map_err(|_| Error::Internal("secret key has the wrong length".into()))?;
-        Ok(SecretBox { cipher })
+        let key: [u8; 32] = key
+            .try_into()
+            .map_err(|_| Error::Internal("secret key has the wrong length".into()))?;
+        Ok(SecretBox { cipher, key })
+    }
+
+    /// A key for another purpose, derived from the server key and `label`
+    /// (HMAC-SHA256), so one secret to back up serves them all.
+    pub fn subkey(&self, label: &str) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut mac =
+            <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key).expect("hmac takes any key length");
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
     }
 
     /// Encrypts `secret` for credential `id`: (nonce, sealed bytes).

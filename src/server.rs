@@ -8,6 +8,7 @@
 //! the writer commits what is queued and stops. [`Server::serve`] returns
 //! only after all of that.
 
+use crate::access::Access;
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::definitions::Registry;
@@ -22,7 +23,8 @@ use crate::pb::tether::v1::credential_service_server::CredentialServiceServer;
 use crate::pb::tether::v1::definition_service_server::DefinitionServiceServer;
 use crate::probe::Prober;
 use crate::secrets::SecretBox;
-use crate::service::ConnectionService;
+use crate::service::auth::{AuthLayer, Gate};
+use crate::service::{ConnectionService, RequestIds};
 use crate::service::credentials::CredentialService;
 use crate::service::definitions::DefinitionService;
 use crate::store::Store;
@@ -41,6 +43,7 @@ pub struct Server {
     store: Store,
     registry: Arc<Registry>,
     secrets: Arc<SecretBox>,
+    access: Arc<Access>,
 }
 
 impl Server {
@@ -49,6 +52,10 @@ impl Server {
     /// definition file is bad or another process has the database open.
     pub async fn open(config: Config) -> Result<Server, Error> {
         config.validate()?;
+        let access = match &config.auth_file {
+            Some(path) => Access::load(path)?,
+            None => Access::off(),
+        };
         let registry =
             Registry::load(&config.models).map_err(|e| Error::invalid("models", e.to_string()))?;
         let store = Store::open(&config.db_path(), config.store_config())?;
@@ -69,6 +76,7 @@ impl Server {
             store,
             registry: Arc::new(registry),
             secrets: Arc::new(secrets),
+            access: Arc::new(access),
         })
     }
 
@@ -184,7 +192,16 @@ async fn serve(
     let definitions = DefinitionService::new(server.registry.clone());
     let credentials =
         CredentialService::new(credentials, limits.default_page_size, limits.max_page_size);
-    let service = ConnectionService::new(engine, watcher, limits);
+    let request_ids = RequestIds::new(server.secrets.subkey("tether request ids v1"));
+    let service = ConnectionService::new(engine, watcher, limits, request_ids);
+    if server.access.enabled() {
+        tasks.spawn(watch_access_file(server.access.clone(), stopping.clone()));
+    } else {
+        tracing::warn!(
+            "authentication is off (no --auth-file): every caller is the anonymous admin"
+        );
+    }
+    let gate = AuthLayer::new(Gate::new(server.access.clone(), config.rate_limit));
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -211,6 +228,7 @@ async fn serve(
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "serving");
     let server = tonic::transport::Server::builder()
+        .layer(gate)
         .add_service(HealthServer::new(HealthService::new(stopping.clone())))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -245,3 +263,46 @@ async fn serve(
         Err(e) => Err(Error::Internal(format!("server task: {e}"))),
     }
 }
+
+/// Reads the access file again when it changes or on SIGHUP, until shutdown.
+/// A bad edit keeps the table in force and says why.
+async fn watch_access_file(access: Arc<Access>, stopping: CancellationToken) {
+    let Some(path) = access.file().map(|p| p.to_owned()) else {
+        return;
+    };
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len(), std::os::unix::fs::MetadataExt::ino(&m)))
+    };
+    let mut seen = stamp(&path);
+    let mut hangup =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler; the access file is reloaded on change only");
+                None
+            }
+        };
+    let mut tick = tokio::time::interval(ACCESS_FILE_POLL);
+    loop {
+        tokio::select! {
+            _ = stopping.cancelled() => return,
+            _ = tick.tick() => {
+                let now = stamp(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+            }
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => {}
+        }
+        match access.reload() {
+            Ok(()) => tracing::info!(path = %path.display(), "access file reloaded"),
+            Err(e) => tracing::error!(error = %e, "access file not reloaded; the previous one stays in force"),
+        }
+    }
+}
+
+/// How often the access file is checked for a change.
+const ACCESS_FILE_POLL: std::time::Duration = std::time::Duration::from_secs(5);

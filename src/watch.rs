@@ -40,7 +40,7 @@ pub struct WatchConfig {
 pub struct WatchSpec {
     /// 0: snapshot first. N: every change after revision N.
     pub after_revision: i64,
-    /// Only kinds, states and ids are used.
+    /// Only owners, kinds, states and ids are used.
     pub filter: Filter,
     pub progress_notify: bool,
 }
@@ -296,6 +296,8 @@ impl Task {
                             connection_id: None,
                             after_revision: after,
                             limit,
+                            // Filtered per event below, owners included.
+                            owners: None,
                         },
                     )?;
                     Ok((events, compact))
@@ -330,7 +332,8 @@ impl Task {
 /// Whether `c`, in `state`, is in the watch's view. Tombstones are only in
 /// view when the watch asks for the DELETED state.
 fn visible(f: &Filter, c: &Connection, state: State) -> bool {
-    (f.kinds.is_empty() || f.kinds.contains(&c.kind))
+    f.owns(c)
+        && (f.kinds.is_empty() || f.kinds.contains(&c.kind))
         && (f.ids.is_empty() || f.ids.contains(&c.id))
         && (f.states.is_empty() || f.states.contains(&state))
         && (state != State::Deleted || f.states.contains(&State::Deleted))

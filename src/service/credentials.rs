@@ -1,7 +1,8 @@
 //! `tether.v1.CredentialService`: create, list and delete credentials. No
-//! response, error or log line here carries a secret.
+//! response, error or log line here carries a secret. Callers see and delete
+//! only credentials of owners in their scope.
 
-use super::{struct_to_json, timestamp};
+use super::{auth, struct_to_json, timestamp};
 use crate::credentials::{CredentialInfo, Credentials, NewCredential};
 use crate::error::Error;
 use crate::pb::tether::v1 as pb;
@@ -31,6 +32,7 @@ fn credential_to_pb(c: &CredentialInfo) -> pb::Credential {
         r#type: c.type_.clone(),
         owner: c.owner.clone(),
         create_time: timestamp(c.create_time),
+        allowed_hosts: c.allowed_hosts.clone(),
     }
 }
 
@@ -55,7 +57,10 @@ impl pb::credential_service_server::CredentialService for CredentialService {
         &self,
         request: Request<pb::CreateCredentialRequest>,
     ) -> Result<Response<pb::Credential>, Status> {
+        let principal = auth::principal(&request)?;
         let r = request.into_inner();
+        crate::connection::check_len("owner", &r.owner, crate::connection::limits::SHORT)?;
+        let owner = principal.owner_for(&r.owner, "owner")?;
         let secret = struct_to_json("secret", r.secret)?;
         let info = self
             .credentials
@@ -63,10 +68,11 @@ impl pb::credential_service_server::CredentialService for CredentialService {
                 name: r.name,
                 type_: r.r#type,
                 secret,
-                owner: r.owner,
+                owner,
+                allowed_hosts: r.allowed_hosts,
             })
             .await?;
-        tracing::info!(id = %info.id, kind = %info.type_, "credential created");
+        tracing::info!(id = %info.id, kind = %info.type_, principal = %principal.name, "credential created");
         Ok(Response::new(credential_to_pb(&info)))
     }
 
@@ -74,6 +80,7 @@ impl pb::credential_service_server::CredentialService for CredentialService {
         &self,
         request: Request<pb::ListCredentialsRequest>,
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let r = request.into_inner();
         let limit = match r.page_size {
             n if n < 0 => return Err(Error::invalid("page_size", "must not be negative").into()),
@@ -84,7 +91,10 @@ impl pb::credential_service_server::CredentialService for CredentialService {
             "" => None,
             t => Some(decode_cursor(t)?),
         };
-        let (credentials, next) = self.credentials.list(after, limit).await?;
+        let (credentials, next) = self
+            .credentials
+            .list(after, limit, &principal.scope)
+            .await?;
         Ok(Response::new(pb::ListCredentialsResponse {
             credentials: credentials.iter().map(credential_to_pb).collect(),
             next_page_token: next.as_ref().map(encode_cursor).unwrap_or_default(),
@@ -95,12 +105,13 @@ impl pb::credential_service_server::CredentialService for CredentialService {
         &self,
         request: Request<pb::DeleteCredentialRequest>,
     ) -> Result<Response<pb::DeleteCredentialResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let id = request.into_inner().id;
         if id.is_empty() {
             return Err(Error::invalid("id", "is required").into());
         }
-        self.credentials.delete(id.clone()).await?;
-        tracing::info!(%id, "credential deleted");
+        self.credentials.delete(id.clone(), &principal.scope).await?;
+        tracing::info!(%id, principal = %principal.name, "credential deleted");
         Ok(Response::new(pb::DeleteCredentialResponse {}))
     }
 }

@@ -6,6 +6,7 @@
 //! Requests are parsed here into domain values (ids, urls, kinds, states),
 //! so the engine only ever sees well-formed input.
 
+pub mod auth;
 pub mod credentials;
 pub mod definitions;
 
@@ -13,9 +14,10 @@ use crate::connection::{
     self, Connection, ConnectionId, Event, EventType, ProbeOutcome, ProbeResult, check_labels,
     check_len, check_metadata, limits, parse_kind, parse_url,
 };
+use crate::access::Principal;
 use crate::engine::{
-    CreateRequest, Discovered, Engine, NewConnection, Patch, RequestKey, TransitionRequest,
-    UpdateRequest,
+    CreateRequest, Discovered, Engine, NewConnection, Patch, Reporter, RequestKey,
+    TransitionRequest, UpdateRequest,
 };
 use crate::error::Error;
 use crate::lifecycle::{self, State, Trigger};
@@ -25,16 +27,13 @@ use crate::watch::{Change, Item, WatchSpec, Watcher};
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
+use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// The `ErrorInfo.domain` of every error Tether returns.
 pub const ERROR_DOMAIN: &str = "tether.dev";
-
-/// The request metadata key naming who acts, recorded on events. Until access
-/// control arrives it is taken on trust.
-pub const ACTOR_HEADER: &str = "tether-actor";
 
 /// Page and batch limits of the API.
 #[derive(Clone, Debug)]
@@ -44,20 +43,118 @@ pub struct ApiLimits {
     pub default_events_page_size: usize,
     pub max_batch: usize,
     pub max_discovery_report: usize,
+    /// Watch streams one principal may hold open.
+    pub max_watches: usize,
+}
+
+/// Turns a client's `request_id` into what it is stored under: an HMAC of
+/// the principal and the id, so ids are scoped per caller and the table
+/// holds no client-chosen text.
+#[derive(Clone)]
+pub struct RequestIds {
+    key: [u8; 32],
+}
+
+impl RequestIds {
+    pub fn new(key: [u8; 32]) -> Self {
+        RequestIds { key }
+    }
+
+    fn stored(&self, principal: &str, request_id: &str) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac =
+            <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key).expect("hmac takes any key length");
+        mac.update(principal.as_bytes());
+        mac.update(&[0]);
+        mac.update(request_id.as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The retry key of a request, bound to a digest of the whole request so
+    /// a reused id with a different body is caught.
+    fn key<M: Message>(
+        &self,
+        principal: &Principal,
+        request_id: &str,
+        message: &M,
+        field: &str,
+    ) -> Result<Option<RequestKey>, Error> {
+        if request_id.is_empty() {
+            return Ok(None);
+        }
+        check_len(field, request_id, limits::REQUEST_ID)?;
+        Ok(Some(RequestKey {
+            id: request_id.to_owned(),
+            stored: self.stored(&principal.name, request_id),
+            fingerprint: connection::digest(&message.encode_to_vec()) as i64,
+        }))
+    }
+}
+
+/// Open watch streams per principal, against a limit.
+#[derive(Clone, Default)]
+struct WatchSlots(Arc<std::sync::Mutex<HashMap<String, usize>>>);
+
+/// One open watch; its slot frees when the stream is dropped.
+struct WatchSlot {
+    slots: WatchSlots,
+    principal: String,
+}
+
+impl WatchSlots {
+    fn take(&self, principal: &str, limit: usize) -> Result<WatchSlot, Error> {
+        let mut open = self.0.lock().expect("watch slots lock");
+        let n = open.entry(principal.to_owned()).or_default();
+        if *n >= limit {
+            return Err(Error::ResourceExhausted(format!(
+                "{principal} already holds {limit} watch streams, the most allowed; close one"
+            )));
+        }
+        *n += 1;
+        Ok(WatchSlot {
+            slots: self.clone(),
+            principal: principal.to_owned(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.0.lock().expect("watch slots lock");
+        if let Some(n) = open.get_mut(&self.principal) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.principal);
+            }
+        }
+    }
 }
 
 pub struct ConnectionService {
     engine: Engine,
     watcher: Watcher,
     limits: ApiLimits,
+    request_ids: RequestIds,
+    watches: WatchSlots,
 }
 
 impl ConnectionService {
-    pub fn new(engine: Engine, watcher: Watcher, limits: ApiLimits) -> Self {
+    pub fn new(
+        engine: Engine,
+        watcher: Watcher,
+        limits: ApiLimits,
+        request_ids: RequestIds,
+    ) -> Self {
         ConnectionService {
             engine,
             watcher,
             limits,
+            request_ids,
+            watches: WatchSlots::default(),
         }
     }
 
@@ -73,10 +170,12 @@ impl ConnectionService {
     fn transition_request(
         &self,
         r: pb::TransitionConnectionRequest,
-        actor: &str,
+        principal: &Principal,
         field: &str,
     ) -> Result<TransitionRequest, Error> {
-        let request = request_key(&r.request_id, &r, &format!("{field}request_id"))?;
+        let request =
+            self.request_ids
+                .key(principal, &r.request_id, &r, &format!("{field}request_id"))?;
         check_len(&format!("{field}reason"), &r.reason, limits::REASON)?;
         Ok(TransitionRequest {
             id: ConnectionId::parse(&r.id, &format!("{field}id"))?,
@@ -85,7 +184,8 @@ impl ConnectionService {
             etag: non_empty(r.etag),
             skip_verification: r.skip_verification,
             request,
-            actor: actor.to_owned(),
+            actor: principal.name.clone(),
+            scope: principal.scope.clone(),
         })
     }
 }
@@ -99,14 +199,17 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::CreateConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        let actor = actor(&request)?;
+        let principal = auth::principal(&request)?;
         let r = request.into_inner();
-        let key = request_key(&r.request_id, &r, "request_id")?;
+        let key = self
+            .request_ids
+            .key(&principal, &r.request_id, &r, "request_id")?;
         let initial_state = match r.initial_state {
             0 => State::Discovered,
             n => state_from_pb(n, "initial_state")?,
         };
-        let connection = new_connection(r.connection.unwrap_or_default())?;
+        let mut connection = new_connection(r.connection.unwrap_or_default())?;
+        connection.owner = principal.owner_for(&connection.owner, "connection.owner")?;
         let c = self
             .engine
             .create(CreateRequest {
@@ -114,7 +217,8 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
                 initial_state,
                 skip_verification: r.skip_verification,
                 request: key,
-                actor,
+                actor: principal.name.clone(),
+                scope: principal.scope.clone(),
             })
             .await?;
         Ok(Response::new(connection_to_pb(&c)))
@@ -124,8 +228,9 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::GetConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
+        let principal = auth::principal(&request)?;
         let id = ConnectionId::parse(&request.get_ref().id, "id")?;
-        let c = self.engine.get(id).await?;
+        let c = self.engine.get(id, &principal.scope).await?;
         Ok(Response::new(connection_to_pb(&c)))
     }
 
@@ -133,6 +238,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let r = request.into_inner();
         let page_size = self.page_size(r.page_size, "page_size")?;
         let filter = filter_from_pb(
@@ -142,6 +248,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             r.search,
             r.labels,
             r.show_deleted,
+            &principal,
         )?;
         let order = Order::parse(&r.order_by)?;
         let after = match r.page_token.as_str() {
@@ -168,6 +275,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::CountConnectionsRequest>,
     ) -> Result<Response<pb::CountConnectionsResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let r = request.into_inner();
         let filter = filter_from_pb(
             r.kinds,
@@ -176,6 +284,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             r.search,
             r.labels,
             r.show_deleted,
+            &principal,
         )?;
         let (counts, revision) = self.engine.count(filter).await?;
         Ok(Response::new(pb::CountConnectionsResponse {
@@ -195,9 +304,11 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::UpdateConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        let actor = actor(&request)?;
+        let principal = auth::principal(&request)?;
         let r = request.into_inner();
-        let key = request_key(&r.request_id, &r, "request_id")?;
+        let key = self
+            .request_ids
+            .key(&principal, &r.request_id, &r, "request_id")?;
         let body = r
             .connection
             .ok_or_else(|| Error::invalid("connection", "is required"))?;
@@ -211,7 +322,8 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
                 patch,
                 etag,
                 request: key,
-                actor,
+                actor: principal.name.clone(),
+                scope: principal.scope.clone(),
             })
             .await?;
         Ok(Response::new(connection_to_pb(&c)))
@@ -221,8 +333,8 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::TransitionConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        let actor = actor(&request)?;
-        let t = self.transition_request(request.into_inner(), &actor, "")?;
+        let principal = auth::principal(&request)?;
+        let t = self.transition_request(request.into_inner(), &principal, "")?;
         let c = self.engine.transition(t).await?;
         Ok(Response::new(connection_to_pb(&c)))
     }
@@ -231,7 +343,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::BatchTransitionConnectionsRequest>,
     ) -> Result<Response<pb::BatchTransitionConnectionsResponse>, Status> {
-        let actor = actor(&request)?;
+        let principal = auth::principal(&request)?;
         let items = request.into_inner().requests;
         if items.len() > self.limits.max_batch {
             return Err(Error::invalid(
@@ -248,7 +360,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         let mut results: Vec<Option<Result<Connection, Error>>> = Vec::new();
         let mut valid = Vec::new();
         for (i, r) in items.into_iter().enumerate() {
-            match self.transition_request(r, &actor, &format!("requests[{i}].")) {
+            match self.transition_request(r, &principal, &format!("requests[{i}].")) {
                 Ok(t) => {
                     results.push(None);
                     valid.push(t);
@@ -282,9 +394,11 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::DeleteConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        let actor = actor(&request)?;
+        let principal = auth::principal(&request)?;
         let r = request.into_inner();
-        let key = request_key(&r.request_id, &r, "request_id")?;
+        let key = self
+            .request_ids
+            .key(&principal, &r.request_id, &r, "request_id")?;
         check_len("reason", &r.reason, limits::REASON)?;
         let c = self
             .engine
@@ -299,7 +413,8 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
                 etag: non_empty(r.etag),
                 skip_verification: false,
                 request: key,
-                actor,
+                actor: principal.name.clone(),
+                scope: principal.scope.clone(),
             })
             .await?;
         Ok(Response::new(connection_to_pb(&c)))
@@ -309,6 +424,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::ListConnectionEventsRequest>,
     ) -> Result<Response<pb::ListConnectionEventsResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let r = request.into_inner();
         let connection_id = match r.connection_id.as_str() {
             "" => None,
@@ -324,11 +440,15 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         };
         let page = self
             .engine
-            .events(EventFilter {
-                connection_id,
-                after_revision: r.after_revision,
-                limit,
-            })
+            .events(
+                EventFilter {
+                    connection_id,
+                    after_revision: r.after_revision,
+                    limit,
+                    owners: principal.scope.owners(),
+                },
+                &principal.scope,
+            )
             .await?;
         Ok(Response::new(pb::ListConnectionEventsResponse {
             events: page.events.iter().map(event_to_pb).collect(),
@@ -369,6 +489,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::ReportDiscoveredRequest>,
     ) -> Result<Response<pb::ReportDiscoveredResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let r = request.into_inner();
         if r.source.is_empty() {
             return Err(Error::invalid("source", "is required").into());
@@ -385,8 +506,21 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             )
             .into());
         }
-        let items = r.connections.into_iter().map(new_connection).collect();
-        let results = self.engine.report_discovered(&r.source, items).await?;
+        let items = r
+            .connections
+            .into_iter()
+            .map(|c| {
+                let mut n = new_connection(c)?;
+                n.owner = principal.owner_for(&n.owner, "owner")?;
+                Ok(n)
+            })
+            .collect();
+        let reporter = Reporter {
+            source: r.source,
+            actor: principal.name.clone(),
+            scope: principal.scope.clone(),
+        };
+        let results = self.engine.report_discovered(&reporter, items).await?;
         let results = results
             .into_iter()
             .map(|d| {
@@ -404,6 +538,11 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
                         pb::DiscoveryOutcome::SuppressedIgnored,
                         Some(c),
                         String::new(),
+                    ),
+                    Discovered::Hidden => (
+                        pb::DiscoveryOutcome::Unchanged,
+                        None,
+                        "a connection with this identity exists; it is not yours to see".into(),
                     ),
                     Discovered::Rejected(e) => {
                         (pb::DiscoveryOutcome::Rejected, None, e.to_string())
@@ -425,10 +564,15 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         &self,
         request: Request<pb::WatchConnectionsRequest>,
     ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
+        let principal = auth::principal(&request)?;
+        let slot = self
+            .watches
+            .take(&principal.name, self.limits.max_watches)?;
         let r = request.into_inner();
         let mut filter = Filter {
             kinds: parse_kinds(r.kinds)?,
             states: parse_states(r.states)?,
+            owners: principal.scope.owners(),
             ..Filter::default()
         };
         check_count("ids", &r.ids)?;
@@ -445,43 +589,16 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
                 progress_notify: r.progress_notify,
             })
             .await?;
-        let stream = stream.map(|item| item.map(watch_item_to_pb).map_err(Status::from));
+        let stream = stream.map(move |item| {
+            // The slot lives as long as the stream.
+            let _slot = &slot;
+            item.map(watch_item_to_pb).map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
 // ---- requests -> domain ----
-
-/// The caller's name from request metadata, or "anonymous".
-fn actor<T>(r: &Request<T>) -> Result<String, Error> {
-    match r.metadata().get(ACTOR_HEADER) {
-        None => Ok("anonymous".into()),
-        Some(v) => {
-            let s = v
-                .to_str()
-                .map_err(|_| Error::invalid(ACTOR_HEADER, "must be printable ASCII"))?;
-            check_len(ACTOR_HEADER, s, limits::SHORT)?;
-            Ok(if s.is_empty() { "anonymous" } else { s }.to_owned())
-        }
-    }
-}
-
-/// The retry key of a request, bound to a digest of the whole request so a
-/// reused id with a different body is caught.
-fn request_key<M: Message>(
-    request_id: &str,
-    message: &M,
-    field: &str,
-) -> Result<Option<RequestKey>, Error> {
-    if request_id.is_empty() {
-        return Ok(None);
-    }
-    check_len(field, request_id, limits::REQUEST_ID)?;
-    Ok(Some(RequestKey {
-        id: request_id.to_owned(),
-        fingerprint: connection::digest(&message.encode_to_vec()) as i64,
-    }))
-}
 
 fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
@@ -541,6 +658,7 @@ fn filter_from_pb(
     search: String,
     labels: BTreeMap<String, String>,
     show_deleted: bool,
+    principal: &Principal,
 ) -> Result<Filter, Error> {
     check_len("search", &search, limits::SHORT)?;
     check_count("types", &types)?;
@@ -556,6 +674,7 @@ fn filter_from_pb(
         search,
         labels,
         show_deleted,
+        owners: principal.scope.owners(),
     })
 }
 
@@ -989,6 +1108,7 @@ fn classify(e: &Error) -> (tonic::Code, &'static str, Vec<(&'static str, String)
             ],
         ),
         Error::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE", vec![]),
+        Error::ResourceExhausted(_) => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED", vec![]),
         Error::Internal(_) => (Code::Internal, "INTERNAL", vec![]),
     }
 }

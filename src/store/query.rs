@@ -106,6 +106,8 @@ pub struct Filter {
     pub labels: BTreeMap<String, String>,
     /// Include tombstones. Asking for the DELETED state includes them too.
     pub show_deleted: bool,
+    /// Only connections of these owners; `None`: every owner.
+    pub owners: Option<Vec<String>>,
 }
 
 impl Filter {
@@ -154,6 +156,17 @@ impl Filter {
         );
         if !self.includes_deleted() {
             clauses.push(format!("state <> {}", State::Deleted.number()));
+        }
+        if let Some(owners) = &self.owners {
+            if owners.is_empty() {
+                clauses.push("0".into());
+            }
+            any_of(
+                "owner",
+                owners.iter().cloned().map(Value::Text).collect(),
+                clauses,
+                args,
+            );
         }
         if !self.search.is_empty() {
             let escaped = self
@@ -411,23 +424,42 @@ pub struct EventFilter {
     pub connection_id: Option<ConnectionId>,
     pub after_revision: i64,
     pub limit: usize,
+    /// Only events of connections of these owners; `None`: every owner.
+    pub owners: Option<Vec<String>>,
+}
+
+impl Filter {
+    /// Whether `c` is one of the owners this filter keeps.
+    pub fn owns(&self, c: &Connection) -> bool {
+        self.owners
+            .as_ref()
+            .is_none_or(|o| o.contains(&c.owner))
+    }
 }
 
 /// Events above `after_revision` in revision order, at most `limit` of them.
 pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, Error> {
-    let sql = match f.connection_id {
-        Some(_) => {
-            "SELECT revision, connection_id, type, from_state, to_state, trigger, reason, actor, time, snapshot \
-             FROM events WHERE connection_id = ?1 AND revision > ?2 ORDER BY revision LIMIT ?3"
-        }
-        None => {
-            "SELECT revision, connection_id, type, from_state, to_state, trigger, reason, actor, time, snapshot \
-             FROM events WHERE ?1 IS NULL AND revision > ?2 ORDER BY revision LIMIT ?3"
-        }
-    };
-    let mut stmt = c.prepare_cached(sql)?;
-    let id = f.connection_id.as_ref().map(|i| i.to_string());
-    let rows = stmt.query_map(params![id, f.after_revision, f.limit as i64], |r| {
+    let mut sql = String::from(
+        "SELECT revision, connection_id, type, from_state, to_state, trigger, reason, actor, time, snapshot \
+         FROM events WHERE revision > ?",
+    );
+    let mut args = vec![Value::Integer(f.after_revision)];
+    if let Some(id) = &f.connection_id {
+        sql.push_str(" AND connection_id = ?");
+        args.push(Value::Text(id.to_string()));
+    }
+    if let Some(owners) = &f.owners {
+        // Owners never change, so the connection's row decides for its whole history.
+        let marks = vec!["?"; owners.len()].join(", ");
+        sql.push_str(&format!(
+            " AND connection_id IN (SELECT id FROM connections WHERE owner IN ({marks}))"
+        ));
+        args.extend(owners.iter().cloned().map(Value::Text));
+    }
+    sql.push_str(" ORDER BY revision LIMIT ?");
+    args.push(Value::Integer(f.limit as i64));
+    let mut stmt = c.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args), |r| {
         let bad = |i: usize| {
             rusqlite::Error::FromSqlConversionFailure(
                 i,
@@ -468,9 +500,12 @@ pub struct StoredCredential {
     pub nonce: Vec<u8>,
     pub sealed: Vec<u8>,
     pub create_time: i64,
+    /// Host patterns the secret may be sent to.
+    pub allowed_hosts: Vec<String>,
 }
 
-const CREDENTIAL_COLUMNS: &str = "id, name, type, owner, nonce, sealed, create_time";
+const CREDENTIAL_COLUMNS: &str =
+    "id, name, type, owner, nonce, sealed, create_time, allowed_hosts";
 
 fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
     Ok(StoredCredential {
@@ -481,6 +516,9 @@ fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
         nonce: r.get(4)?,
         sealed: r.get(5)?,
         create_time: r.get(6)?,
+        allowed_hosts: serde_json::from_str(&r.get::<_, String>(7)?).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, Box::new(e))
+        })?,
     })
 }
 
@@ -491,18 +529,22 @@ pub fn credential(c: &rusqlite::Connection, id: &str) -> Result<Option<StoredCre
     Ok(stmt.query_row([id], credential_from_row).optional()?)
 }
 
-/// Credentials in creation order after `(create_time, id)`, at most `limit`.
+/// Credentials of `owners` (`None`: every owner) in creation order after
+/// `(create_time, id)`, at most `limit`.
 pub fn credentials(
     c: &rusqlite::Connection,
     after: Option<(i64, String)>,
     limit: usize,
+    owners: Option<&[String]>,
 ) -> Result<Vec<StoredCredential>, Error> {
     let (t, id) = after.unwrap_or((i64::MIN, String::new()));
+    let owners = owners.map(serde_json::to_string).transpose()?;
     let mut stmt = c.prepare_cached(&format!(
         "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE (create_time, id) > (?1, ?2) \
+         AND (?4 IS NULL OR owner IN (SELECT value FROM json_each(?4))) \
          ORDER BY create_time, id LIMIT ?3"
     ))?;
-    let rows = stmt.query_map(params![t, id, limit as i64], credential_from_row)?;
+    let rows = stmt.query_map(params![t, id, limit as i64, owners], credential_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 

@@ -95,6 +95,13 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX connections_by_credential ON connections (credential_id) WHERE credential_id <> '';
     "#,
+    // 2: the hosts each credential may be sent to (a JSON array of host
+    // patterns). Credentials stored before have none, so they are sent
+    // nowhere until replaced.
+    r#"
+    ALTER TABLE credentials ADD COLUMN allowed_hosts TEXT NOT NULL DEFAULT '[]';
+    CREATE INDEX credentials_by_owner ON credentials (owner, create_time, id);
+    "#,
 ];
 
 /// The schema version this build writes.

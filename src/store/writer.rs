@@ -158,11 +158,19 @@ impl Tx<'_> {
     pub fn insert_credential(&self, c: &StoredCredential) -> Result<(), Error> {
         self.sql
             .prepare_cached(
-                "INSERT INTO credentials (id, name, type, owner, nonce, sealed, create_time) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO credentials \
+                 (id, name, type, owner, nonce, sealed, create_time, allowed_hosts) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
-                c.id, c.name, c.type_, c.owner, c.nonce, c.sealed, self.now
+                c.id,
+                c.name,
+                c.type_,
+                c.owner,
+                c.nonce,
+                c.sealed,
+                self.now,
+                serde_json::to_string(&c.allowed_hosts)?
             ])?;
         Ok(())
     }

@@ -359,6 +359,14 @@ impl GatedHttp {
     }
 }
 
+/// The hosts test credentials may be sent to: the made-up `*.example`
+/// names and the loopback peers.
+pub fn test_hosts() -> Vec<String> {
+    ["*.example", "127.0.0.1", "localhost"]
+        .map(String::from)
+        .to_vec()
+}
+
 /// Stores a credential of `kind` with a bearer token; its id.
 pub async fn bearer_credential(app: &App, kind: &str, token: &str) -> String {
     let mut creds =
@@ -377,6 +385,7 @@ pub async fn bearer_credential(app: &App, kind: &str, token: &str) -> String {
                 .into(),
             }),
             owner: String::new(),
+            allowed_hosts: test_hosts(),
         })
         .await
         .expect("create credential")

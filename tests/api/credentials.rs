@@ -32,6 +32,7 @@ async fn create_credential(
             r#type: kind.into(),
             secret: Some(json_struct(secret)),
             owner: "alice".into(),
+            allowed_hosts: test_hosts(),
         })
         .await
         .map(|r| r.into_inner())
@@ -165,6 +166,7 @@ async fn create_credential_refuses_malformed_requests() {
             r#type: "prometheus".into(),
             secret: None,
             owner: String::new(),
+            allowed_hosts: test_hosts(),
         })
         .await;
     assert_eq!(invalid_field(r), "secret");

@@ -297,6 +297,7 @@ async fn a_custom_definition_extends_a_builtin_and_overrides_its_check() {
         r#type: "prometheus-proxied".into(),
         secret: Some(json_struct(v)),
         owner: String::new(),
+        allowed_hosts: vec!["*.example".into()],
     };
     let bad = creds
         .create_credential(secret(serde_json::json!({"token": "t", "extra": "x"})))

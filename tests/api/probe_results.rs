@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tether::access::Scope;
 use tether::connection::ConnectionId;
 use tether::definitions::Registry;
 use tether::engine::{CreateRequest, Engine, NewConnection, TransitionRequest};
@@ -36,6 +37,7 @@ async fn create(e: &Engine, state: State) -> tether::connection::Connection {
         skip_verification: true,
         request: None,
         actor: "test".into(),
+        scope: Scope::All,
     })
     .await
     .unwrap()
@@ -50,6 +52,7 @@ async fn user_move(e: &Engine, id: &ConnectionId, target: State) {
         skip_verification: true,
         request: None,
         actor: "test".into(),
+        scope: Scope::All,
     })
     .await
     .unwrap();
@@ -74,7 +77,7 @@ async fn a_probe_overtaken_by_a_user_request_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(applied, None, "the stale result is dropped");
-    let now = e.get(probed.id.clone()).await.unwrap();
+    let now = e.get(probed.id.clone(), &Scope::All).await.unwrap();
     assert_eq!(now.state, State::Ignored);
     assert_eq!(now.last_probe, None);
 }
@@ -91,7 +94,7 @@ async fn failures_count_to_the_threshold_and_a_success_resets_them() {
         let c = c.expect("applied");
         (c.state, c.last_probe.map(|p| p.consecutive_failures))
     };
-    let mut cur = e.get(c.id.clone()).await.unwrap();
+    let mut cur = e.get(c.id.clone(), &Scope::All).await.unwrap();
     for (result, want) in [
         (fail(), (State::Connected, Some(1))),
         (fail(), (State::Connected, Some(2))),

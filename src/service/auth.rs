@@ -1,0 +1,325 @@
+//! The gate every call passes: who is calling (a bearer token, or the
+//! verified client certificate the transport saw), whether its roles allow
+//! the method, and whether it is within its request rate. A call that passes
+//! carries its [`Principal`] in the request extensions for the handlers; one
+//! that does not is answered here and written to the audit log (principal,
+//! method, peer, why; never a token).
+//!
+//! Deny by default: a method missing from [`need`] is refused. Which objects
+//! a principal may see is not decided here but by its scope, which handlers
+//! pass to the engine.
+
+use super::ERROR_DOMAIN;
+use crate::access::{Access, Principal, Role};
+use crate::transport::Peer;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tonic::Status;
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// What a method asks of its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing: health checks, for load balancers and orchestrators.
+    Nobody,
+    /// Any role: reflection, the lifecycle table, definitions.
+    AnyRole,
+    /// One of these roles (admin always qualifies).
+    OneOf(&'static [Role]),
+}
+
+const READ: &[Role] = &[Role::Viewer, Role::Operator];
+const WRITE: &[Role] = &[Role::Operator];
+
+/// The requirement of each gRPC method, by its path; `None` for a method
+/// this server does not know, which is refused.
+pub fn need(path: &str) -> Option<Need> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    Some(match (service, method) {
+        ("grpc.health.v1.Health", "Check" | "Watch") => Need::Nobody,
+        (
+            "grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection",
+            "ServerReflectionInfo",
+        ) => Need::AnyRole,
+        ("tether.v1.DefinitionService", "ListDefinitions" | "GetDefinition") => Need::AnyRole,
+        ("tether.v1.ConnectionService", m) => match m {
+            "DescribeLifecycle" => Need::AnyRole,
+            "GetConnection" | "ListConnections" | "CountConnections" | "ListConnectionEvents"
+            | "WatchConnections" => Need::OneOf(READ),
+            "CreateConnection"
+            | "UpdateConnection"
+            | "TransitionConnection"
+            | "BatchTransitionConnections"
+            | "DeleteConnection" => Need::OneOf(WRITE),
+            "ReportDiscovered" => Need::OneOf(&[Role::Discovery]),
+            _ => return None,
+        },
+        ("tether.v1.CredentialService", m) => match m {
+            "ListCredentials" => Need::OneOf(&[Role::Operator, Role::CredentialAdmin]),
+            "CreateCredential" | "DeleteCredential" => Need::OneOf(&[Role::CredentialAdmin]),
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
+/// Whether `p` may call a method that needs `need`.
+pub fn allows(p: &Principal, need: Need) -> bool {
+    match need {
+        Need::Nobody => true,
+        Need::AnyRole => !p.roles.is_empty(),
+        Need::OneOf(roles) => p.has_any(roles),
+    }
+}
+
+/// The gate's shared state.
+pub struct Gate {
+    access: Arc<Access>,
+    rate: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+impl Gate {
+    /// `rate`: calls per second per principal (bursts of as many), 0 for no limit.
+    pub fn new(access: Arc<Access>, rate: u32) -> Gate {
+        Gate {
+            access,
+            rate: NonZeroU32::new(rate).map(|r| RateLimiter::keyed(Quota::per_second(r))),
+        }
+    }
+
+    /// The caller of a request with these headers from this peer, or why not.
+    fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        peer: Option<&Peer>,
+    ) -> Result<Option<Principal>, Refusal> {
+        if !self.access.enabled() {
+            return Ok(Some(Principal::anonymous()));
+        }
+        let table = self.access.table();
+        if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    let (scheme, token) = v.split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+                })
+                .filter(|t| !t.is_empty())
+                .ok_or(Refusal::unauthenticated(
+                    "the authorization header is not a bearer token",
+                ))?;
+            // A token that is presented must be good: a bad one never falls
+            // back to the certificate.
+            return table
+                .by_token(token)
+                .cloned()
+                .map(Some)
+                .ok_or(Refusal::unauthenticated("unknown bearer token"));
+        }
+        Ok(peer
+            .and_then(|p| p.certificate.as_deref())
+            .map(|name| table.by_certificate(name)))
+    }
+
+    /// The principal a call runs as, or the refusal to answer it with.
+    fn admit(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: Option<&Peer>,
+    ) -> Result<Option<Principal>, Refusal> {
+        let need = need(path);
+        if need == Some(Need::Nobody) {
+            return Ok(None);
+        }
+        let principal = self.authenticate(headers, peer)?.ok_or(Refusal::unauthenticated(
+            "no credentials: send a bearer token or a client certificate",
+        ))?;
+        let permitted = need.is_some_and(|n| allows(&principal, n));
+        if !permitted {
+            return Err(Refusal {
+                principal: Some(principal.name.clone()),
+                code: tonic::Code::PermissionDenied,
+                reason: "PERMISSION_DENIED",
+                message: format!(
+                    "{} may not call {path}{}",
+                    principal.name,
+                    if principal.roles.is_empty() {
+                        " (it holds no role)".to_owned()
+                    } else {
+                        String::new()
+                    }
+                ),
+                retry_after: None,
+            });
+        }
+        if let Some(limiter) = &self.rate
+            && let Err(not_until) = limiter.check_key(&principal.name)
+        {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            return Err(Refusal {
+                principal: Some(principal.name.clone()),
+                code: tonic::Code::ResourceExhausted,
+                reason: "RATE_LIMITED",
+                message: format!("{} is over its request rate; retry later", principal.name),
+                retry_after: Some(wait),
+            });
+        }
+        Ok(Some(principal))
+    }
+}
+
+/// A call turned away.
+struct Refusal {
+    principal: Option<String>,
+    code: tonic::Code,
+    reason: &'static str,
+    message: String,
+    retry_after: Option<std::time::Duration>,
+}
+
+impl Refusal {
+    fn unauthenticated(message: &str) -> Refusal {
+        Refusal {
+            principal: None,
+            code: tonic::Code::Unauthenticated,
+            reason: "UNAUTHENTICATED",
+            message: message.to_owned(),
+            retry_after: None,
+        }
+    }
+
+    fn status(&self) -> Status {
+        let mut details = ErrorDetails::with_error_info(self.reason, ERROR_DOMAIN, HashMap::new());
+        if let Some(wait) = self.retry_after {
+            details.set_retry_info(Some(wait));
+        }
+        Status::with_error_details(self.code, self.message.clone(), details)
+    }
+}
+
+/// The tower layer that puts [`Gate`] in front of every service.
+#[derive(Clone)]
+pub struct AuthLayer {
+    gate: Arc<Gate>,
+}
+
+impl AuthLayer {
+    pub fn new(gate: Gate) -> Self {
+        AuthLayer {
+            gate: Arc::new(gate),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    gate: Arc<Gate>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        S::Future,
+        futures::future::Ready<Result<http::Response<R>, S::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let peer = request.extensions().get::<Peer>().cloned();
+        let path = request.uri().path().to_owned();
+        match self.gate.admit(&path, request.headers(), peer.as_ref()) {
+            Ok(principal) => {
+                if let Some(p) = principal {
+                    request.extensions_mut().insert(Arc::new(p));
+                }
+                futures::future::Either::Left(self.inner.call(request))
+            }
+            Err(refusal) => {
+                tracing::warn!(
+                    target: "tether::audit",
+                    principal = refusal.principal.as_deref().unwrap_or("-"),
+                    method = %path,
+                    peer = %peer.map(|p| p.addr.to_string()).unwrap_or_else(|| "-".into()),
+                    code = ?refusal.code,
+                    why = %refusal.message,
+                    "call refused"
+                );
+                futures::future::Either::Right(futures::future::ready(Ok(refusal
+                    .status()
+                    .into_http())))
+            }
+        }
+    }
+}
+
+/// The principal a request runs as (set by the gate).
+pub fn principal<T>(request: &tonic::Request<T>) -> Result<Arc<Principal>, Status> {
+    request
+        .extensions()
+        .get::<Arc<Principal>>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no principal"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_methods_are_refused_and_health_is_open() {
+        assert_eq!(need("/tether.v1.ConnectionService/Nope"), None);
+        assert_eq!(need("/other.Service/Get"), None);
+        assert_eq!(need("garbage"), None);
+        assert_eq!(need("/grpc.health.v1.Health/Check"), Some(Need::Nobody));
+        assert_eq!(
+            need("/tether.v1.ConnectionService/ReportDiscovered"),
+            Some(Need::OneOf(&[Role::Discovery]))
+        );
+    }
+
+    #[test]
+    fn roles_grant_what_they_name() {
+        let with = |roles: &[Role]| Principal {
+            name: "p".into(),
+            roles: roles.iter().copied().collect(),
+            scope: crate::access::Scope::All,
+        };
+        let write = need("/tether.v1.ConnectionService/CreateConnection").unwrap();
+        let read = need("/tether.v1.ConnectionService/WatchConnections").unwrap();
+        assert!(allows(&with(&[Role::Operator]), write));
+        assert!(allows(&with(&[Role::Operator]), read));
+        assert!(!allows(&with(&[Role::Viewer]), write));
+        assert!(!allows(&with(&[Role::Discovery]), read));
+        assert!(allows(&with(&[Role::Admin]), write));
+        assert!(!allows(&with(&[]), Need::AnyRole));
+    }
+}
