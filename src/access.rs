@@ -337,12 +337,8 @@ impl Access {
 }
 
 fn read_table(path: &Path) -> Result<Table, Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::invalid(
-            "auth-file",
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::invalid("auth-file", format!("cannot read {}: {e}", path.display())))?;
     Table::parse(&text).map_err(|e| Error::invalid("auth-file", format!("{}: {e}", path.display())))
 }
 
@@ -364,7 +360,10 @@ mod tests {
         assert!(a.scope.sees("alice") && a.scope.sees("team-a") && !a.scope.sees("bob"));
         assert_eq!(t.by_token("admin-token").unwrap().scope, Scope::All);
         assert!(t.by_token("nope").is_none());
-        assert!(t.by_certificate("agent.example").has_any(&[Role::Discovery]));
+        assert!(
+            t.by_certificate("agent.example")
+                .has_any(&[Role::Discovery])
+        );
         let stranger = t.by_certificate("stranger");
         assert!(stranger.roles.is_empty() && stranger.scope.sees("stranger"));
     }

@@ -61,7 +61,12 @@ const MAX_HOSTS: usize = 64;
 /// not the domain itself), an IPv4 address or a bracketed IPv6 address.
 /// Lowercased; no scheme, port, path or other wildcard.
 pub fn parse_host_pattern(field: &str, p: &str) -> Result<String, Error> {
-    let bad = |why: &str| Error::invalid(field, format!("{:?}: {why}", crate::connection::shorten(p, 100)));
+    let bad = |why: &str| {
+        Error::invalid(
+            field,
+            format!("{:?}: {why}", crate::connection::shorten(p, 100)),
+        )
+    };
     let lower = p.trim().to_ascii_lowercase();
     let host = lower.strip_prefix("*.").unwrap_or(&lower);
     if host.is_empty() {
@@ -76,7 +81,11 @@ pub fn parse_host_pattern(field: &str, p: &str) -> Result<String, Error> {
         Ok(url::Host::Domain(d)) if d == host && !host.contains(':') => {}
         Ok(url::Host::Ipv4(a)) if a.to_string() == host && !lower.starts_with("*.") => {}
         Ok(url::Host::Ipv6(_)) if host.starts_with('[') && !lower.starts_with("*.") => {}
-        _ => return Err(bad("is not a host name or address (no scheme, port or path)")),
+        _ => {
+            return Err(bad(
+                "is not a host name or address (no scheme, port or path)",
+            ));
+        }
     }
     Ok(lower)
 }
@@ -103,7 +112,11 @@ pub fn custody(allowed_hosts: &[String], url: &str) -> Result<(), String> {
         return Err(format!(
             "a credential is never sent over cleartext ({}://); use {}",
             parsed.scheme(),
-            if parsed.scheme() == "http" { "https://" } else { "grpcs://" }
+            if parsed.scheme() == "http" {
+                "https://"
+            } else {
+                "grpcs://"
+            }
         ));
     }
     let host = parsed.host_str().unwrap_or("").to_ascii_lowercase();
@@ -111,7 +124,8 @@ pub fn custody(allowed_hosts: &[String], url: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(if allowed_hosts.is_empty() {
-        "the credential names no host it may be sent to; create it again with allowed_hosts".to_owned()
+        "the credential names no host it may be sent to; create it again with allowed_hosts"
+            .to_owned()
     } else {
         format!(
             "the credential may not be sent to {}; it allows {}",
@@ -159,7 +173,10 @@ impl Credentials {
         if n.allowed_hosts.len() > MAX_HOSTS {
             return Err(Error::invalid(
                 "allowed_hosts",
-                format!("has {} entries, the limit is {MAX_HOSTS}", n.allowed_hosts.len()),
+                format!(
+                    "has {} entries, the limit is {MAX_HOSTS}",
+                    n.allowed_hosts.len()
+                ),
             ));
         }
         let allowed_hosts = n
@@ -286,7 +303,15 @@ mod tests {
     fn patterns_are_hosts_or_subdomain_wildcards() {
         assert_eq!(hosts(&["Prom.Example"]), ["prom.example"]);
         for bad in [
-            "", "*", "*.", "https://x", "x:80", "x/y", "a.*.b", "*.10.0.0.1", "user@x",
+            "",
+            "*",
+            "*.",
+            "https://x",
+            "x:80",
+            "x/y",
+            "a.*.b",
+            "*.10.0.0.1",
+            "user@x",
         ] {
             assert!(parse_host_pattern("h", bad).is_err(), "{bad:?}");
         }
@@ -300,7 +325,10 @@ mod tests {
         assert!(custody(&allowed, "https://prom.example:9090/x").is_ok());
         assert!(custody(&allowed, "https://a.k8s.example/").is_ok());
         assert!(custody(&allowed, "grpcs://b.a.k8s.example:443").is_ok());
-        assert!(custody(&allowed, "https://k8s.example/").is_err(), "the domain itself");
+        assert!(
+            custody(&allowed, "https://k8s.example/").is_err(),
+            "the domain itself"
+        );
         assert!(custody(&allowed, "https://evilk8s.example/").is_err());
         assert!(custody(&allowed, "https://prom.example.evil/").is_err());
         assert!(custody(&allowed, "https://attacker.example/").is_err());

@@ -218,13 +218,17 @@ impl Engine {
                     return Ok(Some(answer));
                 }
                 if !credential.is_empty()
-                    && let Err(e) =
-                        usable_credential(query::credential(c, &credential)?, &credential, &kind, &url, &scope)
+                    && let Err(e) = usable_credential(
+                        query::credential(c, &credential)?,
+                        &credential,
+                        &kind,
+                        &url,
+                        &scope,
+                    )
                 {
                     return Ok(Some(Err(e)));
                 }
-                Ok(query::live_by_identity(c, &identity)?
-                    .map(|e| Err(already_exists(&e, &scope))))
+                Ok(query::live_by_identity(c, &identity)?.map(|e| Err(already_exists(&e, &scope))))
             })
             .await?;
         if let Some(answer) = earlier {
@@ -1074,7 +1078,11 @@ fn already_exists(existing: &Connection, scope: &Scope) -> Error {
 }
 
 /// `found` if `scope` sees it; otherwise not found, as if it did not exist.
-fn visible(found: Option<Connection>, id: &ConnectionId, scope: &Scope) -> Result<Connection, Error> {
+fn visible(
+    found: Option<Connection>,
+    id: &ConnectionId,
+    scope: &Scope,
+) -> Result<Connection, Error> {
     found
         .filter(|c| scope.sees(&c.owner))
         .ok_or_else(|| Error::not_found(id))
@@ -1173,7 +1181,12 @@ fn remember(
     answer: &Answer,
 ) -> Result<(), Error> {
     if let Some(k) = key {
-        tx.remember(&k.stored, k.fingerprint, id, &serde_json::to_string(answer)?)?;
+        tx.remember(
+            &k.stored,
+            k.fingerprint,
+            id,
+            &serde_json::to_string(answer)?,
+        )?;
     }
     Ok(())
 }

@@ -65,7 +65,11 @@ impl Checker {
         let secret = if c.credential_id.is_empty() {
             None
         } else {
-            match self.credentials.secret_for(c.credential_id.clone(), &c.url).await {
+            match self
+                .credentials
+                .secret_for(c.credential_id.clone(), &c.url)
+                .await
+            {
                 Ok(Ok(s)) => s,
                 // Checked when the credential and url met; this is the last
                 // word before anything is sent.

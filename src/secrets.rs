@@ -77,8 +77,8 @@ impl SecretBox {
     /// (HMAC-SHA256), so one secret to back up serves them all.
     pub fn subkey(&self, label: &str) -> [u8; 32] {
         use hmac::{Hmac, Mac};
-        let mut mac =
-            <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key).expect("hmac takes any key length");
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
+            .expect("hmac takes any key length");
         mac.update(label.as_bytes());
         mac.finalize().into_bytes().into()
     }

@@ -24,9 +24,9 @@ use crate::pb::tether::v1::definition_service_server::DefinitionServiceServer;
 use crate::probe::Prober;
 use crate::secrets::SecretBox;
 use crate::service::auth::{AuthLayer, Gate};
-use crate::service::{ConnectionService, RequestIds};
 use crate::service::credentials::CredentialService;
 use crate::service::definitions::DefinitionService;
+use crate::service::{ConnectionService, RequestIds};
 use crate::store::Store;
 use crate::watch::Watcher;
 use std::future::Future;
@@ -271,19 +271,22 @@ async fn watch_access_file(access: Arc<Access>, stopping: CancellationToken) {
         return;
     };
     let stamp = |p: &std::path::Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len(), std::os::unix::fs::MetadataExt::ino(&m)))
+        std::fs::metadata(p).ok().map(|m| {
+            (
+                m.modified().ok(),
+                m.len(),
+                std::os::unix::fs::MetadataExt::ino(&m),
+            )
+        })
     };
     let mut seen = stamp(&path);
-    let mut hangup =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "no SIGHUP handler; the access file is reloaded on change only");
-                None
-            }
-        };
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; the access file is reloaded on change only");
+            None
+        }
+    };
     let mut tick = tokio::time::interval(ACCESS_FILE_POLL);
     loop {
         tokio::select! {
@@ -299,7 +302,9 @@ async fn watch_access_file(access: Arc<Access>, stopping: CancellationToken) {
         }
         match access.reload() {
             Ok(()) => tracing::info!(path = %path.display(), "access file reloaded"),
-            Err(e) => tracing::error!(error = %e, "access file not reloaded; the previous one stays in force"),
+            Err(e) => {
+                tracing::error!(error = %e, "access file not reloaded; the previous one stays in force")
+            }
         }
     }
 }

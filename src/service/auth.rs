@@ -47,7 +47,10 @@ pub fn need(path: &str) -> Option<Need> {
         ("tether.v1.DefinitionService", "ListDefinitions" | "GetDefinition") => Need::AnyRole,
         ("tether.v1.ConnectionService", m) => match m {
             "DescribeLifecycle" => Need::AnyRole,
-            "GetConnection" | "ListConnections" | "CountConnections" | "ListConnectionEvents"
+            "GetConnection"
+            | "ListConnections"
+            | "CountConnections"
+            | "ListConnectionEvents"
             | "WatchConnections" => Need::OneOf(READ),
             "CreateConnection"
             | "UpdateConnection"
@@ -136,9 +139,11 @@ impl Gate {
         if need == Some(Need::Nobody) {
             return Ok(None);
         }
-        let principal = self.authenticate(headers, peer)?.ok_or(Refusal::unauthenticated(
-            "no credentials: send a bearer token or a client certificate",
-        ))?;
+        let principal = self
+            .authenticate(headers, peer)?
+            .ok_or(Refusal::unauthenticated(
+                "no credentials: send a bearer token or a client certificate",
+            ))?;
         let permitted = need.is_some_and(|n| allows(&principal, n));
         if !permitted {
             return Err(Refusal {

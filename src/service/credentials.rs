@@ -110,7 +110,9 @@ impl pb::credential_service_server::CredentialService for CredentialService {
         if id.is_empty() {
             return Err(Error::invalid("id", "is required").into());
         }
-        self.credentials.delete(id.clone(), &principal.scope).await?;
+        self.credentials
+            .delete(id.clone(), &principal.scope)
+            .await?;
         tracing::info!(%id, principal = %principal.name, "credential deleted");
         Ok(Response::new(pb::DeleteCredentialResponse {}))
     }

@@ -10,11 +10,11 @@ pub mod auth;
 pub mod credentials;
 pub mod definitions;
 
+use crate::access::Principal;
 use crate::connection::{
     self, Connection, ConnectionId, Event, EventType, ProbeOutcome, ProbeResult, check_labels,
     check_len, check_metadata, limits, parse_kind, parse_url,
 };
-use crate::access::Principal;
 use crate::engine::{
     CreateRequest, Discovered, Engine, NewConnection, Patch, Reporter, RequestKey,
     TransitionRequest, UpdateRequest,
@@ -62,8 +62,8 @@ impl RequestIds {
 
     fn stored(&self, principal: &str, request_id: &str) -> String {
         use hmac::{Hmac, Mac};
-        let mut mac =
-            <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key).expect("hmac takes any key length");
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
+            .expect("hmac takes any key length");
         mac.update(principal.as_bytes());
         mac.update(&[0]);
         mac.update(request_id.as_bytes());

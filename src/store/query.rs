@@ -431,9 +431,7 @@ pub struct EventFilter {
 impl Filter {
     /// Whether `c` is one of the owners this filter keeps.
     pub fn owns(&self, c: &Connection) -> bool {
-        self.owners
-            .as_ref()
-            .is_none_or(|o| o.contains(&c.owner))
+        self.owners.as_ref().is_none_or(|o| o.contains(&c.owner))
     }
 }
 
@@ -504,8 +502,7 @@ pub struct StoredCredential {
     pub allowed_hosts: Vec<String>,
 }
 
-const CREDENTIAL_COLUMNS: &str =
-    "id, name, type, owner, nonce, sealed, create_time, allowed_hosts";
+const CREDENTIAL_COLUMNS: &str = "id, name, type, owner, nonce, sealed, create_time, allowed_hosts";
 
 fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
     Ok(StoredCredential {

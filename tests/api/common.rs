@@ -37,6 +37,10 @@ pub fn test_config() -> Config {
         verify_timeout: Duration::from_secs(3),
         shutdown_grace: Duration::from_secs(5),
         disable_monitor: true,
+        // Tests that fan out (hundreds of watchers, bursts of writes) run as
+        // one principal; the limits have tests of their own.
+        rate_limit: 0,
+        max_watches: 10_000,
         ..Config::default()
     }
 }
@@ -367,7 +371,8 @@ pub fn test_hosts() -> Vec<String> {
         .to_vec()
 }
 
-/// Stores a credential of `kind` with a bearer token; its id.
+/// Stores a credential of `kind` with a bearer token (and the test CA as its
+/// only trusted root); its id.
 pub async fn bearer_credential(app: &App, kind: &str, token: &str) -> String {
     let mut creds =
         pb::credential_service_client::CredentialServiceClient::new(app.channel.clone());
@@ -376,13 +381,16 @@ pub async fn bearer_credential(app: &App, kind: &str, token: &str) -> String {
             name: format!("{kind} token"),
             r#type: kind.into(),
             secret: Some(prost_types::Struct {
-                fields: [(
-                    "token".to_string(),
-                    prost_types::Value {
-                        kind: Some(prost_types::value::Kind::StringValue(token.into())),
-                    },
-                )]
-                .into(),
+                fields: [("token", token), ("ca_certificate", &test_ca().pem)]
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            prost_types::Value {
+                                kind: Some(prost_types::value::Kind::StringValue(v.into())),
+                            },
+                        )
+                    })
+                    .into(),
             }),
             owner: String::new(),
             allowed_hosts: test_hosts(),
@@ -394,6 +402,10 @@ pub async fn bearer_credential(app: &App, kind: &str, token: &str) -> String {
 }
 
 // ---- definitions, credentials and discovery helpers ----
+
+/// A plain or TLS stream, for stubs that serve both.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// What a [`RoutedHttp`] stub saw of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -410,20 +422,86 @@ pub struct RoutedHttp {
     pub addr: SocketAddr,
     seen: Arc<std::sync::Mutex<Vec<SeenRequest>>>,
     task: JoinHandle<()>,
+    tls: bool,
+}
+
+/// A certificate authority made for the tests, and a server certificate it
+/// signed for `localhost` and 127.0.0.1.
+pub struct TestCa {
+    /// The CA certificate, PEM: what a credential's `ca_certificate` names.
+    pub pem: String,
+    pub server: Arc<tokio_rustls::rustls::ServerConfig>,
+}
+
+/// The tests' CA, made once per test binary.
+pub fn test_ca() -> &'static TestCa {
+    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "tether test ca");
+        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().expect("server key");
+        let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("server params")
+            .signed_by(&key, &issuer)
+            .expect("server cert");
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let server = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        TestCa {
+            pem: ca_cert.pem(),
+            server: Arc::new(server),
+        }
+    })
 }
 
 impl RoutedHttp {
     pub async fn new(route: impl Fn(&SeenRequest) -> u16 + Send + Sync + 'static) -> RoutedHttp {
+        RoutedHttp::serve(route, false).await
+    }
+
+    /// The same over HTTPS, with a certificate from [`test_ca`].
+    pub async fn new_tls(
+        route: impl Fn(&SeenRequest) -> u16 + Send + Sync + 'static,
+    ) -> RoutedHttp {
+        RoutedHttp::serve(route, true).await
+    }
+
+    async fn serve(
+        route: impl Fn(&SeenRequest) -> u16 + Send + Sync + 'static,
+        tls: bool,
+    ) -> RoutedHttp {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let route = Arc::new(route);
         let log = seen.clone();
+        let acceptor = tls.then(|| tokio_rustls::TlsAcceptor::from(test_ca().server.clone()));
         let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
+            while let Ok((s, _)) = l.accept().await {
                 let route = route.clone();
                 let log = log.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let mut s: Box<dyn Io> = match acceptor {
+                        None => Box::new(s),
+                        Some(a) => match a.accept(s).await {
+                            Ok(t) => Box::new(t),
+                            Err(_) => return,
+                        },
+                    };
                     let mut buf = vec![0u8; 4096];
                     let mut head = Vec::new();
                     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -458,7 +536,12 @@ impl RoutedHttp {
                 });
             }
         });
-        RoutedHttp { addr, seen, task }
+        RoutedHttp {
+            addr,
+            seen,
+            task,
+            tls,
+        }
     }
 
     /// Answers 200 on exactly these paths and 404 everywhere else.
@@ -467,10 +550,11 @@ impl RoutedHttp {
         RoutedHttp::new(move |r| if paths.contains(&r.path) { 200 } else { 404 }).await
     }
 
-    /// Answers 200 to requests carrying exactly this `Authorization` value, 401 to the rest.
+    /// Over HTTPS (credentials are never sent in the clear), answers 200 to
+    /// requests carrying exactly this `Authorization` value, 401 to the rest.
     pub async fn requiring(authorization: &str) -> RoutedHttp {
         let want = authorization.to_owned();
-        RoutedHttp::new(move |r| {
+        RoutedHttp::new_tls(move |r| {
             if r.authorization.as_deref() == Some(want.as_str()) {
                 200
             } else {
@@ -480,9 +564,10 @@ impl RoutedHttp {
         .await
     }
 
-    /// `http://ADDR` followed by `path`.
+    /// `http://ADDR` (or `https://`) followed by `path`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     /// Every request so far, in arrival order.

@@ -410,7 +410,7 @@ async fn delete_leaves_a_tombstone_and_repeats_harmlessly() {
                 )]
                 .into(),
             }),
-            ..conn("grafana", "http://grafana.example/")
+            ..conn("grafana", "https://grafana.example/")
         },
     )
     .await;
@@ -760,7 +760,7 @@ async fn request_ids_make_retries_safe() {
 }
 
 #[tokio::test]
-async fn history_pages_and_records_the_actor() {
+async fn history_pages_and_records_the_authenticated_actor() {
     let app = App::start().await;
     let mut c = app.client.clone();
     let a = create(&mut c, conn("http", "")).await;
@@ -770,6 +770,8 @@ async fn history_pages_and_records_the_actor() {
         reason: "not ours".into(),
         ..Default::default()
     });
+    // A name the caller claims for itself is not taken: the actor is who
+    // authenticated (here, with authentication off, the anonymous admin).
     req.metadata_mut()
         .insert("tether-actor", "alice".parse().unwrap());
     c.transition_connection(req).await.unwrap();
@@ -778,7 +780,7 @@ async fn history_pages_and_records_the_actor() {
 
     let mine = events_of(&mut c, &a.id).await;
     assert_eq!(mine.len(), 2);
-    assert_eq!(mine[1].actor, "alice");
+    assert_eq!(mine[1].actor, "anonymous");
     assert_eq!(mine[1].reason, "not ours");
     assert_eq!(mine[1].trigger, pb::Trigger::User as i32);
     assert_eq!(mine[0].actor, "anonymous");

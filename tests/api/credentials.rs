@@ -143,7 +143,7 @@ async fn create_credential_returns_everything_but_the_secret() {
     let mut c = app.client.clone();
     let used = create(
         &mut c,
-        with_credential("prometheus", "http://prom.example/", &made.id),
+        with_credential("prometheus", "https://prom.example/", &made.id),
     )
     .await;
     assert_eq!(used.credential_id, made.id);
@@ -303,7 +303,7 @@ async fn delete_credential_refuses_one_in_use_and_unknown_ids() {
     let cred = bearer_credential(&app, "grafana", "tok").await;
     let user = create(
         &mut c,
-        with_credential("grafana", "http://grafana.example/", &cred),
+        with_credential("grafana", "https://grafana.example/", &cred),
     )
     .await;
     let meta = assert_error(
@@ -355,7 +355,7 @@ async fn deleting_a_connection_removes_its_credential_unless_another_live_one_us
     let alone = bearer_credential(&app, "prometheus", "alone").await;
     let only = create(
         &mut c,
-        with_credential("prometheus", "http://a.example/", &alone),
+        with_credential("prometheus", "https://a.example/", &alone),
     )
     .await;
     delete(&mut c, &only.id).await;
@@ -370,12 +370,12 @@ async fn deleting_a_connection_removes_its_credential_unless_another_live_one_us
     let shared = bearer_credential(&app, "prometheus", "shared").await;
     let first = create(
         &mut c,
-        with_credential("prometheus", "http://b.example/", &shared),
+        with_credential("prometheus", "https://b.example/", &shared),
     )
     .await;
     let second = create(
         &mut c,
-        with_credential("prometheus", "http://c.example/", &shared),
+        with_credential("prometheus", "https://c.example/", &shared),
     )
     .await;
     delete(&mut c, &first.id).await;
@@ -392,7 +392,7 @@ async fn deleting_a_connection_removes_its_credential_unless_another_live_one_us
 
     // A connection without a credential leaves others alone.
     let bystander = bearer_credential(&app, "prometheus", "bystander").await;
-    let plain = create(&mut c, conn("prometheus", "http://d.example/")).await;
+    let plain = create(&mut c, conn("prometheus", "https://d.example/")).await;
     delete(&mut c, &plain.id).await;
     assert!(credential_ids(&mut creds).await.contains(&bystander));
 }
@@ -404,7 +404,7 @@ async fn a_connection_referring_to_a_missing_credential_is_refused() {
     let missing = uuid::Uuid::new_v4().to_string();
     let r = c
         .create_connection(pb::CreateConnectionRequest {
-            connection: Some(with_credential("http", "http://x.example/", &missing)),
+            connection: Some(with_credential("http", "https://x.example/", &missing)),
             ..Default::default()
         })
         .await;
@@ -422,7 +422,7 @@ async fn a_connection_referring_to_a_missing_credential_is_refused() {
     assert_eq!(total, 0);
 
     // The same through an update; the connection keeps what it had.
-    let made = create(&mut c, conn("http", "http://y.example/")).await;
+    let made = create(&mut c, conn("http", "https://y.example/")).await;
     let r = c
         .update_connection(pb::UpdateConnectionRequest {
             connection: Some(pb::Connection {
@@ -445,7 +445,7 @@ async fn a_connection_referring_to_a_missing_credential_is_refused() {
     delete_credential(&mut creds, &gone).await.unwrap();
     let r = c
         .create_connection(pb::CreateConnectionRequest {
-            connection: Some(with_credential("http", "http://z.example/", &gone)),
+            connection: Some(with_credential("http", "https://z.example/", &gone)),
             ..Default::default()
         })
         .await;
@@ -688,8 +688,21 @@ async fn checks_send_the_credential_and_never_show_it() {
     assert!(!format!("{now:?}").contains(&bad_token));
     assert!(!format!("{:?}", events_of(&mut c, &refused.id).await).contains(&bad_token));
 
-    // No credential at all is rejected the same way.
-    let bare = create(&mut c, conn("http", &peer.url("/api"))).await;
+    // No token at all (only the CA to trust) is rejected the same way.
+    let mut creds = credentials(&app);
+    let ca_only = create_credential(
+        &mut creds,
+        "http",
+        "ca only",
+        serde_json::json!({"ca_certificate": test_ca().pem}),
+    )
+    .await
+    .unwrap();
+    let bare = create(
+        &mut c,
+        with_credential("http", &peer.url("/api"), &ca_only.id),
+    )
+    .await;
     let r = transition(&mut c, &bare.id, S::Registered).await;
     assert_error(r, Code::FailedPrecondition, "CREDENTIALS_REJECTED");
     assert_eq!(peer.seen().last().unwrap().authorization, None);
@@ -704,7 +717,7 @@ async fn checks_use_basic_auth_credentials() {
         base64::engine::general_purpose::STANDARD.encode(format!("admin:{password}"))
     );
     let want = expected.clone();
-    let peer = RoutedHttp::new(move |r| match (r.path.as_str(), &r.authorization) {
+    let peer = RoutedHttp::new_tls(move |r| match (r.path.as_str(), &r.authorization) {
         ("/grafana/api/health", Some(a)) if *a == want => 200,
         ("/grafana/api/health", _) => 401,
         _ => 404,
@@ -715,7 +728,7 @@ async fn checks_use_basic_auth_credentials() {
         &mut creds,
         "grafana",
         "grafana admin",
-        serde_json::json!({"username": "admin", "password": password}),
+        serde_json::json!({"username": "admin", "password": password, "ca_certificate": test_ca().pem}),
     )
     .await
     .unwrap();

@@ -98,9 +98,11 @@ async fn a_first_report_creates_discovered_connections_on_behalf_of_the_source()
                 pb::EventType::Created,
                 S::Discovered,
                 pb::Trigger::System,
-                SOURCE
+                // The authenticated caller acts; the source it names is in the reason.
+                "anonymous"
             )
         );
+        assert!(e.reason.contains(SOURCE), "{}", e.reason);
     }
     let unique: HashSet<String> = ids(&results).into_iter().collect();
     assert_eq!(unique.len(), 3);
@@ -257,9 +259,10 @@ async fn a_not_found_connection_is_rediscovered() {
             S::NotFound,
             S::Discovered,
             pb::Trigger::System,
-            SOURCE
+            "anonymous"
         )
     );
+    assert!(last.reason.contains(SOURCE), "{}", last.reason);
     assert_eq!(store_revision(&mut c).await, revision + 1, "one event");
 
     // And then it is simply known.
