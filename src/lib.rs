@@ -12,6 +12,7 @@ pub mod credentials;
 pub mod definitions;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod health;
 pub mod kinds;
 pub mod lifecycle;

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// Seals and opens secrets with the server's key.
@@ -39,7 +39,7 @@ impl SecretBox {
             Some(k) => k.trim().to_owned(),
             None => match std::fs::read_to_string(key_file) {
                 Ok(text) => {
-                    warn_if_readable_by_others(key_file);
+                    refuse_if_readable_by_others(key_file)?;
                     text.trim().to_owned()
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -126,19 +126,12 @@ impl SecretBox {
 }
 
 fn create_key_file(path: &Path) -> Result<String, Error> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::Internal(format!("cannot create directory {}: {e}", dir.display()))
-        })?;
+    if let Some(dir) = path.parent() {
+        crate::files::private_dir(dir)?;
     }
     let key = XChaCha20Poly1305::generate_key(&mut OsRng);
     let encoded = base64::engine::general_purpose::STANDARD.encode(key);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::Internal(format!("cannot create {}: {e}", path.display())))?;
+    let mut file = crate::files::create_private(path)?;
     file.write_all(format!("{encoded}\n").as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| Error::Internal(format!("cannot write {}: {e}", path.display())))?;
@@ -146,12 +139,25 @@ fn create_key_file(path: &Path) -> Result<String, Error> {
     Ok(encoded)
 }
 
-fn warn_if_readable_by_others(path: &Path) {
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(path = %path.display(), "the secret key file is readable by group or others; chmod 600 it");
+/// A key others can read is no secret: refuse to use it until it is private.
+fn refuse_if_readable_by_others(path: &Path) -> Result<(), Error> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Error::Internal(format!(
+            "cannot read the secret key file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::invalid(
+            "secret key",
+            format!(
+                "{} has mode {mode:o}: group or others can use it; chmod 600 it (and consider the key exposed)",
+                path.display()
+            ),
+        ));
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -64,21 +64,21 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it and
     /// starts the writer.
     pub fn open(path: &Path, config: StoreConfig) -> Result<Store, Error> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::Internal(format!("cannot create directory {}: {e}", dir.display()))
-            })?;
+        if let Some(dir) = path.parent() {
+            crate::files::private_dir(dir)?;
         }
         // Two writers would each keep their own revision counter; refuse the second.
         let lock_path = PathBuf::from(format!("{}.lock", path.display()));
-        let lock = std::fs::File::create(&lock_path)
-            .map_err(|e| Error::Internal(format!("cannot create {}: {e}", lock_path.display())))?;
+        let lock = crate::files::open_private(&lock_path)?;
         lock.try_lock().map_err(|_| {
             Error::Unavailable(format!(
                 "{} is in use by another tether process",
                 path.display()
             ))
         })?;
+        // SQLite gives its -wal and -shm files the database file's mode, so
+        // creating that one private keeps them all private.
+        drop(crate::files::open_private(path)?);
         let mut conn = open_writer(path, config.busy_timeout)?;
         schema::migrate(&mut conn)?;
         let (revision, compact) = query::revisions(&conn)?;

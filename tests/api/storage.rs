@@ -74,3 +74,77 @@ async fn storage_faults_are_internal_without_sql_text() {
     // The rest of the service carries on.
     assert_eq!(get(&mut c, &fine.id).await, fine);
 }
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn files_the_server_creates_are_private_to_its_user() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data/tether");
+    let app = App::start_in(std::sync::Arc::new(tempfile::tempdir().unwrap()), |cfg| {
+        cfg.db = Some(dir.join("tether.db"));
+    })
+    .await;
+    let mut c = app.client.clone();
+    create(&mut c, conn("http", "")).await;
+    assert_eq!(mode(&dir), 0o700, "the folder");
+    assert_eq!(mode(&root.path().join("data")), 0o700, "and its new parent");
+    for file in [
+        "tether.db",
+        "tether.db-wal",
+        "tether.db-shm",
+        "tether.db.lock",
+        "tether.key",
+    ] {
+        assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_file_others_can_read_refuses_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("tether.key");
+    std::fs::write(
+        &key,
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [3u8; 32]),
+    )
+    .unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let mut config = test_config();
+    config.db = Some(dir.path().join("tether.db"));
+    let err = tether::server::Server::open(config.clone())
+        .await
+        .err()
+        .expect("a group-readable key refuses start");
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server = tether::server::Server::open(config)
+        .await
+        .expect("a private key is used");
+    drop(server);
+}
+
+#[tokio::test]
+async fn a_lock_file_that_is_a_symbolic_link_is_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("tether.db.lock")).unwrap();
+    let mut config = test_config();
+    config.db = Some(dir.path().join("tether.db"));
+    let err = tether::server::Server::open(config)
+        .await
+        .err()
+        .expect("a planted link refuses start");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(
+        !dir.path().join("tether.db").exists(),
+        "nothing was created"
+    );
+}
