@@ -21,6 +21,66 @@ struct Cli {
 enum Command {
     /// Serve the tether.v1.ConnectionService gRPC API.
     Serve(Config),
+    /// Make a new bearer token and print it with the access-file entry that
+    /// admits it (only the token's SHA-256 goes into the file).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// Who the token authenticates as.
+    #[arg(long)]
+    principal: String,
+    /// A role to grant: viewer, operator, discovery, credential-admin or admin; repeatable.
+    #[arg(long = "role", required = true)]
+    roles: Vec<String>,
+    /// Another owner whose objects the principal may see ("*": every owner); repeatable.
+    #[arg(long = "owner")]
+    owners: Vec<String>,
+}
+
+/// Prints a fresh token and its access-file entry.
+///
+/// Tokens are random 256-bit strings, and the file keeps only their SHA-256:
+/// a leaked access file admits no one, and a token is revoked by deleting its
+/// line (the server reloads the file on change or SIGHUP). Signed tokens
+/// (JWTs) would need key management and could not be revoked before expiry;
+/// for a service with a handful of platform clients, a reloadable list wins.
+fn make_token(args: TokenArgs) -> ExitCode {
+    if let Err(e) = tether::access::check_principal_name(&args.principal) {
+        eprintln!("error: --principal: {e}");
+        return ExitCode::FAILURE;
+    }
+    let known = tether::access::Role::ALL.map(|r| r.name());
+    if let Some(bad) = args.roles.iter().find(|r| !known.contains(&r.as_str())) {
+        eprintln!("error: --role {bad:?}: use one of {}", known.join(", "));
+        return ExitCode::FAILURE;
+    }
+    let token = tether::access::new_token();
+    let quote = |v: &[String]| {
+        v.iter()
+            .map(|s| serde_json::to_string(s).expect("strings serialise"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // Line 1 the token, line 2 the entry: easy to take apart in a script.
+    eprintln!(
+        "the token for {} (give it to the client; it is stored nowhere), then its entry for `tokens:` in the access file:",
+        args.principal
+    );
+    println!("{token}");
+    println!(
+        "  - {{principal: {}, sha256: {}, roles: [{}]{}}}",
+        serde_json::to_string(&args.principal).expect("strings serialise"),
+        tether::access::token_digest(&token),
+        quote(&args.roles),
+        if args.owners.is_empty() {
+            String::new()
+        } else {
+            format!(", owners: [{}]", quote(&args.owners))
+        }
+    );
+    ExitCode::SUCCESS
 }
 
 #[tokio::main]
@@ -33,7 +93,10 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let Command::Serve(config) = Cli::parse().command;
+    let config = match Cli::parse().command {
+        Command::Serve(config) => config,
+        Command::Token(args) => return make_token(args),
+    };
     // Signal handlers first: a SIGTERM from here on is a graceful shutdown,
     // never the default "terminate at once".
     let signal = match Signals::install() {

@@ -641,3 +641,81 @@ pub async fn store_revision(client: &mut Client) -> i64 {
         .into_inner()
         .revision
 }
+
+// ---- authentication helpers ----
+
+/// Adds `authorization: Bearer <token>` to every call (nothing when `None`).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+pub type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// Clients of every service that present one bearer token (or none).
+#[derive(Clone)]
+pub struct As {
+    pub conn: ConnectionServiceClient<Authed>,
+    pub creds: pb::credential_service_client::CredentialServiceClient<Authed>,
+    pub defs: pb::definition_service_client::DefinitionServiceClient<Authed>,
+    pub health: tonic_health::pb::health_client::HealthClient<Authed>,
+}
+
+impl As {
+    pub fn new(channel: &Channel, token: Option<&str>) -> As {
+        let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")));
+        let svc = || tonic::service::interceptor::InterceptedService::new(channel.clone(), bearer.clone());
+        As {
+            conn: ConnectionServiceClient::new(svc()),
+            creds: pb::credential_service_client::CredentialServiceClient::new(svc()),
+            defs: pb::definition_service_client::DefinitionServiceClient::new(svc()),
+            health: tonic_health::pb::health_client::HealthClient::new(svc()),
+        }
+    }
+}
+
+/// One access-file token entry: principal, token, roles, owners.
+pub struct Grant<'a> {
+    pub principal: &'a str,
+    pub token: &'a str,
+    pub roles: &'a [&'a str],
+    pub owners: &'a [&'a str],
+}
+
+/// The text of an access file listing these tokens (by digest).
+pub fn access_file(grants: &[Grant<'_>]) -> String {
+    let mut text = String::from("tokens:\n");
+    for g in grants {
+        text.push_str(&format!(
+            "  - principal: {}\n    sha256: {}\n    roles: [{}]\n    owners: [{}]\n",
+            g.principal,
+            tether::access::token_digest(g.token),
+            g.roles.join(", "),
+            g.owners
+                .iter()
+                .map(|o| format!("{o:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    text
+}
+
+/// Asserts that `r` failed with this code and `ErrorInfo.reason`; its status.
+pub fn expect_code<T: std::fmt::Debug>(
+    r: Result<T, tonic::Status>,
+    code: tonic::Code,
+    reason: &str,
+) -> tonic::Status {
+    let status = r.expect_err("the call must fail");
+    let (c, got, _) = error_info(&status);
+    assert_eq!((c, got.as_str()), (code, reason), "{status:?}");
+    status
+}

@@ -1,6 +1,7 @@
 //! One integration-test binary that drives the real gRPC surface: a server on
 //! 127.0.0.1:0, a SQLite file in a temp dir, a tonic client.
 
+mod access;
 mod common;
 mod connections;
 mod credentials;

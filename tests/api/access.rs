@@ -1,0 +1,640 @@
+//! Authentication and authorization over the real gRPC surface: an access
+//! file of bearer tokens, a client per principal, and every RPC tried by every
+//! principal against objects it owns and objects it does not. Then the
+//! paths a caller could use to get at someone else's secret, the limits per
+//! principal, and reloading the access file.
+
+use crate::common::*;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tether::pb::tether::v1 as pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// The principals of these tests, in the order of the matrix columns.
+/// `anon` sends no token.
+const WHO: [&str; 8] = [
+    "alice", "bob", "vera", "dora", "carl", "root", "nobody", "anon",
+];
+
+/// Roles and owners of each principal with a token.
+const GRANTS: [(&str, &[&str], &[&str]); 7] = [
+    ("alice", &["operator"], &[]),
+    ("bob", &["operator"], &[]),
+    ("vera", &["viewer"], &["alice"]),
+    ("dora", &["discovery"], &["alice"]),
+    ("carl", &["credential-admin"], &[]),
+    ("root", &["admin"], &[]),
+    ("nobody", &[], &[]),
+];
+
+/// A server with authentication on, and the tokens of its principals.
+struct Secured {
+    app: App,
+    /// Holds the access file; independent of the app's database folder.
+    _dir: tempfile::TempDir,
+    file: PathBuf,
+    tokens: HashMap<String, String>,
+}
+
+fn new_token(name: &str) -> String {
+    format!("{name}-{}", uuid::Uuid::new_v4().simple())
+}
+
+impl Secured {
+    async fn start(tweak: impl FnOnce(&mut tether::Config)) -> Secured {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("access.yaml");
+        let tokens: HashMap<String, String> = GRANTS
+            .iter()
+            .map(|(n, _, _)| (n.to_string(), new_token(n)))
+            .collect();
+        write_atomically(&file, &access_file(&grants(&tokens, &[])));
+        let path = file.clone();
+        let app = App::start_with(move |c| {
+            c.auth_file = Some(path);
+            tweak(c);
+        })
+        .await;
+        Secured {
+            app,
+            _dir: dir,
+            file,
+            tokens,
+        }
+    }
+
+    /// Clients presenting `who`'s token (`anon`: none; anything else: that
+    /// name as a token no file lists).
+    fn client(&self, who: &str) -> As {
+        match (who, self.tokens.get(who)) {
+            ("anon", _) => As::new(&self.app.channel, None),
+            (_, Some(t)) => As::new(&self.app.channel, Some(t)),
+            (other, None) => As::new(&self.app.channel, Some(other)),
+        }
+    }
+}
+
+/// The grants of `tokens` plus extra `(name, token, roles)` entries.
+fn grants<'a>(
+    tokens: &'a HashMap<String, String>,
+    extra: &'a [(&'a str, &'a str, &'a [&'a str])],
+) -> Vec<Grant<'a>> {
+    GRANTS
+        .iter()
+        .map(|(n, roles, owners)| Grant {
+            principal: n,
+            token: &tokens[*n],
+            roles,
+            owners,
+        })
+        .chain(extra.iter().map(|(n, t, roles)| Grant {
+            principal: n,
+            token: t,
+            roles,
+            owners: &[],
+        }))
+        .collect()
+}
+
+/// Replaces a file in one step, so its reader never sees half of it.
+fn write_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write access file");
+    std::fs::rename(&tmp, path).expect("replace access file");
+}
+
+fn labelled(kind: &str, url: &str, owner: &str, tag: &str) -> pb::Connection {
+    pb::Connection {
+        owner: owner.into(),
+        labels: [("row".to_string(), tag.to_string())].into(),
+        ..conn(kind, url)
+    }
+}
+
+async fn make(c: &mut As, body: pb::Connection) -> pb::Connection {
+    c.conn
+        .create_connection(pb::CreateConnectionRequest {
+            connection: Some(body),
+            skip_verification: true,
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+}
+
+async fn fetch(c: &mut As, id: &str) -> pb::Connection {
+    c.conn
+        .get_connection(pb::GetConnectionRequest { id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+async fn revision(c: &mut As) -> i64 {
+    c.conn
+        .list_connection_events(pb::ListConnectionEventsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .revision
+}
+
+async fn credential(
+    c: &mut As,
+    owner: &str,
+    allowed_hosts: &[&str],
+) -> Result<pb::Credential, tonic::Status> {
+    c.creds
+        .create_credential(pb::CreateCredentialRequest {
+            name: format!("cred of {owner}"),
+            r#type: "http".into(),
+            secret: Some(json_struct(
+                serde_json::json!({"token": "s3cret", "ca_certificate": test_ca().pem}),
+            )),
+            owner: owner.into(),
+            allowed_hosts: allowed_hosts.iter().map(|h| h.to_string()).collect(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn credential_ids(c: &mut As) -> Result<BTreeSet<String>, tonic::Status> {
+    let mut ids = BTreeSet::new();
+    let mut page_token = String::new();
+    loop {
+        let page = c
+            .creds
+            .list_credentials(pb::ListCredentialsRequest {
+                page_size: 1000,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        ids.extend(page.credentials.into_iter().map(|c| c.id));
+        if page.next_page_token.is_empty() {
+            return Ok(ids);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// The next message of a watch, within 10 s.
+async fn next(
+    s: &mut tonic::Streaming<pb::WatchConnectionsResponse>,
+) -> pb::WatchConnectionsResponse {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("a watch message within 10 s")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+/// The ids a watch's snapshot holds, up to its SYNCED.
+async fn snapshot(s: &mut tonic::Streaming<pb::WatchConnectionsResponse>) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    loop {
+        let m = next(s).await;
+        match m.r#type() {
+            pb::WatchEventType::Added => {
+                ids.insert(m.connection.expect("an object").id);
+            }
+            pb::WatchEventType::Synced => return ids,
+            other => panic!("unexpected {other:?} in a snapshot"),
+        }
+    }
+}
+
+async fn watch(
+    c: &mut As,
+    r: pb::WatchConnectionsRequest,
+) -> Result<tonic::Streaming<pb::WatchConnectionsResponse>, tonic::Status> {
+    c.conn.watch_connections(r).await.map(|r| r.into_inner())
+}
+
+// ---- 1. the authorization matrix ----
+
+/// What a call should come to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum E {
+    /// Succeeds (and, where an object is concerned, shows it).
+    Ok,
+    /// Succeeds, but the object is not among what it shows.
+    Hid,
+    /// Fails with this code and `ErrorInfo.reason`.
+    Err(Code, &'static str),
+}
+
+const OK: E = E::Ok;
+const HID: E = E::Hid;
+const UNA: E = E::Err(Code::Unauthenticated, "UNAUTHENTICATED");
+const DEN: E = E::Err(Code::PermissionDenied, "PERMISSION_DENIED");
+const NFC: E = E::Err(Code::NotFound, "CONNECTION_NOT_FOUND");
+const NFK: E = E::Err(Code::NotFound, "CREDENTIAL_NOT_FOUND");
+const BAD: E = E::Err(Code::InvalidArgument, "INVALID_ARGUMENT");
+
+/// The calls of the matrix. Where a row names an owner, root makes a fresh
+/// object of that owner before each call (for Create*, the owner is the one
+/// asked for; "" asks for none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Create,
+    Get,
+    List,
+    Count,
+    Update,
+    Transition,
+    /// The call's own status if refused, else its one item's.
+    Batch,
+    Delete,
+    /// ListConnectionEvents of one connection.
+    EventsOf,
+    /// ListConnectionEvents of everything (is the object's creation in it?).
+    Events,
+    Lifecycle,
+    /// WatchConnections: is the object in the snapshot?
+    Watch,
+    /// ReportDiscovered of a new identity.
+    Report,
+    /// ReportDiscovered of the object's identity: is the object shown?
+    ReportSeen,
+    CreateCred,
+    ListCreds,
+    DeleteCred,
+    ListDefs,
+    GetDef,
+    /// grpc.health.v1.Health/Check.
+    Health,
+}
+use Op::*;
+
+/// Roles: viewer reads, operator reads and writes connections (and lists
+/// credentials), discovery only reports, credential-admin creates, lists and
+/// deletes credentials, admin does all over every owner; lifecycle and
+/// definitions need any role, health none. Scope: alice, bob, carl see their
+/// own; vera and dora also alice's; root everything. An object out of scope
+/// is not found (or not shown), never PERMISSION_DENIED; a role short of the
+/// method is PERMISSION_DENIED whatever the object.
+#[rustfmt::skip]
+const MATRIX: &[(Op, &str, [E; 8])] = &[
+    //                        alice  bob   vera  dora  carl  root  nobody anon
+    (Create,      "",        [OK,   OK,   DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Create,      "alice",   [OK,   BAD,  DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Create,      "bob",     [BAD,  OK,   DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Get,         "alice",   [OK,   NFC,  OK,   DEN,  DEN,  OK,   DEN,  UNA]),
+    (Get,         "bob",     [NFC,  OK,   NFC,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (List,        "alice",   [OK,   HID,  OK,   DEN,  DEN,  OK,   DEN,  UNA]),
+    (List,        "bob",     [HID,  OK,   HID,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Count,       "alice",   [OK,   HID,  OK,   DEN,  DEN,  OK,   DEN,  UNA]),
+    (Count,       "bob",     [HID,  OK,   HID,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Update,      "alice",   [OK,   NFC,  DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Update,      "bob",     [NFC,  OK,   DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Transition,  "alice",   [OK,   NFC,  DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Transition,  "bob",     [NFC,  OK,   DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Batch,       "alice",   [OK,   NFC,  DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Batch,       "bob",     [NFC,  OK,   DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Delete,      "alice",   [OK,   NFC,  DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Delete,      "bob",     [NFC,  OK,   DEN,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (EventsOf,    "alice",   [OK,   NFC,  OK,   DEN,  DEN,  OK,   DEN,  UNA]),
+    (EventsOf,    "bob",     [NFC,  OK,   NFC,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Events,      "alice",   [OK,   HID,  OK,   DEN,  DEN,  OK,   DEN,  UNA]),
+    (Events,      "bob",     [HID,  OK,   HID,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Lifecycle,   "",        [OK,   OK,   OK,   OK,   OK,   OK,   DEN,  UNA]),
+    (Watch,       "alice",   [OK,   HID,  OK,   DEN,  DEN,  OK,   DEN,  UNA]),
+    (Watch,       "bob",     [HID,  OK,   HID,  DEN,  DEN,  OK,   DEN,  UNA]),
+    (Report,      "",        [DEN,  DEN,  DEN,  OK,   DEN,  OK,   DEN,  UNA]),
+    (ReportSeen,  "alice",   [DEN,  DEN,  DEN,  OK,   DEN,  OK,   DEN,  UNA]),
+    (ReportSeen,  "bob",     [DEN,  DEN,  DEN,  HID,  DEN,  OK,   DEN,  UNA]),
+    (CreateCred,  "",        [DEN,  DEN,  DEN,  DEN,  OK,   OK,   DEN,  UNA]),
+    (CreateCred,  "alice",   [DEN,  DEN,  DEN,  DEN,  BAD,  OK,   DEN,  UNA]),
+    (ListCreds,   "alice",   [OK,   HID,  DEN,  DEN,  HID,  OK,   DEN,  UNA]),
+    (ListCreds,   "bob",     [HID,  OK,   DEN,  DEN,  HID,  OK,   DEN,  UNA]),
+    (ListCreds,   "carl",    [HID,  HID,  DEN,  DEN,  OK,   OK,   DEN,  UNA]),
+    (DeleteCred,  "alice",   [DEN,  DEN,  DEN,  DEN,  NFK,  OK,   DEN,  UNA]),
+    (DeleteCred,  "carl",    [DEN,  DEN,  DEN,  DEN,  OK,   OK,   DEN,  UNA]),
+    (ListDefs,    "",        [OK,   OK,   OK,   OK,   OK,   OK,   DEN,  UNA]),
+    (GetDef,      "",        [OK,   OK,   OK,   OK,   OK,   OK,   DEN,  UNA]),
+    (Health,      "",        [OK,   OK,   OK,   OK,   OK,   OK,   OK,   OK]),
+];
+
+/// Makes the object a row needs (as root), calls `op` as `who`, and says
+/// whether the object was shown; checks the effect as root where the call
+/// changes something.
+async fn attempt(
+    root: &mut As,
+    c: &mut As,
+    who: &str,
+    op: Op,
+    owner: &str,
+) -> Result<bool, tonic::Status> {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let object = match op {
+        Get | List | Count | Update | Transition | Batch | Delete | EventsOf | Events | Watch
+        | ReportSeen => Some(make(root, labelled("http", "", owner, &tag)).await),
+        _ => None,
+    };
+    let id = object.as_ref().map(|o| o.id.clone()).unwrap_or_default();
+    let cred = match op {
+        ListCreds | DeleteCred => {
+            Some(credential(root, owner, &["x.example"]).await.expect("cred"))
+        }
+        _ => None,
+    };
+    let shown = match op {
+        Create => {
+            let made = c
+                .conn
+                .create_connection(pb::CreateConnectionRequest {
+                    connection: Some(labelled("http", "", owner, &tag)),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let want = if owner.is_empty() { who } else { owner };
+            assert_eq!(made.owner, want, "the owner of what {who} made");
+            true
+        }
+        Get => {
+            c.conn
+                .get_connection(pb::GetConnectionRequest { id: id.clone() })
+                .await?
+                .into_inner()
+                .id
+                == id
+        }
+        List => c
+            .conn
+            .list_connections(pb::ListConnectionsRequest {
+                labels: [("row".to_string(), tag.clone())].into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .connections
+            .iter()
+            .any(|x| x.id == id),
+        Count => {
+            let total = c
+                .conn
+                .count_connections(pb::CountConnectionsRequest {
+                    labels: [("row".to_string(), tag.clone())].into(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .total;
+            assert!(total <= 1, "{total}");
+            total == 1
+        }
+        Update => {
+            let r = c
+                .conn
+                .update_connection(pb::UpdateConnectionRequest {
+                    connection: Some(pb::Connection {
+                        id: id.clone(),
+                        name: format!("renamed by {who}"),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["name".into()],
+                    }),
+                    ..Default::default()
+                })
+                .await;
+            let now = fetch(root, &id).await;
+            assert_eq!(now.name == format!("renamed by {who}"), r.is_ok(), "{r:?}");
+            r?.into_inner().id == id
+        }
+        Transition | Batch | Delete => {
+            let before = object.as_ref().expect("an object").revision;
+            let r = match op {
+                Transition => c
+                    .conn
+                    .transition_connection(pb::TransitionConnectionRequest {
+                        id: id.clone(),
+                        target_state: S::Ignored as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner()),
+                Batch => {
+                    let mut results = c
+                        .conn
+                        .batch_transition_connections(pb::BatchTransitionConnectionsRequest {
+                            requests: vec![pb::TransitionConnectionRequest {
+                                id: id.clone(),
+                                target_state: S::Ignored as i32,
+                                ..Default::default()
+                            }],
+                        })
+                        .await?
+                        .into_inner()
+                        .results;
+                    assert_eq!(results.len(), 1);
+                    match results.remove(0).result.expect("a result") {
+                        pb::batch_transition_result::Result::Connection(x) => Ok(x),
+                        pb::batch_transition_result::Result::Error(e) => {
+                            Err(tonic::Status::with_details(
+                                Code::from(e.code),
+                                e.message.clone(),
+                                prost::Message::encode_to_vec(&e).into(),
+                            ))
+                        }
+                    }
+                }
+                _ => c
+                    .conn
+                    .delete_connection(pb::DeleteConnectionRequest {
+                        id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner()),
+            };
+            let now = fetch(root, &id).await;
+            assert_eq!(
+                now.revision > before,
+                r.is_ok(),
+                "changed only if allowed: {r:?}"
+            );
+            r?.id == id
+        }
+        EventsOf => {
+            let events = c
+                .conn
+                .list_connection_events(pb::ListConnectionEventsRequest {
+                    connection_id: id.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .events;
+            assert!(events.iter().all(|e| e.connection_id == id));
+            !events.is_empty()
+        }
+        Events => c
+            .conn
+            .list_connection_events(pb::ListConnectionEventsRequest {
+                after_revision: object.as_ref().expect("an object").revision - 1,
+                page_size: 100,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .events
+            .iter()
+            .any(|e| e.connection_id == id),
+        Lifecycle => !c
+            .conn
+            .describe_lifecycle(pb::DescribeLifecycleRequest::default())
+            .await?
+            .into_inner()
+            .states
+            .is_empty(),
+        Watch => {
+            let mut s = watch(
+                c,
+                pb::WatchConnectionsRequest {
+                    ids: vec![id.clone()],
+                    ..Default::default()
+                },
+            )
+            .await?;
+            snapshot(&mut s).await.contains(&id)
+        }
+        Report | ReportSeen => {
+            let body = match &object {
+                Some(o) => pb::Connection {
+                    kind: "http".into(),
+                    identity: o.identity.clone(),
+                    ..Default::default()
+                },
+                None => conn("http", &format!("https://{tag}.example/")),
+            };
+            let mut results = c
+                .conn
+                .report_discovered(pb::ReportDiscoveredRequest {
+                    source: "agent".into(),
+                    connections: vec![body],
+                })
+                .await?
+                .into_inner()
+                .results;
+            assert_eq!(results.len(), 1);
+            let r = results.remove(0);
+            let want = if object.is_some() {
+                pb::DiscoveryOutcome::Unchanged
+            } else {
+                pb::DiscoveryOutcome::Created
+            };
+            assert_eq!(r.outcome(), want, "{r:?}");
+            if let Some(shown) = &r.connection {
+                let want = if object.is_some() { owner } else { who };
+                assert_eq!(shown.owner, want);
+            }
+            r.connection.is_some()
+        }
+        CreateCred => {
+            let made = credential(c, owner, &["x.example"]).await?;
+            let want = if owner.is_empty() { who } else { owner };
+            assert_eq!(made.owner, want);
+            true
+        }
+        ListCreds => credential_ids(c)
+            .await?
+            .contains(&cred.expect("a credential").id),
+        DeleteCred => {
+            let cred = cred.expect("a credential").id;
+            let r = c
+                .creds
+                .delete_credential(pb::DeleteCredentialRequest { id: cred.clone() })
+                .await;
+            let left = credential_ids(root)
+                .await
+                .expect("root lists")
+                .contains(&cred);
+            assert_eq!(left, r.is_err(), "deleted only if allowed: {r:?}");
+            r?;
+            true
+        }
+        ListDefs => !c
+            .defs
+            .list_definitions(pb::ListDefinitionsRequest::default())
+            .await?
+            .into_inner()
+            .definitions
+            .is_empty(),
+        GetDef => {
+            c.defs
+                .get_definition(pb::GetDefinitionRequest {
+                    kind: "http".into(),
+                })
+                .await?
+                .into_inner()
+                .kind
+                == "http"
+        }
+        Health => {
+            c.health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await?
+                .into_inner()
+                .status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        }
+    };
+    Ok(shown)
+}
+
+fn outcome(r: &Result<bool, tonic::Status>) -> E {
+    match r {
+        Ok(true) => E::Ok,
+        Ok(false) => E::Hid,
+        Err(s) => {
+            let details = s.get_error_details();
+            let reason = details
+                .error_info()
+                .map(|i| i.reason.clone())
+                .unwrap_or_default();
+            // Only the reasons the matrix uses; anything else shows as "other".
+            let reason: &'static str = [UNA, DEN, NFC, NFK, BAD]
+                .into_iter()
+                .find_map(|e| match e {
+                    E::Err(code, r) if code == s.code() && r == reason => Some(r),
+                    _ => None,
+                })
+                .unwrap_or("other");
+            E::Err(s.code(), reason)
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_rpc_by_every_principal_on_own_and_foreign_objects() {
+    let s = Secured::start(|_| {}).await;
+    let mut root = s.client("root");
+    let mut wrong = Vec::new();
+    for (op, owner, expected) in MATRIX {
+        for (who, want) in WHO.iter().zip(expected) {
+            let mut c = s.client(who);
+            let r = attempt(&mut root, &mut c, who, *op, owner).await;
+            let got = outcome(&r);
+            if got != *want {
+                wrong.push(format!(
+                    "{op:?} on {owner:?} as {who}: want {want:?}, got {r:?}"
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} cells differ:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
