@@ -671,7 +671,9 @@ pub struct As {
 impl As {
     pub fn new(channel: &Channel, token: Option<&str>) -> As {
         let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")));
-        let svc = || tonic::service::interceptor::InterceptedService::new(channel.clone(), bearer.clone());
+        let svc = || {
+            tonic::service::interceptor::InterceptedService::new(channel.clone(), bearer.clone())
+        };
         As {
             conn: ConnectionServiceClient::new(svc()),
             creds: pb::credential_service_client::CredentialServiceClient::new(svc()),
