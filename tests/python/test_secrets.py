@@ -1,7 +1,9 @@
 """Credentials end to end: checks use them, and no secret ever shows.
 
-A loopback HTTP server stands in for a Prometheus that wants a bearer token:
-401 unless the Authorization header is the right one. Tether runs with the
+A loopback HTTPS server (its certificate from a CA made for the test, which
+the credential names as the only one to trust) stands in for a Prometheus
+that wants a bearer token: 401 unless the Authorization header is the right
+one. Tether runs with the
 monitor on and debug logging; afterwards the test looks for the tokens in
 every RPC answer it got, in the server's log, and in the SQLite files read
 as bytes. A copy of the database without its key does not start, so yields no secret.
@@ -11,6 +13,7 @@ import base64
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import stat
 import threading
@@ -19,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
+import trustme
 
 from conftest import CALL_TIMEOUT, FAST_MONITOR, WAIT_TIMEOUT, Watch, tether_bin
 
@@ -28,7 +32,7 @@ class TokenServer:
     otherwise (echoing what it got, as a careless server might); records
     (path, Authorization) of every request."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, ca: trustme.CA):
         self.token = token
         self.requests: list[tuple[str, str | None]] = []
         lock = threading.Lock()
@@ -52,7 +56,10 @@ class TokenServer:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert("127.0.0.1").configure_cert(tls)
+        self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -77,7 +84,8 @@ def test_secrets_are_used_by_checks_and_never_shown(pb, start_server, tmp_path):
     tokens = [good, wrong]
     # Also their forms on the wire, should one be echoed back encoded.
     needles = tokens + [base64.b64encode(t.encode()).decode() for t in tokens]
-    target = TokenServer(good)
+    ca = trustme.CA()
+    target = TokenServer(good, ca)
     answers: list[str] = []  # str() of every RPC response and error the test sees
 
     def call(method, request):
@@ -98,8 +106,12 @@ def test_secrets_are_used_by_checks_and_never_shown(pb, start_server, tmp_path):
             creds = pb.credential_grpc.CredentialServiceStub(channel)
 
             def credential(name, token):
-                request = pb.credential.CreateCredentialRequest(name=name, type="prometheus")
-                request.secret.update({"token": token})
+                request = pb.credential.CreateCredentialRequest(
+                    name=name, type="prometheus", allowed_hosts=["127.0.0.1"]
+                )
+                request.secret.update(
+                    {"token": token, "ca_certificate": ca.cert_pem.bytes().decode()}
+                )
                 return call(creds.CreateCredential, request)
 
             def connection(name, path, credential_id):
@@ -176,8 +188,11 @@ def test_secrets_are_used_by_checks_and_never_shown(pb, start_server, tmp_path):
                     "id",
                     "name",
                     "type",
+                    "owner",
                     "create_time",
+                    "allowed_hosts",
                 ], c
+                assert c.owner == "anonymous" and list(c.allowed_hosts) == ["127.0.0.1"], c
             call(
                 pb.definition_grpc.DefinitionServiceStub(channel).GetDefinition,
                 pb.definition.GetDefinitionRequest(kind="prometheus"),
