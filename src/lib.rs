@@ -21,6 +21,7 @@ pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod transport;
 pub mod watch;
 
 pub use config::Config;

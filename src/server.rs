@@ -1,5 +1,6 @@
 //! The composition root: opens the store, wires engine, watcher and verifier
-//! into the gRPC service, adds health and reflection, serves until told to
+//! into the gRPC service, adds health and reflection, serves them over the
+//! [`transport`] listener with its HTTP/2 limits and keepalive until told to
 //! stop, then shuts down in order.
 //!
 //! Shutdown order: health turns NOT_SERVING (health watchers get that, then
@@ -26,13 +27,13 @@ use crate::service::ConnectionService;
 use crate::service::credentials::CredentialService;
 use crate::service::definitions::DefinitionService;
 use crate::store::Store;
+use crate::transport::{self, Tls};
 use crate::watch::Watcher;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 
 /// A server whose definitions are loaded, whose secret key is at hand and
 /// whose database is open and migrated: ready to serve.
@@ -41,14 +42,41 @@ pub struct Server {
     store: Store,
     registry: Arc<Registry>,
     secrets: Arc<SecretBox>,
+    tls: Option<TlsReload>,
+}
+
+/// The TLS configuration and the SIGHUP that reloads it, registered at open
+/// so a SIGHUP sent once the server listens never meets the default action.
+struct TlsReload {
+    tls: Arc<Tls>,
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Server {
-    /// Checks the configuration, loads the connection definitions and the
-    /// secret key, and opens (creating or migrating) the database. Fails if a
-    /// definition file is bad or another process has the database open.
+    /// Checks the configuration, reads the TLS files, loads the connection
+    /// definitions and the secret key, and opens (creating or migrating) the
+    /// database. Fails if a TLS or definition file is bad or another process
+    /// has the database open.
     pub async fn open(config: Config) -> Result<Server, Error> {
         config.validate()?;
+        let missing = config.unprotected();
+        if !missing.is_empty() {
+            tracing::warn!(
+                listen = %config.listen,
+                missing = %missing.join(", "),
+                "--insecure: serving a non-loopback address without TLS and authentication; \
+                 ANYONE WHO CAN REACH THIS PORT CAN ACT AS ADMIN"
+            );
+        }
+        let tls = match config.tls_files() {
+            Some(files) => {
+                let tls = Arc::new(Tls::load(files)?);
+                let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                    .map_err(|e| Error::Internal(format!("cannot handle SIGHUP: {e}")))?;
+                Some(TlsReload { tls, hangup })
+            }
+            None => None,
+        };
         let registry =
             Registry::load(&config.models).map_err(|e| Error::invalid("models", e.to_string()))?;
         let store = Store::open(&config.db_path(), config.store_config())?;
@@ -69,16 +97,17 @@ impl Server {
             store,
             registry: Arc::new(registry),
             secrets: Arc::new(secrets),
+            tls,
         })
     }
 
     /// Serves the API on `listener` until `shutdown` completes, then shuts down in order.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
-        let result = serve(&self, listener, shutdown).await;
+        let result = serve(&mut self, listener, shutdown).await;
         // Commit whatever is queued, then stop the writer and release the database.
         let store = self.store;
         tokio::task::spawn_blocking(move || store.close())
@@ -150,7 +179,7 @@ async fn open_secrets(config: &Config, store: &Store) -> Result<SecretBox, Error
 const KEY_CHECK: &str = "tether-key-check";
 
 async fn serve(
-    server: &Server,
+    server: &mut Server,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
@@ -209,19 +238,31 @@ async fn serve(
         }
     };
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving");
+    let tls = server.tls.take();
+    let mode = tls.as_ref().map_or("plaintext", |t| t.tls.mode());
+    tracing::info!(?addr, transport = mode, "serving");
+    let transport = config.transport_config();
+    let incoming = transport::incoming(
+        listener,
+        &transport,
+        tls.as_ref().map(|t| t.tls.clone()),
+        stopping.clone(),
+        &tasks,
+    );
+    if let Some(TlsReload { tls, hangup }) = tls {
+        tasks.spawn(tls.watch(hangup, transport.reload_interval, stopping.clone()));
+    }
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .add_service(HealthServer::new(HealthService::new(stopping.clone())))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ConnectionServiceServer::new(service))
         .add_service(DefinitionServiceServer::new(definitions))
         .add_service(CredentialServiceServer::new(credentials))
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small streamed messages wait on delayed ACKs.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            signal,
-        );
+        .serve_with_incoming_shutdown(incoming, signal);
     let mut server = tokio::spawn(server);
 
     let served = tokio::select! {
@@ -237,6 +278,8 @@ async fn serve(
             }
         }
     };
+    // Also when the transport failed on its own: the tasks end on this token.
+    stopping.cancel();
     tasks.close();
     tasks.wait().await;
     match served {
