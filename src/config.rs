@@ -297,6 +297,12 @@ impl Config {
                 "client certificates need TLS: set --tls-cert and --tls-key",
             ));
         }
+        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(Error::invalid(
+                "max-connections",
+                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+            ));
+        }
         if self.tls_require_client_cert && self.tls_client_ca.is_none() {
             return Err(Error::invalid(
                 "tls-require-client-cert",

@@ -64,7 +64,8 @@ pub struct TransportConfig {
 pub struct Peer {
     pub addr: SocketAddr,
     /// The principal name of the client certificate the handshake verified
-    /// (see [`principal_name`]); `None` without one.
+    /// (see [`principal_name`]); `None` without a certificate, or when it
+    /// names no principal.
     pub certificate: Option<String>,
 }
 
@@ -397,8 +398,9 @@ async fn handshake(
 ) -> io::Result<(Stream, Peer)> {
     let Some(tls) = tls else {
         // Nothing to negotiate; waiting for the first byte keeps a silent
-        // client under the same timeout as a TLS one.
-        stream.readable().await?;
+        // client under the same timeout as a TLS one. (A peek, because
+        // `readable` may report readiness before any byte has arrived.)
+        stream.peek(&mut [0u8; 1]).await?;
         let peer = Peer {
             addr,
             certificate: None,

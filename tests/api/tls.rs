@@ -271,6 +271,23 @@ async fn connections_over_the_limit_are_closed_at_once_and_a_closed_one_frees_it
     app.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_silent_client_never_holds_up_others_and_is_closed_after_the_handshake_timeout() {
+    let pki = ServerPki::new();
+    let app = tls_app(&pki, None, false).await;
+    let mut silent = TcpStream::connect(app.channel_addr()).await.unwrap();
+    // Accepted before the next client, and still in its handshake.
+    tls_health(app.channel_addr(), client_tls(&pki.ca, None))
+        .await
+        .expect("served while another connection says nothing");
+    drop(silent);
+
+    let app = App::start_with(|c| c.handshake_timeout = Duration::from_millis(100)).await;
+    silent = TcpStream::connect(app.channel_addr()).await.unwrap();
+    closed_by_server(&mut silent).await;
+    app.stop().await.unwrap();
+}
+
 // ---- the binary ----
 
 struct Proc {
@@ -404,6 +421,25 @@ async fn reload_test(interval: &str, hangup: bool) {
     .await;
     assert!(serves_with(p.addr(), &a).await);
     assert!(!serves_with(p.addr(), &b).await);
+
+    // A file that does not parse is refused and the old certificate stays.
+    replace(
+        &CertKey {
+            cert: "not a certificate".into(),
+            key: "not a key".into(),
+        },
+        &cert,
+        &key,
+    );
+    if hangup {
+        p.signal("-HUP").await;
+    }
+    let refused = p.logged("tls certificates not reloaded").await;
+    assert!(refused.contains("ERROR"), "{refused}");
+    assert!(
+        serves_with(p.addr(), &a).await,
+        "the old certificate still serves"
+    );
 
     replace(&b.server(), &cert, &key);
     if hangup {
