@@ -42,14 +42,11 @@ pub struct Server {
     store: Store,
     registry: Arc<Registry>,
     secrets: Arc<SecretBox>,
-    tls: Option<TlsReload>,
-}
-
-/// The TLS configuration and the SIGHUP that reloads it, registered at open
-/// so a SIGHUP sent once the server listens never meets the default action.
-struct TlsReload {
-    tls: Arc<Tls>,
-    hangup: tokio::signal::unix::Signal,
+    tls: Option<Arc<Tls>>,
+    /// SIGHUP, registered at open so that one sent once the server listens
+    /// never meets the default action (exit): it reloads the TLS files, and
+    /// without TLS it is logged and ignored. Taken by `serve`.
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Server {
@@ -69,14 +66,11 @@ impl Server {
             );
         }
         let tls = match config.tls_files() {
-            Some(files) => {
-                let tls = Arc::new(Tls::load(files)?);
-                let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                    .map_err(|e| Error::Internal(format!("cannot handle SIGHUP: {e}")))?;
-                Some(TlsReload { tls, hangup })
-            }
+            Some(files) => Some(Arc::new(Tls::load(files)?)),
             None => None,
         };
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| Error::Internal(format!("cannot handle SIGHUP: {e}")))?;
         let registry =
             Registry::load(&config.models).map_err(|e| Error::invalid("models", e.to_string()))?;
         let store = Store::open(&config.db_path(), config.store_config())?;
@@ -98,6 +92,7 @@ impl Server {
             registry: Arc::new(registry),
             secrets: Arc::new(secrets),
             tls,
+            hangup: Some(hangup),
         })
     }
 
@@ -238,19 +233,27 @@ async fn serve(
         }
     };
     let addr = listener.local_addr().ok();
-    let tls = server.tls.take();
-    let mode = tls.as_ref().map_or("plaintext", |t| t.tls.mode());
+    let tls = server.tls.clone();
+    let mode = tls.as_ref().map_or("plaintext", |t| t.mode());
     tracing::info!(?addr, transport = mode, "serving");
     let transport = config.transport_config();
-    let incoming = transport::incoming(
-        listener,
-        &transport,
-        tls.as_ref().map(|t| t.tls.clone()),
-        stopping.clone(),
-        &tasks,
-    );
-    if let Some(TlsReload { tls, hangup }) = tls {
-        tasks.spawn(tls.watch(hangup, transport.reload_interval, stopping.clone()));
+    let incoming = transport::incoming(listener, &transport, tls.clone(), stopping.clone(), &tasks);
+    match (tls, server.hangup.take()) {
+        (Some(tls), Some(hangup)) => {
+            tasks.spawn(tls.watch(hangup, transport.reload_interval, stopping.clone()));
+        }
+        (None, Some(mut hangup)) => {
+            let stopping = stopping.clone();
+            tasks.spawn(async move {
+                while let Some(()) = tokio::select! {
+                    _ = stopping.cancelled() => None,
+                    r = hangup.recv() => r,
+                } {
+                    tracing::info!("SIGHUP: nothing to reload without TLS");
+                }
+            });
+        }
+        (_, None) => {}
     }
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)

@@ -529,3 +529,19 @@ async fn an_unprotected_non_loopback_address_is_refused_unless_insecure() {
     health(channel).await.unwrap();
     p.stop().await;
 }
+
+#[tokio::test]
+async fn sighup_without_tls_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let mut p = spawn(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]).await;
+    p.signal("-HUP").await;
+    p.logged("nothing to reload").await;
+    let channel = Channel::from_shared(format!("http://{}", p.addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    health(channel).await.unwrap();
+    p.stop().await;
+}
