@@ -141,15 +141,16 @@ impl Tls {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         loop {
-            let cause = tokio::select! {
+            let signalled = tokio::select! {
                 _ = stopping.cancelled() => return,
-                _ = hangup.recv() => "SIGHUP",
-                _ = tick.tick() => "files changed",
+                _ = hangup.recv() => true,
+                _ = tick.tick() => false,
             };
             let now = self.fingerprint();
-            if cause == "files changed" && now == seen {
+            if !signalled && now == seen {
                 continue;
             }
+            let cause = if signalled { "SIGHUP" } else { "files changed" };
             // A failed attempt is not retried until something changes again
             // (or SIGHUP): a half-written pair logs once, not every tick.
             seen = now;
@@ -327,9 +328,12 @@ impl AsyncWrite for Conn {
     }
 }
 
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 /// Accepts connections on `listener` until `stopping` is cancelled or the
 /// returned stream is dropped, and yields each once its handshake is done.
-/// Over `max_connections`, a new connection is closed at once.
+/// Over `max_connections`, a new connection is closed at once. The stream
+/// never yields an error: a failed handshake is logged at debug and dropped.
 pub fn incoming(
     listener: TcpListener,
     config: &TransportConfig,
@@ -349,10 +353,14 @@ pub fn incoming(
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // Out of file descriptors or a connection reset before
-                        // accept: neither ends the listener.
+                        // Out of file descriptors, or a connection reset before
+                        // accept: neither ends the listener. The pause keeps
+                        // the first from spinning until a descriptor is free.
                         tracing::warn!(error = %e, "accept failed");
-                        continue;
+                        tokio::select! {
+                            _ = stopping.cancelled() => return,
+                            _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                        }
                     }
                 },
             };
