@@ -55,11 +55,13 @@ pub struct TransportConfig {
     pub reload_interval: Duration,
     /// Most connections open at once; more are closed as soon as accepted.
     pub max_connections: usize,
+    /// Longest from accept to a finished TLS handshake (plaintext: to the first byte).
     pub handshake_timeout: Duration,
 }
 
 /// Who is on the other end of a connection; tonic puts it in the extensions
-/// of every request that arrives on it (`request.extensions().get::<Peer>()`).
+/// of every request that arrives on it (`request.extensions().get::<Peer>()`,
+/// on the `http::Request` a tower layer sees as on the `tonic::Request`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
     pub addr: SocketAddr,
