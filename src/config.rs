@@ -5,6 +5,7 @@ use crate::error::Error;
 use crate::monitor::MonitorConfig;
 use crate::service::ApiLimits;
 use crate::store::{StoreConfig, WriterConfig};
+use crate::transport::{TlsFiles, TransportConfig};
 use crate::watch::WatchConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +21,71 @@ pub struct Config {
     /// Address to serve gRPC on (port 0 picks a free port).
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+
+    /// PEM certificate chain to serve TLS with (leaf first); needs --tls-key.
+    /// Reloaded when the file changes or on SIGHUP.
+    #[arg(
+        long,
+        env = "TETHER_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "TETHER_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates to verify client certificates against (needs TLS).
+    /// A certificate a client presents is always verified.
+    #[arg(long, env = "TETHER_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Refuse clients without a certificate; without this flag they may
+    /// connect and authenticate with a token instead.
+    #[arg(long, env = "TETHER_TLS_REQUIRE_CLIENT_CERT")]
+    pub tls_require_client_cert: bool,
+
+    /// How often the TLS files are checked for change.
+    #[arg(long, env = "TETHER_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub tls_reload_interval: Duration,
+
+    /// Access file: bearer tokens (as SHA-256 digests) and client-certificate
+    /// principals, with their roles and owner scopes; reloaded on change and
+    /// on SIGHUP. Without it, authentication is off and every caller is the
+    /// anonymous admin (allowed only on a loopback address, unless --insecure).
+    #[arg(long, env = "TETHER_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Serve a non-loopback address without TLS or authentication (logged as a warning).
+    #[arg(long, env = "TETHER_INSECURE")]
+    pub insecure: bool,
+
+    /// Most client connections open at once; more are closed as soon as accepted.
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Longest time from accepting a connection to the end of its TLS
+    /// handshake (or, without TLS, to its first byte).
+    #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most concurrent HTTP/2 streams (calls) per connection.
+    #[arg(long, env = "TETHER_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
+    /// How often an HTTP/2 keepalive ping goes to each connection.
+    #[arg(long, env = "TETHER_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub keepalive_interval: Duration,
+
+    /// A connection whose peer does not answer a keepalive ping within this is closed.
+    #[arg(long, env = "TETHER_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub keepalive_timeout: Duration,
 
     /// SQLite database file [default: $XDG_DATA_HOME/tether/tether.db,
     /// else ~/.local/share/tether/tether.db]
@@ -139,13 +205,6 @@ pub struct Config {
     #[arg(long, env = "TETHER_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
 
-    /// Access file: bearer tokens (as SHA-256 digests) and client-certificate
-    /// principals, with their roles and owner scopes. Without it,
-    /// authentication is off and every caller is the anonymous admin (allowed
-    /// only on a loopback address, unless --insecure).
-    #[arg(long, env = "TETHER_AUTH_FILE")]
-    pub auth_file: Option<PathBuf>,
-
     /// Calls per second each principal may make (bursts of as many); 0: no limit.
     #[arg(long, env = "TETHER_RATE_LIMIT", default_value_t = 1000)]
     pub rate_limit: u32,
@@ -181,6 +240,10 @@ impl Config {
             ("bookmark-interval", self.bookmark_interval),
             ("event-retention", self.event_retention),
             ("probe-interval", self.probe_interval),
+            ("tls-reload-interval", self.tls_reload_interval),
+            ("handshake-timeout", self.handshake_timeout),
+            ("keepalive-interval", self.keepalive_interval),
+            ("keepalive-timeout", self.keepalive_timeout),
         ];
         for (flag, d) in positive {
             if d.is_zero() {
@@ -205,6 +268,11 @@ impl Config {
             ("max-discovery-report", self.max_discovery_report),
             ("read-pool", self.read_pool),
             ("max-watches", self.max_watches),
+            ("max-connections", self.max_connections),
+            (
+                "max-concurrent-streams",
+                self.max_concurrent_streams as usize,
+            ),
         ];
         for (flag, n) in counts {
             if n == 0 {
@@ -223,7 +291,88 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.validate_transport()
+    }
+
+    fn validate_transport(&self) -> Result<(), Error> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err(Error::invalid("tls-key", "--tls-cert needs --tls-key")),
+            (None, Some(_)) => {
+                return Err(Error::invalid("tls-cert", "--tls-key needs --tls-cert"));
+            }
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(Error::invalid(
+                "tls-client-ca",
+                "client certificates need TLS: set --tls-cert and --tls-key",
+            ));
+        }
+        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(Error::invalid(
+                "max-connections",
+                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+            ));
+        }
+        if self.tls_require_client_cert && self.tls_client_ca.is_none() {
+            return Err(Error::invalid(
+                "tls-require-client-cert",
+                "needs --tls-client-ca to verify the certificates against",
+            ));
+        }
+        let missing = self.unprotected();
+        if !missing.is_empty() && !self.insecure {
+            return Err(Error::invalid(
+                "listen",
+                format!(
+                    "{} is not a loopback address and {} missing, so anyone who can reach \
+                     the port could act as admin; set {}, or pass --insecure to serve it anyway",
+                    self.listen,
+                    if missing.len() == 1 {
+                        "this is"
+                    } else {
+                        "these are"
+                    },
+                    missing.join(" and "),
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// What protects a non-loopback listener and is not configured: TLS
+    /// (`--tls-cert`/`--tls-key`) and authentication (`--auth-file`). Empty on
+    /// a loopback address, or when both are set.
+    pub fn unprotected(&self) -> Vec<&'static str> {
+        if self.listen.ip().to_canonical().is_loopback() {
+            return Vec::new();
+        }
+        let mut missing = Vec::new();
+        if self.tls_cert.is_none() {
+            missing.push("TLS (--tls-cert, --tls-key)");
+        }
+        if self.auth_file.is_none() {
+            missing.push("authentication (--auth-file)");
+        }
+        missing
+    }
+
+    /// The TLS files, if the server serves TLS.
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+            require_client_cert: self.tls_require_client_cert,
+        })
+    }
+
+    pub fn transport_config(&self) -> TransportConfig {
+        TransportConfig {
+            reload_interval: self.tls_reload_interval,
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
+        }
     }
 
     /// The database file: `--db`, or the per-user data directory.

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the tether.v1.ConnectionService gRPC API.
-    Serve(Config),
+    Serve(Box<Config>),
     /// Make a new bearer token and print it with the access-file entry that
     /// admits it (only the token's SHA-256 goes into the file).
     Token(TokenArgs),
@@ -94,7 +94,7 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = match Cli::parse().command {
-        Command::Serve(config) => config,
+        Command::Serve(config) => *config,
         Command::Token(args) => return make_token(args),
     };
     // Signal handlers first: a SIGTERM from here on is a graceful shutdown,

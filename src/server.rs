@@ -1,5 +1,6 @@
 //! The composition root: opens the store, wires engine, watcher and verifier
-//! into the gRPC service, adds health and reflection, serves until told to
+//! into the gRPC service, adds health and reflection, serves them over the
+//! [`transport`] listener with its HTTP/2 limits and keepalive until told to
 //! stop, then shuts down in order.
 //!
 //! Shutdown order: health turns NOT_SERVING (health watchers get that, then
@@ -28,13 +29,13 @@ use crate::service::credentials::CredentialService;
 use crate::service::definitions::DefinitionService;
 use crate::service::{ConnectionService, RequestIds};
 use crate::store::Store;
+use crate::transport::{self, Tls};
 use crate::watch::Watcher;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 
 /// A server whose definitions are loaded, whose secret key is at hand and
 /// whose database is open and migrated: ready to serve.
@@ -44,18 +45,39 @@ pub struct Server {
     registry: Arc<Registry>,
     secrets: Arc<SecretBox>,
     access: Arc<Access>,
+    tls: Option<Arc<Tls>>,
+    /// SIGHUP, registered at open so that one sent once the server listens
+    /// never meets the default action (exit): it reloads the TLS files, and
+    /// without TLS it is logged and ignored. Taken by `serve`.
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Server {
-    /// Checks the configuration, loads the connection definitions and the
-    /// secret key, and opens (creating or migrating) the database. Fails if a
-    /// definition file is bad or another process has the database open.
+    /// Checks the configuration, reads the TLS files, loads the connection
+    /// definitions and the secret key, and opens (creating or migrating) the
+    /// database. Fails if a TLS or definition file is bad or another process
+    /// has the database open.
     pub async fn open(config: Config) -> Result<Server, Error> {
         config.validate()?;
         let access = match &config.auth_file {
             Some(path) => Access::load(path)?,
             None => Access::off(),
         };
+        let missing = config.unprotected();
+        if !missing.is_empty() {
+            tracing::warn!(
+                listen = %config.listen,
+                missing = %missing.join(", "),
+                "--insecure: serving a non-loopback address without TLS and authentication; \
+                 ANYONE WHO CAN REACH THIS PORT CAN ACT AS ADMIN"
+            );
+        }
+        let tls = match config.tls_files() {
+            Some(files) => Some(Arc::new(Tls::load(files)?)),
+            None => None,
+        };
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| Error::Internal(format!("cannot handle SIGHUP: {e}")))?;
         let registry =
             Registry::load(&config.models).map_err(|e| Error::invalid("models", e.to_string()))?;
         let store = Store::open(&config.db_path(), config.store_config())?;
@@ -77,16 +99,18 @@ impl Server {
             registry: Arc::new(registry),
             secrets: Arc::new(secrets),
             access: Arc::new(access),
+            tls,
+            hangup: Some(hangup),
         })
     }
 
     /// Serves the API on `listener` until `shutdown` completes, then shuts down in order.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
-        let result = serve(&self, listener, shutdown).await;
+        let result = serve(&mut self, listener, shutdown).await;
         // Commit whatever is queued, then stop the writer and release the database.
         let store = self.store;
         tokio::task::spawn_blocking(move || store.close())
@@ -158,7 +182,7 @@ async fn open_secrets(config: &Config, store: &Store) -> Result<SecretBox, Error
 const KEY_CHECK: &str = "tether-key-check";
 
 async fn serve(
-    server: &Server,
+    server: &mut Server,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
@@ -226,20 +250,40 @@ async fn serve(
         }
     };
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving");
+    let tls = server.tls.clone();
+    let mode = tls.as_ref().map_or("plaintext", |t| t.mode());
+    tracing::info!(?addr, transport = mode, "serving");
+    let transport = config.transport_config();
+    let incoming = transport::incoming(listener, &transport, tls.clone(), stopping.clone(), &tasks);
+    match (tls, server.hangup.take()) {
+        (Some(tls), Some(hangup)) => {
+            tasks.spawn(tls.watch(hangup, transport.reload_interval, stopping.clone()));
+        }
+        (None, Some(mut hangup)) => {
+            let stopping = stopping.clone();
+            tasks.spawn(async move {
+                while let Some(()) = tokio::select! {
+                    _ = stopping.cancelled() => None,
+                    r = hangup.recv() => r,
+                } {
+                    tracing::info!("SIGHUP: no TLS files to reload");
+                }
+            });
+        }
+        (_, None) => {}
+    }
     let server = tonic::transport::Server::builder()
         .layer(gate)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .add_service(HealthServer::new(HealthService::new(stopping.clone())))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ConnectionServiceServer::new(service))
         .add_service(DefinitionServiceServer::new(definitions))
         .add_service(CredentialServiceServer::new(credentials))
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small streamed messages wait on delayed ACKs.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            signal,
-        );
+        .serve_with_incoming_shutdown(incoming, signal);
     let mut server = tokio::spawn(server);
 
     let served = tokio::select! {
@@ -255,6 +299,8 @@ async fn serve(
             }
         }
     };
+    // Also when the transport failed on its own: the tasks end on this token.
+    stopping.cancel();
     tasks.close();
     tasks.wait().await;
     match served {

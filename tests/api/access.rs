@@ -638,3 +638,595 @@ async fn every_rpc_by_every_principal_on_own_and_foreign_objects() {
         wrong.join("\n")
     );
 }
+
+// ---- 2. what each principal sees ----
+
+async fn listed(c: &mut As) -> Result<BTreeSet<String>, tonic::Status> {
+    Ok(c.conn
+        .list_connections(pb::ListConnectionsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .connections
+        .into_iter()
+        .map(|c| c.id)
+        .collect())
+}
+
+#[tokio::test]
+async fn reads_and_watches_show_only_what_the_scope_sees() {
+    let s = Secured::start(|_| {}).await;
+    let mut root = s.client("root");
+    // Watches open before anything exists, to see the changes live.
+    let mut live = Vec::new();
+    for who in ["alice", "bob", "vera", "root"] {
+        let mut w = watch(&mut s.client(who), pb::WatchConnectionsRequest::default())
+            .await
+            .expect("watch");
+        assert!(snapshot(&mut w).await.is_empty());
+        live.push((who, w));
+    }
+    // Interleaved, so a change that leaked would arrive before the last one
+    // each watch expects.
+    let a1 = make(&mut root, labelled("http", "", "alice", "t")).await.id;
+    let b1 = make(&mut root, labelled("http", "", "bob", "t")).await.id;
+    let a2 = make(&mut root, labelled("http", "", "alice", "t")).await.id;
+    let b2 = make(&mut root, labelled("http", "", "bob", "t")).await.id;
+    let expected = [
+        ("alice", vec![&a1, &a2]),
+        ("bob", vec![&b1, &b2]),
+        ("vera", vec![&a1, &a2]),
+        ("root", vec![&a1, &b1, &a2, &b2]),
+    ];
+    for ((who, want), (watcher, w)) in expected.iter().zip(live.iter_mut()) {
+        assert_eq!(who, watcher);
+        let want_set: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        let mut c = s.client(who);
+        assert_eq!(listed(&mut c).await.unwrap(), want_set, "{who} lists");
+        let count = c
+            .conn
+            .count_connections(pb::CountConnectionsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(count.total, want.len() as i64, "{who} counts");
+        let events = c
+            .conn
+            .list_connection_events(pb::ListConnectionEventsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let ids: BTreeSet<String> = events.into_iter().map(|e| e.connection_id).collect();
+        assert_eq!(ids, want_set, "{who} lists events");
+        let mut snap = watch(&mut c, pb::WatchConnectionsRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(snapshot(&mut snap).await, want_set, "{who}'s snapshot");
+        for id in want {
+            let m = next(w).await;
+            assert_eq!(
+                (m.r#type(), m.connection.map(|c| c.id)),
+                (pb::WatchEventType::Added, Some(id.to_string())),
+                "{who}'s live watch"
+            );
+        }
+    }
+
+    // Out of scope is not found exactly like never made: same code, reason
+    // and message, the id aside.
+    let mut alice = s.client("alice");
+    let missing = uuid::Uuid::new_v4().to_string();
+    let foreign = expect_code(
+        alice
+            .conn
+            .get_connection(pb::GetConnectionRequest { id: b1.clone() })
+            .await,
+        Code::NotFound,
+        "CONNECTION_NOT_FOUND",
+    );
+    let absent = expect_code(
+        alice
+            .conn
+            .get_connection(pb::GetConnectionRequest {
+                id: missing.clone(),
+            })
+            .await,
+        Code::NotFound,
+        "CONNECTION_NOT_FOUND",
+    );
+    assert_eq!(
+        foreign.message().replace(&b1, "ID"),
+        absent.message().replace(&missing, "ID")
+    );
+    assert_eq!(error_info(&foreign).2["id"], b1);
+
+    // No token, an unknown token, or not a bearer token: unauthenticated.
+    for who in ["anon", "mallory"] {
+        let r = listed(&mut s.client(who)).await;
+        expect_code(r, Code::Unauthenticated, "UNAUTHENTICATED");
+    }
+    for header in ["Basic YWxpY2U6cHc=", "Bearer ", "Bearer"] {
+        let mut request = tonic::Request::new(pb::ListConnectionsRequest::default());
+        request
+            .metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        let r = s.client("anon").conn.list_connections(request).await;
+        expect_code(r, Code::Unauthenticated, "UNAUTHENTICATED");
+    }
+    // A token nobody holds that is the digest of one: still unknown.
+    let digest = tether::access::token_digest(&s.tokens["alice"]);
+    let r = listed(&mut s.client(&digest)).await;
+    expect_code(r, Code::Unauthenticated, "UNAUTHENTICATED");
+    // Health needs nothing.
+    let health = s
+        .client("anon")
+        .health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health without a token")
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+// ---- 3. ways to get at someone else's secret ----
+
+fn with_cred(url: &str, credential_id: &str) -> pb::Connection {
+    pb::Connection {
+        credential_id: credential_id.into(),
+        ..conn("http", url)
+    }
+}
+
+async fn create_as(
+    c: &mut As,
+    body: pb::Connection,
+    state: S,
+    skip_verification: bool,
+) -> Result<pb::Connection, tonic::Status> {
+    c.conn
+        .create_connection(pb::CreateConnectionRequest {
+            connection: Some(body),
+            initial_state: state as i32,
+            skip_verification,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Asserts an INVALID_ARGUMENT naming `field` whose message contains `says`.
+fn refused(r: Result<pb::Connection, tonic::Status>, field: &str, says: &str) {
+    let status = expect_code(r, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_eq!(error_info(&status).2["field"], field, "{status:?}");
+    assert!(status.message().contains(says), "{says:?} in {status:?}");
+}
+
+#[tokio::test]
+async fn credentials_of_others_can_be_neither_listed_nor_attached() {
+    let s = Secured::start(|_| {}).await;
+    let (mut root, mut alice) = (s.client("root"), s.client("alice"));
+    let mine = credential(&mut root, "alice", &["alice.example"])
+        .await
+        .unwrap()
+        .id;
+    let bobs = credential(&mut root, "bob", &["*.example", "127.0.0.1"])
+        .await
+        .unwrap()
+        .id;
+
+    // (a) Listing: not for viewers or discovery agents; others' are not shown.
+    for who in ["vera", "dora"] {
+        let r = credential_ids(&mut s.client(who)).await;
+        expect_code(r, Code::PermissionDenied, "PERMISSION_DENIED");
+    }
+    assert_eq!(
+        credential_ids(&mut alice).await.unwrap(),
+        [mine.clone()].into()
+    );
+    assert_eq!(
+        credential_ids(&mut s.client("bob")).await.unwrap(),
+        [bobs.clone()].into()
+    );
+
+    // (b) Attaching: bob's is no credential to alice, even where it would
+    // allow the host; hers only where it allows the host, and never in the clear.
+    let before = revision(&mut root).await;
+    let r = create_as(
+        &mut alice,
+        with_cred("https://attacker.example/", &bobs),
+        S::Discovered,
+        true,
+    )
+    .await;
+    refused(r, "connection.credential_id", "no credential");
+    let r = create_as(
+        &mut alice,
+        with_cred("https://attacker.example/", &mine),
+        S::Discovered,
+        true,
+    )
+    .await;
+    refused(r, "connection.credential_id", "attacker.example");
+    let r = create_as(
+        &mut alice,
+        with_cred("http://alice.example/", &mine),
+        S::Discovered,
+        true,
+    )
+    .await;
+    refused(r, "connection.credential_id", "cleartext");
+    // Refused before any check is made: a loopback peer that would answer
+    // sees no request, whether the credential is bob's or does not allow it.
+    let peer = RoutedHttp::new_tls(|_| 200).await;
+    let r = create_as(
+        &mut alice,
+        with_cred(&peer.url("/"), &bobs),
+        S::Registered,
+        false,
+    )
+    .await;
+    refused(r, "connection.credential_id", "no credential");
+    let r = create_as(
+        &mut alice,
+        with_cred(&peer.url("/"), &mine),
+        S::Registered,
+        false,
+    )
+    .await;
+    refused(r, "connection.credential_id", "127.0.0.1");
+    assert_eq!(peer.seen(), []);
+    // Nothing was made.
+    assert_eq!(revision(&mut root).await, before);
+    assert!(listed(&mut root).await.unwrap().is_empty());
+}
+
+async fn update_as(
+    c: &mut As,
+    id: &str,
+    body: pb::Connection,
+    paths: &[&str],
+) -> Result<pb::Connection, tonic::Status> {
+    c.conn
+        .update_connection(pb::UpdateConnectionRequest {
+            connection: Some(pb::Connection {
+                id: id.into(),
+                ..body
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: paths.iter().map(|p| p.to_string()).collect(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn a_credentialed_connection_moves_only_with_a_credential_for_the_new_place() {
+    let s = Secured::start(|_| {}).await;
+    let (mut root, mut alice) = (s.client("root"), s.client("alice"));
+    let here = credential(&mut root, "alice", &["alice.example"])
+        .await
+        .unwrap()
+        .id;
+    let there = credential(&mut root, "alice", &["moved.example"])
+        .await
+        .unwrap()
+        .id;
+    let bobs = credential(&mut root, "bob", &["*.example"])
+        .await
+        .unwrap()
+        .id;
+    let made = create_as(
+        &mut alice,
+        with_cred("https://alice.example/api", &here),
+        S::Discovered,
+        true,
+    )
+    .await
+    .unwrap();
+    let url = |u: &str| pb::Connection {
+        url: u.into(),
+        ..Default::default()
+    };
+
+    let r = update_as(
+        &mut alice,
+        &made.id,
+        url("https://attacker.example/api"),
+        &["url"],
+    )
+    .await;
+    refused(r, "connection.url", "attacker.example");
+    let r = update_as(
+        &mut alice,
+        &made.id,
+        url("http://alice.example/api"),
+        &["url"],
+    )
+    .await;
+    refused(r, "connection.url", "cleartext");
+    let r = update_as(
+        &mut alice,
+        &made.id,
+        pb::Connection {
+            credential_id: bobs.clone(),
+            ..Default::default()
+        },
+        &["credential_id"],
+    )
+    .await;
+    refused(r, "connection.credential_id", "no credential");
+    // Bob's credential would allow the new host, but is not hers to use.
+    let r = update_as(
+        &mut alice,
+        &made.id,
+        pb::Connection {
+            credential_id: bobs.clone(),
+            ..url("https://moved.example/")
+        },
+        &["url", "credential_id"],
+    )
+    .await;
+    refused(r, "connection.credential_id", "no credential");
+    let now = fetch(&mut alice, &made.id).await;
+    assert_eq!(
+        (now.url.as_str(), now.credential_id.as_str(), now.revision),
+        (made.url.as_str(), here.as_str(), made.revision),
+        "unchanged"
+    );
+
+    // Url and a credential that allows its host, together: accepted.
+    let moved = update_as(
+        &mut alice,
+        &made.id,
+        pb::Connection {
+            credential_id: there.clone(),
+            ..url("https://moved.example/")
+        },
+        &["url", "credential_id"],
+    )
+    .await
+    .expect("moved with a credential for the new host");
+    assert_eq!(
+        (moved.url.as_str(), moved.credential_id.as_str()),
+        ("https://moved.example/", there.as_str())
+    );
+    // And back without changing the credential: refused again.
+    let r = update_as(
+        &mut alice,
+        &made.id,
+        url("https://alice.example/api"),
+        &["url"],
+    )
+    .await;
+    refused(r, "connection.url", "alice.example");
+    assert_eq!(
+        fetch(&mut alice, &made.id).await.url,
+        "https://moved.example/"
+    );
+}
+
+async fn report(c: &mut As, body: pb::Connection) -> Result<pb::DiscoveryResult, tonic::Status> {
+    let mut results = c
+        .conn
+        .report_discovered(pb::ReportDiscoveredRequest {
+            source: "agent-7".into(),
+            connections: vec![body],
+        })
+        .await?
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 1);
+    Ok(results.remove(0))
+}
+
+#[tokio::test]
+async fn a_discovery_report_cannot_steer_a_secret_and_a_discovery_agent_can_only_report() {
+    let s = Secured::start(|_| {}).await;
+    let (mut root, mut alice, mut dora) = (s.client("root"), s.client("alice"), s.client("dora"));
+    let closed = ClosedPort::new();
+    let local = credential(&mut root, "alice", &["127.0.0.1"])
+        .await
+        .unwrap()
+        .id;
+    let home = format!("https://{}/", closed.addr);
+    let made = create_as(&mut alice, with_cred(&home, &local), S::Discovered, true)
+        .await
+        .unwrap();
+    // A failed register attempt (nothing listens there) leaves it NOT_FOUND.
+    let r = alice
+        .conn
+        .transition_connection(pb::TransitionConnectionRequest {
+            id: made.id.clone(),
+            target_state: S::Registered as i32,
+            ..Default::default()
+        })
+        .await;
+    let status = expect_code(r, Code::FailedPrecondition, "CONNECTION_UNREACHABLE");
+    assert_eq!(error_info(&status).2["state"], "NOT_FOUND");
+    let lost = fetch(&mut alice, &made.id).await;
+    assert_eq!(lost.state, S::NotFound as i32);
+
+    // Reported again elsewhere: found again, but it stays where it was.
+    let found = report(
+        &mut dora,
+        pb::Connection {
+            kind: "http".into(),
+            identity: made.identity.clone(),
+            url: "https://attacker.example/".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        found.outcome(),
+        pb::DiscoveryOutcome::Rediscovered,
+        "{found:?}"
+    );
+    let shown = found.connection.expect("dora sees alice's");
+    assert_eq!(
+        (
+            shown.url.as_str(),
+            shown.credential_id.as_str(),
+            shown.state
+        ),
+        (home.as_str(), local.as_str(), S::Discovered as i32)
+    );
+    assert!(shown.state_reason.contains("its url is kept"), "{shown:?}");
+    let now = fetch(&mut alice, &made.id).await;
+    assert_eq!(
+        (now.url.as_str(), now.state),
+        (home.as_str(), S::Discovered as i32)
+    );
+    let after: Vec<_> = alice
+        .conn
+        .list_connection_events(pb::ListConnectionEventsRequest {
+            connection_id: made.id.clone(),
+            after_revision: lost.revision,
+            page_size: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(
+        after
+            .iter()
+            .map(|e| (e.r#type(), e.to_state(), e.actor.as_str()))
+            .collect::<Vec<_>>(),
+        [(pb::EventType::Transitioned, S::Discovered, "dora")],
+        "one move back, signed by the agent, and no url change"
+    );
+
+    // Nor can a report attach a credential where it is not allowed, or one
+    // the agent cannot see.
+    let bobs = credential(&mut root, "bob", &["*.example"])
+        .await
+        .unwrap()
+        .id;
+    for (cred, says) in [(&local, "attacker.example"), (&bobs, "no credential")] {
+        let r = report(&mut dora, with_cred("https://attacker.example/", cred))
+            .await
+            .unwrap();
+        assert_eq!(r.outcome(), pb::DiscoveryOutcome::Rejected, "{r:?}");
+        assert!(r.reason.contains(says), "{says:?} in {r:?}");
+    }
+
+    // (e) The agent reports; it does nothing else.
+    let before = revision(&mut root).await;
+    let id = made.id.clone();
+    expect_code(
+        dora.conn
+            .get_connection(pb::GetConnectionRequest { id: id.clone() })
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    expect_code(
+        update_as(
+            &mut dora,
+            &id,
+            pb::Connection {
+                url: "https://attacker.example/".into(),
+                ..Default::default()
+            },
+            &["url"],
+        )
+        .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    for target in [S::Registered, S::Ignored] {
+        let r = dora
+            .conn
+            .transition_connection(pb::TransitionConnectionRequest {
+                id: id.clone(),
+                target_state: target as i32,
+                skip_verification: true,
+                ..Default::default()
+            })
+            .await;
+        expect_code(r, Code::PermissionDenied, "PERMISSION_DENIED");
+    }
+    let r = dora
+        .conn
+        .delete_connection(pb::DeleteConnectionRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await;
+    expect_code(r, Code::PermissionDenied, "PERMISSION_DENIED");
+    assert_eq!(revision(&mut root).await, before, "nothing changed");
+}
+
+#[tokio::test]
+async fn new_objects_belong_to_the_caller_or_an_owner_in_its_scope() {
+    let s = Secured::start(|_| {}).await;
+    let (mut root, mut alice, mut bob) = (s.client("root"), s.client("alice"), s.client("bob"));
+    let before = revision(&mut root).await;
+    let r = create_as(
+        &mut alice,
+        pb::Connection {
+            owner: "bob".into(),
+            ..conn("http", "")
+        },
+        S::Discovered,
+        true,
+    )
+    .await;
+    refused(r, "connection.owner", "bob");
+    let r = credential(&mut s.client("carl"), "alice", &["x.example"]).await;
+    let status = expect_code(r, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_eq!(error_info(&status).2["field"], "owner");
+    assert_eq!(revision(&mut root).await, before, "nothing made");
+    assert!(credential_ids(&mut root).await.unwrap().is_empty());
+    // A discovery agent may name an owner it sees, not another.
+    let mut dora = s.client("dora");
+    let r = report(
+        &mut dora,
+        pb::Connection {
+            owner: "bob".into(),
+            ..conn("http", "https://b.example/")
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.outcome(), pb::DiscoveryOutcome::Rejected, "{r:?}");
+    let r = report(
+        &mut dora,
+        pb::Connection {
+            owner: "alice".into(),
+            ..conn("http", "https://a.example/")
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.connection.expect("created").owner, "alice");
+
+    // A taken identity: only a caller who sees its holder learns which it is.
+    let body = conn("http", "");
+    let held = create_as(&mut alice, body.clone(), S::Discovered, true)
+        .await
+        .unwrap();
+    for (who, c, existing) in [
+        ("bob", &mut bob, ""),
+        ("alice", &mut alice, held.id.as_str()),
+        ("root", &mut root, held.id.as_str()),
+    ] {
+        let r = create_as(c, body.clone(), S::Discovered, true).await;
+        let status = expect_code(r, Code::AlreadyExists, "CONNECTION_ALREADY_EXISTS");
+        assert_eq!(error_info(&status).2["existing_id"], existing, "{who}");
+        assert!(!status.message().contains(&held.id), "{who}: {status:?}");
+    }
+}

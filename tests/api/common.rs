@@ -425,43 +425,33 @@ pub struct RoutedHttp {
     tls: bool,
 }
 
-/// A certificate authority made for the tests, and a server certificate it
-/// signed for `localhost` and 127.0.0.1.
-pub struct TestCa {
+/// The CA the HTTPS peers' certificates come from, and their server side.
+pub struct PeerCa {
     /// The CA certificate, PEM: what a credential's `ca_certificate` names.
     pub pem: String,
     pub server: Arc<tokio_rustls::rustls::ServerConfig>,
 }
 
-/// The tests' CA, made once per test binary.
-pub fn test_ca() -> &'static TestCa {
-    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+/// The peers' CA, made once per test binary.
+pub fn test_ca() -> &'static PeerCa {
+    static CA: std::sync::OnceLock<PeerCa> = std::sync::OnceLock::new();
     CA.get_or_init(|| {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().expect("ca key");
-        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "tether test ca");
-        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().expect("server key");
-        let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("server params")
-            .signed_by(&key, &issuer)
-            .expect("server cert");
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let ca = TestCa::new("tether peer ca");
+        let leaf = ca.server();
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
         let server = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("tls versions")
             .with_no_client_auth()
             .with_single_cert(
-                vec![cert.der().clone()],
-                tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                vec![CertificateDer::from_pem_slice(leaf.cert.as_bytes()).expect("cert pem")],
+                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("key pem"),
             )
             .expect("server config");
-        TestCa {
-            pem: ca_cert.pem(),
+        PeerCa {
+            pem: ca.pem.clone(),
             server: Arc::new(server),
         }
     })
@@ -720,4 +710,165 @@ pub fn expect_code<T: std::fmt::Debug>(
     let (c, got, _) = error_info(&status);
     assert_eq!((c, got.as_str()), (code, reason), "{status:?}");
     status
+}
+// ---- TLS helpers ----
+
+/// A certificate and its private key, PEM.
+#[derive(Clone)]
+pub struct CertKey {
+    pub cert: String,
+    pub key: String,
+}
+
+impl CertKey {
+    /// Writes `NAME.crt` and `NAME.key` into `dir`; their paths.
+    pub fn write(&self, dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, &self.cert).expect("write cert");
+        std::fs::write(&key, &self.key).expect("write key");
+        (cert, key)
+    }
+
+    /// A client identity for tonic.
+    pub fn identity(&self) -> tonic::transport::Identity {
+        tonic::transport::Identity::from_pem(&self.cert, &self.key)
+    }
+}
+
+/// A certificate authority made for one test.
+pub struct TestCa {
+    /// The CA certificate, PEM.
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("ca key");
+        let cert = params.self_signed(&key).expect("ca cert");
+        TestCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// Signs a leaf made from `params`.
+    pub fn sign(&self, params: rcgen::CertificateParams) -> CertKey {
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        CertKey {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1.
+    pub fn server(&self) -> CertKey {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+                .expect("server params");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// A client certificate whose subject common name is `cn`.
+    pub fn client(&self, cn: &str) -> CertKey {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    /// This CA as the only root a client trusts.
+    pub fn certificate(&self) -> tonic::transport::Certificate {
+        tonic::transport::Certificate::from_pem(&self.pem)
+    }
+}
+
+/// A client TLS configuration that trusts only `ca` and expects the server
+/// to be `localhost`; with `identity`, it presents that client certificate.
+pub fn client_tls(ca: &TestCa, identity: Option<&CertKey>) -> tonic::transport::ClientTlsConfig {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(ca.certificate())
+        .domain_name("localhost");
+    match identity {
+        Some(id) => tls.identity(id.identity()),
+        None => tls,
+    }
+}
+
+/// Connects to `addr` over TLS with `tls` and asks the health service; the
+/// error text if the connection or the call fails.
+pub async fn tls_health(
+    addr: SocketAddr,
+    tls: tonic::transport::ClientTlsConfig,
+) -> Result<(), String> {
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)
+        .map_err(|e| format!("tls config: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    health(channel).await
+}
+
+/// Asks the health service over `channel`; the error text if it fails.
+pub async fn health(channel: Channel) -> Result<(), String> {
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("health: {s:?}"))
+}
+
+impl App {
+    /// Starts a server with TLS settings in `tweak` and a client that connects
+    /// with `tls` (which must be accepted).
+    pub async fn start_tls(
+        tweak: impl FnOnce(&mut Config),
+        tls: tonic::transport::ClientTlsConfig,
+    ) -> App {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let mut config = test_config();
+        config.db = Some(dir.path().join("tether.db"));
+        tweak(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(tether::server::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("https://{addr}"))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls config")
+            .connect()
+            .await
+            .expect("connect over tls");
+        App {
+            addr,
+            client: ConnectionServiceClient::new(channel.clone()),
+            channel,
+            dir,
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
 }

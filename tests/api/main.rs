@@ -13,4 +13,5 @@ mod probe_results;
 mod process;
 mod standard;
 mod storage;
+mod tls;
 mod watch;
