@@ -266,7 +266,7 @@ async fn serve(
                     _ = stopping.cancelled() => None,
                     r = hangup.recv() => r,
                 } {
-                    tracing::info!("SIGHUP: no TLS files to reload");
+                    tracing::info!("SIGHUP: nothing to reload without TLS");
                 }
             });
         }

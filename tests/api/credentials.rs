@@ -609,6 +609,11 @@ async fn a_database_copied_without_its_key_yields_no_secret() {
         base64::engine::general_purpose::STANDARD.encode([9u8; 32]),
     )
     .unwrap();
+    std::fs::set_permissions(
+        other.path().join("other.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let err = tether::server::Server::open(config)
         .await
         .err()
