@@ -6,10 +6,12 @@
 //! shows it, and every error names the field, never its value.
 
 use super::Secret;
+use super::egress::{Egress, EgressDns};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use reqwest::header::HeaderValue;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a check may send, parsed from a [`Secret`].
@@ -51,7 +53,7 @@ pub(crate) struct TlsMaterial {
 impl Credentials {
     /// Reads `token` (bearer), `username`/`password` (basic; a token wins
     /// when both are given), `client_certificate`/`client_key` (PEM) and
-    /// `ca_certificate` (PEM, trusted besides the built-in roots). Other
+    /// `ca_certificate` (PEM, trusted instead of the built-in roots). Other
     /// fields are ignored. `Err` says which field cannot be used and why.
     pub fn from_secret(secret: Option<&Secret>) -> Result<Credentials, String> {
         let Some(secret) = secret else {
@@ -126,8 +128,13 @@ impl Credentials {
 }
 
 /// The settings every probe's HTTP client shares.
-pub(crate) fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+pub(crate) fn client_builder(timeout: Duration, egress: &Egress) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
+        // Every name goes through the egress policy...
+        .dns_resolver(Arc::new(EgressDns(egress.clone())))
+        // ...and a proxy from HTTP_PROXY would be what is connected to,
+        // after a check of a name the proxy then resolves as it likes.
+        .no_proxy()
         .timeout(timeout)
         .connect_timeout(timeout)
         // A redirect already proves the server answers; following it could
@@ -141,11 +148,16 @@ pub(crate) fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
 }
 
 impl TlsMaterial {
-    /// A client of its own with this identity and these extra roots. `Err`
-    /// when TLS refuses them (a key that does not parse, a root that is not
-    /// a certificate).
-    pub fn client(self, timeout: Duration) -> Result<reqwest::Client, String> {
-        let mut builder = client_builder(timeout);
+    /// Whether a client identity would be presented to the peer.
+    pub fn has_identity(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// A client of its own with this identity and, when a CA is given,
+    /// trusting only that CA. `Err` when TLS refuses them (a key that does
+    /// not parse, a root that is not a certificate).
+    pub fn client(self, timeout: Duration, egress: &Egress) -> Result<reqwest::Client, String> {
+        let mut builder = client_builder(timeout, egress);
         let what = match (&self.identity, self.roots.is_empty()) {
             (Some(_), true) => "client_certificate/client_key",
             (None, false) => "ca_certificate",
@@ -153,6 +165,11 @@ impl TlsMaterial {
         };
         if let Some(id) = self.identity {
             builder = builder.identity(id);
+        }
+        if !self.roots.is_empty() {
+            // A CA given with the credential is the only one trusted: the
+            // public roots would let any publicly certified host pass.
+            builder = builder.tls_built_in_root_certs(false);
         }
         for root in self.roots {
             builder = builder.add_root_certificate(root);

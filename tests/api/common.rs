@@ -384,6 +384,30 @@ pub async fn bearer_credential(app: &App, kind: &str, token: &str) -> String {
         .id
 }
 
+/// A credential holding `token` and the CA to trust for it (a TLS stub's).
+pub async fn bearer_credential_trusting(app: &App, kind: &str, token: &str, ca: &str) -> String {
+    let text = |v: &str| prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(v.into())),
+    };
+    pb::credential_service_client::CredentialServiceClient::new(app.channel.clone())
+        .create_credential(pb::CreateCredentialRequest {
+            name: format!("{kind} token"),
+            r#type: kind.into(),
+            secret: Some(prost_types::Struct {
+                fields: [
+                    ("token".to_string(), text(token)),
+                    ("ca_certificate".to_string(), text(ca)),
+                ]
+                .into(),
+            }),
+            owner: String::new(),
+        })
+        .await
+        .expect("create credential")
+        .into_inner()
+        .id
+}
+
 // ---- definitions, credentials and discovery helpers ----
 
 /// What a [`RoutedHttp`] stub saw of one request.
@@ -401,55 +425,124 @@ pub struct RoutedHttp {
     pub addr: SocketAddr,
     seen: Arc<std::sync::Mutex<Vec<SeenRequest>>>,
     task: JoinHandle<()>,
+    ca: Option<String>,
+}
+
+async fn answer(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    route: &(dyn Fn(&SeenRequest) -> u16 + Send + Sync),
+    log: &std::sync::Mutex<Vec<SeenRequest>>,
+) {
+    let mut buf = vec![0u8; 4096];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let path = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or_default()
+        .to_owned();
+    let authorization = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("authorization")
+            .then(|| value.trim().to_owned())
+    });
+    let request = SeenRequest {
+        path,
+        authorization,
+    };
+    let status = route(&request);
+    log.lock().unwrap().push(request);
+    let reply = format!("HTTP/1.1 {status} Test\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let _ = s.write_all(reply.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// A fresh CA and a certificate for 127.0.0.1 it issued: an acceptor
+/// serving that certificate, and the CA's PEM.
+pub fn test_tls() -> (tokio_rustls::TlsAcceptor, String) {
+    use tokio_rustls::rustls;
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("leaf");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("certificate");
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem())
 }
 
 impl RoutedHttp {
     pub async fn new(route: impl Fn(&SeenRequest) -> u16 + Send + Sync + 'static) -> RoutedHttp {
+        RoutedHttp::serve(None, route).await
+    }
+
+    /// The same behind TLS, with a certificate for 127.0.0.1 from a CA of
+    /// its own (see [`RoutedHttp::ca`]); its urls are `https://`.
+    pub async fn tls(route: impl Fn(&SeenRequest) -> u16 + Send + Sync + 'static) -> RoutedHttp {
+        RoutedHttp::serve(Some(test_tls()), route).await
+    }
+
+    async fn serve(
+        tls: Option<(tokio_rustls::TlsAcceptor, String)>,
+        route: impl Fn(&SeenRequest) -> u16 + Send + Sync + 'static,
+    ) -> RoutedHttp {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let route = Arc::new(route);
         let log = seen.clone();
+        let (acceptor, ca) = match tls {
+            Some((a, ca)) => (Some(a), Some(ca)),
+            None => (None, None),
+        };
         let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
+            while let Ok((s, _)) = l.accept().await {
                 let route = route.clone();
                 let log = log.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut head = Vec::new();
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                    match acceptor {
+                        None => answer(s, &*route, &log).await,
+                        Some(a) => {
+                            if let Ok(s) = a.accept(s).await {
+                                answer(s, &*route, &log).await
+                            }
                         }
                     }
-                    let head = String::from_utf8_lossy(&head).into_owned();
-                    let mut lines = head.split("\r\n");
-                    let path = lines
-                        .next()
-                        .and_then(|l| l.split(' ').nth(1))
-                        .unwrap_or_default()
-                        .to_owned();
-                    let authorization = lines.find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("authorization")
-                            .then(|| value.trim().to_owned())
-                    });
-                    let request = SeenRequest {
-                        path,
-                        authorization,
-                    };
-                    let status = route(&request);
-                    log.lock().unwrap().push(request);
-                    let reply = format!(
-                        "HTTP/1.1 {status} Test\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    );
-                    let _ = s.write_all(reply.as_bytes()).await;
-                    let _ = s.shutdown().await;
                 });
             }
         });
-        RoutedHttp { addr, seen, task }
+        RoutedHttp {
+            addr,
+            seen,
+            task,
+            ca,
+        }
+    }
+
+    /// The PEM of the CA behind a [`RoutedHttp::tls`] server's certificate.
+    pub fn ca(&self) -> &str {
+        self.ca.as_deref().expect("a TLS stub")
     }
 
     /// Answers 200 on exactly these paths and 404 everywhere else.
@@ -458,10 +551,11 @@ impl RoutedHttp {
         RoutedHttp::new(move |r| if paths.contains(&r.path) { 200 } else { 404 }).await
     }
 
-    /// Answers 200 to requests carrying exactly this `Authorization` value, 401 to the rest.
+    /// Over TLS, answers 200 to requests carrying exactly this
+    /// `Authorization` value, 401 to the rest.
     pub async fn requiring(authorization: &str) -> RoutedHttp {
         let want = authorization.to_owned();
-        RoutedHttp::new(move |r| {
+        RoutedHttp::tls(move |r| {
             if r.authorization.as_deref() == Some(want.as_str()) {
                 200
             } else {
@@ -471,9 +565,10 @@ impl RoutedHttp {
         .await
     }
 
-    /// `http://ADDR` followed by `path`.
+    /// `http://ADDR` (`https://` for a TLS stub) followed by `path`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     /// Every request so far, in arrival order.

@@ -574,7 +574,7 @@ async fn a_database_copied_without_its_key_yields_no_secret() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let app = App::start_in(dir.clone(), |_| {}).await;
     let peer = RoutedHttp::requiring("Bearer copied-token").await;
-    let cred = bearer_credential(&app, "http", "copied-token").await;
+    let cred = bearer_credential_trusting(&app, "http", "copied-token", peer.ca()).await;
     let mut c = app.client.clone();
     let made = create(&mut c, with_credential("http", &peer.url("/"), &cred)).await;
     app.stop().await.unwrap();
@@ -638,7 +638,7 @@ async fn checks_send_the_credential_and_never_show_it() {
     let peer = RoutedHttp::requiring("Bearer good-token").await;
     let mut c = app.client.clone();
 
-    let good = bearer_credential(&app, "http", "good-token").await;
+    let good = bearer_credential_trusting(&app, "http", "good-token", peer.ca()).await;
     let ok = create(&mut c, with_credential("http", &peer.url("/api"), &good)).await;
     let registered = transition(&mut c, &ok.id, S::Registered)
         .await
@@ -654,7 +654,7 @@ async fn checks_send_the_credential_and_never_show_it() {
     assert!(!format!("{registered:?}").contains("good-token"));
 
     let bad_token = unique("bad");
-    let bad = bearer_credential(&app, "http", &bad_token).await;
+    let bad = bearer_credential_trusting(&app, "http", &bad_token, peer.ca()).await;
     let refused = create(&mut c, with_credential("http", &peer.url("/api"), &bad)).await;
     let status = transition(&mut c, &refused.id, S::Registered)
         .await
@@ -686,8 +686,17 @@ async fn checks_send_the_credential_and_never_show_it() {
     assert!(!format!("{now:?}").contains(&bad_token));
     assert!(!format!("{:?}", events_of(&mut c, &refused.id).await).contains(&bad_token));
 
-    // No credential at all is rejected the same way.
-    let bare = create(&mut c, conn("http", &peer.url("/api"))).await;
+    // No token at all (only the CA to trust) is rejected the same way.
+    let ca_only = create_credential(
+        &mut credentials(&app),
+        "http",
+        "ca only",
+        serde_json::json!({"ca_certificate": peer.ca()}),
+    )
+    .await
+    .unwrap()
+    .id;
+    let bare = create(&mut c, with_credential("http", &peer.url("/api"), &ca_only)).await;
     let r = transition(&mut c, &bare.id, S::Registered).await;
     assert_error(r, Code::FailedPrecondition, "CREDENTIALS_REJECTED");
     assert_eq!(peer.seen().last().unwrap().authorization, None);
@@ -702,7 +711,7 @@ async fn checks_use_basic_auth_credentials() {
         base64::engine::general_purpose::STANDARD.encode(format!("admin:{password}"))
     );
     let want = expected.clone();
-    let peer = RoutedHttp::new(move |r| match (r.path.as_str(), &r.authorization) {
+    let peer = RoutedHttp::tls(move |r| match (r.path.as_str(), &r.authorization) {
         ("/grafana/api/health", Some(a)) if *a == want => 200,
         ("/grafana/api/health", _) => 401,
         _ => 404,
@@ -713,7 +722,7 @@ async fn checks_use_basic_auth_credentials() {
         &mut creds,
         "grafana",
         "grafana admin",
-        serde_json::json!({"username": "admin", "password": password}),
+        serde_json::json!({"username": "admin", "password": password, "ca_certificate": peer.ca()}),
     )
     .await
     .unwrap();
