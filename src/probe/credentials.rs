@@ -44,10 +44,13 @@ impl AuthHeader {
     }
 }
 
-/// TLS settings for a client of its own.
+/// TLS settings for a client of its own. The PEM is kept as given too, for
+/// the gRPC check's TLS, which takes it in that form.
 pub(crate) struct TlsMaterial {
     identity: Option<reqwest::Identity>,
     roots: Vec<reqwest::Certificate>,
+    identity_pem: Option<(String, String)>,
+    ca_pem: Option<String>,
 }
 
 impl Credentials {
@@ -121,8 +124,17 @@ impl Credentials {
             }
             None => Vec::new(),
         };
-        let tls =
-            (identity.is_some() || !roots.is_empty()).then_some(TlsMaterial { identity, roots });
+        let identity_pem = match (field("client_certificate")?, field("client_key")?) {
+            (Some(cert), Some(key)) => Some((cert.to_owned(), key.to_owned())),
+            _ => None,
+        };
+        let ca_pem = field("ca_certificate")?.map(str::to_owned);
+        let tls = (identity.is_some() || !roots.is_empty()).then_some(TlsMaterial {
+            identity,
+            roots,
+            identity_pem,
+            ca_pem,
+        });
         Ok(Credentials { auth, tls })
     }
 }
@@ -148,6 +160,21 @@ pub(crate) fn client_builder(timeout: Duration, egress: &Egress) -> reqwest::Cli
 }
 
 impl TlsMaterial {
+    /// TLS for a gRPC check of `domain`: the identity, and the given CA as
+    /// the only one trusted (without one, the public roots).
+    pub fn grpc(material: Option<&TlsMaterial>, domain: &str) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut tls = ClientTlsConfig::new().domain_name(domain);
+        match material.and_then(|m| m.ca_pem.as_ref()) {
+            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(ca)),
+            None => tls = tls.with_webpki_roots(),
+        }
+        if let Some((cert, key)) = material.and_then(|m| m.identity_pem.as_ref()) {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        tls
+    }
+
     /// Whether a client identity would be presented to the peer.
     pub fn has_identity(&self) -> bool {
         self.identity.is_some()

@@ -1,7 +1,7 @@
-//! The gRPC check: `grpc.health.v1.Health/Check` over plaintext HTTP/2 on a
-//! fresh channel, closed again after the answer. The channel dials an
-//! address the egress policy allowed (the name only travels as the
-//! authority). TLS is not supported yet.
+//! The gRPC check: `grpc.health.v1.Health/Check` over HTTP/2, plaintext or
+//! TLS, on a fresh channel closed again after the answer. The channel dials
+//! an address the egress policy allowed; the name only travels as the
+//! authority and the TLS server name.
 
 use super::Verdict;
 use super::credentials::{AuthHeader, Scrubber};
@@ -11,7 +11,7 @@ use super::target::HostPort;
 use tokio::time::Instant;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -19,6 +19,7 @@ use tonic_health::pb::health_client::HealthClient;
 pub(crate) async fn check(
     to: &HostPort,
     service: &str,
+    tls: Option<ClientTlsConfig>,
     egress: &Egress,
     auth: Option<&AuthHeader>,
     deadline: Instant,
@@ -48,7 +49,8 @@ pub(crate) async fn check(
         Ok(Err(blocked)) => return Verdict::Unreachable(format!("{what}: {blocked}")),
         Err(_) => return timed_out(),
     };
-    let Ok(origin) = format!("http://{to}").parse::<http::Uri>() else {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let Ok(origin) = format!("{scheme}://{to}").parse::<http::Uri>() else {
         return Verdict::Unreachable(format!("{what}: the host cannot be used as an authority"));
     };
     // Each allowed address in turn, as a TCP connect would; the last
@@ -56,10 +58,17 @@ pub(crate) async fn check(
     let mut failure = None;
     let mut channel = None;
     for addr in addrs {
-        let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => e.origin(origin.clone()),
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map(|e| e.origin(origin.clone()))
+            .and_then(|e| match &tls {
+                Some(tls) => e.tls_config(tls.clone()),
+                None => Ok(e),
+            });
+        let endpoint = match endpoint {
+            Ok(e) => e,
             Err(e) => {
-                failure = Some(failure_class(&e, false));
+                tracing::debug!(%to, error = %error_chain(&e), "grpc endpoint refused");
+                failure = Some("tls handshake failed");
                 continue;
             }
         };
@@ -70,7 +79,7 @@ pub(crate) async fn check(
             }
             Ok(Err(e)) => {
                 tracing::debug!(%to, %addr, error = %scrub.clean(&error_chain(&e)), "grpc connect failed");
-                failure = Some(failure_class(&e, false));
+                failure = Some(failure_class(&e, tls.is_some()));
             }
             Err(_) => return timed_out(),
         }

@@ -3,7 +3,7 @@
 //! verification in the process. It picks the check and the HTTP client; the
 //! check modules do the I/O.
 
-use super::credentials::{Credentials, Scrubber, client_builder};
+use super::credentials::{Credentials, Scrubber, TlsMaterial, client_builder};
 use super::egress::{Blocked, Egress, EgressPolicy, Resolve, blocked_in};
 use super::target::{Target, plan};
 use super::{Check, ProbeResult, Secret, Verdict, grpc, http, tcp};
@@ -122,10 +122,16 @@ impl Prober {
                 )
                 .await
             }
-            Target::Grpc { endpoint, service } => {
+            Target::Grpc {
+                endpoint,
+                service,
+                tls,
+            } => {
+                let tls = tls.then(|| TlsMaterial::grpc(credentials.tls.as_ref(), &endpoint.host));
                 grpc::check(
                     endpoint,
                     service,
+                    tls,
                     &self.egress,
                     credentials.auth.as_ref(),
                     deadline,
@@ -149,8 +155,7 @@ fn cleartext(target: &Target) -> bool {
     match target {
         Target::Tcp(_) => false,
         Target::Http(urls) => urls.iter().any(|u| u.scheme() != "https"),
-        // Plaintext is all the grpc check speaks.
-        Target::Grpc { .. } => true,
+        Target::Grpc { tls, .. } => !tls,
     }
 }
 

@@ -114,31 +114,49 @@ async fn reply(
     let _ = socket.shutdown().await;
 }
 
-/// A fresh CA and a server certificate for 127.0.0.1 it issued: the
-/// acceptor serving it, and the CA's PEM.
-fn test_tls() -> (tokio_rustls::TlsAcceptor, String) {
-    use tokio_rustls::rustls;
+/// A fresh CA and a server certificate for 127.0.0.1 it issued.
+struct Pki {
+    ca_pem: String,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+fn test_pki() -> Pki {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
+    Pki {
+        ca_pem: ca.pem(),
+        cert,
+        key,
+    }
+}
+
+/// An acceptor serving a [`test_pki`] certificate, and the CA's PEM.
+fn test_tls() -> (tokio_rustls::TlsAcceptor, String) {
+    use tokio_rustls::rustls;
+    let pki = test_pki();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            vec![pki.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key.serialize_der().into()),
         )
         .unwrap();
-    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem())
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        pki.ca_pem,
+    )
 }
 
 /// The request target and the headers (names lowercased) of one request.
@@ -192,6 +210,8 @@ fn closed_port() -> (TcpSocket, SocketAddr) {
 /// every call must carry `authorization: Bearer <token>`.
 struct HealthPeer {
     url: String,
+    /// The CA's PEM, for a peer started with [`HealthPeer::start_tls`].
+    ca: String,
     reporter: HealthReporter,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -199,8 +219,18 @@ struct HealthPeer {
 
 impl HealthPeer {
     async fn start(token: Option<&'static str>) -> HealthPeer {
+        HealthPeer::serve(token, None).await
+    }
+
+    /// Behind TLS, with a certificate for 127.0.0.1; its url is `grpcs://`.
+    async fn start_tls(token: Option<&'static str>) -> HealthPeer {
+        HealthPeer::serve(token, Some(test_pki())).await
+    }
+
+    async fn serve(token: Option<&'static str>, pki: Option<Pki>) -> HealthPeer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("grpc://{}", listener.local_addr().unwrap());
+        let scheme = if pki.is_some() { "grpcs" } else { "grpc" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let (reporter, service) = tonic_health::server::health_reporter();
         let service = tonic::service::interceptor::InterceptedService::new(
             service,
@@ -217,18 +247,25 @@ impl HealthPeer {
             },
         );
         let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = stopped.await;
-                    },
-                ),
-        );
+        let mut server = tonic::transport::Server::builder();
+        let mut ca = String::new();
+        if let Some(pki) = pki {
+            let identity =
+                tonic::transport::Identity::from_pem(pki.cert.pem(), pki.key.serialize_pem());
+            server = server
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .unwrap();
+            ca = pki.ca_pem;
+        }
+        let served = tokio::spawn(server.add_service(service).serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         HealthPeer {
             url,
+            ca,
             reporter,
             stop,
             served,
@@ -459,17 +496,42 @@ async fn grpc_health_serving_and_not_serving() {
 }
 
 #[tokio::test]
-async fn grpc_refuses_tls_and_reports_a_closed_port() {
+async fn grpc_reports_a_closed_port() {
     let p = prober();
-    let v = verdict(&p, "https://127.0.0.1:1", &grpc(""), None).await;
-    assert_eq!(
-        v,
-        Verdict::Unreachable("TLS not supported for grpc checks".into())
-    );
     let (_reserved, closed) = closed_port();
     let v = verdict(&p, &format!("grpc://{closed}"), &grpc(""), None).await;
     assert!(matches!(v, Verdict::Unreachable(_)), "{v:?}");
     assert!(v.detail().contains(&closed.to_string()), "{v:?}");
+}
+
+#[tokio::test]
+async fn grpc_over_tls_sends_tokens_and_trusts_only_the_given_ca() {
+    let peer = HealthPeer::start_tls(Some("grpc-token-c0ffee")).await;
+    let p = prober();
+    let good = secret(serde_json::json!({"token": "grpc-token-c0ffee", "ca_certificate": peer.ca}));
+    let bad = secret(serde_json::json!({"token": "grpc-wrong-beef", "ca_certificate": peer.ca}));
+
+    let v = verdict(&p, &peer.url, &grpc(""), Some(&good)).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+    assert!(!v.detail().contains("grpc-token-c0ffee"), "{v:?}");
+    let https = peer.url.replace("grpcs://", "https://");
+    let v = verdict(&p, &https, &grpc(""), Some(&good)).await;
+    assert!(matches!(v, Verdict::Reachable(_)), "{v:?}");
+
+    let v = verdict(&p, &peer.url, &grpc(""), Some(&bad)).await;
+    assert!(matches!(v, Verdict::CredentialsRejected(_)), "{v:?}");
+    assert!(v.detail().contains("Unauthenticated"), "{v:?}");
+    assert!(!v.detail().contains("grpc-wrong-beef"), "{v:?}");
+
+    // Another CA, or none (the public roots): the handshake fails.
+    let other =
+        secret(serde_json::json!({"token": "grpc-token-c0ffee", "ca_certificate": TEST_CA}));
+    for s in [Some(&other), None] {
+        let v = verdict(&p, &peer.url, &grpc(""), s).await;
+        assert!(matches!(v, Verdict::Unreachable(_)), "{v:?}");
+        assert!(v.detail().contains("tls handshake failed"), "{v:?}");
+    }
+    peer.shut_down().await;
 }
 
 #[tokio::test]
@@ -631,6 +693,7 @@ async fn a_denied_address_is_never_connected_to() {
         (format!("http://127.0.0.2:{port}/x"), http(&[])),
         (format!("https://127.0.0.2:{port}/x"), http(&[])),
         (format!("grpc://127.0.0.2:{port}"), grpc("")),
+        (format!("grpcs://127.0.0.2:{port}"), grpc("")),
         (format!("tcp://[::ffff:127.0.0.2]:{port}"), Check::Tcp),
         // 2130706434 is 127.0.0.2 in the decimal form.
         (format!("http://2130706434:{port}/"), http(&[])),
