@@ -41,8 +41,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-/// What a check saw. The detail says what answered (status code, path,
-/// error, latency) and never holds a secret or a url's user-info.
+/// What a check saw. The detail says what answered (status code, path, the
+/// class of a failure, latency); it never holds a secret, a url's
+/// user-info, or text a peer or a library wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Reachable and usable; the detail says what answered.
