@@ -1,6 +1,7 @@
 """Credentials end to end: checks use them, and no secret ever shows.
 
-A loopback HTTP server stands in for a Prometheus that wants a bearer token:
+A loopback HTTPS server (its certificate from a CA made for the test, given
+with each credential) stands in for a Prometheus that wants a bearer token:
 401 unless the Authorization header is the right one. Tether runs with the
 monitor on and debug logging; afterwards the test looks for the tokens in
 every RPC answer it got, in the server's log, and in the SQLite files read
@@ -11,6 +12,7 @@ import base64
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import stat
 import threading
@@ -23,12 +25,37 @@ import pytest
 from conftest import CALL_TIMEOUT, FAST_MONITOR, WAIT_TIMEOUT, Watch, tether_bin
 
 
-class TokenServer:
-    """Answers every GET with 200 when `Authorization: Bearer <token>`, 401
-    otherwise (echoing what it got, as a careless server might); records
-    (path, Authorization) of every request."""
+def make_pki(folder) -> tuple[str, str, str]:
+    """A CA and a certificate for 127.0.0.1 it issued, made with the openssl
+    command: (CA PEM, certificate file, key file)."""
+    folder.mkdir(exist_ok=True)
+    ca_key, ca, key, csr, cert, ext = (
+        str(folder / n) for n in ("ca.key", "ca.pem", "tls.key", "tls.csr", "tls.pem", "ext")
+    )
+    (folder / "ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for args in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=tether-test-ca",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", ext],
+    ):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    return (folder / "ca.pem").read_text(), cert, key
 
-    def __init__(self, token: str):
+
+class TokenServer:
+    """Over TLS, answers every GET with 200 when `Authorization: Bearer
+    <token>`, 401 otherwise (echoing what it got, as a careless server
+    might); records (path, Authorization) of every request. `ca` is the PEM
+    of the CA behind its certificate."""
+
+    def __init__(self, token: str, folder):
         self.token = token
         self.requests: list[tuple[str, str | None]] = []
         lock = threading.Lock()
@@ -51,8 +78,12 @@ class TokenServer:
             def log_message(self, *args):
                 pass
 
+        self.ca, cert, key = make_pki(folder)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -77,7 +108,7 @@ def test_secrets_are_used_by_checks_and_never_shown(pb, start_server, tmp_path):
     tokens = [good, wrong]
     # Also their forms on the wire, should one be echoed back encoded.
     needles = tokens + [base64.b64encode(t.encode()).decode() for t in tokens]
-    target = TokenServer(good)
+    target = TokenServer(good, tmp_path / "pki")
     answers: list[str] = []  # str() of every RPC response and error the test sees
 
     def call(method, request):
@@ -99,7 +130,7 @@ def test_secrets_are_used_by_checks_and_never_shown(pb, start_server, tmp_path):
 
             def credential(name, token):
                 request = pb.credential.CreateCredentialRequest(name=name, type="prometheus")
-                request.secret.update({"token": token})
+                request.secret.update({"token": token, "ca_certificate": target.ca})
                 return call(creds.CreateCredential, request)
 
             def connection(name, path, credential_id):
