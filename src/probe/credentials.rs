@@ -1,5 +1,5 @@
 //! A credential's secret turned into what a check sends: an `Authorization`
-//! value and TLS material (client identity, extra trusted roots), plus the
+//! value and TLS material (client identity, the CA to trust), plus the
 //! [`Scrubber`] that keeps secret values out of text a peer controls.
 //!
 //! Nothing here prints a secret: the types holding one have no `Debug` that

@@ -249,7 +249,14 @@ impl EgressPolicy {
             return false;
         }
         let hits = |r: &Rule| matches!(r, Rule::Host(p) if p.matches(&name));
-        !self.deny.iter().any(hits)
+        if self.deny.iter().any(hits) {
+            return false;
+        }
+        // With only host rules to allow by, a name none matches could not
+        // reach any address: it is not even resolved.
+        self.allow.is_empty()
+            || self.allow.iter().any(|r| matches!(r, Rule::Net(_)))
+            || self.allow.iter().any(hits)
     }
 
     /// Whether `ip` may be connected to, reached by the name `via` (`None`
@@ -592,6 +599,14 @@ mod tests {
         assert!(!p.permits_name("secret.example.com"));
         // A denied name's address stays denied whatever name it is reached by.
         assert!(!p.permits_ip(ip("10.9.0.5"), Some("api.example.com")));
+        // With host rules alone, other names are refused before resolution.
+        let names_only = policy(&["*.example.com"], &[], Access::Allow, Access::Allow);
+        assert!(names_only.permits_name("api.example.com"));
+        assert!(!names_only.permits_name("api.example.org"));
+        assert!(
+            p.permits_name("api.example.org"),
+            "a CIDR may still allow its address"
+        );
         // And an allowed name never reaches an always-denied address.
         assert!(!p.permits_ip(ip("169.254.169.254"), Some("api.example.com")));
     }
