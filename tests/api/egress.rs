@@ -97,3 +97,28 @@ async fn an_unreadable_rule_stops_the_server_at_start() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_failed_verification_names_the_failure_not_the_peers_words() {
+    let app = guarded_app().await;
+    let mut c = app.client.clone();
+    let closed = ClosedPort::new();
+    for (kind, url) in [
+        ("tcp", format!("tcp://{}", closed.addr)),
+        ("http", format!("http://{}/", closed.addr)),
+        ("tcp", format!("tcp://nowhere.test:{}", closed.addr.port())),
+    ] {
+        let made = create(&mut c, conn(kind, &url)).await;
+        let r = transition(&mut c, &made.id, S::Registered).await;
+        let meta = assert_error(r, Code::FailedPrecondition, "CONNECTION_UNREACHABLE");
+        let detail = &meta["detail"];
+        assert!(
+            detail.contains(": refused after ") || detail.ends_with(": name did not resolve"),
+            "{url}: {detail}"
+        );
+        assert!(
+            !detail.contains("os error") && !detail.contains("Connection refused"),
+            "{url}: {detail}"
+        );
+    }
+}
