@@ -3,16 +3,28 @@
 
 use crate::error::Error;
 use crate::monitor::MonitorConfig;
+use crate::probe::{Access, EgressPolicy, Resolve, SystemResolver};
 use crate::service::ApiLimits;
 use crate::store::{StoreConfig, WriterConfig};
 use crate::transport::{TlsFiles, TransportConfig};
 use crate::watch::WatchConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
+}
+
+/// A resolver handed in by code rather than flags.
+#[derive(Clone)]
+pub struct InjectedResolver(pub Arc<dyn Resolve>);
+
+impl std::fmt::Debug for InjectedResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InjectedResolver")
+    }
 }
 
 /// Settings of `tether serve`.
@@ -131,6 +143,57 @@ pub struct Config {
     /// Most reachability checks (verifications and probes) running at once.
     #[arg(long, env = "TETHER_VERIFY_CONCURRENCY", default_value_t = 64)]
     pub verify_concurrency: usize,
+
+    /// Only destinations matching one of these rules are contacted by probes
+    /// and verifications: a CIDR (`10.0.0.0/8`), an address, a host name or
+    /// `*.example.com` (any subdomain). Repeatable or comma-separated
+    /// [default: any destination the other rules allow]
+    #[arg(
+        long = "egress-allow",
+        value_name = "RULE",
+        env = "TETHER_EGRESS_ALLOW",
+        value_delimiter = ','
+    )]
+    pub egress_allow: Vec<String>,
+
+    /// Destinations never contacted, in the same forms as --egress-allow;
+    /// a deny rule wins over any allow rule. Repeatable or comma-separated.
+    #[arg(
+        long = "egress-deny",
+        value_name = "RULE",
+        env = "TETHER_EGRESS_DENY",
+        value_delimiter = ','
+    )]
+    pub egress_deny: Vec<String>,
+
+    /// Whether loopback addresses (127.0.0.0/8, ::1) may be contacted.
+    #[arg(
+        long,
+        env = "TETHER_EGRESS_LOOPBACK",
+        value_enum,
+        default_value = "allow"
+    )]
+    pub egress_loopback: Access,
+
+    /// Whether private addresses (10/8, 172.16/12, 192.168/16, 100.64/10,
+    /// fc00::/7) may be contacted.
+    #[arg(
+        long,
+        env = "TETHER_EGRESS_PRIVATE",
+        value_enum,
+        default_value = "allow"
+    )]
+    pub egress_private: Access,
+
+    /// Most first probes of newly discovered connections started per second;
+    /// more wait their turn.
+    #[arg(long, env = "TETHER_DISCOVERY_PROBE_RATE", default_value_t = 20)]
+    pub discovery_probe_rate: u32,
+
+    /// Name resolution for probes; the system resolver when unset. Never set
+    /// from flags: in-process tests inject a table here.
+    #[arg(skip)]
+    pub resolver: Option<InjectedResolver>,
 
     /// Events older than this are pruned from the history.
     #[arg(long, env = "TETHER_EVENT_RETENTION", default_value = "7days", value_parser = duration)]
@@ -279,6 +342,10 @@ impl Config {
                 return Err(Error::invalid(flag, "must be at least 1"));
             }
         }
+        if self.discovery_probe_rate == 0 {
+            return Err(Error::invalid("discovery-probe-rate", "must be at least 1"));
+        }
+        self.egress_policy()?;
         if self.probe_failure_threshold == 0 {
             return Err(Error::invalid(
                 "probe-failure-threshold",
@@ -403,6 +470,24 @@ impl Config {
             interval: self.probe_interval,
             failure_threshold: self.probe_failure_threshold,
             concurrency: self.verify_concurrency,
+            discovery_rate: self.discovery_probe_rate,
+        }
+    }
+
+    /// The egress flags as a policy; `Err` names the rule that cannot be read.
+    pub fn egress_policy(&self) -> Result<EgressPolicy, Error> {
+        let (loopback, private) = (self.egress_loopback, self.egress_private);
+        EgressPolicy::new(&self.egress_allow, &[], loopback, private)
+            .map_err(|why| Error::invalid("egress-allow", why))?;
+        EgressPolicy::new(&self.egress_allow, &self.egress_deny, loopback, private)
+            .map_err(|why| Error::invalid("egress-deny", why))
+    }
+
+    /// The resolver probes use: the injected one, else the system's.
+    pub fn probe_resolver(&self) -> Arc<dyn Resolve> {
+        match &self.resolver {
+            Some(r) => r.0.clone(),
+            None => Arc::new(SystemResolver),
         }
     }
 

@@ -90,13 +90,12 @@ pub fn parse_host_pattern(field: &str, p: &str) -> Result<String, Error> {
     Ok(lower)
 }
 
-/// Whether `host` (as the url crate prints it, lowercase) matches `pattern`.
+/// Whether `host` (as the url crate prints it) matches `pattern`: names and
+/// `*.domain` the way the egress policy matches them, addresses exactly.
 fn host_matches(pattern: &str, host: &str) -> bool {
-    match pattern.strip_prefix("*.") {
-        Some(domain) => host
-            .strip_suffix(domain)
-            .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
-        None => pattern == host,
+    match crate::probe::HostPattern::parse(pattern) {
+        Ok(p) => p.matches(host),
+        Err(_) => pattern == host,
     }
 }
 

@@ -7,6 +7,10 @@
 //! once and spreads them with jitter, so 10,000 connections are watched
 //! without bursts or unbounded tasks. It decides nothing about state: the
 //! engine applies results, and discards one that a newer change overtook.
+//!
+//! Probes of DISCOVERED connections, which a discovery report of thousands
+//! would otherwise start within a second, pass a rate limiter first; over
+//! the rate a probe is put back until its turn, never dropped.
 
 use crate::connection::{Connection, ConnectionId};
 use crate::credentials::Credentials;
@@ -15,7 +19,12 @@ use crate::kinds::Kinds;
 use crate::lifecycle::{State, Trigger};
 use crate::probe::{Check, ProbeResult, Prober, Verdict, Verifier, VerifyFuture};
 use crate::store::{Store, query};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
@@ -33,6 +42,38 @@ pub struct MonitorConfig {
     pub failure_threshold: u32,
     /// Most probes running at once.
     pub concurrency: usize,
+    /// Most probes of DISCOVERED connections started per second.
+    pub discovery_rate: u32,
+}
+
+/// Admits probes of discovered connections at a steady rate (with a burst
+/// of one second's worth).
+struct DiscoveryGate<C: Clock = DefaultClock> {
+    limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
+    clock: C,
+}
+
+impl DiscoveryGate {
+    fn new(per_second: u32) -> Self {
+        DiscoveryGate::with_clock(per_second, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> DiscoveryGate<C> {
+    fn with_clock(per_second: u32, clock: C) -> Self {
+        let rate = NonZeroU32::new(per_second.max(1)).expect("at least one");
+        DiscoveryGate {
+            limiter: RateLimiter::direct_with_clock(Quota::per_second(rate), clock.clone()),
+            clock,
+        }
+    }
+
+    /// `Ok` to probe now, else how long to wait before asking again.
+    fn admit(&self) -> Result<(), Duration> {
+        self.limiter
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
 }
 
 /// Runs a connection's check as its definition says, with its credential.
@@ -131,6 +172,7 @@ pub struct Monitor {
     checker: Arc<Checker>,
     kinds: Kinds,
     config: MonitorConfig,
+    discovery: DiscoveryGate,
 }
 
 impl Monitor {
@@ -146,6 +188,7 @@ impl Monitor {
             store,
             checker,
             kinds,
+            discovery: DiscoveryGate::new(config.discovery_rate),
             config,
         }
     }
@@ -188,6 +231,13 @@ impl Monitor {
                             continue;
                         }
                     };
+                    if c.state == State::Discovered
+                        && let Err(wait) = self.discovery.admit()
+                    {
+                            // Delayed, never dropped: it keeps its place in line.
+                            schedule.put(id, wait.max(Duration::from_millis(1)));
+                            continue;
+                    }
                     schedule.running.insert(id.clone());
                     let (engine, checker, threshold) =
                         (self.engine.clone(), self.checker.clone(), self.config.failure_threshold);
@@ -408,6 +458,22 @@ mod tests {
             update_time: 0,
             last_probe: None,
         }
+    }
+
+    #[test]
+    fn discovered_probes_over_the_rate_wait_their_turn() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let gate = DiscoveryGate::with_clock(2, clock.clone());
+        assert_eq!(gate.admit(), Ok(()));
+        assert_eq!(gate.admit(), Ok(()));
+        let wait = gate.admit().expect_err("a third in the same second waits");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        clock.advance(wait);
+        assert_eq!(gate.admit(), Ok(()), "and goes once its turn comes");
+        assert!(gate.admit().is_err());
     }
 
     #[test]

@@ -190,8 +190,13 @@ async fn serve(
     let store = server.store.clone();
     let kinds = Kinds::new(server.registry.clone(), config.allow_unknown_kinds);
     let credentials = Credentials::new(store.clone(), server.secrets.clone(), kinds.clone());
-    let prober = Prober::new(config.verify_timeout, config.verify_concurrency)
-        .map_err(|e| Error::Internal(format!("cannot build the http client: {e}")))?;
+    let prober = Prober::new(
+        config.verify_timeout,
+        config.verify_concurrency,
+        config.egress_policy()?,
+        config.probe_resolver(),
+    )
+    .map_err(|e| Error::Internal(format!("cannot build the http client: {e}")))?;
     let checker = Arc::new(Checker::new(prober, kinds.clone(), credentials.clone()));
     let engine = Engine::new(store.clone(), checker.clone(), kinds.clone());
     let stopping = CancellationToken::new();

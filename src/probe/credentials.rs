@@ -1,15 +1,17 @@
 //! A credential's secret turned into what a check sends: an `Authorization`
-//! value and TLS material (client identity, extra trusted roots), plus the
+//! value and TLS material (client identity, the CA to trust), plus the
 //! [`Scrubber`] that keeps secret values out of text a peer controls.
 //!
 //! Nothing here prints a secret: the types holding one have no `Debug` that
 //! shows it, and every error names the field, never its value.
 
 use super::Secret;
+use super::egress::{Egress, EgressDns};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use reqwest::header::HeaderValue;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a check may send, parsed from a [`Secret`].
@@ -42,16 +44,19 @@ impl AuthHeader {
     }
 }
 
-/// TLS settings for a client of its own.
+/// TLS settings for a client of its own. The PEM is kept as given too, for
+/// the gRPC check's TLS, which takes it in that form.
 pub(crate) struct TlsMaterial {
     identity: Option<reqwest::Identity>,
     roots: Vec<reqwest::Certificate>,
+    identity_pem: Option<(String, String)>,
+    ca_pem: Option<String>,
 }
 
 impl Credentials {
     /// Reads `token` (bearer), `username`/`password` (basic; a token wins
     /// when both are given), `client_certificate`/`client_key` (PEM) and
-    /// `ca_certificate` (PEM, trusted besides the built-in roots). Other
+    /// `ca_certificate` (PEM, trusted instead of the built-in roots). Other
     /// fields are ignored. `Err` says which field cannot be used and why.
     pub fn from_secret(secret: Option<&Secret>) -> Result<Credentials, String> {
         let Some(secret) = secret else {
@@ -119,15 +124,29 @@ impl Credentials {
             }
             None => Vec::new(),
         };
-        let tls =
-            (identity.is_some() || !roots.is_empty()).then_some(TlsMaterial { identity, roots });
+        let identity_pem = match (field("client_certificate")?, field("client_key")?) {
+            (Some(cert), Some(key)) => Some((cert.to_owned(), key.to_owned())),
+            _ => None,
+        };
+        let ca_pem = field("ca_certificate")?.map(str::to_owned);
+        let tls = (identity.is_some() || !roots.is_empty()).then_some(TlsMaterial {
+            identity,
+            roots,
+            identity_pem,
+            ca_pem,
+        });
         Ok(Credentials { auth, tls })
     }
 }
 
 /// The settings every probe's HTTP client shares.
-pub(crate) fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+pub(crate) fn client_builder(timeout: Duration, egress: &Egress) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
+        // Every name goes through the egress policy...
+        .dns_resolver(Arc::new(EgressDns(egress.clone())))
+        // ...and a proxy from HTTP_PROXY would be what is connected to,
+        // after a check of a name the proxy then resolves as it likes.
+        .no_proxy()
         .timeout(timeout)
         .connect_timeout(timeout)
         // A redirect already proves the server answers; following it could
@@ -141,11 +160,31 @@ pub(crate) fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
 }
 
 impl TlsMaterial {
-    /// A client of its own with this identity and these extra roots. `Err`
-    /// when TLS refuses them (a key that does not parse, a root that is not
-    /// a certificate).
-    pub fn client(self, timeout: Duration) -> Result<reqwest::Client, String> {
-        let mut builder = client_builder(timeout);
+    /// TLS for a gRPC check of `domain`: the identity, and the given CA as
+    /// the only one trusted (without one, the public roots).
+    pub fn grpc(material: Option<&TlsMaterial>, domain: &str) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut tls = ClientTlsConfig::new().domain_name(domain);
+        match material.and_then(|m| m.ca_pem.as_ref()) {
+            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(ca)),
+            None => tls = tls.with_webpki_roots(),
+        }
+        if let Some((cert, key)) = material.and_then(|m| m.identity_pem.as_ref()) {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        tls
+    }
+
+    /// Whether a client identity would be presented to the peer.
+    pub fn has_identity(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// A client of its own with this identity and, when a CA is given,
+    /// trusting only that CA. `Err` when TLS refuses them (a key that does
+    /// not parse, a root that is not a certificate).
+    pub fn client(self, timeout: Duration, egress: &Egress) -> Result<reqwest::Client, String> {
+        let mut builder = client_builder(timeout, egress);
         let what = match (&self.identity, self.roots.is_empty()) {
             (Some(_), true) => "client_certificate/client_key",
             (None, false) => "ca_certificate",
@@ -153,6 +192,11 @@ impl TlsMaterial {
         };
         if let Some(id) = self.identity {
             builder = builder.identity(id);
+        }
+        if !self.roots.is_empty() {
+            // A CA given with the credential is the only one trusted: the
+            // public roots would let any publicly certified host pass.
+            builder = builder.tls_built_in_root_certs(false);
         }
         for root in self.roots {
             builder = builder.add_root_certificate(root);

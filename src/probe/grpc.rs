@@ -1,15 +1,17 @@
-//! The gRPC check: `grpc.health.v1.Health/Check` over plaintext HTTP/2 on a
-//! fresh channel, closed again after the answer. TLS is not supported: this
-//! build of tonic has no TLS transport.
+//! The gRPC check: `grpc.health.v1.Health/Check` over HTTP/2, plaintext or
+//! TLS, on a fresh channel closed again after the answer. The channel dials
+//! an address the egress policy allowed; the name only travels as the
+//! authority and the TLS server name.
 
 use super::Verdict;
 use super::credentials::{AuthHeader, Scrubber};
-use super::prober::{error_chain, ms};
+use super::egress::Egress;
+use super::prober::{error_chain, failure_class, ms};
 use super::target::HostPort;
 use tokio::time::Instant;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -17,6 +19,8 @@ use tonic_health::pb::health_client::HealthClient;
 pub(crate) async fn check(
     to: &HostPort,
     service: &str,
+    tls: Option<ClientTlsConfig>,
+    egress: &Egress,
     auth: Option<&AuthHeader>,
     deadline: Instant,
     scrub: &Scrubber,
@@ -38,23 +42,54 @@ pub(crate) async fn check(
         value.set_sensitive(true);
         request.metadata_mut().insert("authorization", value);
     }
-    let endpoint = match Endpoint::from_shared(format!("http://{to}")) {
-        Ok(e) => e,
-        Err(e) => return Verdict::Unreachable(format!("{what}: {}", error_chain(&e))),
-    };
-
     let started = Instant::now();
     let timed_out = || Verdict::Unreachable(format!("{what}: timed out after {} ms", ms(started)));
-    let channel = match tokio::time::timeout_at(deadline, endpoint.connect()).await {
-        Ok(Ok(channel)) => channel,
-        Ok(Err(e)) => {
-            return Verdict::Unreachable(format!(
-                "{what} failed after {} ms: {}",
-                ms(started),
-                scrub.clean(&error_chain(&e))
-            ));
-        }
+    let addrs = match tokio::time::timeout_at(deadline, egress.addresses(&to.host, to.port)).await {
+        Ok(Ok(addrs)) => addrs,
+        Ok(Err(blocked)) => return Verdict::Unreachable(format!("{what}: {blocked}")),
         Err(_) => return timed_out(),
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let Ok(origin) = format!("{scheme}://{to}").parse::<http::Uri>() else {
+        return Verdict::Unreachable(format!("{what}: the host cannot be used as an authority"));
+    };
+    // Each allowed address in turn, as a TCP connect would; the last
+    // failure decides.
+    let mut failure = None;
+    let mut channel = None;
+    for addr in addrs {
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map(|e| e.origin(origin.clone()))
+            .and_then(|e| match &tls {
+                Some(tls) => e.tls_config(tls.clone()),
+                None => Ok(e),
+            });
+        let endpoint = match endpoint {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(%to, error = %error_chain(&e), "grpc endpoint refused");
+                failure = Some("tls handshake failed");
+                continue;
+            }
+        };
+        match tokio::time::timeout_at(deadline, endpoint.connect()).await {
+            Ok(Ok(c)) => {
+                channel = Some(c);
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%to, %addr, error = %scrub.clean(&error_chain(&e)), "grpc connect failed");
+                failure = Some(failure_class(&e, tls.is_some()));
+            }
+            Err(_) => return timed_out(),
+        }
+    }
+    let Some(channel) = channel else {
+        return Verdict::Unreachable(format!(
+            "{what}: {} after {} ms",
+            failure.unwrap_or("unreachable"),
+            ms(started)
+        ));
     };
     let answer =
         match tokio::time::timeout_at(deadline, HealthClient::new(channel).check(request)).await {
@@ -73,24 +108,14 @@ pub(crate) async fn check(
             }
         }
         Err(status) => {
-            // Not `Status`'s Display: it prints the response metadata too.
-            // The message is the peer's text, so it is scrubbed.
-            let mut said = status.message().to_owned();
-            if let Some(source) = std::error::Error::source(&status) {
-                if !said.is_empty() {
-                    said.push_str(": ");
-                }
-                said.push_str(&error_chain(source));
-            }
-            let mut line = format!(
+            // The code is a fact of the protocol; the message is the peer's
+            // text and is only logged.
+            tracing::debug!(%to, code = ?status.code(), message = %scrub.clean(status.message()), "grpc health check answered an error");
+            let line = format!(
                 "{what}: grpc status {:?} after {} ms",
                 status.code(),
                 ms(started)
             );
-            if !said.is_empty() {
-                line.push_str(": ");
-                line.push_str(&scrub.clean(&said));
-            }
             match status.code() {
                 Code::Unauthenticated | Code::PermissionDenied => {
                     Verdict::CredentialsRejected(line)

@@ -4,14 +4,19 @@
 
 use super::Verdict;
 use super::credentials::{AuthHeader, Scrubber};
-use super::prober::{error_chain, ms};
+use super::egress::{Egress, blocked_in};
+use super::prober::{error_chain, failure_class, ms};
 use super::target::redacted;
 use reqwest::header::AUTHORIZATION;
 use tokio::time::Instant;
 use url::Url;
 
+/// `client` must resolve names through `egress` (see `client_builder`):
+/// addresses written in a url never reach its resolver, so they are checked
+/// here.
 pub(crate) async fn check(
     client: &reqwest::Client,
+    egress: &Egress,
     urls: &[Url],
     auth: Option<&AuthHeader>,
     deadline: Instant,
@@ -29,6 +34,12 @@ pub(crate) async fn check(
     let mut seen = Vec::with_capacity(urls.len());
     for url in urls {
         let shown = redacted(url);
+        if let Some(host) = url.host_str()
+            && egress.permits_literal(host) == Some(false)
+        {
+            tracing::debug!(url = %shown, "probe denied by egress policy");
+            return Verdict::Unreachable(format!("GET {shown}: denied by egress policy"));
+        }
         let request = match &auth {
             // The credential replaces any user-info in the url: reqwest would
             // otherwise send both, as two `Authorization` headers.
@@ -44,10 +55,16 @@ pub(crate) async fn check(
         let answer = match tokio::time::timeout_at(deadline, request.send()).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) if !e.is_timeout() => {
+                let e = e.without_url();
+                tracing::debug!(url = %shown, error = %scrub.clean(&error_chain(&e)), "http check failed");
+                // Refused before any connection: no time to report.
+                if let Some(blocked) = blocked_in(&e) {
+                    return Verdict::Unreachable(format!("GET {shown}: {blocked}"));
+                }
                 return Verdict::Unreachable(format!(
-                    "GET {shown} failed after {} ms: {}",
-                    ms(started),
-                    scrub.clean(&error_chain(&e.without_url()))
+                    "GET {shown}: {} after {} ms",
+                    failure_class(&e, url.scheme() == "https"),
+                    ms(started)
                 ));
             }
             Ok(Err(_)) | Err(_) => {

@@ -9,12 +9,19 @@
 //! a [`Prober`] running [`Check::Url`] without credentials.
 //!
 //! Codemap: `target` turns a url and a check into what to contact (pure),
-//! `credentials` turns a secret into headers and TLS material, `tcp`, `http`
-//! and `grpc` do the I/O, `prober` bounds it all by a timeout and a global
-//! concurrency limit.
+//! `egress` decides which addresses may be contacted and resolves names
+//! through that policy, `credentials` turns a secret into headers and TLS
+//! material, `tcp`, `http` and `grpc` do the I/O, `prober` bounds it all by
+//! a timeout and a global concurrency limit.
+//!
+//! What a client sees of a failed check is a class (refused, timed out, tls
+//! handshake failed, name did not resolve, denied by egress policy,
+//! unreachable) and what we measured ourselves, never a peer's or a
+//! library's error text: that text is logged at debug level only.
 
 mod check;
 mod credentials;
+mod egress;
 mod grpc;
 mod http;
 mod prober;
@@ -24,6 +31,8 @@ mod tcp;
 mod tests;
 
 pub use check::{Check, Secret};
+pub(crate) use egress::HostPattern;
+pub use egress::{Access, EgressPolicy, Resolve, ResolveFuture, StubResolver, SystemResolver};
 pub use prober::Prober;
 
 use crate::connection::Connection;
@@ -31,8 +40,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-/// What a check saw. The detail says what answered (status code, path,
-/// error, latency) and never holds a secret or a url's user-info.
+/// What a check saw. The detail says what answered (status code, path, the
+/// class of a failure, latency); it never holds a secret, a url's
+/// user-info, or text a peer or a library wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Reachable and usable; the detail says what answered.
@@ -87,10 +97,13 @@ pub struct GenericVerifier {
 }
 
 impl GenericVerifier {
+    /// With the default egress policy and the system resolver.
     pub fn new(timeout: Duration, concurrency: usize) -> Result<Self, reqwest::Error> {
         Ok(GenericVerifier::from_prober(Prober::new(
             timeout,
             concurrency,
+            EgressPolicy::default(),
+            std::sync::Arc::new(SystemResolver),
         )?))
     }
 

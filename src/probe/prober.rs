@@ -3,9 +3,11 @@
 //! verification in the process. It picks the check and the HTTP client; the
 //! check modules do the I/O.
 
-use super::credentials::{Credentials, Scrubber, client_builder};
+use super::credentials::{Credentials, Scrubber, TlsMaterial, client_builder};
+use super::egress::{Blocked, Egress, EgressPolicy, Resolve, blocked_in};
 use super::target::{Target, plan};
 use super::{Check, ProbeResult, Secret, Verdict, grpc, http, tcp};
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -20,18 +22,28 @@ pub struct Prober {
     timeout: Duration,
     concurrency: usize,
     permits: Arc<Semaphore>,
+    egress: Egress,
 }
 
 impl Prober {
     /// Each probe takes at most `timeout`, and at most `concurrency` (at
-    /// least one) run at once. `Err` only when no HTTP client can be built.
-    pub fn new(timeout: Duration, concurrency: usize) -> Result<Prober, reqwest::Error> {
+    /// least one) run at once; names are resolved by `resolver` and only
+    /// addresses `policy` allows are connected to. `Err` only when no HTTP
+    /// client can be built.
+    pub fn new(
+        timeout: Duration,
+        concurrency: usize,
+        policy: EgressPolicy,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Prober, reqwest::Error> {
         let concurrency = concurrency.max(1);
+        let egress = Egress::new(policy, resolver);
         Ok(Prober {
-            http: client_builder(timeout).build()?,
+            http: client_builder(timeout, &egress).build()?,
             timeout,
             concurrency,
             permits: Arc::new(Semaphore::new(concurrency)),
+            egress,
         })
     }
 
@@ -69,6 +81,11 @@ impl Prober {
             },
         };
         let scrub = Scrubber::new(secret);
+        let sends_secret = credentials.auth.is_some()
+            || credentials.tls.as_ref().is_some_and(|t| t.has_identity());
+        if sends_secret && cleartext(&target) {
+            return not_started(Verdict::CredentialsRejected(CLEARTEXT.into()));
+        }
 
         let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, self.permits.acquire()).await
         else {
@@ -80,14 +97,14 @@ impl Prober {
         };
         let started = Instant::now();
         let verdict = match &target {
-            Target::Tcp(to) => tcp::check(to, deadline).await,
+            Target::Tcp(to) => tcp::check(to, &self.egress, deadline).await,
             Target::Http(urls) => {
                 // Building a client with TLS material costs more than a
                 // request, so it happens under the permit.
                 let own;
                 let client = match credentials.tls {
                     None => &self.http,
-                    Some(tls) => match tls.client(self.timeout) {
+                    Some(tls) => match tls.client(self.timeout, &self.egress) {
                         Ok(c) => {
                             own = c;
                             &own
@@ -95,12 +112,27 @@ impl Prober {
                         Err(why) => return not_started(Verdict::CredentialsRejected(why)),
                     },
                 };
-                http::check(client, urls, credentials.auth.as_ref(), deadline, &scrub).await
+                http::check(
+                    client,
+                    &self.egress,
+                    urls,
+                    credentials.auth.as_ref(),
+                    deadline,
+                    &scrub,
+                )
+                .await
             }
-            Target::Grpc { endpoint, service } => {
+            Target::Grpc {
+                endpoint,
+                service,
+                tls,
+            } => {
+                let tls = tls.then(|| TlsMaterial::grpc(credentials.tls.as_ref(), &endpoint.host));
                 grpc::check(
                     endpoint,
                     service,
+                    tls,
+                    &self.egress,
                     credentials.auth.as_ref(),
                     deadline,
                     &scrub,
@@ -113,6 +145,62 @@ impl Prober {
             latency: started.elapsed(),
         })
     }
+}
+
+const CLEARTEXT: &str = "not sent: a credential is never sent over cleartext (http:// or plaintext grpc); \
+     use an https:// url";
+
+/// Whether the target is reached without TLS.
+fn cleartext(target: &Target) -> bool {
+    match target {
+        Target::Tcp(_) => false,
+        Target::Http(urls) => urls.iter().any(|u| u.scheme() != "https"),
+        Target::Grpc { tls, .. } => !tls,
+    }
+}
+
+/// What a client may be told of a failed connection or request: the class
+/// of failure, never the text of a peer or a library.
+pub(crate) fn failure_class(e: &(dyn std::error::Error + 'static), tls: bool) -> &'static str {
+    if let Some(b) = blocked_in(e) {
+        return match b {
+            Blocked::Denied => "denied by egress policy",
+            Blocked::NotResolved => "name did not resolve",
+        };
+    }
+    let mut invalid_data = false;
+    for err in causes(e) {
+        if err.is::<tokio_rustls::rustls::Error>() {
+            return "tls handshake failed";
+        }
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            match io.kind() {
+                io::ErrorKind::ConnectionRefused => return "refused",
+                io::ErrorKind::TimedOut => return "timed out",
+                io::ErrorKind::InvalidData => invalid_data = true,
+                _ => {}
+            }
+        }
+    }
+    if invalid_data && tls {
+        "tls handshake failed"
+    } else {
+        "unreachable"
+    }
+}
+
+/// An error and its causes, looking inside `io::Error`s too: their
+/// `source` skips the error they wrap.
+pub(crate) fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| match err.downcast_ref::<io::Error>() {
+        Some(io) => match io.get_ref() {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => std::error::Error::source(io),
+        },
+        None => err.source(),
+    })
 }
 
 /// Milliseconds since `started`, for messages.

@@ -34,6 +34,8 @@ pub(crate) enum Target {
     Grpc {
         endpoint: HostPort,
         service: String,
+        /// `grpcs://` or `https://`: TLS, else plaintext HTTP/2.
+        tls: bool,
     },
 }
 
@@ -74,18 +76,22 @@ pub(crate) fn plan(url: &str, check: &Check) -> Option<Result<Target, String>> {
             Ok(Target::Http(paths.iter().map(|p| join(&url, p)).collect()))
         })),
         Check::Grpc { service } => Some(parse(url).and_then(|url| {
-            match url.scheme() {
-                "grpc" | "http" => host_port(&url)
-                    .map(|endpoint| Target::Grpc {
-                        endpoint,
-                        service: service.clone(),
-                    })
-                    .ok_or_else(|| "grpc check needs a host and a port in the url".into()),
-                "grpcs" | "https" => Err("TLS not supported for grpc checks".into()),
-                other => Err(format!(
-                    "grpc check needs a grpc:// or http:// url, not {other}://"
-                )),
-            }
+            let tls = match url.scheme() {
+                "grpc" | "http" => false,
+                "grpcs" | "https" => true,
+                other => {
+                    return Err(format!(
+                        "grpc check needs a grpc://, grpcs://, http:// or https:// url, not {other}://"
+                    ));
+                }
+            };
+            host_port(&url)
+                .map(|endpoint| Target::Grpc {
+                    endpoint,
+                    service: service.clone(),
+                    tls,
+                })
+                .ok_or_else(|| "grpc check needs a host and a port in the url".into())
         })),
     }
 }
@@ -199,32 +205,35 @@ mod tests {
     }
 
     #[test]
-    fn grpc_targets_are_plaintext() {
-        assert_eq!(
-            plan(
-                "grpc://h:50051",
-                &Check::Grpc {
-                    service: "s".into()
-                }
-            ),
-            Some(Ok(Target::Grpc {
-                endpoint: HostPort {
-                    host: "h".into(),
-                    port: 50051,
-                    ipv6: false
-                },
-                service: "s".into()
-            }))
-        );
+    fn grpc_targets_say_whether_they_use_tls() {
         let grpc = Check::Grpc {
-            service: String::new(),
+            service: "s".into(),
+        };
+        let target = |url| match plan(url, &grpc) {
+            Some(Ok(Target::Grpc {
+                endpoint,
+                service,
+                tls,
+            })) => Ok((endpoint.to_string(), service, tls)),
+            Some(Err(e)) => Err(e),
+            other => panic!("{other:?}"),
         };
         assert_eq!(
-            plan("https://h:443", &grpc),
-            Some(Err("TLS not supported for grpc checks".into()))
+            target("grpc://h:50051"),
+            Ok(("h:50051".into(), "s".into(), false))
         );
-        assert!(matches!(plan("grpc://h", &grpc), Some(Err(_))));
-        assert!(matches!(plan("tcp://h:1", &grpc), Some(Err(_))));
+        assert_eq!(
+            target("http://h:80"),
+            Ok(("h:80".into(), "s".into(), false))
+        );
+        assert_eq!(
+            target("grpcs://h:443"),
+            Ok(("h:443".into(), "s".into(), true))
+        );
+        assert_eq!(target("https://h"), Ok(("h:443".into(), "s".into(), true)));
+        assert!(target("grpc://h").is_err());
+        assert!(target("grpcs://h").is_err());
+        assert!(target("tcp://h:1").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod connections;
 mod credentials;
 mod definitions;
 mod discovery;
+mod egress;
 mod lifecycle;
 mod monitor;
 mod probe_results;
