@@ -1230,3 +1230,278 @@ async fn new_objects_belong_to_the_caller_or_an_owner_in_its_scope() {
         assert!(!status.message().contains(&held.id), "{who}: {status:?}");
     }
 }
+
+#[tokio::test]
+async fn request_ids_belong_to_their_caller() {
+    let s = Secured::start(|_| {}).await;
+    let (mut alice, mut bob) = (s.client("alice"), s.client("bob"));
+    let create = |body: pb::Connection| pb::CreateConnectionRequest {
+        connection: Some(body),
+        request_id: "same-id".into(),
+        ..Default::default()
+    };
+    let (body_a, body_b) = (conn("http", ""), conn("http", ""));
+    let a = alice
+        .conn
+        .create_connection(create(body_a.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    // The same id from bob, with another body: his own request, not a reuse
+    // of alice's, and not her answer.
+    let b = bob
+        .conn
+        .create_connection(create(body_b.clone()))
+        .await
+        .expect("bob's request is his own")
+        .into_inner();
+    assert_ne!(a.id, b.id);
+    assert_eq!((a.owner.as_str(), b.owner.as_str()), ("alice", "bob"));
+    // Each retry gets its caller's first answer.
+    for (c, body, first) in [(&mut alice, &body_a, &a), (&mut bob, &body_b, &b)] {
+        let again = c
+            .conn
+            .create_connection(create(body.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (again.id.as_str(), again.revision),
+            (first.id.as_str(), first.revision)
+        );
+    }
+    // Within one caller, the id is still bound to its body.
+    let r = alice.conn.create_connection(create(body_b.clone())).await;
+    expect_code(r, Code::InvalidArgument, "REQUEST_ID_REUSED");
+
+    // Transitions: alice's request id does not answer bob, on her
+    // connection (not found to him) or on his.
+    let ignore = |id: &str| pb::TransitionConnectionRequest {
+        id: id.into(),
+        target_state: S::Ignored as i32,
+        request_id: "move-id".into(),
+        ..Default::default()
+    };
+    let moved = alice
+        .conn
+        .transition_connection(ignore(&a.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.state, S::Ignored as i32);
+    let r = bob.conn.transition_connection(ignore(&a.id)).await;
+    expect_code(r, Code::NotFound, "CONNECTION_NOT_FOUND");
+    let his = bob
+        .conn
+        .transition_connection(ignore(&b.id))
+        .await
+        .expect("bob's own move")
+        .into_inner();
+    assert_eq!(
+        (his.id.as_str(), his.state),
+        (b.id.as_str(), S::Ignored as i32)
+    );
+}
+
+#[tokio::test]
+async fn the_actor_is_the_authenticated_principal_whatever_the_header_says() {
+    let s = Secured::start(|_| {}).await;
+    let mut alice = s.client("alice");
+    let mut request = tonic::Request::new(pb::CreateConnectionRequest {
+        connection: Some(conn("http", "")),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("tether-actor", "root".parse().unwrap());
+    let made = alice
+        .conn
+        .create_connection(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(made.owner, "alice");
+    let mut request = tonic::Request::new(pb::TransitionConnectionRequest {
+        id: made.id.clone(),
+        target_state: S::Ignored as i32,
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("tether-actor", "tether".parse().unwrap());
+    alice.conn.transition_connection(request).await.unwrap();
+    let events = alice
+        .conn
+        .list_connection_events(pb::ListConnectionEventsRequest {
+            connection_id: made.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(
+        events.iter().map(|e| e.actor.as_str()).collect::<Vec<_>>(),
+        ["alice", "alice"]
+    );
+    // Nor does the header stand in for a token.
+    let mut request = tonic::Request::new(pb::ListConnectionsRequest::default());
+    request
+        .metadata_mut()
+        .insert("tether-actor", "root".parse().unwrap());
+    let r = s.client("anon").conn.list_connections(request).await;
+    expect_code(r, Code::Unauthenticated, "UNAUTHENTICATED");
+}
+
+// ---- 4. limits per principal ----
+
+#[tokio::test]
+async fn the_request_rate_is_limited_per_principal() {
+    let s = Secured::start(|c| c.rate_limit = 3).await;
+    let mut alice = s.client("alice");
+    let count = |c: &mut As| {
+        let mut c = c.conn.clone();
+        async move {
+            c.count_connections(pb::CountConnectionsRequest::default())
+                .await
+        }
+    };
+    // GCRA: a burst of 3 from a full bucket, then one more every 1/3 s.
+    let start = Instant::now();
+    let mut passed = 0;
+    let refusal = loop {
+        match count(&mut alice).await {
+            Ok(_) => passed += 1,
+            Err(status) => break status,
+        }
+        assert!(passed < 100, "never limited");
+    };
+    let elapsed = start.elapsed();
+    assert!(passed >= 3, "the burst is the rate: {passed}");
+    let earned = (elapsed.as_secs_f64() * 3.0).ceil() as usize;
+    assert!(passed <= 3 + earned, "{passed} calls in {elapsed:?}");
+    let (code, reason, _) = error_info(&refusal);
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::ResourceExhausted, "RATE_LIMITED")
+    );
+    let retry = refusal
+        .get_error_details()
+        .retry_info()
+        .expect("RetryInfo")
+        .retry_delay
+        .expect("a delay");
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(1),
+        "{retry:?}"
+    );
+    // Another principal has its own budget; health is not counted.
+    count(&mut s.client("bob"))
+        .await
+        .expect("bob is not limited");
+    s.client("alice")
+        .health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health is not rate limited");
+}
+
+#[tokio::test]
+async fn open_watches_are_capped_per_principal() {
+    let s = Secured::start(|c| c.max_watches = 2).await;
+    let mut alice = s.client("alice");
+    let all = pb::WatchConnectionsRequest::default;
+    let first = watch(&mut alice, all()).await.expect("first");
+    let mut second = watch(&mut alice, all()).await.expect("second");
+    let r = watch(&mut alice, all()).await;
+    let status = expect_code(r, Code::ResourceExhausted, "RESOURCE_EXHAUSTED");
+    assert!(status.message().contains('2'), "{status:?}");
+    let mut bobs = watch(&mut s.client("bob"), all())
+        .await
+        .expect("bob may watch");
+    assert!(snapshot(&mut bobs).await.is_empty());
+
+    // Closing one frees its slot once the server sees the stream gone; the
+    // cancel travels on the same connection, so a few attempts suffice.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut third = loop {
+        match watch(&mut alice, all()).await {
+            Ok(w) => break w,
+            Err(status) => {
+                expect_code(
+                    Err::<(), _>(status),
+                    Code::ResourceExhausted,
+                    "RESOURCE_EXHAUSTED",
+                );
+                assert!(Instant::now() < deadline, "the slot was never freed");
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    // Both open ones still work, and the cap holds again.
+    assert!(snapshot(&mut second).await.is_empty());
+    assert!(snapshot(&mut third).await.is_empty());
+    let r = watch(&mut alice, all()).await;
+    expect_code(r, Code::ResourceExhausted, "RESOURCE_EXHAUSTED");
+}
+
+// ---- 5. reloading the access file ----
+
+/// Waits until `check` holds for a call made by `who`. The server polls the
+/// access file every 5 s; nothing observable tells when it has, so this
+/// retries a call, sleeping 100 ms between tries, for at most 15 s.
+async fn until(
+    s: &Secured,
+    token: &str,
+    check: impl Fn(&Result<BTreeSet<String>, tonic::Status>) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = listed(&mut As::new(&s.app.channel, Some(token))).await;
+        if check(&r) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not reloaded within 15 s: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_access_file_is_reloaded_and_a_bad_edit_keeps_the_last_good_one() {
+    let s = Secured::start(|_| {}).await;
+    let newcomer = new_token("newcomer");
+    let r = listed(&mut As::new(&s.app.channel, Some(&newcomer))).await;
+    expect_code(r, Code::Unauthenticated, "UNAUTHENTICATED");
+
+    let extra: &[(&str, &str, &[&str])] = &[("newcomer", &newcomer, &["viewer"])];
+    write_atomically(&s.file, &access_file(&grants(&s.tokens, extra)));
+    until(&s, &newcomer, |r| r.is_ok()).await;
+
+    // A bad edit is refused as a whole: the old table stays. The poll
+    // gives no sign that it read the file, so the old tokens are checked
+    // over more than one poll period.
+    write_atomically(&s.file, "tokens: [{principal: alice, sha256: nothex}\n");
+    let until_polled = Instant::now() + Duration::from_millis(5_500);
+    while Instant::now() < until_polled {
+        for who in ["alice", "root"] {
+            listed(&mut s.client(who))
+                .await
+                .expect("old tokens still work");
+        }
+        listed(&mut As::new(&s.app.channel, Some(&newcomer)))
+            .await
+            .expect("as does the one added last");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A good edit after it is read again: dropping the newcomer revokes it.
+    write_atomically(&s.file, &access_file(&grants(&s.tokens, &[])));
+    until(&s, &newcomer, |r| {
+        r.as_ref()
+            .err()
+            .is_some_and(|e| e.code() == Code::Unauthenticated)
+    })
+    .await;
+    listed(&mut s.client("alice")).await.expect("alice stays");
+}
