@@ -271,7 +271,7 @@ where
             Err(refusal) => {
                 tracing::warn!(
                     target: "tether::audit",
-                    principal = refusal.principal.as_deref().unwrap_or("-"),
+                    principal = %refusal.principal.as_deref().unwrap_or("-"),
                     method = %path,
                     peer = %peer.map(|p| p.addr.to_string()).unwrap_or_else(|| "-".into()),
                     code = ?refusal.code,

@@ -656,6 +656,8 @@ pub struct As {
     pub creds: pb::credential_service_client::CredentialServiceClient<Authed>,
     pub defs: pb::definition_service_client::DefinitionServiceClient<Authed>,
     pub health: tonic_health::pb::health_client::HealthClient<Authed>,
+    pub reflection:
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient<Authed>,
 }
 
 impl As {
@@ -669,6 +671,10 @@ impl As {
             creds: pb::credential_service_client::CredentialServiceClient::new(svc()),
             defs: pb::definition_service_client::DefinitionServiceClient::new(svc()),
             health: tonic_health::pb::health_client::HealthClient::new(svc()),
+            reflection:
+                tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+                    svc(),
+                ),
         }
     }
 }
@@ -870,5 +876,141 @@ impl App {
             stop: Some(stop),
             handle: Some(handle),
         }
+    }
+}
+
+// ---- the binary ----
+
+/// A `tether serve` process, as an operator runs it.
+pub struct Binary {
+    child: tokio::process::Child,
+    /// The port it listens on.
+    port: u16,
+    stderr: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Binary {
+    /// Starts `tether serve ARGS` with `env` added, without waiting for it;
+    /// its stderr lines arrive on the receiver.
+    pub fn start_with_env(
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (
+        tokio::process::Child,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        use tokio::io::AsyncBufReadExt;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"));
+        cmd.arg("serve")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tether");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stderr = child.stderr.take().unwrap();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
+    }
+
+    pub fn start(
+        args: &[&str],
+    ) -> (
+        tokio::process::Child,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        Binary::start_with_env(args, &[])
+    }
+
+    /// Starts `tether serve ARGS` and waits for the address it prints once it listens.
+    pub async fn serve(args: &[&str]) -> Binary {
+        Binary::serve_with_env(args, &[]).await
+    }
+
+    pub async fn serve_with_env(args: &[&str], env: &[(&str, &str)]) -> Binary {
+        use tokio::io::AsyncBufReadExt;
+        let (mut child, stderr) = Binary::start_with_env(args, env);
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::io::BufReader::new(stdout).read_line(&mut line),
+        )
+        .await
+        .expect("tether prints its address within 30 s")
+        .expect("read stdout");
+        let addr: SocketAddr = line
+            .trim()
+            .strip_prefix("tether listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        Binary {
+            child,
+            port: addr.port(),
+            stderr,
+        }
+    }
+
+    /// The loopback address of its port.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A plaintext client.
+    pub async fn client(&self) -> Client {
+        ConnectionServiceClient::connect(format!("http://{}", self.addr()))
+            .await
+            .expect("connect")
+    }
+
+    pub async fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = tokio::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .await
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits for a stderr line containing `text`; the line.
+    pub async fn logged(&mut self, text: &str) -> String {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let line = self.stderr.recv().await.expect("tether is running");
+                if line.contains(text) {
+                    return line;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {text:?} logged within 30 s"))
+    }
+
+    /// Its exit status; a server that does not stop fails the test instead of hanging it.
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("tether exits within 30 s")
+            .expect("wait")
+    }
+
+    /// SIGTERM, and a clean exit.
+    pub async fn stop(self) {
+        self.signal("-TERM").await;
+        assert_eq!(self.wait().await.code(), Some(0));
     }
 }

@@ -2,6 +2,7 @@
 //! 127.0.0.1:0, a SQLite file in a temp dir, a tonic client.
 
 mod access;
+mod audit;
 mod common;
 mod connections;
 mod credentials;

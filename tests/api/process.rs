@@ -2,80 +2,16 @@
 //! SIGTERM, kill -9, and a database from the future.
 
 use crate::common::*;
-use std::process::Stdio;
 use std::time::Duration;
 use tether::pb::tether::v1 as pb;
-use tether::pb::tether::v1::connection_service_client::ConnectionServiceClient;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-struct Proc {
-    child: Child,
-    addr: String,
-}
-
-/// Starts the binary and reads the address it prints once it listens.
-async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
-    cmd.args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn tether");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        BufReader::new(stdout).read_line(&mut line),
-    )
-    .await
-    .expect("tether prints its address within 30 s")
-    .expect("read stdout");
-    let addr = line
-        .trim()
-        .strip_prefix("tether listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    Proc { child, addr }
-}
-
-impl Proc {
-    async fn client(&self) -> Client {
-        ConnectionServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect")
-    }
-
-    async fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let ok = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .await
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    /// Its exit status; a server that does not stop fails the test instead of hanging it.
-    async fn wait(mut self) -> std::process::ExitStatus {
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("tether exits within 30 s")
-            .expect("wait")
-    }
-}
 
 #[tokio::test]
 async fn sigterm_shuts_down_cleanly_with_exit_code_zero() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("nested/dir/t.db");
     // Environment variables configure it as well as flags do.
-    let p = spawn(
-        &["serve"],
+    let p = Binary::serve_with_env(
+        &[],
         &[
             ("TETHER_LISTEN", "127.0.0.1:0"),
             ("TETHER_DB", db.to_str().unwrap()),
@@ -113,9 +49,8 @@ async fn acknowledged_changes_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     // No background probing: every change here is the test's own.
-    let p = spawn(
+    let p = Binary::serve_with_env(
         &[
-            "serve",
             "--listen",
             "127.0.0.1:0",
             "--db",
@@ -149,9 +84,8 @@ async fn acknowledged_changes_survive_kill_9() {
     assert_ne!(status.code(), Some(0));
 
     // No background probing: every change here is the test's own.
-    let p = spawn(
+    let p = Binary::serve_with_env(
         &[
-            "serve",
             "--listen",
             "127.0.0.1:0",
             "--db",
@@ -206,14 +140,8 @@ async fn sigterm_right_after_startup_is_still_graceful() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     for _ in 0..3 {
-        let p = spawn(
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                db.to_str().unwrap(),
-            ],
+        let p = Binary::serve_with_env(
+            &["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()],
             &[],
         )
         .await;

@@ -5,13 +5,11 @@
 use crate::common::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use tether::transport::{Peer, TransportConfig, principal_name};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
@@ -288,104 +286,6 @@ async fn a_silent_client_never_holds_up_others_and_is_closed_after_the_handshake
     app.stop().await.unwrap();
 }
 
-// ---- the binary ----
-
-struct Proc {
-    child: Child,
-    /// The port it listens on.
-    port: u16,
-    stderr: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-/// Starts `tether serve` with `args`, and reads the address it prints once it
-/// listens; its stderr lines arrive on `stderr`.
-async fn spawn(args: &[&str]) -> Proc {
-    let (mut child, stderr) = start(args);
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        BufReader::new(stdout).read_line(&mut line),
-    )
-    .await
-    .expect("tether prints its address within 30 s")
-    .expect("read stdout");
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("tether listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    Proc {
-        child,
-        port: addr.port(),
-        stderr,
-    }
-}
-
-fn start(args: &[&str]) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
-    cmd.arg("serve")
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().expect("spawn tether");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let stderr = child.stderr.take().unwrap();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
-}
-
-impl Proc {
-    /// The loopback address of its port.
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    async fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let ok = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .await
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    /// Waits for a stderr line containing `text`; the line.
-    async fn logged(&mut self, text: &str) -> String {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let line = self.stderr.recv().await.expect("tether is running");
-                if line.contains(text) {
-                    return line;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no {text:?} logged within 30 s"))
-    }
-
-    async fn stop(mut self) {
-        self.signal("-TERM").await;
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("tether exits within 30 s")
-            .expect("wait");
-        assert_eq!(status.code(), Some(0));
-    }
-}
-
 /// Replaces `cert` and `key` with `pair`, each by a rename, so the server
 /// never reads half a file.
 fn replace(pair: &CertKey, cert: &Path, key: &Path) {
@@ -405,7 +305,7 @@ async fn reload_test(interval: &str, hangup: bool) {
     let (a, b) = (TestCa::new("ca a"), TestCa::new("ca b"));
     let (cert, key) = a.server().write(dir.path(), "server");
     let db = dir.path().join("t.db");
-    let mut p = spawn(&[
+    let mut p = Binary::serve(&[
         "--listen",
         "127.0.0.1:0",
         "--db",
@@ -489,7 +389,8 @@ async fn a_bad_certificate_file_refuses_start_and_names_the_file() {
 async fn an_unprotected_non_loopback_address_is_refused_unless_insecure() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
-    let (child, mut stderr) = start(&["--listen", "0.0.0.0:0", "--db", db.to_str().unwrap()]);
+    let (child, mut stderr) =
+        Binary::start(&["--listen", "0.0.0.0:0", "--db", db.to_str().unwrap()]);
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
         .expect("tether exits within 30 s")
@@ -509,7 +410,7 @@ async fn an_unprotected_non_loopback_address_is_refused_unless_insecure() {
     }
     assert!(!db.exists(), "nothing was created on disk");
 
-    let mut p = spawn(&[
+    let mut p = Binary::serve(&[
         "--listen",
         "0.0.0.0:0",
         "--db",
@@ -534,7 +435,7 @@ async fn an_unprotected_non_loopback_address_is_refused_unless_insecure() {
 async fn sighup_without_tls_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
-    let mut p = spawn(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]).await;
+    let mut p = Binary::serve(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]).await;
     p.signal("-HUP").await;
     p.logged("nothing to reload").await;
     let channel = Channel::from_shared(format!("http://{}", p.addr()))
