@@ -32,6 +32,16 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     r
 }
 
+fn new_connection(token: &str) -> tonic::Request<pb::CreateConnectionRequest> {
+    with_token(
+        pb::CreateConnectionRequest {
+            connection: Some(conn("http", "")),
+            ..Default::default()
+        },
+        token,
+    )
+}
+
 #[tokio::test]
 async fn refused_calls_are_audited_without_the_token_and_sighup_reloads_access() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,13 +65,7 @@ async fn refused_calls_are_audited_without_the_token_and_sighup_reloads_access()
         .await
         .expect("a viewer lists");
     let denied = c
-        .create_connection(with_token(
-            pb::CreateConnectionRequest {
-                connection: Some(conn("http", "")),
-                ..Default::default()
-            },
-            &viewer,
-        ))
+        .create_connection(new_connection(&viewer))
         .await
         .expect_err("a viewer may not create");
     assert_eq!(denied.code(), Code::PermissionDenied);
@@ -97,13 +101,7 @@ async fn refused_calls_are_audited_without_the_token_and_sighup_reloads_access()
     p.signal("-HUP").await;
     p.logged("access file reloaded").await;
     let made = c
-        .create_connection(with_token(
-            pb::CreateConnectionRequest {
-                connection: Some(conn("http", "")),
-                ..Default::default()
-            },
-            &operator,
-        ))
+        .create_connection(new_connection(&operator))
         .await
         .expect("the new operator creates")
         .into_inner();

@@ -57,6 +57,24 @@ impl App {
 
     /// Starts a server on the database in `dir` (a restart when one ran there before).
     pub async fn start_in(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Config)) -> App {
+        App::launch(dir, tweak, None).await
+    }
+
+    /// Starts a server with TLS settings in `tweak` and a client that connects
+    /// with `tls` (which must be accepted).
+    pub async fn start_tls(
+        tweak: impl FnOnce(&mut Config),
+        tls: tonic::transport::ClientTlsConfig,
+    ) -> App {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        App::launch(dir, tweak, Some(tls)).await
+    }
+
+    async fn launch(
+        dir: Arc<tempfile::TempDir>,
+        tweak: impl FnOnce(&mut Config),
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> App {
         let mut config = test_config();
         config.db = Some(dir.path().join("tether.db"));
         tweak(&mut config);
@@ -66,11 +84,14 @@ impl App {
         let handle = tokio::spawn(tether::server::run(config, listener, async move {
             let _ = stopped.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
+        let endpoint = match tls {
+            None => Channel::from_shared(format!("http://{addr}")).expect("uri"),
+            Some(tls) => Channel::from_shared(format!("https://{addr}"))
+                .expect("uri")
+                .tls_config(tls)
+                .expect("tls config"),
+        };
+        let channel = endpoint.connect().await.expect("connect");
         App {
             addr,
             client: ConnectionServiceClient::new(channel.clone()),
@@ -842,41 +863,6 @@ pub async fn health(channel: Channel) -> Result<(), String> {
         .await
         .map(|_| ())
         .map_err(|s| format!("health: {s:?}"))
-}
-
-impl App {
-    /// Starts a server with TLS settings in `tweak` and a client that connects
-    /// with `tls` (which must be accepted).
-    pub async fn start_tls(
-        tweak: impl FnOnce(&mut Config),
-        tls: tonic::transport::ClientTlsConfig,
-    ) -> App {
-        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
-        let mut config = test_config();
-        config.db = Some(dir.path().join("tether.db"));
-        tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(tether::server::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("https://{addr}"))
-            .expect("uri")
-            .tls_config(tls)
-            .expect("tls config")
-            .connect()
-            .await
-            .expect("connect over tls");
-        App {
-            addr,
-            client: ConnectionServiceClient::new(channel.clone()),
-            channel,
-            dir,
-            stop: Some(stop),
-            handle: Some(handle),
-        }
-    }
 }
 
 // ---- the binary ----
