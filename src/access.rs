@@ -316,17 +316,23 @@ impl Access {
         self.file.is_some()
     }
 
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
-    }
-
     /// The table as it is now.
     pub fn table(&self) -> Arc<Table> {
         self.table.read().expect("access table lock").clone()
     }
+}
+
+impl crate::reload::Reloadable for Access {
+    fn what(&self) -> &'static str {
+        "access file"
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        self.file.iter().cloned().collect()
+    }
 
     /// Reads the file again; on error the old table stays.
-    pub fn reload(&self) -> Result<(), Error> {
+    fn reload(&self) -> Result<(), Error> {
         let Some(path) = &self.file else {
             return Ok(());
         };

@@ -63,9 +63,10 @@ pub struct Config {
     #[arg(long, env = "TETHER_TLS_REQUIRE_CLIENT_CERT")]
     pub tls_require_client_cert: bool,
 
-    /// How often the TLS files are checked for change.
-    #[arg(long, env = "TETHER_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = duration)]
-    pub tls_reload_interval: Duration,
+    /// How often the TLS files and the access file are checked for change
+    /// (SIGHUP reloads them at once).
+    #[arg(long, env = "TETHER_RELOAD_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub reload_interval: Duration,
 
     /// Access file: bearer tokens (as SHA-256 digests) and client-certificate
     /// principals, with their roles and owner scopes; reloaded on change and
@@ -303,7 +304,7 @@ impl Config {
             ("bookmark-interval", self.bookmark_interval),
             ("event-retention", self.event_retention),
             ("probe-interval", self.probe_interval),
-            ("tls-reload-interval", self.tls_reload_interval),
+            ("reload-interval", self.reload_interval),
             ("handshake-timeout", self.handshake_timeout),
             ("keepalive-interval", self.keepalive_interval),
             ("keepalive-timeout", self.keepalive_timeout),
@@ -436,7 +437,6 @@ impl Config {
 
     pub fn transport_config(&self) -> TransportConfig {
         TransportConfig {
-            reload_interval: self.tls_reload_interval,
             max_connections: self.max_connections,
             handshake_timeout: self.handshake_timeout,
         }

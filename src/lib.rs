@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod monitor;
 pub mod pb;
 pub mod probe;
+pub mod reload;
 pub mod secrets;
 pub mod server;
 pub mod service;

@@ -23,6 +23,7 @@ use crate::pb::tether::v1::connection_service_server::ConnectionServiceServer;
 use crate::pb::tether::v1::credential_service_server::CredentialServiceServer;
 use crate::pb::tether::v1::definition_service_server::DefinitionServiceServer;
 use crate::probe::Prober;
+use crate::reload::{self, Reloadable};
 use crate::secrets::SecretBox;
 use crate::service::auth::{AuthLayer, Gate};
 use crate::service::credentials::CredentialService;
@@ -47,8 +48,9 @@ pub struct Server {
     access: Arc<Access>,
     tls: Option<Arc<Tls>>,
     /// SIGHUP, registered at open so that one sent once the server listens
-    /// never meets the default action (exit): it reloads the TLS files, and
-    /// without TLS it is logged and ignored. Taken by `serve`.
+    /// never meets the default action (exit): it reloads the TLS files and
+    /// the access file, and without them it is logged and ignored. Taken by
+    /// `serve`.
     hangup: Option<tokio::signal::unix::Signal>,
 }
 
@@ -223,9 +225,7 @@ async fn serve(
         CredentialService::new(credentials, limits.default_page_size, limits.max_page_size);
     let request_ids = RequestIds::new(server.secrets.subkey("tether request ids v1"));
     let service = ConnectionService::new(engine, watcher, limits, request_ids);
-    if server.access.enabled() {
-        tasks.spawn(watch_access_file(server.access.clone(), stopping.clone()));
-    } else {
+    if !server.access.enabled() {
         tracing::warn!(
             "authentication is off (no --auth-file): every caller is the anonymous admin"
         );
@@ -260,22 +260,18 @@ async fn serve(
     tracing::info!(?addr, transport = mode, "serving");
     let transport = config.transport_config();
     let incoming = transport::incoming(listener, &transport, tls.clone(), stopping.clone(), &tasks);
-    match (tls, server.hangup.take()) {
-        (Some(tls), Some(hangup)) => {
-            tasks.spawn(tls.watch(hangup, transport.reload_interval, stopping.clone()));
+    if let Some(hangup) = server.hangup.take() {
+        let mut files: Vec<Arc<dyn Reloadable>> = Vec::new();
+        files.extend(tls.map(|t| t as Arc<dyn Reloadable>));
+        if server.access.enabled() {
+            files.push(server.access.clone());
         }
-        (None, Some(mut hangup)) => {
-            let stopping = stopping.clone();
-            tasks.spawn(async move {
-                while let Some(()) = tokio::select! {
-                    _ = stopping.cancelled() => None,
-                    r = hangup.recv() => r,
-                } {
-                    tracing::info!("SIGHUP: nothing to reload without TLS");
-                }
-            });
-        }
-        (_, None) => {}
+        tasks.spawn(reload::watch(
+            files,
+            hangup,
+            config.reload_interval,
+            stopping.clone(),
+        ));
     }
     let server = tonic::transport::Server::builder()
         .layer(gate)
@@ -314,51 +310,3 @@ async fn serve(
         Err(e) => Err(Error::Internal(format!("server task: {e}"))),
     }
 }
-
-/// Reads the access file again when it changes or on SIGHUP, until shutdown.
-/// A bad edit keeps the table in force and says why.
-async fn watch_access_file(access: Arc<Access>, stopping: CancellationToken) {
-    let Some(path) = access.file().map(|p| p.to_owned()) else {
-        return;
-    };
-    let stamp = |p: &std::path::Path| {
-        std::fs::metadata(p).ok().map(|m| {
-            (
-                m.modified().ok(),
-                m.len(),
-                std::os::unix::fs::MetadataExt::ino(&m),
-            )
-        })
-    };
-    let mut seen = stamp(&path);
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGHUP handler; the access file is reloaded on change only");
-            None
-        }
-    };
-    let mut tick = tokio::time::interval(ACCESS_FILE_POLL);
-    loop {
-        tokio::select! {
-            _ = stopping.cancelled() => return,
-            _ = tick.tick() => {
-                let now = stamp(&path);
-                if now == seen {
-                    continue;
-                }
-                seen = now;
-            }
-            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => {}
-        }
-        match access.reload() {
-            Ok(()) => tracing::info!(path = %path.display(), "access file reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "access file not reloaded; the previous one stays in force")
-            }
-        }
-    }
-}
-
-/// How often the access file is checked for a change.
-const ACCESS_FILE_POLL: std::time::Duration = std::time::Duration::from_secs(5);

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -51,8 +51,6 @@ pub struct TlsFiles {
 /// How the listener accepts connections.
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
-    /// How often the TLS files are checked for change.
-    pub reload_interval: Duration,
     /// Most connections open at once; more are closed as soon as accepted.
     pub max_connections: usize,
     /// Longest from accept to a finished TLS handshake (plaintext: to the first byte).
@@ -103,66 +101,24 @@ impl Tls {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+}
 
-    /// Reads the files again; on success new handshakes use them, on failure
-    /// the old configuration stays.
+impl crate::reload::Reloadable for Tls {
+    fn what(&self) -> &'static str {
+        "tls certificates"
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.files.cert.clone(), self.files.key.clone()];
+        paths.extend(self.files.client_ca.clone());
+        paths
+    }
+
+    /// New handshakes use the new files; on failure the old configuration stays.
     fn reload(&self) -> Result<(), Error> {
         let config = Arc::new(server_config(&self.files)?);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
         Ok(())
-    }
-
-    fn paths(&self) -> Vec<&Path> {
-        let mut paths = vec![self.files.cert.as_path(), self.files.key.as_path()];
-        paths.extend(self.files.client_ca.as_deref());
-        paths
-    }
-
-    /// What the files look like now: a changed one is reloaded.
-    fn fingerprint(&self) -> Vec<Option<(SystemTime, u64, u64)>> {
-        use std::os::unix::fs::MetadataExt;
-        self.paths()
-            .into_iter()
-            .map(|p| {
-                let m = std::fs::metadata(p).ok()?;
-                Some((m.modified().ok()?, m.len(), m.ino()))
-            })
-            .collect()
-    }
-
-    /// Reloads the files on `hangup` (SIGHUP) and whenever one of them changes,
-    /// checking every `interval`, until `stopping` is cancelled.
-    pub async fn watch(
-        self: Arc<Self>,
-        mut hangup: tokio::signal::unix::Signal,
-        interval: Duration,
-        stopping: CancellationToken,
-    ) {
-        let mut seen = self.fingerprint();
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.reset();
-        loop {
-            let signalled = tokio::select! {
-                _ = stopping.cancelled() => return,
-                _ = hangup.recv() => true,
-                _ = tick.tick() => false,
-            };
-            let now = self.fingerprint();
-            if !signalled && now == seen {
-                continue;
-            }
-            let cause = if signalled { "SIGHUP" } else { "files changed" };
-            // A failed attempt is not retried until something changes again
-            // (or SIGHUP): a half-written pair logs once, not every tick.
-            seen = now;
-            match self.reload() {
-                Ok(()) => tracing::info!(cause, "tls certificates reloaded"),
-                Err(e) => {
-                    tracing::error!(cause, error = %e, "tls certificates not reloaded; serving the previous ones")
-                }
-            }
-        }
     }
 }
 

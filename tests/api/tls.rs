@@ -176,7 +176,6 @@ async fn every_request_carries_the_peer_and_its_certificate_name() {
     let incoming = tether::transport::incoming(
         listener,
         &TransportConfig {
-            reload_interval: Duration::from_secs(3600),
             max_connections: 8,
             handshake_timeout: Duration::from_secs(10),
         },
@@ -315,7 +314,7 @@ async fn reload_test(interval: &str, hangup: bool) {
         cert.to_str().unwrap(),
         "--tls-key",
         key.to_str().unwrap(),
-        "--tls-reload-interval",
+        "--reload-interval",
         interval,
     ])
     .await;

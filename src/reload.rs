@@ -1,0 +1,79 @@
+//! Files read again without a restart: the TLS certificates and the access
+//! file. One task watches them all, on SIGHUP and when a file changes
+//! (modification time, size or inode, checked every `--reload-interval`).
+//!
+//! Each reload replaces its whole table or nothing: a file that does not
+//! read keeps the previous one in force and says why. A failed attempt is
+//! not retried until something changes again (or SIGHUP), so a half-written
+//! file logs once, not every tick.
+
+use crate::error::Error;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// Something read from files that can be read again.
+pub trait Reloadable: Send + Sync {
+    /// What it is, for the log: `"tls certificates"`, `"access file"`.
+    fn what(&self) -> &'static str;
+    /// The files it is read from.
+    fn paths(&self) -> Vec<PathBuf>;
+    /// Reads the files again; on error the previous state stays.
+    fn reload(&self) -> Result<(), Error>;
+}
+
+type Fingerprint = Vec<Option<(SystemTime, u64, u64)>>;
+
+/// What the files look like now: a changed one is read again.
+fn fingerprint(item: &dyn Reloadable) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    item.paths()
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len(), m.ino()))
+        })
+        .collect()
+}
+
+/// Reloads `items` on `hangup` (all of them) and when one's files change,
+/// checking every `interval`, until `stopping` is cancelled.
+pub async fn watch(
+    items: Vec<Arc<dyn Reloadable>>,
+    mut hangup: tokio::signal::unix::Signal,
+    interval: Duration,
+    stopping: CancellationToken,
+) {
+    let mut seen: Vec<Fingerprint> = items.iter().map(|i| fingerprint(i.as_ref())).collect();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    loop {
+        let signalled = tokio::select! {
+            _ = stopping.cancelled() => return,
+            _ = hangup.recv() => true,
+            _ = tick.tick() => false,
+        };
+        if signalled && items.is_empty() {
+            tracing::info!("SIGHUP: nothing to reload");
+        }
+        for (item, seen) in items.iter().zip(seen.iter_mut()) {
+            let now = fingerprint(item.as_ref());
+            if !signalled && now == *seen {
+                continue;
+            }
+            *seen = now;
+            let cause = if signalled { "SIGHUP" } else { "files changed" };
+            let what = item.what();
+            match item.reload() {
+                Ok(()) => tracing::info!(cause, "{what} reloaded"),
+                Err(e) => tracing::error!(
+                    cause,
+                    error = %e,
+                    "{what} not reloaded; the previous one stays in force"
+                ),
+            }
+        }
+    }
+}
