@@ -57,12 +57,21 @@ impl Secured {
             tweak(c);
         })
         .await;
-        Secured {
+        let s = Secured {
             app,
             _dir: dir,
             file,
             tokens,
-        }
+        };
+        // One round trip, so the server's tasks (the access-file poll among
+        // them) have run before a test edits the file: see
+        // `an_edit_right_after_start_is_not_missed`.
+        s.client("anon")
+            .health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .expect("serving");
+        s
     }
 
     /// Clients presenting `who`'s token (`anon`: none; anything else: that
@@ -268,6 +277,8 @@ enum Op {
     DeleteCred,
     ListDefs,
     GetDef,
+    /// grpc.reflection.v1.ServerReflection: list the services.
+    Reflect,
     /// grpc.health.v1.Health/Check.
     Health,
 }
@@ -279,7 +290,8 @@ use Op::*;
 /// definitions need any role, health none. Scope: alice, bob, carl see their
 /// own; vera and dora also alice's; root everything. An object out of scope
 /// is not found (or not shown), never PERMISSION_DENIED; a role short of the
-/// method is PERMISSION_DENIED whatever the object.
+/// method is PERMISSION_DENIED whatever the object. Reflection, like the
+/// lifecycle and definitions, needs any role.
 #[rustfmt::skip]
 const MATRIX: &[(Op, &str, [E; 8])] = &[
     //                        alice  bob   vera  dora  carl  root  nobody anon
@@ -319,6 +331,7 @@ const MATRIX: &[(Op, &str, [E; 8])] = &[
     (DeleteCred,  "carl",    [DEN,  DEN,  DEN,  DEN,  OK,   OK,   DEN,  UNA]),
     (ListDefs,    "",        [OK,   OK,   OK,   OK,   OK,   OK,   DEN,  UNA]),
     (GetDef,      "",        [OK,   OK,   OK,   OK,   OK,   OK,   DEN,  UNA]),
+    (Reflect,     "",        [OK,   OK,   OK,   OK,   OK,   OK,   DEN,  UNA]),
     (Health,      "",        [OK,   OK,   OK,   OK,   OK,   OK,   OK,   OK]),
 ];
 
@@ -579,6 +592,27 @@ async fn attempt(
                 .kind
                 == "http"
         }
+        Reflect => {
+            use tonic_reflection::pb::v1::{
+                server_reflection_request as q, server_reflection_response as a,
+            };
+            let ask = tonic_reflection::pb::v1::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(q::MessageRequest::ListServices(String::new())),
+            };
+            let reply = c
+                .reflection
+                .server_reflection_info(tokio_stream::iter([ask]))
+                .await?
+                .into_inner()
+                .message()
+                .await?
+                .expect("a reply");
+            matches!(
+                reply.message_response,
+                Some(a::MessageResponse::ListServicesResponse(_))
+            )
+        }
         Health => {
             c.health
                 .check(tonic_health::pb::HealthCheckRequest::default())
@@ -670,7 +704,8 @@ async fn reads_and_watches_show_only_what_the_scope_sees() {
     }
     // Interleaved, so a change that leaked would arrive before the last one
     // each watch expects.
-    let a1 = make(&mut root, labelled("http", "", "alice", "t")).await.id;
+    let first = make(&mut root, labelled("http", "", "alice", "t")).await;
+    let a1 = first.id.clone();
     let b1 = make(&mut root, labelled("http", "", "bob", "t")).await.id;
     let a2 = make(&mut root, labelled("http", "", "alice", "t")).await.id;
     let b2 = make(&mut root, labelled("http", "", "bob", "t")).await.id;
@@ -718,9 +753,37 @@ async fn reads_and_watches_show_only_what_the_scope_sees() {
         }
     }
 
+    // A watch that resumes from a revision replays history from the store:
+    // filtered the same way.
+    let mut alice = s.client("alice");
+    let mut resumed = watch(
+        &mut alice,
+        pb::WatchConnectionsRequest {
+            after_revision: first.revision,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let a3 = make(&mut root, labelled("http", "", "alice", "t")).await.id;
+    // History up to now (a2, not b1 or b2), SYNCED, then what comes live.
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = next(&mut resumed).await;
+        got.push((m.r#type(), m.connection.map(|c| c.id)));
+    }
+    assert_eq!(
+        got,
+        [
+            (pb::WatchEventType::Added, Some(a2.clone())),
+            (pb::WatchEventType::Synced, None),
+            (pb::WatchEventType::Added, Some(a3.clone())),
+        ],
+        "alice's resumed watch"
+    );
+
     // Out of scope is not found exactly like never made: same code, reason
     // and message, the id aside.
-    let mut alice = s.client("alice");
     let missing = uuid::Uuid::new_v4().to_string();
     let foreign = expect_code(
         alice
@@ -887,6 +950,27 @@ async fn credentials_of_others_can_be_neither_listed_nor_attached() {
     // Nothing was made.
     assert_eq!(revision(&mut root).await, before);
     assert!(listed(&mut root).await.unwrap().is_empty());
+    // The peer is there to be seen: a credential of hers that allows it is sent.
+    let local = credential(&mut root, "alice", &["127.0.0.1"])
+        .await
+        .unwrap()
+        .id;
+    let made = create_as(
+        &mut alice,
+        with_cred(&peer.url("/"), &local),
+        S::Registered,
+        false,
+    )
+    .await
+    .expect("verified with her own credential");
+    assert_eq!(made.state, S::Registered as i32);
+    assert_eq!(
+        peer.seen()
+            .into_iter()
+            .map(|r| r.authorization)
+            .collect::<Vec<_>>(),
+        [Some("Bearer s3cret".to_string())]
+    );
 }
 
 async fn update_as(
@@ -1504,4 +1588,80 @@ async fn the_access_file_is_reloaded_and_a_bad_edit_keeps_the_last_good_one() {
     })
     .await;
     listed(&mut s.client("alice")).await.expect("alice stays");
+}
+
+// ---- behaviour believed wrong, kept as ignored tests until src changes ----
+
+#[tokio::test]
+#[ignore = "bug: deleting a connection deletes its credential even when the caller's scope does not see it"]
+async fn deleting_a_connection_leaves_a_credential_outside_the_callers_scope() {
+    let s = Secured::start(|_| {}).await;
+    let (mut root, mut alice) = (s.client("root"), s.client("alice"));
+    let bobs = credential(&mut root, "bob", &["*.example"])
+        .await
+        .unwrap()
+        .id;
+    // An admin may attach bob's credential to a connection of alice's.
+    let made = make(
+        &mut root,
+        pb::Connection {
+            owner: "alice".into(),
+            credential_id: bobs.clone(),
+            ..conn("http", "https://shared.example/")
+        },
+    )
+    .await;
+    // Alice may not delete bob's credential herself ...
+    let r = alice
+        .creds
+        .delete_credential(pb::DeleteCredentialRequest { id: bobs.clone() })
+        .await;
+    expect_code(r, Code::PermissionDenied, "PERMISSION_DENIED");
+    // ... nor, through her connection, as a side effect.
+    alice
+        .conn
+        .delete_connection(pb::DeleteConnectionRequest {
+            id: made.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        credential_ids(&mut root).await.unwrap().contains(&bobs),
+        "bob's credential was deleted by alice"
+    );
+}
+
+#[tokio::test]
+#[ignore = "bug: an access-file edit made before the poll task first runs is never noticed"]
+async fn an_edit_right_after_start_is_not_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("access.yaml");
+    let root = new_token("root");
+    let newcomer = new_token("newcomer");
+    let grant = |p, t, r| Grant {
+        principal: p,
+        token: t,
+        roles: r,
+        owners: &[],
+    };
+    write_atomically(&file, &access_file(&[grant("root", &root, &["admin"])]));
+    let path = file.clone();
+    let app = App::start_with(move |c| c.auth_file = Some(path)).await;
+    // Edited as soon as the server is up (as it would be while a slow start
+    // opens and migrates the database after reading the file).
+    write_atomically(
+        &file,
+        &access_file(&[
+            grant("root", &root, &["admin"]),
+            grant("newcomer", &newcomer, &["viewer"]),
+        ]),
+    );
+    let s = Secured {
+        app,
+        _dir: dir,
+        file,
+        tokens: HashMap::new(),
+    };
+    until(&s, &newcomer, |r| r.is_ok()).await;
 }
