@@ -343,6 +343,20 @@ impl crate::reload::Reloadable for Access {
 }
 
 fn read_table(path: &Path) -> Result<Table, Error> {
+    // Whoever can write the file can make themselves admin.
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o022 != 0 {
+            return Err(Error::invalid(
+                "auth-file",
+                format!(
+                    "{} has mode {mode:o}: group or others can write it, and so grant themselves any role; chmod go-w it",
+                    path.display()
+                ),
+            ));
+        }
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::invalid("auth-file", format!("cannot read {}: {e}", path.display())))?;
     Table::parse(&text).map_err(|e| Error::invalid("auth-file", format!("{}: {e}", path.display())))

@@ -80,6 +80,17 @@ impl Tls {
     /// Reads the files; an unreadable or unusable one is an error naming it.
     pub fn load(files: TlsFiles) -> Result<Tls, Error> {
         let config = server_config(&files)?;
+        // Not refused: orchestrators often mount secrets 0644 inside a
+        // private pod; but said, since elsewhere it is a leak.
+        if let Ok(meta) = std::fs::metadata(&files.key) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %files.key.display(),
+                    "the TLS key is readable by group or others; chmod 600 it"
+                );
+            }
+        }
         Ok(Tls {
             files,
             current: RwLock::new(Arc::new(config)),
@@ -348,13 +359,40 @@ pub fn incoming(
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "handshake failed"),
+                    Ok(Err(e)) => match refused_certificate(&e) {
+                        // The client tried to authenticate and failed: an
+                        // audited refusal, like a bad token.
+                        Some(why) => tracing::warn!(
+                            target: "tether::audit",
+                            principal = "-",
+                            method = "-",
+                            peer = %addr,
+                            code = "Unauthenticated",
+                            why = %why,
+                            "call refused"
+                        ),
+                        None => tracing::debug!(%addr, error = %e, "handshake failed"),
+                    },
                     Err(_) => tracing::debug!(%addr, "handshake timed out"),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Why a handshake failed on the client's certificate (not verified, or
+/// none when one is required); `None` for any other failure.
+fn refused_certificate(e: &io::Error) -> Option<String> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(why) => {
+            Some(format!("client certificate refused: {why:?}"))
+        }
+        rustls::Error::NoCertificatesPresented => {
+            Some("no client certificate, and one is required".into())
+        }
+        _ => None,
+    }
 }
 
 async fn handshake(

@@ -145,6 +145,27 @@ async fn a_bad_access_file_refuses_start_and_token_refuses_reserved_names() {
         "{log}"
     );
 
+    // One that others may write is refused too: they could grant themselves anything.
+    std::fs::write(&access, "tokens: []\n").unwrap();
+    std::fs::set_permissions(&access, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let (child, mut stderr) = Binary::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().unwrap(),
+        "--auth-file",
+        access.to_str().unwrap(),
+    ]);
+    assert_ne!(
+        child.wait_with_output().await.unwrap().status.code(),
+        Some(0)
+    );
+    let mut log = String::new();
+    while let Some(line) = stderr.recv().await {
+        log.push_str(&line);
+    }
+    assert!(log.contains("chmod go-w"), "{log}");
+
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
         .args(["token", "--principal", "tether", "--role", "admin"])
         .output()

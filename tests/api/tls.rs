@@ -445,3 +445,32 @@ async fn sighup_without_tls_is_ignored() {
     health(channel).await.unwrap();
     p.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_client_certificate_is_audited() {
+    let pki = ServerPki::new();
+    let db = pki.dir.path().join("t.db");
+    let ca_file = pki.ca_file();
+    let mut p = Binary::serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().unwrap(),
+        "--disable-monitor",
+        "--tls-cert",
+        pki.cert.to_str().unwrap(),
+        "--tls-key",
+        pki.key.to_str().unwrap(),
+        "--tls-client-ca",
+        ca_file.to_str().unwrap(),
+    ])
+    .await;
+    let stranger = TestCa::new("another ca").client("mallory");
+    let refused = tls_health(p.addr(), client_tls(&pki.ca, Some(&stranger))).await;
+    assert!(refused.is_err(), "a certificate from another CA is refused");
+    let line = p.logged("client certificate refused").await;
+    for part in ["tether::audit", "call refused", "peer=127.0.0.1:"] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    p.stop().await;
+}
