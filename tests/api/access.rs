@@ -38,6 +38,9 @@ struct Secured {
     tokens: HashMap<String, String>,
 }
 
+/// How often the servers of these tests look at their access file.
+const RELOAD: Duration = Duration::from_millis(500);
+
 fn new_token(name: &str) -> String {
     format!("{name}-{}", uuid::Uuid::new_v4().simple())
 }
@@ -54,6 +57,7 @@ impl Secured {
         let path = file.clone();
         let app = App::start_with(move |c| {
             c.auth_file = Some(path);
+            c.reload_interval = RELOAD;
             tweak(c);
         })
         .await;
@@ -1532,9 +1536,10 @@ async fn open_watches_are_capped_per_principal() {
 
 // ---- 5. reloading the access file ----
 
-/// Waits until `check` holds for a call made by `who`. The server polls the
-/// access file every 5 s; nothing observable tells when it has, so this
-/// retries a call, sleeping 100 ms between tries, for at most 15 s.
+/// Waits until `check` holds for a call made with `token`. The server polls
+/// the access file every [`RELOAD`]; nothing observable tells when it has
+/// read it, so this retries a call, sleeping 100 ms between tries, for at
+/// most 15 s: a wait on file polling, not on anything the test could await.
 async fn until(
     s: &Secured,
     token: &str,
@@ -1567,9 +1572,9 @@ async fn the_access_file_is_reloaded_and_a_bad_edit_keeps_the_last_good_one() {
 
     // A bad edit is refused as a whole: the old table stays. The poll
     // gives no sign that it read the file, so the old tokens are checked
-    // over more than one poll period.
+    // over several poll periods.
     write_atomically(&s.file, "tokens: [{principal: alice, sha256: nothex}\n");
-    let until_polled = Instant::now() + Duration::from_millis(5_500);
+    let until_polled = Instant::now() + RELOAD * 4;
     while Instant::now() < until_polled {
         for who in ["alice", "root"] {
             listed(&mut s.client(who))
@@ -1667,7 +1672,11 @@ async fn an_edit_right_after_start_is_not_missed() {
     };
     write_atomically(&file, &access_file(&[grant("root", &root, &["admin"])]));
     let path = file.clone();
-    let app = App::start_with(move |c| c.auth_file = Some(path)).await;
+    let app = App::start_with(move |c| {
+        c.auth_file = Some(path);
+        c.reload_interval = RELOAD;
+    })
+    .await;
     // Edited as soon as the server is up (as it would be while a slow start
     // opens and migrates the database after reading the file).
     write_atomically(
