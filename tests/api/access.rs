@@ -250,6 +250,8 @@ const DEN: E = E::Err(Code::PermissionDenied, "PERMISSION_DENIED");
 const NFC: E = E::Err(Code::NotFound, "CONNECTION_NOT_FOUND");
 const NFK: E = E::Err(Code::NotFound, "CREDENTIAL_NOT_FOUND");
 const BAD: E = E::Err(Code::InvalidArgument, "INVALID_ARGUMENT");
+/// tonic's own answer for a method it does not serve: no ErrorInfo.
+const UNIMPL: E = E::Err(Code::Unimplemented, "");
 
 /// The calls of the matrix. Where a row names an owner, root makes a fresh
 /// object of that owner before each call (for Create*, the owner is the one
@@ -283,6 +285,8 @@ enum Op {
     GetDef,
     /// grpc.reflection.v1.ServerReflection: list the services.
     Reflect,
+    /// A method of ConnectionService the server does not know.
+    Unknown,
     /// grpc.health.v1.Health/Check.
     Health,
 }
@@ -295,7 +299,8 @@ use Op::*;
 /// own; vera and dora also alice's; root everything. An object out of scope
 /// is not found (or not shown), never PERMISSION_DENIED; a role short of the
 /// method is PERMISSION_DENIED whatever the object. Reflection, like the
-/// lifecycle and definitions, needs any role.
+/// lifecycle and definitions, needs any role; a method the table does not
+/// know is for admins only (tonic then says it is unimplemented).
 #[rustfmt::skip]
 const MATRIX: &[(Op, &str, [E; 8])] = &[
     //                        alice  bob   vera  dora  carl  root  nobody anon
@@ -336,6 +341,7 @@ const MATRIX: &[(Op, &str, [E; 8])] = &[
     (ListDefs,    "",        [OK,   OK,   OK,   OK,   OK,   OK,   DEN,  UNA]),
     (GetDef,      "",        [OK,   OK,   OK,   OK,   OK,   OK,   DEN,  UNA]),
     (Reflect,     "",        [OK,   OK,   OK,   OK,   OK,   OK,   DEN,  UNA]),
+    (Unknown,     "",        [DEN,  DEN,  DEN,  DEN,  DEN,  UNIMPL, DEN, UNA]),
     (Health,      "",        [OK,   OK,   OK,   OK,   OK,   OK,   OK,   OK]),
 ];
 
@@ -617,6 +623,20 @@ async fn attempt(
                 Some(a::MessageResponse::ListServicesResponse(_))
             )
         }
+        Unknown => {
+            let mut raw = c.raw.clone();
+            raw.ready().await.expect("ready");
+            let codec =
+                tonic_prost::ProstCodec::<pb::GetConnectionRequest, pb::Connection>::default();
+            let path = http::uri::PathAndQuery::from_static("/tether.v1.ConnectionService/Nope");
+            raw.unary(
+                tonic::Request::new(pb::GetConnectionRequest::default()),
+                path,
+                codec,
+            )
+            .await?;
+            true
+        }
         Health => {
             c.health
                 .check(tonic_health::pb::HealthCheckRequest::default())
@@ -640,7 +660,7 @@ fn outcome(r: &Result<bool, tonic::Status>) -> E {
                 .map(|i| i.reason.clone())
                 .unwrap_or_default();
             // Only the reasons the matrix uses; anything else shows as "other".
-            let reason: &'static str = [UNA, DEN, NFC, NFK, BAD]
+            let reason: &'static str = [UNA, DEN, NFC, NFK, BAD, UNIMPL]
                 .into_iter()
                 .find_map(|e| match e {
                     E::Err(code, r) if code == s.code() && r == reason => Some(r),

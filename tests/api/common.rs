@@ -679,6 +679,8 @@ pub struct As {
     pub health: tonic_health::pb::health_client::HealthClient<Authed>,
     pub reflection:
         tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient<Authed>,
+    /// For methods no generated client has.
+    pub raw: tonic::client::Grpc<Authed>,
 }
 
 impl As {
@@ -696,6 +698,7 @@ impl As {
                 tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
                     svc(),
                 ),
+            raw: tonic::client::Grpc::new(svc()),
         }
     }
 }
