@@ -1745,3 +1745,34 @@ async fn revoking_a_token_ends_its_open_watches() {
     let status = after.expect_err("the stream ends with an error, not another change");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }
+
+#[tokio::test]
+#[ignore = "bug: CREDENTIAL_IN_USE names a connection the caller's scope does not see"]
+async fn a_credential_in_use_does_not_name_a_connection_out_of_scope() {
+    let s = Secured::start(|_| {}).await;
+    let mut root = s.client("root");
+    let carls = credential(&mut root, "carl", &["*.example"])
+        .await
+        .unwrap()
+        .id;
+    let made = make(
+        &mut root,
+        pb::Connection {
+            owner: "alice".into(),
+            credential_id: carls.clone(),
+            ..conn("http", "https://shared.example/")
+        },
+    )
+    .await;
+    let r = s
+        .client("carl")
+        .creds
+        .delete_credential(pb::DeleteCredentialRequest { id: carls.clone() })
+        .await;
+    let status = expect_code(r, Code::FailedPrecondition, "CREDENTIAL_IN_USE");
+    let (_, _, metadata) = error_info(&status);
+    assert!(
+        !format!("{status:?} {metadata:?}").contains(&made.id),
+        "carl learns the id of alice's connection: {metadata:?}"
+    );
+}
