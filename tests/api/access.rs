@@ -111,10 +111,13 @@ fn grants<'a>(
         .collect()
 }
 
-/// Replaces a file in one step, so its reader never sees half of it.
+/// Replaces a file in one step, so its reader never sees half of it;
+/// private, as the server wants its access file.
 fn write_atomically(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write access file");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     std::fs::rename(&tmp, path).expect("replace access file");
 }
 
@@ -923,6 +926,23 @@ async fn credentials_of_others_can_be_neither_listed_nor_attached() {
         credential_ids(&mut s.client("bob")).await.unwrap(),
         [bobs.clone()].into()
     );
+
+    // Deleting one out of scope is not found exactly like deleting none.
+    let mut carl = s.client("carl");
+    let missing = uuid::Uuid::new_v4().to_string();
+    let mut delete = async |id: &str| {
+        let r = carl
+            .creds
+            .delete_credential(pb::DeleteCredentialRequest { id: id.into() })
+            .await;
+        expect_code(r, Code::NotFound, "CREDENTIAL_NOT_FOUND")
+    };
+    let (foreign, absent) = (delete(&mine).await, delete(&missing).await);
+    assert_eq!(
+        foreign.message().replace(&mine, "ID"),
+        absent.message().replace(&missing, "ID")
+    );
+    assert!(credential_ids(&mut root).await.unwrap().contains(&mine));
 
     // (b) Attaching: bob's is no credential to alice, even where it would
     // allow the host; hers only where it allows the host, and never in the clear.
