@@ -134,6 +134,36 @@ impl Principal {
     }
 }
 
+/// Why a principal's standing ended while it held something open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Revoked {
+    /// The access file no longer admits it.
+    Unknown(String),
+    /// Its roles or scope changed.
+    Changed(String),
+}
+
+impl fmt::Display for Revoked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Revoked::Unknown(p) => write!(f, "the access file no longer admits {p}"),
+            Revoked::Changed(p) => write!(f, "the access file changed what {p} may see or do"),
+        }
+    }
+}
+
+/// How a caller proved who it is: what to look up again when the access
+/// file changes, to end what it may no longer do (its open watches).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Authentication is off.
+    Nothing,
+    /// A bearer token, by its SHA-256.
+    Token([u8; 32]),
+    /// A verified client certificate, by its principal name.
+    Certificate(String),
+}
+
 /// The SHA-256 of a bearer token, as the access file lists it (lowercase hex).
 pub fn token_digest(token: &str) -> String {
     hex(&Sha256::digest(token.as_bytes()))
@@ -225,9 +255,10 @@ impl Table {
         Ok(table)
     }
 
-    pub fn by_token(&self, token: &str) -> Option<&Principal> {
+    /// The principal of a bearer token, and how to find it again.
+    pub fn by_token(&self, token: &str) -> Option<(&Principal, Via)> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.tokens.get(&digest)
+        self.tokens.get(&digest).map(|p| (p, Via::Token(digest)))
     }
 
     /// The principal a verified client certificate names. A certificate the
@@ -292,6 +323,10 @@ fn principal(
 pub struct Access {
     file: Option<PathBuf>,
     table: RwLock<Arc<Table>>,
+    /// Bumped at every reload, for those who hold on to a principal.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// The file as it was when first read.
+    loaded: crate::reload::Stamp,
 }
 
 impl Access {
@@ -300,15 +335,20 @@ impl Access {
         Access {
             file: None,
             table: RwLock::new(Arc::new(Table::default())),
+            changes: tokio::sync::watch::Sender::new(0),
+            loaded: Vec::new(),
         }
     }
 
     /// Reads the access file; a missing or bad file is an error naming it.
     pub fn load(path: &Path) -> Result<Access, Error> {
+        let loaded = crate::reload::stamp(&[path.to_owned()]);
         let table = read_table(path)?;
         Ok(Access {
             file: Some(path.to_owned()),
             table: RwLock::new(Arc::new(table)),
+            changes: tokio::sync::watch::Sender::new(0),
+            loaded,
         })
     }
 
@@ -319,6 +359,39 @@ impl Access {
     /// The table as it is now.
     pub fn table(&self) -> Arc<Table> {
         self.table.read().expect("access table lock").clone()
+    }
+
+    /// Who `via` stands for now; `None` when the file no longer admits it.
+    pub fn lookup(&self, via: &Via) -> Option<Principal> {
+        match via {
+            Via::Nothing => (!self.enabled()).then(Principal::anonymous),
+            Via::Token(digest) => self.table().tokens.get(digest).cloned(),
+            Via::Certificate(name) => Some(self.table().by_certificate(name)),
+        }
+    }
+
+    /// Completes when the access file no longer lets `p` (authenticated
+    /// `via`) do what `still` asks, or changes its scope. Never completes
+    /// while it does.
+    pub async fn revoked(
+        &self,
+        p: &Principal,
+        via: &Via,
+        still: impl Fn(&Principal) -> bool,
+    ) -> Revoked {
+        let mut changes = self.changes.subscribe();
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            match self.lookup(via) {
+                None => return Revoked::Unknown(p.name.clone()),
+                Some(now) if now.scope != p.scope || !still(&now) => {
+                    return Revoked::Changed(p.name.clone());
+                }
+                Some(_) => {}
+            }
+        }
     }
 }
 
@@ -331,6 +404,10 @@ impl crate::reload::Reloadable for Access {
         self.file.iter().cloned().collect()
     }
 
+    fn loaded(&self) -> crate::reload::Stamp {
+        self.loaded.clone()
+    }
+
     /// Reads the file again; on error the old table stays.
     fn reload(&self) -> Result<(), Error> {
         let Some(path) = &self.file else {
@@ -338,6 +415,7 @@ impl crate::reload::Reloadable for Access {
         };
         let table = read_table(path)?;
         *self.table.write().expect("access table lock") = Arc::new(table);
+        self.changes.send_modify(|n| *n += 1);
         Ok(())
     }
 }
@@ -374,11 +452,11 @@ mod tests {
             "tokens:\n  - {{principal: alice, sha256: {alice}, roles: [operator], owners: [team-a]}}\n  - {{principal: root, sha256: {admin}, roles: [admin]}}\ncertificates:\n  - {{principal: agent.example, roles: [discovery]}}\n"
         );
         let t = Table::parse(&text).unwrap();
-        let a = t.by_token("alice-token").unwrap();
+        let (a, _) = t.by_token("alice-token").unwrap();
         assert_eq!(a.name, "alice");
         assert!(a.has_any(&[Role::Operator]) && !a.has_any(&[Role::Viewer]));
         assert!(a.scope.sees("alice") && a.scope.sees("team-a") && !a.scope.sees("bob"));
-        assert_eq!(t.by_token("admin-token").unwrap().scope, Scope::All);
+        assert_eq!(t.by_token("admin-token").unwrap().0.scope, Scope::All);
         assert!(t.by_token("nope").is_none());
         assert!(
             t.by_certificate("agent.example")

@@ -256,9 +256,15 @@ impl Credentials {
                     return Err(Error::CredentialNotFound { id });
                 }
                 if let Some(user) = tx.credential_user(&id, None)? {
+                    // Named only to a caller who may see it.
+                    let seen = tx.get(&user)?.is_some_and(|c| scope.sees(&c.owner));
                     return Err(Error::CredentialInUse {
                         id,
-                        connection_id: user.to_string(),
+                        connection_id: if seen {
+                            user.to_string()
+                        } else {
+                            String::new()
+                        },
                     });
                 }
                 tx.delete_credential(&id)?;

@@ -985,8 +985,15 @@ fn apply_transition(tx: &mut Tx<'_>, kinds: &Kinds, m: Move) -> Result<Connectio
         // What remains is a tombstone: its credentials and collected data go,
         // here and from everything stored about it before. The credential
         // itself goes too, unless another live connection uses it.
+        // A credential of another owner (an admin may attach one) is not
+        // the connection's to take with it.
         let credential = std::mem::take(&mut c.credential_id);
-        if !credential.is_empty() && tx.credential_user(&credential, Some(&c.id))?.is_none() {
+        if !credential.is_empty()
+            && tx
+                .credential(&credential)?
+                .is_some_and(|k| k.owner == c.owner)
+            && tx.credential_user(&credential, Some(&c.id))?.is_none()
+        {
             tx.delete_credential(&credential)?;
         }
         c.metadata.clear();

@@ -46,7 +46,7 @@ pub enum Error {
     #[error("credential {id} not found")]
     CredentialNotFound { id: String },
 
-    #[error("credential {id} is used by connection {connection_id}")]
+    #[error("credential {id} is used by a live connection")]
     CredentialInUse { id: String, connection_id: String },
 
     #[error("no definition of kind {kind:?}")]

@@ -21,15 +21,20 @@ pub trait Reloadable: Send + Sync {
     fn paths(&self) -> Vec<PathBuf>;
     /// Reads the files again; on error the previous state stays.
     fn reload(&self) -> Result<(), Error>;
+    /// What the files looked like just before they were first read, so an
+    /// edit made between that read and the first check is not missed.
+    fn loaded(&self) -> Stamp;
 }
 
-type Fingerprint = Vec<Option<(SystemTime, u64, u64)>>;
+/// What a list of files looks like: modification time, size and inode of each.
+pub type Stamp = Vec<Option<(SystemTime, u64, u64)>>;
 
-/// What the files look like now: a changed one is read again.
-fn fingerprint(item: &dyn Reloadable) -> Fingerprint {
+/// The files as they are now; take it *before* reading them, so a change
+/// while they are read shows as a change next time.
+pub fn stamp(paths: &[PathBuf]) -> Stamp {
     use std::os::unix::fs::MetadataExt;
-    item.paths()
-        .into_iter()
+    paths
+        .iter()
         .map(|p| {
             let m = std::fs::metadata(p).ok()?;
             Some((m.modified().ok()?, m.len(), m.ino()))
@@ -45,7 +50,7 @@ pub async fn watch(
     interval: Duration,
     stopping: CancellationToken,
 ) {
-    let mut seen: Vec<Fingerprint> = items.iter().map(|i| fingerprint(i.as_ref())).collect();
+    let mut seen: Vec<Stamp> = items.iter().map(|i| i.loaded()).collect();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.reset();
@@ -59,7 +64,7 @@ pub async fn watch(
             tracing::info!("SIGHUP: nothing to reload");
         }
         for (item, seen) in items.iter().zip(seen.iter_mut()) {
-            let now = fingerprint(item.as_ref());
+            let now = stamp(&item.paths());
             if !signalled && now == *seen {
                 continue;
             }

@@ -224,7 +224,8 @@ async fn serve(
     let credentials =
         CredentialService::new(credentials, limits.default_page_size, limits.max_page_size);
     let request_ids = RequestIds::new(server.secrets.subkey("tether request ids v1"));
-    let service = ConnectionService::new(engine, watcher, limits, request_ids);
+    let service =
+        ConnectionService::new(engine, watcher, limits, request_ids, server.access.clone());
     if !server.access.enabled() {
         tracing::warn!(
             "authentication is off (no --auth-file): every caller is the anonymous admin"

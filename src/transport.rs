@@ -74,11 +74,14 @@ pub struct Peer {
 pub struct Tls {
     files: TlsFiles,
     current: RwLock<Arc<rustls::ServerConfig>>,
+    /// The files as they were when first read.
+    loaded: crate::reload::Stamp,
 }
 
 impl Tls {
     /// Reads the files; an unreadable or unusable one is an error naming it.
     pub fn load(files: TlsFiles) -> Result<Tls, Error> {
+        let loaded = crate::reload::stamp(&tls_paths(&files));
         let config = server_config(&files)?;
         // Not refused: orchestrators often mount secrets 0644 inside a
         // private pod; but said, since elsewhere it is a leak.
@@ -94,6 +97,7 @@ impl Tls {
         Ok(Tls {
             files,
             current: RwLock::new(Arc::new(config)),
+            loaded,
         })
     }
 
@@ -120,9 +124,11 @@ impl crate::reload::Reloadable for Tls {
     }
 
     fn paths(&self) -> Vec<PathBuf> {
-        let mut paths = vec![self.files.cert.clone(), self.files.key.clone()];
-        paths.extend(self.files.client_ca.clone());
-        paths
+        tls_paths(&self.files)
+    }
+
+    fn loaded(&self) -> crate::reload::Stamp {
+        self.loaded.clone()
     }
 
     /// New handshakes use the new files; on failure the old configuration stays.
@@ -131,6 +137,12 @@ impl crate::reload::Reloadable for Tls {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
         Ok(())
     }
+}
+
+fn tls_paths(files: &TlsFiles) -> Vec<PathBuf> {
+    let mut paths = vec![files.cert.clone(), files.key.clone()];
+    paths.extend(files.client_ca.clone());
+    paths
 }
 
 fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig, Error> {

@@ -11,7 +11,7 @@
 //! pass to the engine.
 
 use super::ERROR_DOMAIN;
-use crate::access::{Access, Principal, Role};
+use crate::access::{Access, Principal, Revoked, Role, Via};
 use crate::transport::Peer;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
@@ -99,9 +99,9 @@ impl Gate {
         &self,
         headers: &http::HeaderMap,
         peer: Option<&Peer>,
-    ) -> Result<Option<Principal>, Refusal> {
+    ) -> Result<Option<(Principal, Via)>, Refusal> {
         if !self.access.enabled() {
-            return Ok(Some(Principal::anonymous()));
+            return Ok(Some((Principal::anonymous(), Via::Nothing)));
         }
         let table = self.access.table();
         if let Some(value) = headers.get(http::header::AUTHORIZATION) {
@@ -120,13 +120,15 @@ impl Gate {
             // back to the certificate.
             return table
                 .by_token(token)
-                .cloned()
-                .map(Some)
+                .map(|(p, via)| Some((p.clone(), via)))
                 .ok_or(Refusal::unauthenticated("unknown bearer token"));
         }
-        Ok(peer
-            .and_then(|p| p.certificate.as_deref())
-            .map(|name| table.by_certificate(name)))
+        Ok(peer.and_then(|p| p.certificate.as_deref()).map(|name| {
+            (
+                table.by_certificate(name),
+                Via::Certificate(name.to_owned()),
+            )
+        }))
     }
 
     /// The principal a call runs as, or the refusal to answer it with.
@@ -135,16 +137,16 @@ impl Gate {
         path: &str,
         headers: &http::HeaderMap,
         peer: Option<&Peer>,
-    ) -> Result<Option<Principal>, Refusal> {
+    ) -> Result<Option<(Principal, Via)>, Refusal> {
         let need = need(path);
         if need == Some(Need::Nobody) {
             return Ok(None);
         }
-        let principal = self
-            .authenticate(headers, peer)?
-            .ok_or(Refusal::unauthenticated(
-                "no credentials: send a bearer token or a client certificate",
-            ))?;
+        let (principal, via) =
+            self.authenticate(headers, peer)?
+                .ok_or(Refusal::unauthenticated(
+                    "no credentials: send a bearer token or a client certificate",
+                ))?;
         // A method missing from the table is for admins only (who then
         // learn from tonic that it is unimplemented): a method added to a
         // service without an entry here is closed, not open.
@@ -180,7 +182,7 @@ impl Gate {
                 retry_after: Some(wait),
             });
         }
-        Ok(Some(principal))
+        Ok(Some((principal, via)))
     }
 }
 
@@ -267,8 +269,9 @@ where
         let path = request.uri().path().to_owned();
         match self.gate.admit(&path, request.headers(), peer.as_ref()) {
             Ok(principal) => {
-                if let Some(p) = principal {
+                if let Some((p, via)) = principal {
                     request.extensions_mut().insert(Arc::new(p));
+                    request.extensions_mut().insert(via);
                 }
                 futures::future::Either::Left(self.inner.call(request))
             }
@@ -288,6 +291,34 @@ where
             }
         }
     }
+}
+
+/// How the caller of a request authenticated (set by the gate).
+pub fn via<T>(request: &tonic::Request<T>) -> Via {
+    request
+        .extensions()
+        .get::<Via>()
+        .cloned()
+        .unwrap_or(Via::Nothing)
+}
+
+/// Whether `p` may still watch: what an open watch is re-checked against
+/// when the access file changes.
+pub fn may_watch(p: &Principal) -> bool {
+    need("/tether.v1.ConnectionService/WatchConnections").is_some_and(|n| allows(p, n))
+}
+
+/// The status a watch ends with when its caller's access is revoked.
+pub fn revoked_status(why: &Revoked) -> Status {
+    let (code, reason) = match why {
+        Revoked::Unknown(_) => (tonic::Code::Unauthenticated, "UNAUTHENTICATED"),
+        Revoked::Changed(_) => (tonic::Code::PermissionDenied, "PERMISSION_DENIED"),
+    };
+    Status::with_error_details(
+        code,
+        why.to_string(),
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
+    )
 }
 
 /// The principal a request runs as (set by the gate).

@@ -10,7 +10,7 @@ pub mod auth;
 pub mod credentials;
 pub mod definitions;
 
-use crate::access::Principal;
+use crate::access::{Access, Principal};
 use crate::connection::{
     self, Connection, ConnectionId, Event, EventType, ProbeOutcome, ProbeResult, check_labels,
     check_len, check_metadata, limits, parse_kind, parse_url,
@@ -140,6 +140,8 @@ pub struct ConnectionService {
     limits: ApiLimits,
     request_ids: RequestIds,
     watches: WatchSlots,
+    /// To end a watch whose caller's access is revoked.
+    access: Arc<Access>,
 }
 
 impl ConnectionService {
@@ -148,6 +150,7 @@ impl ConnectionService {
         watcher: Watcher,
         limits: ApiLimits,
         request_ids: RequestIds,
+        access: Arc<Access>,
     ) -> Self {
         ConnectionService {
             engine,
@@ -155,6 +158,7 @@ impl ConnectionService {
             limits,
             request_ids,
             watches: WatchSlots::default(),
+            access,
         }
     }
 
@@ -565,6 +569,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         request: Request<pb::WatchConnectionsRequest>,
     ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
         let principal = auth::principal(&request)?;
+        let via = auth::via(&request);
         let slot = self
             .watches
             .take(&principal.name, self.limits.max_watches)?;
@@ -594,6 +599,31 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             let _slot = &slot;
             item.map(watch_item_to_pb).map_err(Status::from)
         });
+        // A watch outlives the check made when it opened: when the access
+        // file stops admitting its caller (or changes what it may see), the
+        // stream ends with that status.
+        let access = self.access.clone();
+        let revoked =
+            Box::pin(async move { access.revoked(&principal, &via, auth::may_watch).await });
+        let stream = futures::stream::unfold(
+            (stream, revoked, false),
+            |(mut stream, mut revoked, ended)| async move {
+                if ended {
+                    return None;
+                }
+                tokio::select! {
+                    biased;
+                    item = stream.next() => {
+                        let item = item?;
+                        let ended = item.is_err();
+                        Some((item, (stream, revoked, ended)))
+                    }
+                    why = &mut revoked => {
+                        Some((Err(auth::revoked_status(&why)), (stream, revoked, true)))
+                    }
+                }
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 }
