@@ -229,11 +229,12 @@ pub struct Table {
 impl Table {
     /// Parses an access file's text; errors name the entry and what is wrong.
     pub fn parse(text: &str) -> Result<Table, String> {
-        let spec: FileSpec = if text.trim().is_empty() {
-            FileSpec::default()
-        } else {
-            serde_norway::from_str(text).map_err(|e| e.to_string())?
-        };
+        // An empty file admits no one: far likelier a file caught half
+        // written than an intent, so it is refused like any bad edit.
+        if text.trim().is_empty() {
+            return Err("the file is empty; list `tokens:` or `certificates:`".into());
+        }
+        let spec: FileSpec = serde_norway::from_str(text).map_err(|e| e.to_string())?;
         let mut table = Table::default();
         for (i, t) in spec.tokens.into_iter().enumerate() {
             let at = format!("tokens[{i}]");
@@ -379,11 +380,15 @@ impl Access {
         via: &Via,
         still: impl Fn(&Principal) -> bool,
     ) -> Revoked {
+        // Subscribe, then look: a reload between the caller's admission and
+        // this first look is seen by the look, any later one by the wait.
         let mut changes = self.changes.subscribe();
+        let mut first = true;
         loop {
-            if changes.changed().await.is_err() {
+            if !first && changes.changed().await.is_err() {
                 return std::future::pending().await;
             }
+            first = false;
             match self.lookup(via) {
                 None => return Revoked::Unknown(p.name.clone()),
                 Some(now) if now.scope != p.scope || !still(&now) => {
@@ -476,6 +481,7 @@ mod tests {
             ),
             ("certificates: [{principal: a, roles: [wizard]}]", "wizard"),
             ("users: []", "users"),
+            (" \n", "empty"),
             (
                 "certificates: [{principal: a}, {principal: a}]",
                 "listed twice",

@@ -83,6 +83,48 @@ pub fn allows(p: &Principal, need: Need) -> bool {
 pub struct Gate {
     access: Arc<Access>,
     rate: Option<DefaultKeyedRateLimiter<String>>,
+    audit: AuditLog,
+}
+
+/// The audit log of refusals, at most [`AUDIT_LINES_PER_SECOND`] lines a
+/// second: a flood of refused calls must not flood the log (or the disk
+/// under it). Lines held back are counted, and the next line says how many.
+struct AuditLog {
+    lines: governor::DefaultDirectRateLimiter,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+/// Audit lines written per second at most, in bursts of as many.
+const AUDIT_LINES_PER_SECOND: u32 = 50;
+
+impl AuditLog {
+    fn new() -> AuditLog {
+        AuditLog {
+            lines: RateLimiter::direct(Quota::per_second(
+                NonZeroU32::new(AUDIT_LINES_PER_SECOND).expect("non-zero"),
+            )),
+            held_back: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn refused(&self, refusal: &Refusal, method: &str, peer: Option<&Peer>) {
+        use std::sync::atomic::Ordering;
+        if self.lines.check().is_err() {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let held_back = self.held_back.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            target: "tether::audit",
+            principal = %refusal.principal.as_deref().unwrap_or("-"),
+            method = %method,
+            peer = %peer.map(|p| p.addr.to_string()).unwrap_or_else(|| "-".into()),
+            code = ?refusal.code,
+            why = %refusal.message,
+            held_back,
+            "call refused"
+        );
+    }
 }
 
 impl Gate {
@@ -91,6 +133,7 @@ impl Gate {
         Gate {
             access,
             rate: NonZeroU32::new(rate).map(|r| RateLimiter::keyed(Quota::per_second(r))),
+            audit: AuditLog::new(),
         }
     }
 
@@ -276,15 +319,7 @@ where
                 futures::future::Either::Left(self.inner.call(request))
             }
             Err(refusal) => {
-                tracing::warn!(
-                    target: "tether::audit",
-                    principal = %refusal.principal.as_deref().unwrap_or("-"),
-                    method = %path,
-                    peer = %peer.map(|p| p.addr.to_string()).unwrap_or_else(|| "-".into()),
-                    code = ?refusal.code,
-                    why = %refusal.message,
-                    "call refused"
-                );
+                self.gate.audit.refused(&refusal, &path, peer.as_ref());
                 futures::future::Either::Right(futures::future::ready(Ok(refusal
                     .status()
                     .into_http())))

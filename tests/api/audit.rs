@@ -117,6 +117,34 @@ async fn refused_calls_are_audited_without_the_token_and_sighup_reloads_access()
     c.list_connections(with_token(pb::ListConnectionsRequest::default(), &operator))
         .await
         .expect("the previous file is still in force");
+
+    // A flood of refused calls: the audit log writes a bounded number of
+    // lines, and a later one says how many it held back.
+    let flood = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            for _ in 0..2000 {
+                let mut c = c.clone();
+                let _ = c
+                    .list_connections(with_token(pb::ListConnectionsRequest::default(), "nope"))
+                    .await;
+            }
+        })
+    };
+    let held_back = loop {
+        let line = p.logged("call refused").await;
+        let n: u64 = line
+            .split("held_back=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("every audit line says how many it held back");
+        if n > 0 {
+            break n;
+        }
+    };
+    assert!(held_back > 0);
+    flood.abort();
     p.stop().await;
 }
 
