@@ -183,6 +183,9 @@ fn main() {
         db: Some(db.clone()),
         // The bench's kinds ("bench", one per fan-out round) have no definition.
         allow_unknown_kinds: true,
+        // One anonymous client drives every load: no per-principal limits.
+        rate_limit: 0,
+        max_watches: usize::MAX,
         ..tether::Config::default()
     };
     if let Some(g) = args.commit_group {
