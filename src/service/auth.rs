@@ -11,7 +11,7 @@
 //! pass to the engine.
 
 use super::ERROR_DOMAIN;
-use crate::access::{Access, Principal, Revoked, Role, Via};
+use crate::access::{Access, Principal, Revoked, Role, Via, check_principal_name};
 use crate::transport::Peer;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
@@ -166,12 +166,20 @@ impl Gate {
                 .map(|(p, via)| Some((p.clone(), via)))
                 .ok_or(Refusal::unauthenticated("unknown bearer token"));
         }
-        Ok(peer.and_then(|p| p.certificate.as_deref()).map(|name| {
-            (
-                table.by_certificate(name),
-                Via::Certificate(name.to_owned()),
-            )
-        }))
+        let Some(name) = peer.and_then(|p| p.certificate.as_deref()) else {
+            return Ok(None);
+        };
+        // A CA may sign any name: one reserved for the server (`tether`) or
+        // for unauthenticated use must not become a principal.
+        if let Err(why) = check_principal_name(name) {
+            return Err(Refusal::unauthenticated(&format!(
+                "the client certificate's name cannot be a principal: {why}"
+            )));
+        }
+        Ok(Some((
+            table.by_certificate(name),
+            Via::Certificate(name.to_owned()),
+        )))
     }
 
     /// The principal a call runs as, or the refusal to answer it with.

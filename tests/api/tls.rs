@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tether::pb::tether::v1 as pb;
+use tether::pb::tether::v1::connection_service_client::ConnectionServiceClient;
 use tether::transport::{Peer, TransportConfig, principal_name};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -473,4 +475,42 @@ async fn a_refused_client_certificate_is_audited() {
         assert!(line.contains(part), "{part} in {line}");
     }
     p.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_may_not_claim_the_servers_own_name() {
+    let pki = ServerPki::new();
+    let access = pki.dir.path().join("access.yaml");
+    std::fs::write(
+        &access,
+        "certificates: [{principal: ops, roles: [admin]}]\n",
+    )
+    .unwrap();
+    let (cert, key, ca) = (pki.cert.clone(), pki.key.clone(), pki.ca_file());
+    let app = App::start_tls(
+        move |c| {
+            c.tls_cert = Some(cert);
+            c.tls_key = Some(key);
+            c.tls_client_ca = Some(ca);
+            c.auth_file = Some(access);
+        },
+        client_tls(&pki.ca, Some(&pki.ca.client("ops"))),
+    )
+    .await;
+    let mut ops = app.client.clone();
+    ops.list_connections(pb::ListConnectionsRequest::default())
+        .await
+        .expect("a listed certificate acts");
+    let channel = Channel::from_shared(format!("https://{}", app.channel_addr()))
+        .unwrap()
+        .tls_config(client_tls(&pki.ca, Some(&pki.ca.client("tether"))))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let r = ConnectionServiceClient::new(channel)
+        .list_connections(pb::ListConnectionsRequest::default())
+        .await;
+    assert_error(r, tonic::Code::Unauthenticated, "UNAUTHENTICATED");
+    app.stop().await.unwrap();
 }
