@@ -148,26 +148,33 @@ async fn refused_calls_are_audited_without_the_token_and_sighup_reloads_access()
     p.stop().await;
 }
 
+/// Starts `tether serve ARGS`, which must refuse to start; what it logged.
+async fn refused_at_start(args: &[&str]) -> String {
+    let (child, mut stderr) = Binary::start(args);
+    let out = child.wait_with_output().await.unwrap();
+    assert_ne!(out.status.code(), Some(0), "it started");
+    let mut log = String::new();
+    while let Some(line) = stderr.recv().await {
+        log.push_str(&line);
+    }
+    log
+}
+
 #[tokio::test]
 async fn a_bad_access_file_refuses_start_and_token_refuses_reserved_names() {
     let dir = tempfile::tempdir().unwrap();
     let access = dir.path().join("access.yaml");
     std::fs::write(&access, "tokens: [{principal: tether, sha256: x}]\n").unwrap();
     let db = dir.path().join("t.db");
-    let (child, mut stderr) = Binary::start(&[
+    let args = [
         "--listen",
         "127.0.0.1:0",
         "--db",
         db.to_str().unwrap(),
         "--auth-file",
         access.to_str().unwrap(),
-    ]);
-    let out = child.wait_with_output().await.unwrap();
-    assert_ne!(out.status.code(), Some(0));
-    let mut log = String::new();
-    while let Some(line) = stderr.recv().await {
-        log.push_str(&line);
-    }
+    ];
+    let log = refused_at_start(&args).await;
     assert!(
         log.contains("access.yaml") && log.contains("tokens[0]"),
         "{log}"
@@ -176,22 +183,7 @@ async fn a_bad_access_file_refuses_start_and_token_refuses_reserved_names() {
     // One that others may write is refused too: they could grant themselves anything.
     std::fs::write(&access, "tokens: []\n").unwrap();
     std::fs::set_permissions(&access, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let (child, mut stderr) = Binary::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        db.to_str().unwrap(),
-        "--auth-file",
-        access.to_str().unwrap(),
-    ]);
-    assert_ne!(
-        child.wait_with_output().await.unwrap().status.code(),
-        Some(0)
-    );
-    let mut log = String::new();
-    while let Some(line) = stderr.recv().await {
-        log.push_str(&line);
-    }
+    let log = refused_at_start(&args).await;
     assert!(log.contains("chmod go-w"), "{log}");
 
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))

@@ -299,3 +299,20 @@ def grpcurl():
     version = (out.stdout + out.stderr).strip()
     assert out.returncode == 0 and version.startswith("grpcurl v"), version
     return path
+
+
+def error_info(pb, err: grpc.RpcError):
+    """The google.rpc.ErrorInfo from the `grpc-status-details-bin` trailer."""
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert raw, f"no grpc-status-details-bin trailer on {err!r}"
+    status = pb.status.Status.FromString(raw)
+    assert status.code == err.code().value[0]
+    assert status.message == err.details()
+    infos = []
+    for detail in status.details:
+        if detail.Is(pb.error_details.ErrorInfo.DESCRIPTOR):
+            info = pb.error_details.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+    assert len(infos) == 1, f"want one ErrorInfo, got {status.details}"
+    return infos[0]

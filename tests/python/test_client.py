@@ -5,7 +5,7 @@ import socket
 import grpc
 import pytest
 
-from conftest import CALL_TIMEOUT
+from conftest import CALL_TIMEOUT, error_info
 
 
 def state(pb, name):
@@ -27,23 +27,6 @@ def transition(pb, stub, conn, target, **kw):
         id=conn.id, target_state=state(pb, target), **kw
     )
     return stub.TransitionConnection(request, timeout=CALL_TIMEOUT)
-
-
-def error_info(pb, err: grpc.RpcError):
-    """The google.rpc.ErrorInfo from the `grpc-status-details-bin` trailer."""
-    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert raw, f"no grpc-status-details-bin trailer on {err!r}"
-    status = pb.status.Status.FromString(raw)
-    assert status.code == err.code().value[0]
-    assert status.message == err.details()
-    infos = []
-    for detail in status.details:
-        if detail.Is(pb.error_details.ErrorInfo.DESCRIPTOR):
-            info = pb.error_details.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-    assert len(infos) == 1, f"want one ErrorInfo, got {status.details}"
-    return infos[0]
 
 
 def test_create_get_and_move_through_the_lifecycle(pb, stub, tcp_target):

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import trustme
 
-from conftest import CALL_TIMEOUT, Server, tether_bin
+from conftest import CALL_TIMEOUT, Server, error_info, tether_bin
 
 SERVICE = "tether.v1.ConnectionService"
 
@@ -148,23 +148,6 @@ def tls_channel(server: Server, root_pem: bytes, token: str | None = None, cert=
             creds, grpc.access_token_call_credentials(token)
         )
     return grpc.secure_channel(server.addr, creds)
-
-
-def error_info(pb, err: grpc.RpcError):
-    """The google.rpc.ErrorInfo from the `grpc-status-details-bin` trailer."""
-    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert raw, f"no grpc-status-details-bin trailer on {err!r}"
-    status = pb.status.Status.FromString(raw)
-    assert status.code == err.code().value[0]
-    assert status.message == err.details()
-    infos = []
-    for detail in status.details:
-        if detail.Is(pb.error_details.ErrorInfo.DESCRIPTOR):
-            info = pb.error_details.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-    assert len(infos) == 1, f"want one ErrorInfo, got {status.details}"
-    return infos[0]
 
 
 def refused(call, code: grpc.StatusCode) -> grpc.RpcError:
