@@ -83,8 +83,13 @@ pub fn allows(p: &Principal, need: Need) -> bool {
 pub struct Gate {
     access: Arc<Access>,
     rate: Option<DefaultKeyedRateLimiter<String>>,
+    /// Calls admitted, to trim the limiter's table every [`TRIM_EVERY`].
+    calls: std::sync::atomic::AtomicU64,
     audit: AuditLog,
 }
+
+/// How often (in calls) the rate limiter forgets idle principals.
+const TRIM_EVERY: u64 = 4096;
 
 /// The audit log of refusals, at most [`AUDIT_LINES_PER_SECOND`] lines a
 /// second: a flood of refused calls must not flood the log (or the disk
@@ -133,6 +138,7 @@ impl Gate {
         Gate {
             access,
             rate: NonZeroU32::new(rate).map(|r| RateLimiter::keyed(Quota::per_second(r))),
+            calls: std::sync::atomic::AtomicU64::new(0),
             audit: AuditLog::new(),
         }
     }
@@ -218,6 +224,15 @@ impl Gate {
                 ),
                 retry_after: None,
             });
+        }
+        if let Some(limiter) = &self.rate {
+            // Forget principals idle for a while, now and then, so the
+            // limiter's table holds the active ones only.
+            use std::sync::atomic::Ordering;
+            if self.calls.fetch_add(1, Ordering::Relaxed) % TRIM_EVERY == TRIM_EVERY - 1 {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            }
         }
         if let Some(limiter) = &self.rate
             && let Err(not_until) = limiter.check_key(&principal.name)
