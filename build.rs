@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Ordered maps encode deterministically, so a request's bytes (and the
         // fingerprint that guards request_id retries) do not depend on hashing.
         .btree_map(".")
+        // prost's codec, but a request that does not decode is INVALID_ARGUMENT.
+        .codec_path("crate::pb::StrictCodec")
         .compile_protos(
             &[
                 std::path::PathBuf::from("proto/tether/v1/connection.proto"),

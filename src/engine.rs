@@ -155,6 +155,21 @@ impl Engine {
                 if let Some(id) = &f.connection_id {
                     visible(query::get(c, id)?, id, &scope)?;
                 }
+                // Like a watch: history that has been pruned is said to be
+                // gone, never skipped in silence (0 asks for what is kept).
+                let (current, compact) = query::revisions(c)?;
+                if f.after_revision != 0 && f.after_revision < compact {
+                    return Err(Error::RevisionCompacted {
+                        requested: f.after_revision,
+                        compact,
+                    });
+                }
+                if f.after_revision > current {
+                    return Err(Error::RevisionInFuture {
+                        requested: f.after_revision,
+                        current,
+                    });
+                }
                 let (revision, compact_revision) = query::revisions(c)?;
                 let mut events = query::events(
                     c,

@@ -85,6 +85,10 @@ pub enum Error {
     #[error("{0}")]
     ResourceExhausted(String),
 
+    /// Too many changes are queued for the writer: retry after a short pause.
+    #[error("{0}")]
+    Overloaded(String),
+
     /// Retry later: the server is shutting down or the database is busy.
     #[error("{0}")]
     Unavailable(String),

@@ -13,7 +13,7 @@ pub mod definitions;
 use crate::access::{Access, Principal};
 use crate::connection::{
     self, Connection, ConnectionId, Event, EventType, ProbeOutcome, ProbeResult, check_labels,
-    check_len, check_metadata, limits, parse_kind, parse_url,
+    check_len, check_metadata, limits, parse_kind, parse_url, shorten,
 };
 use crate::engine::{
     CreateRequest, Discovered, Engine, NewConnection, Patch, Reporter, RequestKey,
@@ -32,8 +32,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// The `ErrorInfo.domain` of every error Tether returns.
-pub const ERROR_DOMAIN: &str = "tether.dev";
+pub use crate::pb::ERROR_DOMAIN;
 
 /// Page and batch limits of the API.
 #[derive(Clone, Debug)]
@@ -801,6 +800,15 @@ fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Res
             }
         }
     }
+    // A path named twice (or `*` beside another) would be applied twice, the
+    // second time to a value already taken out: refuse it instead.
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(twice) = fields.iter().find(|f| !seen.insert(**f)) {
+        return Err(Error::invalid(
+            "update_mask",
+            format!("{twice:?} is named more than once (\"*\" names every field)"),
+        ));
+    }
     let mut patch = Patch::default();
     let mut c = c;
     for f in fields {
@@ -1137,7 +1145,7 @@ fn classify(e: &Error) -> (tonic::Code, &'static str, Vec<(&'static str, String)
                 ("current_revision", current.to_string()),
             ],
         ),
-        Error::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE", vec![]),
+        Error::Unavailable(_) | Error::Overloaded(_) => (Code::Unavailable, "UNAVAILABLE", vec![]),
         Error::ResourceExhausted(_) => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED", vec![]),
         Error::Internal(_) => (Code::Internal, "INTERNAL", vec![]),
     }
@@ -1153,17 +1161,32 @@ impl From<Error> for Status {
             }
             other => other.to_string(),
         };
+        // Messages and details echo what the client sent (an id, a url, a
+        // field); cut so that a huge value cannot overflow the response
+        // metadata and turn the answer into another error.
         let metadata: HashMap<String, String> = metadata
             .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
+            .map(|(k, v)| (k.to_owned(), shorten(&v, MAX_ECHO)))
             .collect();
         let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
         if let Error::InvalidArgument { field, message } = &e {
-            details.add_bad_request_violation(field.clone(), message.clone());
+            details.add_bad_request_violation(shorten(field, MAX_ECHO), shorten(message, MAX_ECHO));
         }
-        Status::with_error_details(code, message, details)
+        if let Error::Overloaded(_) = &e {
+            details.set_retry_info(Some(OVERLOADED_RETRY));
+        }
+        Status::with_error_details(code, shorten(&message, MAX_MESSAGE), details)
     }
 }
+
+/// Longest error message sent, in bytes; a longer one is cut.
+const MAX_MESSAGE: usize = 1024;
+
+/// Longest value in an error's details (metadata, field violations).
+const MAX_ECHO: usize = 256;
+
+/// How long a client should wait before retrying when the write queue is full.
+const OVERLOADED_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The `google.rpc.Status` a batch item carries: exactly what the single call
 /// would have returned.

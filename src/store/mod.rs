@@ -131,7 +131,7 @@ impl Store {
                 .try_send(writer::Msg::Job(Box::new(job)))
                 .map_err(|e| match e {
                     mpsc::TrySendError::Full(_) => {
-                        Error::Unavailable("too many changes queued; retry".into())
+                        Error::Overloaded("too many changes queued; retry".into())
                     }
                     mpsc::TrySendError::Disconnected(_) => shutting_down(),
                 })?;

@@ -355,7 +355,34 @@ impl Writer {
                 break;
             }
         }
+        self.checkpoint();
         tracing::debug!(revision = self.revision, "writer stopped");
+    }
+
+    /// Moves everything committed from the WAL into the database file and
+    /// empties the WAL, so that after a clean stop the database file alone
+    /// holds every change (a plain copy of it is complete).
+    fn checkpoint(&self) {
+        let done = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            });
+        match done {
+            Ok((0, _, _)) => tracing::debug!("checkpointed the write-ahead log at shutdown"),
+            Ok((_, log, moved)) => tracing::warn!(
+                log_pages = log,
+                checkpointed = moved,
+                "a reader held the write-ahead log at shutdown; the rest moves at the next start"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint at shutdown failed; the WAL keeps the changes")
+            }
+        }
     }
 
     fn commit_group(&mut self, mut jobs: Vec<Box<dyn Job>>) {

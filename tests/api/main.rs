@@ -9,6 +9,7 @@ mod credentials;
 mod definitions;
 mod discovery;
 mod egress;
+mod faults;
 mod lifecycle;
 mod monitor;
 mod probe_results;

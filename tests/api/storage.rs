@@ -148,3 +148,32 @@ async fn a_lock_file_that_is_a_symbolic_link_is_not_followed() {
         "nothing was created"
     );
 }
+
+#[tokio::test]
+async fn after_a_clean_stop_the_database_file_alone_holds_every_change() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let mut made = Vec::new();
+    for _ in 0..20 {
+        made.push(create(&mut c, conn("http", "")).await.id);
+    }
+    let (db, _keep) = (app.db_path(), app.dir.clone());
+    app.stop().await.unwrap();
+    let wal = db.with_file_name("tether.db-wal");
+    assert!(
+        !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
+        "the WAL was emptied"
+    );
+    // A plain copy of the file, without its WAL, has everything.
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(&db, copy.path().join("copy.db")).unwrap();
+    let copied = rusqlite::Connection::open(copy.path().join("copy.db")).unwrap();
+    let ids: Vec<String> = copied
+        .prepare("SELECT id FROM connections ORDER BY create_time")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ids, made);
+}

@@ -290,3 +290,59 @@ def test_sigterm_ends_an_open_watch_with_unavailable_and_exits_0(pb, stub, serve
     with pytest.raises(grpc.RpcError) as e:
         next(stream)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # GetConnectionRequest.id (field 1, a string) holding invalid UTF-8.
+        b"\x0a\x02\xff\xfe",
+        # A length that runs past the end of the message.
+        b"\x0a\x10abc",
+    ],
+    ids=["invalid-utf8", "truncated"],
+)
+def test_a_request_that_does_not_decode_is_invalid_argument(pb, channel, raw):
+    call = channel.unary_unary(
+        "/tether.v1.ConnectionService/GetConnection",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        call(raw, timeout=CALL_TIMEOUT)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    assert error_info(pb, e.value).reason == "INVALID_ARGUMENT"
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def test_a_struct_nested_past_the_limit_is_invalid_argument(pb, channel):
+    # Written by hand: the Python runtime itself refuses to build it.
+    # Struct{fields: {"x": Value{struct_value: Struct{...}}}}, 10,000 deep.
+    struct = b""
+    for _ in range(10_000):
+        value = field(5, struct)  # Value.struct_value
+        struct = field(1, field(1, b"x") + field(2, value))  # Struct.fields entry
+    connection = field(2, b"http") + field(9, struct)  # kind, metadata
+    raw = field(1, connection)  # CreateConnectionRequest.connection
+    call = channel.unary_unary(
+        "/tether.v1.ConnectionService/CreateConnection",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        call(raw, timeout=CALL_TIMEOUT)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    assert error_info(pb, e.value).reason == "INVALID_ARGUMENT"
