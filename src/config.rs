@@ -13,6 +13,28 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The database file: `db`, or `tether/tether.db` in the per-user data directory.
+pub fn db_path(db: Option<&std::path::Path>) -> PathBuf {
+    if let Some(p) = db {
+        return p.to_owned();
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("tether").join("tether.db")
+}
+
+/// The secret key file: `key_file`, or `tether.key` beside the database `db`.
+pub fn key_path(key_file: Option<&std::path::Path>, db: &std::path::Path) -> PathBuf {
+    key_file.map(|k| k.to_owned()).unwrap_or_else(|| {
+        db.parent()
+            .map(|d| d.join("tether.key"))
+            .unwrap_or_else(|| PathBuf::from("tether.key"))
+    })
+}
+
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -444,25 +466,12 @@ impl Config {
 
     /// The database file: `--db`, or the per-user data directory.
     pub fn db_path(&self) -> PathBuf {
-        if let Some(p) = &self.db {
-            return p.clone();
-        }
-        let base = std::env::var_os("XDG_DATA_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-            .unwrap_or_else(|| PathBuf::from("."));
-        base.join("tether").join("tether.db")
+        db_path(self.db.as_deref())
     }
 
     /// The secret key file: `--secret-key-file`, or `tether.key` beside the database.
     pub fn secret_key_path(&self) -> PathBuf {
-        self.secret_key_file.clone().unwrap_or_else(|| {
-            self.db_path()
-                .parent()
-                .map(|d| d.join("tether.key"))
-                .unwrap_or_else(|| PathBuf::from("tether.key"))
-        })
+        key_path(self.secret_key_file.as_deref(), &self.db_path())
     }
 
     pub fn monitor_config(&self) -> MonitorConfig {

@@ -6,6 +6,7 @@
 //! the top; see `docs/ARCHITECTURE.md`.
 
 pub mod access;
+pub mod backup;
 pub mod config;
 pub mod connection;
 pub mod credentials;

@@ -24,6 +24,8 @@ enum Command {
     /// Make a new bearer token and print it with the access-file entry that
     /// admits it (only the token's SHA-256 goes into the file).
     Token(TokenArgs),
+    /// Copy a live database consistently to a new file, while it serves.
+    Backup(tether::backup::BackupArgs),
 }
 
 #[derive(clap::Args)]
@@ -37,6 +39,31 @@ struct TokenArgs {
     /// Another owner whose objects the principal may see ("*": every owner); repeatable.
     #[arg(long = "owner")]
     owners: Vec<String>,
+}
+
+/// Runs `tether backup`; one line on stdout when done.
+fn backup(args: tether::backup::BackupArgs) -> ExitCode {
+    match tether::backup::run(&args) {
+        Ok(done) => {
+            println!(
+                "backed up revision {} ({} connections) to {}",
+                done.revision,
+                done.connections,
+                args.out.display()
+            );
+            if args.key_out.is_none() {
+                eprintln!(
+                    "the secret key is not in the backup: keep the key file (or TETHER_SECRET_KEY) \
+                     with it, in another place; without the key its secrets cannot be read"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Prints a fresh token and its access-file entry.
@@ -96,6 +123,7 @@ async fn main() -> ExitCode {
     let config = match Cli::parse().command {
         Command::Serve(config) => *config,
         Command::Token(args) => return make_token(args),
+        Command::Backup(args) => return backup(args),
     };
     // Signal handlers first: a SIGTERM from here on is a graceful shutdown,
     // never the default "terminate at once".
