@@ -230,6 +230,11 @@ pub struct Config {
     )]
     pub event_retention_count: u64,
 
+    /// At most this many request_id answers are kept for retries (the oldest
+    /// go first, at each pruning); answers also expire with --event-retention.
+    #[arg(long, env = "TETHER_MAX_STORED_ANSWERS", default_value_t = 100_000)]
+    pub max_stored_answers: u64,
+
     /// How often history older than the retention window is pruned.
     #[arg(long, env = "TETHER_PRUNE_INTERVAL", default_value = "1m", value_parser = duration)]
     pub prune_interval: Duration,
@@ -507,6 +512,7 @@ impl Config {
                 retention: self.event_retention,
                 retention_count: self.event_retention_count,
                 prune_interval: self.prune_interval,
+                max_answers: self.max_stored_answers,
             },
             write_queue: self.write_queue,
             read_pool: self.read_pool,

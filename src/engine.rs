@@ -358,12 +358,11 @@ impl Engine {
         }
         let current = self.get(r.id.clone(), &r.scope).await?;
         check_etag(&current, r.etag.as_deref())?;
-        // A no-op needs no writer, unless its answer must be remembered.
-        if current.state == r.target && r.request.is_none() {
-            return Ok(current);
-        }
+        // A no-op needs no writer, and stores no answer: a stream of no-ops
+        // with fresh request_ids must not fill the disk. Its retry finds the
+        // connection as it is then, which is what the request asked for.
         if current.state == r.target {
-            return self.commit_user_move(r, None).await;
+            return Ok(current);
         }
         let edge = self
             .kinds

@@ -31,6 +31,8 @@ pub struct WriterConfig {
     pub retention_count: u64,
     /// How often the time-based pruning runs.
     pub prune_interval: Duration,
+    /// At most this many `request_id` answers are kept (checked when pruning).
+    pub max_answers: u64,
 }
 
 pub(super) enum Msg {
@@ -481,6 +483,12 @@ impl Writer {
                 )?;
             }
             sql.execute("DELETE FROM requests WHERE time < ?1", [cutoff])?;
+            // And by count: the newest `max_answers` stay.
+            sql.execute(
+                "DELETE FROM requests WHERE rowid IN \
+                 (SELECT rowid FROM requests ORDER BY time DESC, rowid DESC LIMIT -1 OFFSET ?1)",
+                [self.config.max_answers as i64],
+            )?;
             sql.commit()?;
             if compact != self.compact {
                 tracing::info!(compact_revision = compact, "pruned event history");

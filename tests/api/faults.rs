@@ -156,3 +156,68 @@ async fn huge_values_are_not_echoed_whole_in_errors() {
         .await;
     assert_error(r, Code::InvalidArgument, "INVALID_ARGUMENT");
 }
+
+fn stored_answers(db: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn no_op_requests_store_no_answer_and_stored_answers_are_capped() {
+    let app = App::start_with(|cfg| {
+        cfg.max_stored_answers = 3;
+        cfg.prune_interval = Duration::from_millis(50);
+    })
+    .await;
+    let mut c = app.client.clone();
+    let x = create(&mut c, conn("http", "")).await;
+    let request = |target: S, id: String| pb::TransitionConnectionRequest {
+        id: x.id.clone(),
+        target_state: target as i32,
+        skip_verification: true,
+        request_id: id,
+        ..Default::default()
+    };
+    // Asking for the state it is in, with fresh ids: nothing is stored.
+    for i in 0..20 {
+        c.transition_connection(request(S::Discovered, format!("noop-{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(stored_answers(&app.db_path()), 0);
+    // Real moves are remembered, but only the newest few are kept.
+    let mut last = None;
+    for i in 0..10 {
+        let target = if i % 2 == 0 {
+            S::Ignored
+        } else {
+            S::Registered
+        };
+        last = Some(
+            c.transition_connection(request(target, format!("move-{i}")))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let last = last.unwrap();
+    // Pruning runs in the background every 50 ms: wait for it (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stored_answers(&app.db_path()) > 3 {
+        assert!(tokio::time::Instant::now() < deadline, "never pruned to 3");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The newest still answers a retry with its first answer, even after
+    // the connection has moved on.
+    moved(&mut c, &x.id, S::Ignored).await;
+    let again = c
+        .transition_connection(request(S::Registered, "move-9".into()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, last);
+    assert_eq!(get(&mut c, &x.id).await.state, S::Ignored as i32);
+    app.stop().await.unwrap();
+}
