@@ -89,6 +89,8 @@ pub struct Patch {
     pub identity: Option<String>,
     /// `Some("")` drops the credential.
     pub credential_id: Option<String>,
+    /// Whether the server probes and moves it on its own.
+    pub managed: Option<bool>,
 }
 
 pub struct UpdateRequest {
@@ -518,6 +520,9 @@ impl Engine {
                 }
                 if let Some(v) = p.labels {
                     c.labels = v;
+                }
+                if let Some(v) = p.managed {
+                    c.managed = v;
                 }
                 if let Some(url) = p.url {
                     // An identity that was derived from the url follows it.
@@ -1160,6 +1165,9 @@ fn changed_fields(a: &Connection, b: &Connection) -> Vec<&'static str> {
     }
     if a.credential_id != b.credential_id {
         out.push("credential_id");
+    }
+    if a.managed != b.managed {
+        out.push("managed");
     }
     out
 }

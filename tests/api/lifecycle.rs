@@ -352,3 +352,45 @@ async fn describe_lifecycle_returns_the_table() {
         ]
     );
 }
+
+#[tokio::test]
+async fn managed_can_be_changed_with_and_without_a_mask() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let made = create(&mut c, conn("tcp", "")).await;
+    assert_eq!(made.managed, Some(true));
+    let update = |managed: bool, mask: Option<Vec<&str>>| pb::UpdateConnectionRequest {
+        connection: Some(pb::Connection {
+            id: made.id.clone(),
+            managed: Some(managed),
+            ..Default::default()
+        }),
+        update_mask: mask.map(|p| prost_types::FieldMask {
+            paths: p.into_iter().map(String::from).collect(),
+        }),
+        ..Default::default()
+    };
+    let off = c
+        .update_connection(update(false, Some(vec!["managed"])))
+        .await
+        .expect("managed is updatable with a mask")
+        .into_inner();
+    assert_eq!(off.managed, Some(false));
+    assert_eq!(get(&mut c, &made.id).await.managed, Some(false));
+    let on = c
+        .update_connection(update(true, None))
+        .await
+        .expect("managed is updatable without a mask")
+        .into_inner();
+    assert_eq!(on.managed, Some(true));
+    let reasons: Vec<String> = events_of(&mut c, &made.id)
+        .await
+        .into_iter()
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "updated managed").count(),
+        2,
+        "{reasons:?}"
+    );
+}
