@@ -633,8 +633,9 @@ impl Engine {
         let snapshot = Verified::of(probed);
         // Read outside the writer; the snapshot check below makes sure it is
         // still the same disconnection when the result commits.
-        let disconnected_from = match probed.state {
-            State::Disconnected => self.disconnected_from(probed).await?,
+        // Needed only when a disconnected connection passes its check.
+        let disconnected_from = match (probed.state, &verdict) {
+            (State::Disconnected, Verdict::Reachable(_)) => self.disconnected_from(probed).await?,
             _ => None,
         };
         let id = probed.id.clone();
