@@ -268,8 +268,28 @@ pub fn derive_identity(kind: &str, url: &str, id: &ConnectionId) -> String {
     if url.is_empty() {
         id.to_string()
     } else {
-        format!("{kind}:{url}")
+        format!("{kind}:{}", identity_url(url))
     }
+}
+
+/// The url as part of an identity: urls that differ only by an empty query,
+/// a fragment or trailing slashes name the same thing (the lifecycle's
+/// discovery rule), so they derive the same identity. The stored url keeps
+/// what was given.
+fn identity_url(url: &str) -> String {
+    let Ok(mut u) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    u.set_fragment(None);
+    if u.query() == Some("") {
+        u.set_query(None);
+    }
+    let trimmed = u.path().trim_end_matches('/').to_owned();
+    if trimmed != u.path() {
+        // A special scheme (http, https) keeps "/" for an empty path.
+        u.set_path(&trimmed);
+    }
+    u.to_string()
 }
 
 /// Labels: at most 64, keys like Kubernetes label keys, values of bounded length.
@@ -365,5 +385,26 @@ mod tests {
         let id = ConnectionId::generate();
         assert_eq!(derive_identity("tcp", "", &id), id.to_string());
         assert_eq!(derive_identity("tcp", "tcp://a:1", &id), "tcp:tcp://a:1");
+        for same in ["tcp://a:1/", "tcp://a:1?", "tcp://a:1#x", "tcp://a:1/?#"] {
+            assert_eq!(derive_identity("tcp", same, &id), "tcp:tcp://a:1", "{same}");
+        }
+        for same in ["http://a/", "http://a", "http://a/?", "http://a/#top"] {
+            assert_eq!(
+                derive_identity("http", same, &id),
+                "http:http://a/",
+                "{same}"
+            );
+        }
+        for same in ["http://a/p", "http://a/p/", "http://a/p?#f", "http://a/p//"] {
+            assert_eq!(
+                derive_identity("http", same, &id),
+                "http:http://a/p",
+                "{same}"
+            );
+        }
+        assert_eq!(
+            derive_identity("http", "http://a/p/?x=1", &id),
+            "http:http://a/p?x=1"
+        );
     }
 }

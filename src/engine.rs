@@ -16,7 +16,7 @@ use crate::connection::{ProbeOutcome, ProbeResult};
 use crate::credentials::custody;
 use crate::error::{Error, RefusalInfo};
 use crate::kinds::Kinds;
-use crate::lifecycle::{State, Trigger};
+use crate::lifecycle::{self, Finding, Probed, State, Trigger};
 use crate::probe::{self, Verdict, Verifier};
 use crate::store::{EventDraft, EventFilter, Filter, ListQuery, Page, Store, Tx, query};
 use std::collections::BTreeMap;
@@ -89,6 +89,8 @@ pub struct Patch {
     pub identity: Option<String>,
     /// `Some("")` drops the credential.
     pub credential_id: Option<String>,
+    /// Whether the server probes and moves it on its own.
+    pub managed: Option<bool>,
 }
 
 pub struct UpdateRequest {
@@ -268,7 +270,9 @@ impl Engine {
                 reason: format!("requested {} at creation", r.initial_state),
             })
             .collect();
-        let mut failure = None;
+        // A create whose verification fails commits nothing: there is no
+        // connection yet to move along the SYSTEM column, so the error names
+        // no id and reports the state the request would have started from.
         if needs_verification && !r.skip_verification {
             match self.verifier.verify(&conn).await {
                 None => {}
@@ -279,13 +283,8 @@ impl Engine {
                 }
                 Some(Verdict::NotChecked(detail)) => return Err(not_checked(detail)),
                 Some(verdict) => {
-                    let (err, fallback, detail) = failed(&conn, verdict);
-                    plan = vec![Step {
-                        target: fallback,
-                        trigger: Trigger::System,
-                        reason: detail,
-                    }];
-                    failure = Some(err);
+                    let (err, _, _) = failed(&conn, verdict);
+                    return Err(without_id(err));
                 }
             }
         }
@@ -341,10 +340,7 @@ impl Engine {
                     )?;
                 }
                 let id = conn.id.clone();
-                let answer = match failure {
-                    None => Ok(conn),
-                    Some(err) => Err(with_state(err, conn.state)),
-                };
+                let answer = Ok(conn);
                 remember(tx, &key, &id, &answer)?;
                 Ok(answer)
             })
@@ -382,9 +378,7 @@ impl Engine {
                 }
                 Some(Verdict::NotChecked(detail)) => return Err(not_checked(detail)),
                 Some(verdict) => {
-                    return self
-                        .fail_verification(current, r.target, verdict, r.request)
-                        .await;
+                    return self.fail_verification(current, verdict, r.request).await;
                 }
             }
         }
@@ -454,25 +448,20 @@ impl Engine {
             .collect()
     }
 
-    /// A failed verification: a register attempt moves the connection where
-    /// the SYSTEM column of the table says (unreachable: NOT_FOUND; credentials
-    /// rejected: DISCONNECTED); any other attempt leaves it as it was.
+    /// A failed verification: an attempt from DISCOVERED or REGISTERED (to
+    /// register or to connect) moves the connection where
+    /// [`lifecycle::after_failed_attempt`] says (unreachable: NOT_FOUND;
+    /// credentials rejected: DISCONNECTED); any other attempt leaves it as it was.
     async fn fail_verification(
         &self,
         current: Connection,
-        target: State,
         verdict: Verdict,
         key: Option<RequestKey>,
     ) -> Result<Connection, Error> {
-        let (err, fallback, detail) = failed(&current, verdict);
-        let moves = target == State::Registered
-            && self
-                .kinds
-                .check(&current.kind, current.state, fallback, Trigger::System)
-                .is_ok();
-        if !moves {
+        let (err, finding, detail) = failed(&current, verdict);
+        let Some(fallback) = lifecycle::after_failed_attempt(current.state, finding) else {
             return Err(with_state(err, current.state));
-        }
+        };
         let m = Move {
             id: current.id.clone(),
             target: fallback,
@@ -532,6 +521,9 @@ impl Engine {
                 }
                 if let Some(v) = p.labels {
                     c.labels = v;
+                }
+                if let Some(v) = p.managed {
+                    c.managed = v;
                 }
                 if let Some(url) = p.url {
                     // An identity that was derived from the url follows it.
@@ -653,6 +645,13 @@ impl Engine {
             ),
         };
         let snapshot = Verified::of(probed);
+        // Read outside the writer; the snapshot check below makes sure it is
+        // still the same disconnection when the result commits.
+        // Needed only when a disconnected connection passes its check.
+        let disconnected_from = match (probed.state, &verdict) {
+            (State::Disconnected, Verdict::Reachable(_)) => self.disconnected_from(probed).await?,
+            _ => None,
+        };
         let id = probed.id.clone();
         let kinds = self.kinds.clone();
         self.store
@@ -693,28 +692,20 @@ impl Engine {
                         consecutive_failures: failures,
                     },
                 )?;
-                let auto = kinds.auto_connects(&row.kind);
-                let steps: &[State] = match (row.state, outcome) {
-                    (State::Discovered, ProbeOutcome::Reachable) if auto => {
-                        &[State::Registered, State::Connected]
-                    }
-                    (State::Discovered, ProbeOutcome::Reachable) => &[State::Registered],
-                    (State::Discovered, ProbeOutcome::Unreachable) => &[State::NotFound],
-                    (State::Discovered, ProbeOutcome::CredentialsRejected) => {
-                        &[State::Disconnected]
-                    }
-                    (State::Registered, ProbeOutcome::Reachable) if auto => &[State::Connected],
-                    (State::Registered, ProbeOutcome::Unreachable) => &[State::NotFound],
-                    (
-                        State::Connected,
-                        ProbeOutcome::Unreachable | ProbeOutcome::CredentialsRejected,
-                    ) if failures >= failure_threshold as i32 => &[State::Disconnected],
-                    (State::Disconnected, ProbeOutcome::Reachable) => &[State::Connected],
-                    _ => &[],
-                };
+                let steps = lifecycle::after_probe(Probed {
+                    state: row.state,
+                    finding: match outcome {
+                        ProbeOutcome::Reachable => Finding::Reachable,
+                        ProbeOutcome::Unreachable => Finding::Unreachable,
+                        ProbeOutcome::CredentialsRejected => Finding::CredentialsRejected,
+                    },
+                    threshold_reached: failures >= failure_threshold as i32,
+                    auto_connects: kinds.auto_connects(&row.kind),
+                    disconnected_from,
+                });
                 let reason = match outcome {
                     ProbeOutcome::Reachable => detail,
-                    _ if row.state == State::Connected => {
+                    _ if matches!(row.state, State::Connected | State::Registered) => {
                         format!("{failures} failed probes in a row; last: {detail}")
                     }
                     ProbeOutcome::Unreachable => format!("unreachable: {detail}"),
@@ -737,6 +728,46 @@ impl Engine {
                     )?);
                 }
                 Ok(now)
+            })
+            .await
+    }
+
+    /// The state the server disconnected `c` from, read from the event that
+    /// moved it into DISCONNECTED (the one at its state time). `None` when
+    /// that event is no longer kept: the caller then treats it as never
+    /// having been taken into use.
+    async fn disconnected_from(&self, c: &Connection) -> Result<Option<State>, Error> {
+        let id = c.id.clone();
+        let entered = c.state_time;
+        self.store
+            .read(move |conn| {
+                let mut found = None;
+                let mut after = 0;
+                loop {
+                    let page = query::events(
+                        conn,
+                        &EventFilter {
+                            connection_id: Some(id.clone()),
+                            after_revision: after,
+                            limit: 1000,
+                            owners: None,
+                        },
+                    )?;
+                    let Some(last) = page.last() else {
+                        return Ok(found);
+                    };
+                    after = last.revision;
+                    found = page
+                        .iter()
+                        .rev()
+                        .find(|e| {
+                            e.to_state == State::Disconnected
+                                && e.from_state != State::Disconnected
+                                && e.time == entered
+                        })
+                        .map(|e| e.from_state)
+                        .or(found);
+                }
             })
             .await
     }
@@ -1114,8 +1145,8 @@ fn not_checked(detail: String) -> Error {
     Error::Unavailable(format!("verification could not run; retry: {detail}"))
 }
 
-/// The error, the SYSTEM fallback state and the detail of a failed verification.
-fn failed(c: &Connection, verdict: Verdict) -> (Error, State, String) {
+/// The error, what was found and the detail of a failed verification.
+fn failed(c: &Connection, verdict: Verdict) -> (Error, Finding, String) {
     let id = c.id.to_string();
     match verdict {
         Verdict::CredentialsRejected(detail) => (
@@ -1124,7 +1155,7 @@ fn failed(c: &Connection, verdict: Verdict) -> (Error, State, String) {
                 detail: detail.clone(),
                 state: c.state,
             },
-            State::Disconnected,
+            Finding::CredentialsRejected,
             format!("credentials rejected: {detail}"),
         ),
         Verdict::Unreachable(detail) | Verdict::Reachable(detail) | Verdict::NotChecked(detail) => {
@@ -1134,10 +1165,27 @@ fn failed(c: &Connection, verdict: Verdict) -> (Error, State, String) {
                     detail: detail.clone(),
                     state: c.state,
                 },
-                State::NotFound,
+                Finding::Unreachable,
                 format!("unreachable: {detail}"),
             )
         }
+    }
+}
+
+/// A verification error of a create that committed nothing: it names no id.
+fn without_id(e: Error) -> Error {
+    match e {
+        Error::Unreachable { detail, state, .. } => Error::Unreachable {
+            id: String::new(),
+            detail,
+            state,
+        },
+        Error::CredentialsRejected { detail, state, .. } => Error::CredentialsRejected {
+            id: String::new(),
+            detail,
+            state,
+        },
+        other => other,
     }
 }
 
@@ -1174,6 +1222,9 @@ fn changed_fields(a: &Connection, b: &Connection) -> Vec<&'static str> {
     }
     if a.credential_id != b.credential_id {
         out.push("credential_id");
+    }
+    if a.managed != b.managed {
+        out.push("managed");
     }
     out
 }

@@ -150,7 +150,9 @@ pub fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
                 ]
             }
         }
-        (Registered, Trigger::System) => &const { [edge(Connected), edge(NotFound)] },
+        (Registered, Trigger::System) => {
+            &const { [edge(Connected), edge(NotFound), edge(Disconnected)] }
+        }
         (Connected, Trigger::User) => {
             &const {
                 [
@@ -176,11 +178,89 @@ pub fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
         }
         (Maintenance, Trigger::System) => &const { [] },
         (Disconnected, Trigger::User) => &const { [verified(Connected), edge(Deleted)] },
-        (Disconnected, Trigger::System) => &const { [edge(Connected)] },
+        (Disconnected, Trigger::System) => &const { [edge(Connected), edge(Registered)] },
         (NotFound, Trigger::User) => &const { [verified(Registered), edge(Deleted)] },
         (NotFound, Trigger::System) => &const { [edge(Discovered)] },
         (Deleted, Trigger::User) => &const { [] },
         (Deleted, Trigger::System) => &const { [] },
+    }
+}
+
+/// What a verification or a background probe found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finding {
+    Reachable,
+    Unreachable,
+    CredentialsRejected,
+}
+
+/// Where a USER request that needed verification, and failed it, moves the
+/// connection (trigger SYSTEM); `None`: it stays where it was. Only an
+/// attempt from DISCOVERED or REGISTERED (to register or to connect) moves
+/// it: unreachable to NOT_FOUND, credentials rejected to DISCONNECTED.
+pub fn after_failed_attempt(from: State, finding: Finding) -> Option<State> {
+    use State::*;
+    match (from, finding) {
+        (_, Finding::Reachable) => None,
+        (Discovered | Registered, Finding::Unreachable) => Some(NotFound),
+        (Discovered | Registered, Finding::CredentialsRejected) => Some(Disconnected),
+        (
+            Connected | Ignored | Maintenance | Disconnected | Deleted | NotFound,
+            Finding::Unreachable | Finding::CredentialsRejected,
+        ) => None,
+    }
+}
+
+/// What the server knows when a background probe of a connection returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probed {
+    pub state: State,
+    pub finding: Finding,
+    /// Consecutive failures in this state reached the configured threshold.
+    pub threshold_reached: bool,
+    /// The connection's kind goes on from REGISTERED to CONNECTED by itself.
+    pub auto_connects: bool,
+    /// For a DISCONNECTED connection: the state the server disconnected it
+    /// from, when that is known.
+    pub disconnected_from: Option<State>,
+}
+
+/// The SYSTEM moves a background probe result calls for, in order (one event
+/// each); empty: none. The "Automatic transitions" rules of the contract.
+pub fn after_probe(p: Probed) -> &'static [State] {
+    use Finding::*;
+    use State::*;
+    let auto = p.auto_connects;
+    let reached = p.threshold_reached;
+    match (p.state, p.finding) {
+        // Verified once, no threshold.
+        (Discovered, Reachable) if auto => &[Registered, Connected],
+        (Discovered, Reachable) => &[Registered],
+        (Discovered, Unreachable) => &[NotFound],
+        (Discovered, CredentialsRejected) => &[Disconnected],
+        (Registered, Reachable) if auto => &[Connected],
+        (Registered, Reachable) => &[],
+        (Registered, Unreachable) if reached => &[NotFound],
+        (Registered, CredentialsRejected) if reached => &[Disconnected],
+        (Registered, Unreachable | CredentialsRejected) => &[],
+        (Connected, Reachable) => &[],
+        (Connected, Unreachable | CredentialsRejected) if reached => &[Disconnected],
+        (Connected, Unreachable | CredentialsRejected) => &[],
+        // Back where it was: CONNECTED only if it was CONNECTED when the
+        // server disconnected it. Anything else (DISCOVERED, REGISTERED, or
+        // not known any more) goes to REGISTERED: a connection nobody took
+        // into use never becomes CONNECTED unless its kind auto-connects.
+        (Disconnected, Reachable) => match p.disconnected_from {
+            Some(Connected) => &[Connected],
+            _ if auto => &[Registered, Connected],
+            _ => &[Registered],
+        },
+        (Disconnected, Unreachable | CredentialsRejected) => &[],
+        // Never probed.
+        (
+            Ignored | Maintenance | Deleted | NotFound,
+            Reachable | Unreachable | CredentialsRejected,
+        ) => &[],
     }
 }
 
@@ -240,7 +320,7 @@ mod tests {
                 (Ignored, false),
                 (Deleted, false),
             ],
-            &[Connected, NotFound],
+            &[Connected, NotFound, Disconnected],
         ),
         (
             Connected,
@@ -266,7 +346,7 @@ mod tests {
         (
             Disconnected,
             &[(Connected, true), (Deleted, false)],
-            &[Connected],
+            &[Connected, Registered],
         ),
         (Deleted, &[], &[]),
         (
@@ -318,6 +398,78 @@ mod tests {
                 .collect();
             assert!(needs.windows(2).all(|w| w[0] == w[1]), "{to}: {needs:?}");
         }
+    }
+
+    /// Every SYSTEM move the policy tables make is an edge of the table.
+    #[test]
+    fn policy_moves_follow_the_table() {
+        let findings = [
+            Finding::Reachable,
+            Finding::Unreachable,
+            Finding::CredentialsRejected,
+        ];
+        for from in State::ALL {
+            for finding in findings {
+                if let Some(to) = after_failed_attempt(from, finding) {
+                    check(from, to, Trigger::System).unwrap();
+                }
+                for (reached, auto) in [(false, false), (false, true), (true, false), (true, true)]
+                {
+                    for disconnected_from in [None, Some(Connected), Some(Registered)] {
+                        let mut at = from;
+                        for &to in after_probe(Probed {
+                            state: from,
+                            finding,
+                            threshold_reached: reached,
+                            auto_connects: auto,
+                            disconnected_from,
+                        }) {
+                            check(at, to, Trigger::System).unwrap();
+                            at = to;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn probes_follow_the_automatic_rules() {
+        let p = |state, finding, reached, from| Probed {
+            state,
+            finding,
+            threshold_reached: reached,
+            auto_connects: false,
+            disconnected_from: from,
+        };
+        use Finding::*;
+        // REGISTERED waits for the threshold.
+        assert!(after_probe(p(Registered, Unreachable, false, None)).is_empty());
+        assert_eq!(
+            after_probe(p(Registered, Unreachable, true, None)),
+            [NotFound]
+        );
+        assert!(after_probe(p(Registered, CredentialsRejected, false, None)).is_empty());
+        assert_eq!(
+            after_probe(p(Registered, CredentialsRejected, true, None)),
+            [Disconnected]
+        );
+        // DISCONNECTED goes back where it was.
+        let back = |from| after_probe(p(Disconnected, Reachable, false, from));
+        assert_eq!(back(Some(Connected)), [Connected]);
+        assert_eq!(back(Some(Registered)), [Registered]);
+        assert_eq!(back(Some(Discovered)), [Registered]);
+        assert_eq!(back(None), [Registered]);
+        // A failed attempt moves only from DISCOVERED or REGISTERED.
+        assert_eq!(
+            after_failed_attempt(Registered, CredentialsRejected),
+            Some(Disconnected)
+        );
+        assert_eq!(
+            after_failed_attempt(Registered, Unreachable),
+            Some(NotFound)
+        );
+        assert_eq!(after_failed_attempt(Maintenance, Unreachable), None);
     }
 
     #[test]

@@ -38,7 +38,8 @@ use tokio_util::time::{DelayQueue, delay_queue};
 pub struct MonitorConfig {
     /// Probe interval for kinds whose definition names none.
     pub interval: Duration,
-    /// Consecutive failed probes before CONNECTED becomes DISCONNECTED.
+    /// Consecutive failed probes before CONNECTED becomes DISCONNECTED, or
+    /// REGISTERED becomes NOT_FOUND (unreachable) or DISCONNECTED (credentials rejected).
     pub failure_threshold: u32,
     /// Most probes running at once.
     pub concurrency: usize,

@@ -750,7 +750,7 @@ fn new_connection(c: pb::Connection) -> Result<NewConnection, Error> {
 }
 
 /// The fields an update mask may name.
-const UPDATABLE: [&str; 7] = [
+const UPDATABLE: [&str; 8] = [
     "name",
     "description",
     "url",
@@ -758,6 +758,7 @@ const UPDATABLE: [&str; 7] = [
     "labels",
     "identity",
     "credential_id",
+    "managed",
 ];
 
 fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Result<Patch, Error> {
@@ -773,6 +774,7 @@ fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Res
                 !c.labels.is_empty(),
                 !c.identity.is_empty(),
                 !c.credential_id.is_empty(),
+                c.managed.is_some(),
             ];
             UPDATABLE
                 .iter()
@@ -846,6 +848,11 @@ fn patch_from_pb(c: pb::Connection, mask: Option<prost_types::FieldMask>) -> Res
             "credential_id" => {
                 check_len("connection.credential_id", &c.credential_id, limits::SHORT)?;
                 patch.credential_id = Some(std::mem::take(&mut c.credential_id));
+            }
+            "managed" => {
+                patch.managed = Some(c.managed.ok_or_else(|| {
+                    Error::invalid("connection.managed", "must be set when the mask names it")
+                })?)
             }
             _ => unreachable!("only updatable fields are collected"),
         }

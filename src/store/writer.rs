@@ -445,11 +445,25 @@ impl Writer {
             let keep = i64::try_from(self.config.retention_count).unwrap_or(i64::MAX);
             let floor = revision.saturating_sub(keep);
             if floor > compact {
+                prune_range(&sql, compact, floor)?;
                 compact = floor;
-                sql.prepare_cached("DELETE FROM events WHERE revision <= ?1")?
-                    .execute([compact])?;
                 sql.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'compact_revision'")?
                     .execute([compact])?;
+            }
+            // A connection's event kept below the mark because it was its
+            // latest is not its latest any more once it has a newer one.
+            if compact > 0 {
+                let mut touched: Vec<&str> =
+                    events.iter().map(|e| e.connection_id.as_str()).collect();
+                touched.sort_unstable();
+                touched.dedup();
+                let mut stmt = sql.prepare_cached(
+                    "DELETE FROM events WHERE connection_id = ?1 AND revision <= ?2 \
+                     AND revision < (SELECT max(revision) FROM events WHERE connection_id = ?1)",
+                )?;
+                for id in touched {
+                    stmt.execute(params![id, compact])?;
+                }
             }
         }
         sql.commit()?;
@@ -475,8 +489,8 @@ impl Writer {
                 .flatten();
             let mut compact = self.compact;
             if let Some(r) = newest_old.filter(|r| *r > compact) {
+                prune_range(&sql, compact, r)?;
                 compact = r;
-                sql.execute("DELETE FROM events WHERE revision <= ?1", [r])?;
                 sql.execute(
                     "UPDATE meta SET value = ?1 WHERE key = 'compact_revision'",
                     [r],
@@ -500,4 +514,18 @@ impl Writer {
             tracing::warn!(error = %e, "pruning history failed; will retry");
         }
     }
+}
+
+/// Drops the events in revisions `(above, through]`, except each connection's
+/// latest: retention never prunes that, so a tombstone always shows who
+/// deleted it, when and why. Every event at or below the compaction mark is
+/// thus its connection's latest (the commit path drops one once it is not).
+fn prune_range(sql: &rusqlite::Transaction<'_>, above: i64, through: i64) -> Result<(), Error> {
+    sql.prepare_cached(
+        "DELETE FROM events WHERE revision > ?1 AND revision <= ?2 AND EXISTS \
+         (SELECT 1 FROM events AS newer WHERE newer.connection_id = events.connection_id \
+          AND newer.revision > events.revision)",
+    )?
+    .execute([above, through])?;
+    Ok(())
 }

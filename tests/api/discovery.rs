@@ -118,6 +118,41 @@ async fn a_first_report_creates_discovered_connections_on_behalf_of_the_source()
 }
 
 #[tokio::test]
+async fn urls_differing_by_an_empty_query_a_fragment_or_a_trailing_slash_are_one_identity() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let first = report_ok(
+        &mut c,
+        vec![found("prometheus", "http://127.0.0.1:9090/api")],
+    )
+    .await;
+    assert_eq!(outcomes(&first), [O::Created]);
+    let revision = store_revision(&mut c).await;
+    let again = [
+        "http://127.0.0.1:9090/api/",
+        "http://127.0.0.1:9090/api?",
+        "http://127.0.0.1:9090/api#graph",
+        "http://127.0.0.1:9090/api/?#",
+    ];
+    for url in again {
+        let r = report_ok(&mut c, vec![found("prometheus", url)]).await;
+        assert_eq!(outcomes(&r), [O::Unchanged], "{url}");
+        assert_eq!(connection(&r[0]).id, connection(&first[0]).id, "{url}");
+    }
+    // A tcp url with and without a trailing slash, the same way.
+    let tcp = report_ok(&mut c, vec![found("tcp", "tcp://127.0.0.1:5432")]).await;
+    let r = report_ok(&mut c, vec![found("tcp", "tcp://127.0.0.1:5432/")]).await;
+    assert_eq!(outcomes(&r), [O::Unchanged]);
+    assert_eq!(connection(&r[0]).id, connection(&tcp[0]).id);
+    assert_eq!(
+        store_revision(&mut c).await,
+        revision + 1,
+        "only the tcp one was new"
+    );
+    assert_eq!(total(&mut c, true).await, 2, "no duplicates");
+}
+
+#[tokio::test]
 async fn the_same_report_twice_changes_nothing() {
     let app = App::start().await;
     let mut c = app.client.clone();

@@ -184,7 +184,9 @@ async fn verified_targets_are_checked_and_failures_follow_the_table() {
         .into_inner();
     assert_eq!(skipped.state, S::Connected as i32);
 
-    // Creating straight into REGISTERED verifies too.
+    // Creating straight into REGISTERED verifies too; a create that fails
+    // it commits nothing, and its error names no connection.
+    let before = store_revision(&mut c).await;
     let r = c
         .create_connection(pb::CreateConnectionRequest {
             connection: Some(conn("tcp", &closed_url)),
@@ -193,14 +195,97 @@ async fn verified_targets_are_checked_and_failures_follow_the_table() {
         })
         .await;
     let meta = assert_error(r, Code::FailedPrecondition, "CONNECTION_UNREACHABLE");
-    let made = get(&mut c, &meta["id"]).await;
-    assert_eq!(made.state, S::NotFound as i32);
-    let kinds: Vec<i32> = events_of(&mut c, &made.id)
+    assert_eq!(meta["id"], "", "{meta:?}");
+    assert_eq!(store_revision(&mut c).await, before, "nothing committed");
+}
+
+#[tokio::test]
+async fn a_create_that_fails_verification_leaves_nothing_behind() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let closed = ClosedPort::new();
+    let denied = HttpStub::new(401).await;
+    let before = store_revision(&mut c).await;
+    for (body, reason) in [
+        (conn("tcp", &closed.url()), "CONNECTION_UNREACHABLE"),
+        (conn("http", &denied.url()), "CREDENTIALS_REJECTED"),
+    ] {
+        for state in [S::Registered, S::Connected] {
+            let r = c
+                .create_connection(pb::CreateConnectionRequest {
+                    connection: Some(body.clone()),
+                    initial_state: state as i32,
+                    ..Default::default()
+                })
+                .await;
+            let meta = assert_error(r, Code::FailedPrecondition, reason);
+            assert_eq!(meta["id"], "", "{reason} {meta:?}");
+        }
+    }
+    assert_eq!(store_revision(&mut c).await, before, "no row, no event");
+    let total = c
+        .count_connections(pb::CountConnectionsRequest {
+            show_deleted: true,
+            ..Default::default()
+        })
         .await
-        .iter()
-        .map(|e| e.to_state)
-        .collect();
-    assert_eq!(kinds, [S::Discovered as i32, S::NotFound as i32]);
+        .unwrap()
+        .into_inner()
+        .total;
+    assert_eq!(total, 0);
+    // The identity is free: the same create succeeds once it can be verified.
+    let open = OpenPort::new().await;
+    let made = create_in(
+        &mut c,
+        pb::Connection {
+            url: open.url(),
+            ..conn("tcp", "")
+        },
+        S::Connected,
+        false,
+    )
+    .await;
+    assert_eq!(made.state, S::Connected as i32);
+}
+
+#[tokio::test]
+async fn a_failed_connect_from_registered_follows_the_system_column() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+
+    // Unreachable: NOT_FOUND (SYSTEM).
+    let closed = ClosedPort::new();
+    let x = create_in(&mut c, conn("tcp", &closed.url()), S::Registered, true).await;
+    let meta = assert_error(
+        transition(&mut c, &x.id, S::Connected).await,
+        Code::FailedPrecondition,
+        "CONNECTION_UNREACHABLE",
+    );
+    assert_eq!(meta["state"], "NOT_FOUND");
+    let x = get(&mut c, &x.id).await;
+    assert_eq!(
+        (x.state, x.state_trigger),
+        (S::NotFound as i32, pb::Trigger::System as i32)
+    );
+    assert_eq!(
+        events_of(&mut c, &x.id).await.last().unwrap().actor,
+        "tether"
+    );
+
+    // Credentials rejected: DISCONNECTED (SYSTEM).
+    let denied = HttpStub::new(401).await;
+    let y = create_in(&mut c, conn("http", &denied.url()), S::Registered, true).await;
+    let meta = assert_error(
+        transition(&mut c, &y.id, S::Connected).await,
+        Code::FailedPrecondition,
+        "CREDENTIALS_REJECTED",
+    );
+    assert_eq!(meta["state"], "DISCONNECTED");
+    let y = get(&mut c, &y.id).await;
+    assert_eq!(
+        (y.state, y.state_trigger),
+        (S::Disconnected as i32, pb::Trigger::System as i32)
+    );
 }
 
 #[tokio::test]
@@ -350,5 +435,47 @@ async fn describe_lifecycle_returns_the_table() {
             S::NotFound as i32,
             S::Disconnected as i32
         ]
+    );
+}
+
+#[tokio::test]
+async fn managed_can_be_changed_with_and_without_a_mask() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let made = create(&mut c, conn("tcp", "")).await;
+    assert_eq!(made.managed, Some(true));
+    let update = |managed: bool, mask: Option<Vec<&str>>| pb::UpdateConnectionRequest {
+        connection: Some(pb::Connection {
+            id: made.id.clone(),
+            managed: Some(managed),
+            ..Default::default()
+        }),
+        update_mask: mask.map(|p| prost_types::FieldMask {
+            paths: p.into_iter().map(String::from).collect(),
+        }),
+        ..Default::default()
+    };
+    let off = c
+        .update_connection(update(false, Some(vec!["managed"])))
+        .await
+        .expect("managed is updatable with a mask")
+        .into_inner();
+    assert_eq!(off.managed, Some(false));
+    assert_eq!(get(&mut c, &made.id).await.managed, Some(false));
+    let on = c
+        .update_connection(update(true, None))
+        .await
+        .expect("managed is updatable without a mask")
+        .into_inner();
+    assert_eq!(on.managed, Some(true));
+    let reasons: Vec<String> = events_of(&mut c, &made.id)
+        .await
+        .into_iter()
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "updated managed").count(),
+        2,
+        "{reasons:?}"
     );
 }

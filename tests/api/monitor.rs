@@ -303,3 +303,72 @@ async fn grpc_kinds_are_checked_with_the_health_protocol() {
         (S::Discovered as i32, S::Registered as i32, SYSTEM)
     );
 }
+
+#[tokio::test]
+async fn one_disconnected_before_use_comes_back_registered_not_connected() {
+    let app = monitored_app().await;
+    let mut c = app.client.clone();
+    // Credentials rejected at its first verification: DISCONNECTED (SYSTEM).
+    let mut peer = Peer::new(401).await;
+    let x = create(&mut c, conn("http", &peer.url())).await;
+    let mut s = watch_one(&mut c, &x.id).await;
+    assert_eq!(
+        step(&next_event(&mut s).await),
+        (S::Discovered as i32, S::Disconnected as i32, SYSTEM)
+    );
+    // Accepted again: back to REGISTERED, where it was going, not CONNECTED.
+    peer.answer(200);
+    let e = next_event(&mut s).await;
+    assert_eq!(
+        step(&e),
+        (S::Disconnected as i32, S::Registered as i32, SYSTEM)
+    );
+    // And it stays there while it keeps being probed: nobody took it into use.
+    peer.requests_more(3).await;
+    let now = get(&mut c, &x.id).await;
+    assert_eq!(now.state, S::Registered as i32);
+    assert_eq!(now.revision, e.revision);
+}
+
+#[tokio::test]
+async fn registered_moves_only_after_the_failure_threshold() {
+    let app = monitored_app().await;
+    let mut c = app.client.clone();
+
+    // Unreachable: NOT_FOUND only after two failed probes in a row.
+    let peer = Peer::new(200).await;
+    let x = create(&mut c, conn("http", &peer.url())).await;
+    let mut s = watch_one(&mut c, &x.id).await;
+    assert_eq!(
+        step(&next_event(&mut s).await),
+        (S::Discovered as i32, S::Registered as i32, SYSTEM)
+    );
+    peer.answer(503);
+    let e = next_event(&mut s).await;
+    assert_eq!(step(&e), (S::Registered as i32, S::NotFound as i32, SYSTEM));
+    assert!(e.reason.contains("2 failed probes"), "{}", e.reason);
+    let gone = get(&mut c, &x.id).await;
+    assert!(gone.last_probe.expect("probed").consecutive_failures >= 2);
+
+    // Credentials rejected: DISCONNECTED after the threshold too, and back to
+    // REGISTERED (where the server found it) once they are accepted again.
+    let peer = Peer::new(200).await;
+    let y = create(&mut c, conn("http", &peer.url())).await;
+    let mut s = watch_one(&mut c, &y.id).await;
+    assert_eq!(
+        step(&next_event(&mut s).await),
+        (S::Discovered as i32, S::Registered as i32, SYSTEM)
+    );
+    peer.answer(401);
+    let e = next_event(&mut s).await;
+    assert_eq!(
+        step(&e),
+        (S::Registered as i32, S::Disconnected as i32, SYSTEM)
+    );
+    assert!(e.reason.contains("2 failed probes"), "{}", e.reason);
+    peer.answer(200);
+    assert_eq!(
+        step(&next_event(&mut s).await),
+        (S::Disconnected as i32, S::Registered as i32, SYSTEM)
+    );
+}

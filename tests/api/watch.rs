@@ -491,3 +491,37 @@ async fn a_watcher_that_falls_out_of_history_is_told_so() {
         (Code::OutOfRange, "REVISION_COMPACTED")
     );
 }
+
+#[tokio::test]
+async fn retention_keeps_a_tombstones_last_event() {
+    let app = App::start_with(|cfg| cfg.event_retention_count = 3).await;
+    let mut c = app.client.clone();
+    let x = create(&mut c, conn("http", "")).await;
+    c.transition_connection(pb::TransitionConnectionRequest {
+        id: x.id.clone(),
+        target_state: S::Deleted as i32,
+        reason: "decommissioned".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    // Far more events than are kept, all about another connection.
+    let y = create(&mut c, conn("http", "")).await;
+    for _ in 0..4 {
+        moved(&mut c, &y.id, S::Ignored).await;
+        moved(&mut c, &y.id, S::Registered).await;
+    }
+    let history = events_of(&mut c, &x.id).await;
+    let last = history
+        .last()
+        .expect("the tombstone's latest event is kept");
+    assert_eq!(history.len(), 1, "older ones are pruned");
+    assert_eq!(last.to_state, S::Deleted as i32);
+    assert_eq!(last.trigger, pb::Trigger::User as i32);
+    assert_eq!(last.reason, "decommissioned");
+    assert!(!last.actor.is_empty());
+    assert!(last.time.is_some());
+    // y keeps only the recent window (its latest is in it).
+    let kept = events_of(&mut c, &y.id).await;
+    assert_eq!(kept.len(), 3, "{kept:?}");
+}
