@@ -28,7 +28,7 @@ pub enum Error {
     InvalidTransition { id: String, refusal: RefusalInfo },
 
     /// Verification found the connection unreachable.
-    #[error("connection {id} is unreachable: {detail}")]
+    #[error("{} is unreachable: {detail}", connection(id))]
     Unreachable {
         id: String,
         detail: String,
@@ -36,7 +36,7 @@ pub enum Error {
     },
 
     /// Verification reached the connection but its credentials were refused.
-    #[error("connection {id} rejected its credentials: {detail}")]
+    #[error("{} rejected its credentials: {detail}", connection(id))]
     CredentialsRejected {
         id: String,
         detail: String,
@@ -105,6 +105,16 @@ pub struct RefusalInfo {
     pub to: State,
     pub trigger: Trigger,
     pub allowed: Vec<State>,
+}
+
+/// "connection ID", or "the connection" for one that was never stored (a
+/// create whose verification failed).
+fn connection(id: &str) -> String {
+    if id.is_empty() {
+        "the connection".into()
+    } else {
+        format!("connection {id}")
+    }
 }
 
 fn list(states: &[State]) -> String {
