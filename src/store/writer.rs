@@ -318,6 +318,11 @@ pub(super) struct Writer {
     pub compact: i64,
     pub config: WriterConfig,
     pub inner: Arc<Inner>,
+    /// The (device, inode) of the database file as opened.
+    pub file: (u64, u64),
+    /// Set for good once the path no longer names the file we opened: our
+    /// commits would go to an unlinked file and vanish at the next start.
+    pub replaced: bool,
 }
 
 impl Writer {
@@ -361,6 +366,9 @@ impl Writer {
     fn commit_group(&mut self, mut jobs: Vec<Box<dyn Job>>) {
         match self.try_commit_group(&mut jobs) {
             Ok(events) => {
+                self.inner
+                    .fault
+                    .send_if_modified(|f| std::mem::replace(f, false));
                 for event in events {
                     // No receivers is fine: nobody is watching.
                     let _ = self.inner.hub.send(Arc::new(event));
@@ -371,7 +379,12 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, jobs = jobs.len(), "commit failed; nothing in the group was applied");
-                // Busy is worth a retry; any other storage fault is not.
+                if e.is_storage_fault() {
+                    // Health reports NOT_SERVING until a group commits again.
+                    self.inner
+                        .fault
+                        .send_if_modified(|f| !std::mem::replace(f, true));
+                }
                 let answer = e;
                 for job in jobs {
                     job.finish(Err(answer.clone()));
@@ -381,6 +394,7 @@ impl Writer {
     }
 
     fn try_commit_group(&mut self, jobs: &mut [Box<dyn Job>]) -> Result<Vec<Event>, Error> {
+        self.check_file()?;
         let sql = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -429,6 +443,30 @@ impl Writer {
         Ok(events)
     }
 
+    /// Refuses to commit once the database path no longer names the file we
+    /// opened (deleted, or replaced by another): SQLite would go on writing to
+    /// the unlinked file and every acknowledged change would be lost. One
+    /// `stat` per group, next to an fsync.
+    fn check_file(&mut self) -> Result<(), Error> {
+        if !self.replaced {
+            let now = std::fs::metadata(&self.inner.path)
+                .ok()
+                .map(|m| file_id(&m));
+            if now != Some(self.file) {
+                tracing::error!(path = %self.inner.path.display(), "the database file was removed or replaced; refusing writes");
+                self.replaced = true;
+            }
+        }
+        if self.replaced {
+            return Err(Error::StorageUnavailable(
+                "the database file was removed or replaced while the server ran; \
+                 restart the server to open the file now at its path"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Drops events and remembered answers older than the retention window.
     fn prune_by_time(&mut self) {
         let cutoff = now_micros() - self.config.retention.as_micros() as i64;
@@ -465,4 +503,10 @@ impl Writer {
             tracing::warn!(error = %e, "pruning history failed; will retry");
         }
     }
+}
+
+/// The identity of a file: (device, inode).
+pub(super) fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
 }

@@ -6,6 +6,7 @@ mod audit;
 mod common;
 mod connections;
 mod credentials;
+mod damage;
 mod definitions;
 mod discovery;
 mod egress;
