@@ -1,12 +1,13 @@
-//! The checks a database passes before it is served: SQLite's own page check,
-//! the schema, the store-wide counters, and that it can be written.
+//! The checks a database passes before it is served: a write-ahead log that
+//! is its own, SQLite's page check, the schema, the store-wide counters, and
+//! that it can be written.
 //!
 //! A damaged database is refused at start with a message saying what is wrong,
 //! never served half-working. These checks read; they never repair.
 
 use crate::error::Error;
-use rusqlite::{Connection, OptionalExtension};
-use std::path::Path;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::path::{Path, PathBuf};
 
 /// The tables every migrated database has.
 const TABLES: [&str; 6] = [
@@ -23,6 +24,62 @@ fn refuse(path: &Path, what: impl std::fmt::Display) -> Error {
         "{} is damaged: {what}; restore it from a backup (the server will not serve it)",
         path.display()
     ))
+}
+
+/// Refuses a write-ahead log that belongs to another database. SQLite would
+/// replay any log whose page size matches, silently putting another
+/// database's pages over this one's. Each database carries a random id in
+/// `meta`; the id in the file alone (read with the log ignored) must be the
+/// id with the log applied. Runs before anything writes to the file.
+pub(super) fn log_belongs(path: &Path) -> Result<(), Error> {
+    let log = PathBuf::from(format!("{}-wal", path.display()));
+    let has = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.len() > 0);
+    if !has(path) || !has(&log) {
+        return Ok(());
+    }
+    // `immutable=1` makes SQLite read the file as it is, without the log.
+    let uri = format!("file:{}?immutable=1", uri_path(path));
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+    let file_only = Connection::open_with_flags(uri, flags)
+        .ok()
+        .and_then(|c| database_id(&c));
+    let with_log = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .ok()
+        .and_then(|c| database_id(&c));
+    // Either side unreadable, or a file that has never been checkpointed with
+    // an id: nothing to compare, and the later checks judge the result.
+    if let (Some(file), Some(logged)) = (file_only, with_log)
+        && file != logged
+    {
+        return Err(Error::Internal(format!(
+            "{} belongs to another database (it would replace this file's pages with \
+             another database's); move it away, or restore both files from a backup",
+            log.display()
+        )));
+    }
+    Ok(())
+}
+
+fn database_id(c: &Connection) -> Option<i64> {
+    c.query_row(
+        "SELECT value FROM meta WHERE key = 'database_id'",
+        [],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+/// `path` as the path part of a `file:` URI.
+fn uri_path(path: &Path) -> String {
+    let mut out = String::new();
+    for b in path.as_os_str().as_encoded_bytes() {
+        match b {
+            b'?' | b'#' | b'%' => out.push_str(&format!("%{b:02X}")),
+            _ if b.is_ascii_graphic() => out.push(char::from(*b)),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 /// Page-level integrity, and a schema version that matches its tables. Runs
@@ -89,9 +146,13 @@ pub(super) fn after_migrate(conn: &Connection, path: &Path) -> Result<(), Error>
     }
     // A file we can open but not write (read-only file or mount) is found now,
     // not at the first client write. Rewriting a row with itself changes
-    // nothing but must reach the write-ahead log.
+    // nothing but must reach the write-ahead log. The same write gives a
+    // database its id, once.
     let probe = conn.execute_batch(
-        "BEGIN IMMEDIATE; UPDATE meta SET value = value WHERE key = 'revision'; COMMIT;",
+        "BEGIN IMMEDIATE; \
+         INSERT OR IGNORE INTO meta (key, value) VALUES ('database_id', random()); \
+         UPDATE meta SET value = value WHERE key = 'revision'; \
+         COMMIT;",
     );
     if let Err(e) = probe {
         if !conn.is_autocommit() {

@@ -83,6 +83,7 @@ impl Store {
         // SQLite gives its -wal and -shm files the database file's mode, so
         // creating that one private keeps them all private.
         drop(crate::files::open_private(path)?);
+        check::log_belongs(path)?;
         let mut conn = open_writer(path, config.busy_timeout)?;
         let file = writer::file_id(
             &std::fs::metadata(path)

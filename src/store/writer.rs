@@ -360,6 +360,17 @@ impl Writer {
                 break;
             }
         }
+        // Fold the log into the file on the way out (the read connections,
+        // which close later, cannot): a stopped database is one complete file,
+        // which is also what lets the next start tell a stranger's log from
+        // its own.
+        if !self.replaced
+            && let Err(e) = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(error = %e, "could not checkpoint the log at stop");
+        }
         tracing::debug!(revision = self.revision, "writer stopped");
     }
 

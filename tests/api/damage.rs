@@ -18,10 +18,6 @@ async fn stopped_with(n: usize) -> Arc<tempfile::TempDir> {
     }
     let dir = app.dir.clone();
     app.stop().await.unwrap();
-    // Fold the write-ahead log into the file, so that its pages are there.
-    let db = rusqlite::Connection::open(dir.path().join("tether.db")).unwrap();
-    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .unwrap();
     dir
 }
 
@@ -188,4 +184,35 @@ async fn a_database_replaced_while_serving_stops_acknowledging_writes() {
     );
     assert_eq!(health(&app).await, ServingStatus::NotServing as i32);
     app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_write_ahead_log_from_another_database_is_not_served() {
+    let mine = App::start().await;
+    let mut c = mine.client.clone();
+    let kept = create(&mut c, conn("http", "")).await;
+    let dir = mine.dir.clone();
+    mine.stop().await.unwrap();
+
+    // A crashed server leaves its log behind: copy one from a running one.
+    let other = App::start().await;
+    let mut o = other.client.clone();
+    for _ in 0..3 {
+        create(&mut o, conn("http", "")).await;
+    }
+    std::fs::copy(
+        other.dir.path().join("tether.db-wal"),
+        dir.path().join("tether.db-wal"),
+    )
+    .unwrap();
+    other.stop().await.unwrap();
+
+    let message = refused(dir.path()).await;
+    assert!(message.contains("belongs to another database"), "{message}");
+    // Moved away, the database is served with its own rows.
+    std::fs::remove_file(dir.path().join("tether.db-wal")).unwrap();
+    let mine = App::start_in(dir, |_| {}).await;
+    let mut c = mine.client.clone();
+    assert_eq!(get(&mut c, &kept.id).await, kept);
+    mine.stop().await.unwrap();
 }
