@@ -216,3 +216,56 @@ async fn a_write_ahead_log_from_another_database_is_not_served() {
     assert_eq!(get(&mut c, &kept.id).await, kept);
     mine.stop().await.unwrap();
 }
+
+/// Makes a file really unwritable, even for root (tests run as root in CI,
+/// and root ignores `chmod`): `chattr +i` where the filesystem has it, else
+/// mode 0444. Undone on drop, so that the temp dir can be removed.
+struct Unwritable(std::path::PathBuf);
+
+impl Unwritable {
+    /// `None` when neither way stops this process writing the file.
+    fn make(path: &Path) -> Option<Unwritable> {
+        use std::os::unix::fs::PermissionsExt;
+        let guard = Unwritable(path.to_owned());
+        let immutable = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !immutable {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        }
+        let writable = std::fs::OpenOptions::new().write(true).open(path).is_ok();
+        (!writable).then_some(guard)
+    }
+}
+
+impl Drop for Unwritable {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+#[tokio::test]
+async fn a_database_file_that_cannot_be_written_refuses_start() {
+    let dir = stopped_with(1).await;
+    let Some(_unwritable) = Unwritable::make(&dir.path().join("tether.db")) else {
+        eprintln!("skipped: neither chattr +i nor chmod stops this user writing a file here");
+        return;
+    };
+    // Refused by whichever comes first: opening the file for writing (to
+    // keep it private) or the start-up write through SQLite.
+    let message = refused(dir.path()).await;
+    assert!(
+        message.contains("tether.db")
+            && (message.contains("cannot open") || message.contains("cannot be written")),
+        "{message}"
+    );
+}
