@@ -93,6 +93,17 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
 
+    /// The disk (or the database's size limit) is full: nothing more can be
+    /// committed until space is freed. The message is ours, never SQLite's.
+    #[error("{0}")]
+    StorageFull(String),
+
+    /// The database cannot be written now (read-only, an I/O error, or the
+    /// file was removed or replaced): an operator can fix it, then retry.
+    /// The message is ours, never SQLite's.
+    #[error("{0}")]
+    StorageUnavailable(String),
+
     /// A bug or a storage fault; the detail is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -129,6 +140,12 @@ fn list(states: &[State]) -> String {
 }
 
 impl Error {
+    /// A storage fault that an operator or a retry can fix (as opposed to a
+    /// bug or corruption): while one lasts the server reports NOT_SERVING.
+    pub fn is_storage_fault(&self) -> bool {
+        matches!(self, Error::StorageFull(_) | Error::StorageUnavailable(_))
+    }
+
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::InvalidArgument {
             field: field.into(),
@@ -147,6 +164,22 @@ impl From<rusqlite::Error> for Error {
         match e.sqlite_error_code() {
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
                 Error::Unavailable("database busy; retry".into())
+            }
+            Some(ErrorCode::DiskFull) => {
+                tracing::warn!(error = %e, "storage full");
+                Error::StorageFull("the database's disk is full; free space, then retry".into())
+            }
+            Some(
+                ErrorCode::ReadOnly
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::CannotOpen
+                | ErrorCode::PermissionDenied,
+            ) => {
+                tracing::warn!(error = %e, "storage unavailable");
+                Error::StorageUnavailable(
+                    "the database cannot be written (read-only or an I/O error); retry once fixed"
+                        .into(),
+                )
             }
             _ => Error::Internal(e.to_string()),
         }

@@ -1,12 +1,16 @@
-//! `grpc.health.v1.Health`, tied to the server's shutdown: SERVING until
-//! shutdown begins, NOT_SERVING after. Watch streams send NOT_SERVING and then
-//! end, so a health watcher (Envoy, grpc-go client health checks) never holds
-//! a graceful shutdown open.
+//! `grpc.health.v1.Health`, tied to the server's shutdown and to the store:
+//! SERVING while writes can commit, NOT_SERVING while they fail for a storage
+//! reason (disk full, read-only, I/O error, database file replaced) and for
+//! good once shutdown begins. Watch streams follow those changes and end
+//! after shutdown's NOT_SERVING, so a health watcher (Envoy, grpc-go client
+//! health checks) never holds a graceful shutdown open.
 //!
 //! The messages come from `tonic-health`; its own server keeps Watch streams
-//! open for the life of the process, which is why this one exists.
+//! open for the life of the process, which is why this one exists. It reads
+//! the store's fault flag and never touches the database itself.
 
 use std::pin::Pin;
+use tokio::sync::watch;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -26,19 +30,25 @@ const SERVICES: [&str; 4] = [
 
 pub struct HealthService {
     stopping: CancellationToken,
+    /// True while the store cannot commit writes.
+    fault: watch::Receiver<bool>,
 }
 
 impl HealthService {
-    pub fn new(stopping: CancellationToken) -> Self {
-        HealthService { stopping }
+    pub fn new(stopping: CancellationToken, fault: watch::Receiver<bool>) -> Self {
+        HealthService { stopping, fault }
     }
 
     fn status(&self) -> ServingStatus {
-        if self.stopping.is_cancelled() {
-            ServingStatus::NotServing
-        } else {
-            ServingStatus::Serving
-        }
+        status_of(&self.stopping, &self.fault)
+    }
+}
+
+fn status_of(stopping: &CancellationToken, fault: &watch::Receiver<bool>) -> ServingStatus {
+    if stopping.is_cancelled() || *fault.borrow() {
+        ServingStatus::NotServing
+    } else {
+        ServingStatus::Serving
     }
 }
 
@@ -48,11 +58,11 @@ fn reply(status: ServingStatus) -> HealthCheckResponse {
     }
 }
 
-/// Where a Watch stream is: about to send a status, waiting for shutdown
+/// Where a Watch stream is: about to send a status, waiting for a change
 /// after sending one, or finished.
 enum Step {
     Send(ServingStatus),
-    AwaitStop(ServingStatus),
+    AwaitChange(ServingStatus),
     Done,
 }
 
@@ -77,36 +87,48 @@ impl Health for HealthService {
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         // The health protocol answers an unknown service in-stream.
-        let first = if SERVICES.contains(&request.get_ref().service.as_str()) {
+        let known = SERVICES.contains(&request.get_ref().service.as_str());
+        let first = if known {
             self.status()
         } else {
             ServingStatus::ServiceUnknown
         };
         let stopping = self.stopping.clone();
-        let stream = futures::stream::unfold(Step::Send(first), move |step| {
-            let stopping = stopping.clone();
-            async move {
-                match step {
-                    Step::Send(status) => {
-                        let then = if stopping.is_cancelled() {
-                            Step::Done
-                        } else {
-                            Step::AwaitStop(status)
-                        };
-                        Some((Ok(reply(status)), then))
-                    }
-                    Step::AwaitStop(status) => {
-                        stopping.cancelled().await;
-                        if status == ServingStatus::Serving {
-                            Some((Ok(reply(ServingStatus::NotServing)), Step::Done))
-                        } else {
-                            None
+        let mut fault = self.fault.clone();
+        fault.mark_unchanged();
+        let stream =
+            futures::stream::unfold((Step::Send(first), fault), move |(step, mut fault)| {
+                let stopping = stopping.clone();
+                async move {
+                    match step {
+                        Step::Send(status) => {
+                            let then = if stopping.is_cancelled() {
+                                Step::Done
+                            } else {
+                                Step::AwaitChange(status)
+                            };
+                            Some((Ok(reply(status)), (then, fault)))
                         }
+                        Step::AwaitChange(sent) => loop {
+                            // A store that is gone (closed) only happens at shutdown.
+                            let store_open = tokio::select! {
+                                _ = stopping.cancelled() => false,
+                                changed = fault.changed(), if known => changed.is_ok(),
+                            };
+                            if !store_open || stopping.is_cancelled() {
+                                return (sent != ServingStatus::NotServing && known).then(|| {
+                                    (Ok(reply(ServingStatus::NotServing)), (Step::Done, fault))
+                                });
+                            }
+                            let now = status_of(&stopping, &fault);
+                            if now != sent {
+                                return Some((Ok(reply(now)), (Step::AwaitChange(now), fault)));
+                            }
+                        },
+                        Step::Done => None,
                     }
-                    Step::Done => None,
                 }
-            }
-        });
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }

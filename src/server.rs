@@ -82,6 +82,23 @@ impl Server {
             .map_err(|e| Error::Internal(format!("cannot handle SIGHUP: {e}")))?;
         let registry =
             Registry::load(&config.models).map_err(|e| Error::invalid("models", e.to_string()))?;
+        let key_in_env = std::env::var_os("TETHER_SECRET_KEY").is_some_and(|k| !k.is_empty());
+        // SQLite writes a header as soon as it opens a file in WAL mode, so an
+        // empty database file beside a key that already exists was truncated
+        // or swapped: starting afresh would reuse revisions its clients have
+        // seen. Checked before SQLite touches the file. (A missing file is a
+        // first start, perhaps with a key provisioned ahead of it.)
+        if empty_database_file(&config.db_path())
+            && (key_in_env || config.secret_key_path().exists())
+        {
+            return Err(Error::Internal(format!(
+                "{} is an empty file although a secret key exists at {}: the database \
+                 looks replaced or truncated; restore it from a backup, or move the empty \
+                 file and the key away to start a new database",
+                config.db_path().display(),
+                config.secret_key_path().display()
+            )));
+        }
         let store = Store::open(&config.db_path(), config.store_config())?;
         let secrets = match open_secrets(&config, &store).await {
             Ok(s) => s,
@@ -180,6 +197,10 @@ async fn open_secrets(config: &Config, store: &Store) -> Result<SecretBox, Error
     }
 }
 
+fn empty_database_file(path: &std::path::Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.len() == 0)
+}
+
 /// The id the key check is sealed under (no credential has it: theirs are UUIDs).
 const KEY_CHECK: &str = "tether-key-check";
 
@@ -202,6 +223,7 @@ async fn serve(
     let checker = Arc::new(Checker::new(prober, kinds.clone(), credentials.clone()));
     let engine = Engine::new(store.clone(), checker.clone(), kinds.clone());
     let stopping = CancellationToken::new();
+    let storage_fault = store.storage_fault();
     let tasks = TaskTracker::new();
     if !config.disable_monitor {
         let monitor = Monitor::new(
@@ -279,7 +301,10 @@ async fn serve(
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .add_service(HealthServer::new(HealthService::new(stopping.clone())))
+        .add_service(HealthServer::new(HealthService::new(
+            stopping.clone(),
+            storage_fault,
+        )))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ConnectionServiceServer::new(service))

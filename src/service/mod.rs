@@ -1154,6 +1154,8 @@ fn classify(e: &Error) -> (tonic::Code, &'static str, Vec<(&'static str, String)
         ),
         Error::Unavailable(_) | Error::Overloaded(_) => (Code::Unavailable, "UNAVAILABLE", vec![]),
         Error::ResourceExhausted(_) => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED", vec![]),
+        Error::StorageFull(_) => (Code::ResourceExhausted, "STORAGE_FULL", vec![]),
+        Error::StorageUnavailable(_) => (Code::Unavailable, "STORAGE_UNAVAILABLE", vec![]),
         Error::Internal(_) => (Code::Internal, "INTERNAL", vec![]),
     }
 }

@@ -9,6 +9,7 @@
 //! The store knows nothing of the lifecycle rules or of gRPC: jobs passed to
 //! [`Store::write`] decide what to change.
 
+mod check;
 pub mod query;
 mod schema;
 mod writer;
@@ -57,6 +58,9 @@ pub(crate) struct Inner {
     readers: Mutex<Vec<rusqlite::Connection>>,
     read_permits: Semaphore,
     hub: broadcast::Sender<Arc<Event>>,
+    /// True while writes cannot commit for a storage reason (full, read-only,
+    /// I/O error, file replaced); health reports NOT_SERVING meanwhile.
+    fault: tokio::sync::watch::Sender<bool>,
     config: StoreConfig,
 }
 
@@ -79,8 +83,15 @@ impl Store {
         // SQLite gives its -wal and -shm files the database file's mode, so
         // creating that one private keeps them all private.
         drop(crate::files::open_private(path)?);
+        check::log_belongs(path)?;
         let mut conn = open_writer(path, config.busy_timeout)?;
+        let file = writer::file_id(
+            &std::fs::metadata(path)
+                .map_err(|e| Error::Internal(format!("cannot stat {}: {e}", path.display())))?,
+        );
+        check::before_migrate(&conn, path)?;
         schema::migrate(&mut conn)?;
+        check::after_migrate(&conn, path)?;
         let (revision, compact) = query::revisions(&conn)?;
         let (hub, _) = broadcast::channel(config.publish_buffer.max(1));
         let (sender, rx) = mpsc::sync_channel(config.write_queue.max(1));
@@ -92,6 +103,7 @@ impl Store {
             readers: Mutex::new(Vec::new()),
             read_permits: Semaphore::new(config.read_pool.max(1)),
             hub,
+            fault: tokio::sync::watch::Sender::new(false),
             config: config.clone(),
         });
         let w = writer::Writer {
@@ -100,6 +112,8 @@ impl Store {
             compact,
             config: config.writer,
             inner: inner.clone(),
+            file,
+            replaced: false,
         };
         let handle = std::thread::Builder::new()
             .name("tether-writer".into())
@@ -174,6 +188,12 @@ impl Store {
         })
         .await
         .map_err(|e| Error::Internal(format!("read task failed: {e}")))?
+    }
+
+    /// Whether writes currently fail for a storage reason; changes as groups
+    /// fail and commit.
+    pub fn storage_fault(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.fault.subscribe()
     }
 
     /// Receives every committed event from now on, in revision order.

@@ -44,6 +44,12 @@ pub(super) enum Msg {
 pub(super) trait Job: Send {
     /// Runs inside the group transaction; `false` rolls back this job's savepoint.
     fn run(&mut self, tx: &mut Tx<'_>) -> bool;
+    /// The job's own error, once it has run and failed.
+    fn error(&self) -> Option<Error>;
+    /// Whether the job failed for a storage reason (disk full, read-only…).
+    fn storage_fault(&self) -> bool {
+        self.error().is_some_and(|e| e.is_storage_fault())
+    }
     /// Delivers the answer once the group's fate is known.
     fn finish(self: Box<Self>, committed: Result<(), Error>);
 }
@@ -65,6 +71,13 @@ where
         let ok = r.is_ok();
         self.result = Some(r);
         ok
+    }
+
+    fn error(&self) -> Option<Error> {
+        match &self.result {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        }
     }
 
     fn finish(self: Box<Self>, committed: Result<(), Error>) {
@@ -320,6 +333,11 @@ pub(super) struct Writer {
     pub compact: i64,
     pub config: WriterConfig,
     pub inner: Arc<Inner>,
+    /// The (device, inode) of the database file as opened.
+    pub file: (u64, u64),
+    /// Set for good once the path no longer names the file we opened: our
+    /// commits would go to an unlinked file and vanish at the next start.
+    pub replaced: bool,
 }
 
 impl Writer {
@@ -357,7 +375,13 @@ impl Writer {
                 break;
             }
         }
-        self.checkpoint();
+        // Fold the log into the file on the way out (the read connections,
+        // which close later, cannot): a stopped database is one complete file,
+        // which is also what lets the next start tell a stranger's log from
+        // its own. Not into a file that is no longer ours.
+        if !self.replaced {
+            self.checkpoint();
+        }
         tracing::debug!(revision = self.revision, "writer stopped");
     }
 
@@ -390,6 +414,11 @@ impl Writer {
     fn commit_group(&mut self, mut jobs: Vec<Box<dyn Job>>) {
         match self.try_commit_group(&mut jobs) {
             Ok(events) => {
+                // A job can meet a full disk on its own (its savepoint rolls
+                // back, the group commits): that is a fault too. A group with
+                // none clears it.
+                let fault = jobs.iter().any(|j| j.storage_fault());
+                self.set_fault(fault);
                 for event in events {
                     // No receivers is fine: nobody is watching.
                     let _ = self.inner.hub.send(Arc::new(event));
@@ -400,7 +429,10 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, jobs = jobs.len(), "commit failed; nothing in the group was applied");
-                // Busy is worth a retry; any other storage fault is not.
+                if e.is_storage_fault() {
+                    // Health reports NOT_SERVING until a group commits again.
+                    self.set_fault(true);
+                }
                 let answer = e;
                 for job in jobs {
                     job.finish(Err(answer.clone()));
@@ -410,6 +442,7 @@ impl Writer {
     }
 
     fn try_commit_group(&mut self, jobs: &mut [Box<dyn Job>]) -> Result<Vec<Event>, Error> {
+        self.check_file()?;
         let sql = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -432,7 +465,15 @@ impl Writer {
             if kept {
                 tx.sql.execute_batch("RELEASE job")?;
             } else {
-                tx.sql.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                if let Err(e) = tx.sql.execute_batch("ROLLBACK TO job; RELEASE job") {
+                    // SQLite rolls the whole transaction back itself on some
+                    // faults (a full disk): the group is lost, and the job's
+                    // own storage error says why better than the savepoint.
+                    return Err(job
+                        .error()
+                        .filter(Error::is_storage_fault)
+                        .unwrap_or_else(|| e.into()));
+                }
                 tx.revision = revision;
                 tx.events.truncate(n_events);
             }
@@ -470,6 +511,37 @@ impl Writer {
         self.revision = revision;
         self.compact = compact;
         Ok(events)
+    }
+
+    fn set_fault(&self, fault: bool) {
+        let fault = fault || self.replaced;
+        self.inner
+            .fault
+            .send_if_modified(|f| std::mem::replace(f, fault) != fault);
+    }
+
+    /// Refuses to commit once the database path no longer names the file we
+    /// opened (deleted, or replaced by another): SQLite would go on writing to
+    /// the unlinked file and every acknowledged change would be lost. One
+    /// `stat` per group, next to an fsync.
+    fn check_file(&mut self) -> Result<(), Error> {
+        if !self.replaced {
+            let now = std::fs::metadata(&self.inner.path)
+                .ok()
+                .map(|m| file_id(&m));
+            if now != Some(self.file) {
+                tracing::error!(path = %self.inner.path.display(), "the database file was removed or replaced; refusing writes");
+                self.replaced = true;
+            }
+        }
+        if self.replaced {
+            return Err(Error::StorageUnavailable(
+                "the database file was removed or replaced while the server ran; \
+                 restart the server to open the file now at its path"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Drops events and remembered answers older than the retention window.
@@ -528,4 +600,76 @@ fn prune_range(sql: &rusqlite::Transaction<'_>, above: i64, through: i64) -> Res
     )?
     .execute([above, through])?;
     Ok(())
+}
+
+/// The identity of a file: (device, inode).
+pub(super) fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Store, StoreConfig};
+    use super::*;
+    use crate::error::Error;
+
+    fn config() -> StoreConfig {
+        StoreConfig {
+            writer: WriterConfig {
+                max_group: 8,
+                retention: Duration::from_secs(3600),
+                retention_count: 1000,
+                prune_interval: Duration::from_secs(3600),
+                max_answers: 1000,
+            },
+            write_queue: 16,
+            read_pool: 1,
+            publish_buffer: 16,
+            busy_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// A real SQLITE_FULL: the writer connection's `max_page_count` caps the
+    /// file, which is the only way to fill a "disk" here without root mounts.
+    fn cap(tx: &Tx<'_>, pages: i64) -> Result<(), Error> {
+        tx.sql
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    fn fill(tx: &Tx<'_>, n: usize) -> Result<(), Error> {
+        let blob = "x".repeat(64 * 1024);
+        for i in 0..n {
+            tx.sql.execute(
+                "INSERT INTO requests (request_id, fingerprint, connection_id, answer, time) \
+                 VALUES (?1, 0, 'c', ?2, 0)",
+                params![format!("{:?}-{i}", tx.now), blob],
+            )?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_answers_storage_full_and_is_a_fault_until_a_write_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db"), config()).unwrap();
+        let fault = store.storage_fault();
+        let pages: i64 = store
+            .read(|c| Ok(c.query_row("PRAGMA page_count", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        store.write(move |tx| cap(tx, pages + 4)).await.unwrap();
+        let full = store.write(|tx| fill(tx, 8)).await;
+        assert!(matches!(full, Err(Error::StorageFull(_))), "{full:?}");
+        assert!(*fault.borrow(), "health sees the fault");
+        // Space comes back (here: the cap is lifted); the next write clears it.
+        store.write(|tx| cap(tx, 1 << 30)).await.unwrap();
+        assert!(!*fault.borrow());
+        store.write(|tx| fill(tx, 8)).await.unwrap();
+        assert!(!*fault.borrow());
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+    }
 }

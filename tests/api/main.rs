@@ -7,6 +7,7 @@ mod backup;
 mod common;
 mod connections;
 mod credentials;
+mod damage;
 mod definitions;
 mod discovery;
 mod egress;
