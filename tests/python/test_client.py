@@ -292,6 +292,19 @@ def test_sigterm_ends_an_open_watch_with_unavailable_and_exits_0(pb, stub, serve
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def assert_refused_as_invalid(pb, channel, method: str, raw: bytes):
+    """Sends `raw` bytes as the request of ConnectionService/`method`."""
+    call = channel.unary_unary(
+        f"/tether.v1.ConnectionService/{method}",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        call(raw, timeout=CALL_TIMEOUT)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    assert error_info(pb, e.value).reason == "INVALID_ARGUMENT"
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -303,15 +316,7 @@ def test_sigterm_ends_an_open_watch_with_unavailable_and_exits_0(pb, stub, serve
     ids=["invalid-utf8", "truncated"],
 )
 def test_a_request_that_does_not_decode_is_invalid_argument(pb, channel, raw):
-    call = channel.unary_unary(
-        "/tether.v1.ConnectionService/GetConnection",
-        request_serializer=None,
-        response_deserializer=None,
-    )
-    with pytest.raises(grpc.RpcError) as e:
-        call(raw, timeout=CALL_TIMEOUT)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
-    assert error_info(pb, e.value).reason == "INVALID_ARGUMENT"
+    assert_refused_as_invalid(pb, channel, "GetConnection", raw)
 
 
 def varint(n: int) -> bytes:
@@ -337,12 +342,4 @@ def test_a_struct_nested_past_the_limit_is_invalid_argument(pb, channel):
         struct = field(1, field(1, b"x") + field(2, value))  # Struct.fields entry
     connection = field(2, b"http") + field(9, struct)  # kind, metadata
     raw = field(1, connection)  # CreateConnectionRequest.connection
-    call = channel.unary_unary(
-        "/tether.v1.ConnectionService/CreateConnection",
-        request_serializer=None,
-        response_deserializer=None,
-    )
-    with pytest.raises(grpc.RpcError) as e:
-        call(raw, timeout=CALL_TIMEOUT)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
-    assert error_info(pb, e.value).reason == "INVALID_ARGUMENT"
+    assert_refused_as_invalid(pb, channel, "CreateConnection", raw)
