@@ -39,6 +39,30 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// A size in bytes: a number with an optional unit, `K`/`KiB`, `M`/`MiB`,
+/// `G`/`GiB` (all binary) or `B`.
+pub fn bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: usize = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: expected a number such as 512MiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}: use B, KiB, MiB or GiB"
+            ));
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// A resolver handed in by code rather than flags.
 #[derive(Clone)]
 pub struct InjectedResolver(pub Arc<dyn Resolve>);
@@ -256,9 +280,26 @@ pub struct Config {
     #[arg(long, env = "TETHER_WATCH_BUFFER", default_value_t = 256)]
     pub watch_buffer: usize,
 
-    /// Events read from the database per page when a watcher catches up.
+    /// Events read from the database per page when a watcher catches up
+    /// (and connections per page of a watch's snapshot).
     #[arg(long, env = "TETHER_WATCH_REPLAY_PAGE", default_value_t = 1000)]
     pub watch_replay_page: usize,
+
+    /// Memory all watch streams together may hold buffered (bytes; K, M, G
+    /// and KiB, MiB, GiB suffixes are binary). Each watcher may hold an equal
+    /// part, at least 64 KiB.
+    #[arg(long, env = "TETHER_WATCH_MEMORY", default_value = "256MiB", value_parser = bytes)]
+    pub watch_memory: usize,
+
+    /// How long a watcher may take nothing while its buffer is full before it
+    /// is ended with WATCH_TOO_SLOW and the revision to resume from.
+    #[arg(long, env = "TETHER_WATCH_STALL_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub watch_stall_timeout: Duration,
+
+    /// Longest a watch's snapshot may take to send; it holds a read view of
+    /// the database open meanwhile, which keeps the write-ahead log growing.
+    #[arg(long, env = "TETHER_WATCH_SNAPSHOT_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub watch_snapshot_timeout: Duration,
 
     /// Changes waiting for the writer before new ones are refused with UNAVAILABLE.
     #[arg(long, env = "TETHER_WRITE_QUEUE", default_value_t = 10_000)]
@@ -335,6 +376,8 @@ impl Config {
             ("handshake-timeout", self.handshake_timeout),
             ("keepalive-interval", self.keepalive_interval),
             ("keepalive-timeout", self.keepalive_timeout),
+            ("watch-stall-timeout", self.watch_stall_timeout),
+            ("watch-snapshot-timeout", self.watch_snapshot_timeout),
         ];
         for (flag, d) in positive {
             if d.is_zero() {
@@ -351,6 +394,7 @@ impl Config {
             ("watch-ring", self.watch_ring),
             ("watch-buffer", self.watch_buffer),
             ("watch-replay-page", self.watch_replay_page),
+            ("watch-memory", self.watch_memory),
             ("write-queue", self.write_queue),
             ("default-page-size", self.default_page_size),
             ("max-page-size", self.max_page_size),
@@ -526,6 +570,9 @@ impl Config {
             bookmark_interval: self.bookmark_interval,
             replay_page: self.watch_replay_page,
             buffer: self.watch_buffer,
+            memory: self.watch_memory,
+            stall_timeout: self.watch_stall_timeout,
+            snapshot_timeout: self.watch_snapshot_timeout,
         }
     }
 
@@ -538,5 +585,23 @@ impl Config {
             max_discovery_report: self.max_discovery_report,
             max_watches: self.max_watches,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bytes;
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(bytes("512"), Ok(512));
+        assert_eq!(bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(bytes("256 MiB"), Ok(256 << 20));
+        assert_eq!(bytes("8g"), Ok(8 << 30));
+        assert_eq!(bytes("1B"), Ok(1));
+        for bad in ["", "MiB", "-1", "1.5GiB", "12 parsecs"] {
+            assert!(bytes(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(bytes(&format!("{}GiB", usize::MAX)).is_err());
     }
 }

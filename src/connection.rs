@@ -126,6 +126,50 @@ impl Connection {
     pub fn is_live(&self) -> bool {
         self.state != State::Deleted
     }
+
+    /// About how many bytes the connection takes in memory or on the wire:
+    /// its text and metadata, plus a fixed allowance for the rest. Counted
+    /// without allocating, for budgets.
+    pub fn approx_size(&self) -> usize {
+        const FIXED: usize = 256;
+        let text = [
+            &self.kind,
+            &self.type_,
+            &self.sub_type,
+            &self.name,
+            &self.description,
+            &self.url,
+            &self.identity,
+            &self.credential_id,
+            &self.owner,
+            &self.state_reason,
+        ];
+        FIXED
+            + self.id.as_str().len()
+            + text.iter().map(|s| s.len()).sum::<usize>()
+            + self
+                .labels
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
+            + self
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + json_size(v))
+                .sum::<usize>()
+            + self.last_probe.as_ref().map_or(0, |p| p.message.len() + 32)
+    }
+}
+
+/// About how many bytes a JSON value takes, without encoding it.
+fn json_size(v: &serde_json::Value) -> usize {
+    use serde_json::Value as V;
+    8 + match v {
+        V::Null | V::Bool(_) | V::Number(_) => 0,
+        V::String(s) => s.len(),
+        V::Array(a) => a.iter().map(json_size).sum(),
+        V::Object(o) => o.iter().map(|(k, v)| k.len() + json_size(v)).sum(),
+    }
 }
 
 /// What kind of change an event records.
@@ -174,6 +218,13 @@ pub struct Event {
     pub time: Micros,
     /// The connection after the change.
     pub connection: Connection,
+}
+
+impl Event {
+    /// About how many bytes the event takes; see [`Connection::approx_size`].
+    pub fn approx_size(&self) -> usize {
+        64 + self.reason.len() + self.actor.len() + self.connection.approx_size()
+    }
 }
 
 /// Field limits. Generous enough for real use, small enough that one request

@@ -751,6 +751,7 @@ impl Engine {
                             after_revision: after,
                             limit: 1000,
                             owners: None,
+                            max_bytes: usize::MAX,
                         },
                     )?;
                     let Some(last) = page.last() else {

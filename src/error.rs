@@ -85,6 +85,12 @@ pub enum Error {
     #[error("{0}")]
     ResourceExhausted(String),
 
+    /// A watcher fell too far behind (it took nothing while its share of the
+    /// watch memory was full, or its snapshot took too long) and was ended;
+    /// it resumes with `after_revision = resume_after` (0: a new snapshot).
+    #[error("{message}; resume with after_revision={resume_after}")]
+    WatchTooSlow { message: String, resume_after: i64 },
+
     /// Too many changes are queued for the writer: retry after a short pause.
     #[error("{0}")]
     Overloaded(String),

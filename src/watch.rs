@@ -1,5 +1,5 @@
 //! Watch streams: a snapshot or a replay from the store, then live events,
-//! each change delivered once, in revision order.
+//! each change delivered once, in revision order, within one memory budget.
 //!
 //! A watcher subscribes to the store's published events *before* it reads the
 //! store, so nothing committed can fall between the two; events seen twice
@@ -8,6 +8,14 @@
 //! or other watchers, it catches up from the store instead, and only if the
 //! history it needs has been pruned does it end with `REVISION_COMPACTED`.
 //!
+//! A snapshot is read in pages from one read transaction ([`Store::snapshot`]),
+//! never whole. What a watcher holds between its task and its gRPC stream is
+//! counted against one budget shared by every watcher (`--watch-memory`):
+//! each may hold its share, and a task waits while its watcher is at it. A
+//! watcher that takes nothing for `--watch-stall-timeout` (or whose snapshot
+//! takes longer than `--watch-snapshot-timeout`) is ended with
+//! `WATCH_TOO_SLOW` and the revision to resume from; what it held is freed.
+//!
 //! Every watch task observes the shutdown token and is tracked, so the server
 //! can wait for all of them to end.
 
@@ -15,11 +23,13 @@ use crate::connection::{Connection, Event, EventType};
 use crate::error::Error;
 use crate::lifecycle::State;
 use crate::store::{EventFilter, Filter, Store, query};
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
@@ -29,11 +39,27 @@ use tokio_util::task::TaskTracker;
 pub struct WatchConfig {
     /// Idle time before a BOOKMARK is sent to watchers that asked for progress.
     pub bookmark_interval: Duration,
-    /// Events read from the store per page while catching up.
+    /// Events read from the store per page while catching up, and
+    /// connections per snapshot page.
     pub replay_page: usize,
-    /// Items buffered per watcher between its task and its gRPC stream.
+    /// Messages buffered per watcher between its task and its gRPC stream.
     pub buffer: usize,
+    /// Bytes all watchers together may hold buffered.
+    pub memory: usize,
+    /// How long a watcher may take nothing while its buffer is full.
+    pub stall_timeout: Duration,
+    /// How long a watcher may take to receive its snapshot, during which a
+    /// read view of the database is held open.
+    pub snapshot_timeout: Duration,
 }
+
+/// Every watcher may hold at least this much, however many there are: one
+/// message always fits, whatever its size.
+const MIN_SHARE: usize = 64 * 1024;
+
+/// Most bytes a store page read for one watcher holds (a snapshot page or a
+/// page of history while catching up), within its share.
+const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// What a watch asks for.
 #[derive(Clone, Debug, Default)]
@@ -66,6 +92,55 @@ pub enum Item {
     Bookmark(i64),
 }
 
+impl Item {
+    /// About how many bytes the message holds while buffered.
+    fn approx_size(&self) -> usize {
+        match self {
+            Item::Snapshot(c) => c.approx_size(),
+            Item::Change(_, e) => e.approx_size(),
+            Item::Synced(_) | Item::Bookmark(_) => 64,
+        }
+    }
+
+    /// The revision a client that has this message can resume after, if any
+    /// (a snapshot is only complete at its SYNCED).
+    fn resumable(&self) -> Option<i64> {
+        match self {
+            Item::Snapshot(_) => None,
+            Item::Change(_, e) => Some(e.revision),
+            Item::Synced(r) | Item::Bookmark(r) => Some(*r),
+        }
+    }
+}
+
+/// The memory every watcher's buffer draws on.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+    watchers: AtomicUsize,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Self {
+        Budget {
+            limit,
+            used: AtomicUsize::new(0),
+            watchers: AtomicUsize::new(0),
+        }
+    }
+
+    /// What one watcher may hold now: an equal part of the budget.
+    fn share(&self) -> usize {
+        (self.limit / self.watchers.load(Ordering::Relaxed).max(1)).max(MIN_SHARE)
+    }
+
+    /// Bytes all watchers hold buffered now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
 /// Starts watch streams.
 #[derive(Clone)]
 pub struct Watcher {
@@ -73,6 +148,7 @@ pub struct Watcher {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     config: WatchConfig,
+    budget: Arc<Budget>,
 }
 
 impl Watcher {
@@ -86,8 +162,14 @@ impl Watcher {
             store,
             shutdown,
             tracker,
+            budget: Arc::new(Budget::new(config.memory)),
             config,
         }
+    }
+
+    /// The budget all watchers share, to observe.
+    pub fn budget(&self) -> Arc<Budget> {
+        self.budget.clone()
     }
 
     /// Checks the request and starts the stream. Errors about the starting
@@ -100,35 +182,38 @@ impl Watcher {
         let live = self.store.subscribe();
         let (current, compact) = self.store.read(|c| query::revisions(c)).await?;
         check_start(spec.after_revision, current, compact)?;
-        let (tx, rx) = mpsc::channel(self.config.buffer.max(1));
+        let queue = Arc::new(Queue::new(self.budget.clone(), self.config.buffer));
+        let stream = WatchStream {
+            queue: queue.clone(),
+            shutdown: Box::pin(self.shutdown.clone().cancelled_owned()),
+            done: false,
+            resume_after: spec.after_revision,
+        };
         let task = Task {
             store: self.store.clone(),
             spec,
-            out: tx,
+            queue: queue.clone(),
             config: self.config.clone(),
         };
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
-            let out = task.out.clone();
+            // Whatever ends the task, the stream hears how.
+            let _end = EndGuard(queue.clone());
             let result = tokio::select! {
                 r = task.run(live) => r,
                 _ = shutdown.cancelled() => Ok(()),
-                _ = out.closed() => Ok(()),
+                _ = queue.gone.cancelled() => Ok(()),
             };
-            if let Err(e) = result {
-                // The error is the last word, so wait for room behind whatever
-                // is still buffered; give up only if the client goes or we stop.
-                tokio::select! {
-                    _ = out.send(Err(e)) => {}
-                    _ = shutdown.cancelled() => {}
+            match result {
+                Ok(()) | Err(Stop::Gone) => {}
+                Err(Stop::Stalled(why)) => {
+                    tracing::info!(why, "watcher fell too far behind; ended it");
+                    queue.stall(why);
                 }
+                Err(Stop::Failed(e)) => queue.end(e),
             }
         });
-        Ok(WatchStream {
-            rx,
-            shutdown: Box::pin(self.shutdown.clone().cancelled_owned()),
-            done: false,
-        })
+        Ok(stream)
     }
 }
 
@@ -155,12 +240,125 @@ fn shutting_down() -> Error {
     Error::Unavailable("the server is shutting down".into())
 }
 
+/// Messages on their way from a watch task to its stream, bounded in count
+/// and in bytes (the watcher's share of the budget).
+struct Queue {
+    state: Mutex<Buffered>,
+    /// Wakes the task when the stream takes something.
+    room: Notify,
+    /// Cancelled when the stream is dropped: the client has gone.
+    gone: CancellationToken,
+    budget: Arc<Budget>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct Buffered {
+    items: VecDeque<(Item, usize)>,
+    bytes: usize,
+    /// The task's last word, delivered after the items.
+    end: Option<Error>,
+    /// The task gave up on a watcher that took nothing for too long: its
+    /// items are dropped and the stream ends at once.
+    stalled: Option<String>,
+    waker: Option<Waker>,
+}
+
+impl Queue {
+    fn new(budget: Arc<Budget>, capacity: usize) -> Self {
+        budget.watchers.fetch_add(1, Ordering::Relaxed);
+        Queue {
+            state: Mutex::new(Buffered::default()),
+            room: Notify::new(),
+            gone: CancellationToken::new(),
+            budget,
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Buffered> {
+        self.state.lock().expect("watch queue lock")
+    }
+
+    /// Queues `item` once there is room for it, or gives up at `deadline`.
+    async fn push(&self, item: Item, deadline: Instant) -> Result<(), Stop> {
+        let bytes = item.approx_size();
+        let mut item = Some(item);
+        loop {
+            {
+                let mut b = self.lock();
+                let fits = b.items.is_empty()
+                    || (b.items.len() < self.capacity && b.bytes + bytes <= self.budget.share());
+                if fits {
+                    b.bytes += bytes;
+                    self.budget.used.fetch_add(bytes, Ordering::Relaxed);
+                    b.items
+                        .push_back((item.take().expect("pushed once"), bytes));
+                    if let Some(w) = b.waker.take() {
+                        w.wake();
+                    }
+                    return Ok(());
+                }
+            }
+            // A permit stored by `notify_one` covers a take that happens
+            // between the check above and this wait.
+            if tokio::time::timeout_at(deadline, self.room.notified())
+                .await
+                .is_err()
+            {
+                return Err(Stop::Stalled(
+                    "the watcher took nothing while its buffer was full".into(),
+                ));
+            }
+        }
+    }
+
+    /// Drops what is buffered and frees its bytes.
+    fn clear(&self, b: &mut Buffered) {
+        b.items.clear();
+        self.budget.used.fetch_sub(b.bytes, Ordering::Relaxed);
+        b.bytes = 0;
+    }
+
+    fn stall(&self, why: String) {
+        let mut b = self.lock();
+        self.clear(&mut b);
+        b.stalled = Some(why);
+        if let Some(w) = b.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn end(&self, e: Error) {
+        let mut b = self.lock();
+        b.end.get_or_insert(e);
+        if let Some(w) = b.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Ends the stream when its task ends without a word (it never should): a
+/// watch never ends without a status.
+struct EndGuard(Arc<Queue>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0.end(Error::Unavailable(
+            "the watch ended unexpectedly; resume from the last revision".into(),
+        ));
+    }
+}
+
 /// The client side of a watch. Ends with `UNAVAILABLE` as soon as the server
 /// starts shutting down, whatever is still buffered.
 pub struct WatchStream {
-    rx: mpsc::Receiver<Result<Item, Error>>,
+    queue: Arc<Queue>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     done: bool,
+    /// The revision everything handed out so far reaches: where a client
+    /// resumes. 0 until a snapshot is complete.
+    resume_after: i64,
 }
 
 impl tokio_stream::Stream for WatchStream {
@@ -174,70 +372,91 @@ impl tokio_stream::Stream for WatchStream {
             self.done = true;
             return Poll::Ready(Some(Err(shutting_down())));
         }
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Err(e))) => {
-                self.done = true;
-                Poll::Ready(Some(Err(e)))
-            }
-            // A watch never ends on its own; if its task does, say so rather
-            // than let the client take the end for "nothing more to see".
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(Some(Err(Error::Unavailable(
-                    "the watch ended unexpectedly; resume from the last revision".into(),
-                ))))
-            }
-            other => other,
+        let queue = self.queue.clone();
+        let mut b = queue.lock();
+        if let Some(why) = b.stalled.take() {
+            drop(b);
+            self.done = true;
+            return Poll::Ready(Some(Err(Error::WatchTooSlow {
+                message: why,
+                resume_after: self.resume_after,
+            })));
         }
+        if let Some((item, bytes)) = b.items.pop_front() {
+            b.bytes -= bytes;
+            queue.budget.used.fetch_sub(bytes, Ordering::Relaxed);
+            drop(b);
+            queue.room.notify_one();
+            if let Some(r) = item.resumable() {
+                self.resume_after = r;
+            }
+            return Poll::Ready(Some(Ok(item)));
+        }
+        if let Some(e) = b.end.take() {
+            drop(b);
+            self.done = true;
+            return Poll::Ready(Some(Err(e)));
+        }
+        b.waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 
-/// Marker for "the client went away": the task just stops.
-struct Gone;
+impl Drop for WatchStream {
+    fn drop(&mut self) {
+        let mut b = self.queue.lock();
+        self.queue.clear(&mut b);
+        drop(b);
+        self.queue.gone.cancel();
+        self.queue.room.notify_one();
+        self.queue.budget.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a watch task stopped early.
+enum Stop {
+    /// The client went away: nothing more to say.
+    Gone,
+    /// The watcher fell too far behind; the stream says where to resume.
+    Stalled(String),
+    /// The watch ends with this status, after what was sent.
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Failed(e)
+    }
+}
 
 struct Task {
     store: Store,
     spec: WatchSpec,
-    out: mpsc::Sender<Result<Item, Error>>,
+    queue: Arc<Queue>,
     config: WatchConfig,
 }
 
 impl Task {
-    async fn run(&self, mut live: broadcast::Receiver<Arc<Event>>) -> Result<(), Error> {
-        match self.stream(&mut live).await {
-            Ok(Ok(())) | Ok(Err(Gone)) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn stream(
-        &self,
-        live: &mut broadcast::Receiver<Arc<Event>>,
-    ) -> Result<Result<(), Gone>, Error> {
+    async fn run(&self, mut live: broadcast::Receiver<Arc<Event>>) -> Result<(), Stop> {
         let mut last = self.spec.after_revision;
         if last == 0 {
             // Everything committed after this snapshot was published after we
             // subscribed, so the live ring has it: no replay is needed here.
-            let filter = self.spec.filter.clone();
-            let (connections, revision) = self
-                .store
-                .read(move |c| query::snapshot(c, &filter))
-                .await?;
-            for c in connections {
-                if self.send(Item::Snapshot(c)).await.is_err() {
-                    return Ok(Err(Gone));
+            let limit = self.config.snapshot_timeout;
+            last = match tokio::time::timeout(limit, self.snapshot()).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(Stop::Stalled(format!(
+                        "the snapshot was not taken within {}s; list in pages, then watch \
+                         from the list's revision",
+                        limit.as_secs_f64()
+                    )));
                 }
-            }
-            last = revision;
-        } else {
-            last = match self.catch_up(last).await? {
-                Ok(r) => r,
-                Err(Gone) => return Ok(Err(Gone)),
             };
+        } else {
+            last = self.catch_up(last).await?;
         }
-        if self.send(Item::Synced(last)).await.is_err() {
-            return Ok(Err(Gone));
-        }
+        self.send(Item::Synced(last)).await?;
         let interval = self.config.bookmark_interval;
         let mut idle_until = Instant::now() + interval;
         loop {
@@ -249,9 +468,7 @@ impl Task {
                         last = e.revision;
                         match classify(&self.spec.filter, &e) {
                             Some(item) => {
-                                if self.send(item).await.is_err() {
-                                    return Ok(Err(Gone));
-                                }
+                                self.send(item).await?;
                                 true
                             }
                             None => false,
@@ -259,18 +476,13 @@ impl Task {
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::debug!(missed, last, "watcher fell behind the live ring; replaying from the store");
-                        last = match self.catch_up(last).await? {
-                            Ok(r) => r,
-                            Err(Gone) => return Ok(Err(Gone)),
-                        };
+                        last = self.catch_up(last).await?;
                         true
                     }
-                    Err(broadcast::error::RecvError::Closed) => return Err(shutting_down()),
+                    Err(broadcast::error::RecvError::Closed) => return Err(shutting_down().into()),
                 },
                 _ = tokio::time::sleep_until(idle_until), if self.spec.progress_notify => {
-                    if self.send(Item::Bookmark(last)).await.is_err() {
-                        return Ok(Err(Gone));
-                    }
+                    self.send(Item::Bookmark(last)).await?;
                     true
                 }
             };
@@ -280,11 +492,36 @@ impl Task {
         }
     }
 
+    /// Bytes one store page for this watcher may hold.
+    fn page_bytes(&self) -> usize {
+        (self.queue.budget.share() / 2).min(MAX_PAGE_BYTES)
+    }
+
+    /// Sends every matching connection as of one revision, page by page;
+    /// returns that revision.
+    async fn snapshot(&self) -> Result<i64, Stop> {
+        let mut snapshot = self
+            .store
+            .snapshot(
+                self.spec.filter.clone(),
+                self.config.replay_page,
+                self.page_bytes(),
+            )
+            .await?;
+        while let Some(page) = snapshot.next_page().await {
+            for c in page? {
+                self.send(Item::Snapshot(c)).await?;
+            }
+        }
+        Ok(snapshot.revision)
+    }
+
     /// Sends every retained change after `last` from the store; returns the
     /// revision reached.
-    async fn catch_up(&self, mut last: i64) -> Result<Result<i64, Gone>, Error> {
+    async fn catch_up(&self, mut last: i64) -> Result<i64, Stop> {
         loop {
             let limit = self.config.replay_page.max(1);
+            let max_bytes = self.page_bytes();
             let after = last;
             let (events, compact) = self
                 .store
@@ -298,6 +535,7 @@ impl Task {
                             limit,
                             // Filtered per event below, owners included.
                             owners: None,
+                            max_bytes,
                         },
                     )?;
                     Ok((events, compact))
@@ -307,25 +545,27 @@ impl Task {
                 return Err(Error::RevisionCompacted {
                     requested: after,
                     compact,
-                });
-            }
-            let n = events.len();
-            for e in events {
-                if let Some(item) = classify(&self.spec.filter, &e)
-                    && self.send(item).await.is_err()
-                {
-                    return Ok(Err(Gone));
                 }
-                last = e.revision;
+                .into());
             }
-            if n < limit {
-                return Ok(Ok(last));
+            let Some(newest) = events.last().map(|e| e.revision) else {
+                return Ok(last);
+            };
+            for e in events {
+                if let Some(item) = classify(&self.spec.filter, &e) {
+                    self.send(item).await?;
+                }
             }
+            last = newest;
         }
     }
 
-    async fn send(&self, item: Item) -> Result<(), Gone> {
-        self.out.send(Ok(item)).await.map_err(|_| Gone)
+    async fn send(&self, item: Item) -> Result<(), Stop> {
+        if self.queue.gone.is_cancelled() {
+            return Err(Stop::Gone);
+        }
+        let deadline = Instant::now() + self.config.stall_timeout;
+        self.queue.push(item, deadline).await
     }
 }
 

@@ -449,6 +449,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
                     after_revision: r.after_revision,
                     limit,
                     owners: principal.scope.owners(),
+                    max_bytes: usize::MAX,
                 },
                 &principal.scope,
             )
@@ -1151,6 +1152,11 @@ fn classify(e: &Error) -> (tonic::Code, &'static str, Vec<(&'static str, String)
                 ("requested_revision", requested.to_string()),
                 ("current_revision", current.to_string()),
             ],
+        ),
+        Error::WatchTooSlow { resume_after, .. } => (
+            Code::ResourceExhausted,
+            "WATCH_TOO_SLOW",
+            vec![("resume_after_revision", resume_after.to_string())],
         ),
         Error::Unavailable(_) | Error::Overloaded(_) => (Code::Unavailable, "UNAVAILABLE", vec![]),
         Error::ResourceExhausted(_) => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED", vec![]),

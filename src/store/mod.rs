@@ -15,11 +15,12 @@ mod schema;
 mod writer;
 
 pub use query::{
-    Cursor, EventFilter, Filter, ListQuery, Order, OrderField, Page, StoredCredential,
+    Cursor, EventFilter, Filter, ListQuery, Order, OrderField, Page, SnapshotCursor,
+    StoredCredential,
 };
 pub use writer::{EventDraft, Tx, WriterConfig};
 
-use crate::connection::Event;
+use crate::connection::{Connection, Event};
 use crate::error::Error;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,8 @@ pub(crate) struct Inner {
     lock: Mutex<Option<std::fs::File>>,
     readers: Mutex<Vec<rusqlite::Connection>>,
     read_permits: Semaphore,
+    /// Snapshots being read, each on a connection of its own.
+    snapshot_permits: Arc<Semaphore>,
     hub: broadcast::Sender<Arc<Event>>,
     /// True while writes cannot commit for a storage reason (full, read-only,
     /// I/O error, file replaced); health reports NOT_SERVING meanwhile.
@@ -102,6 +105,7 @@ impl Store {
             lock: Mutex::new(Some(lock)),
             readers: Mutex::new(Vec::new()),
             read_permits: Semaphore::new(config.read_pool.max(1)),
+            snapshot_permits: Arc::new(Semaphore::new(config.read_pool.max(1))),
             hub,
             fault: tokio::sync::watch::Sender::new(false),
             config: config.clone(),
@@ -190,6 +194,71 @@ impl Store {
         .map_err(|e| Error::Internal(format!("read task failed: {e}")))?
     }
 
+    /// Reads every connection matching `filter` as of one moment, page by
+    /// page (see [`query::snapshot_page`] for `rows` and `bytes`), so the
+    /// whole set is never in memory at once. The pages come from one read
+    /// transaction on a connection of its own, open until the last page is
+    /// taken or the [`Snapshot`] is dropped; meanwhile the write-ahead log
+    /// cannot be checkpointed past it, so callers bound how long they hold
+    /// one. At most `--read-pool` snapshots are read at once; more wait.
+    pub async fn snapshot(
+        &self,
+        filter: Filter,
+        rows: usize,
+        bytes: usize,
+    ) -> Result<Snapshot, Error> {
+        let permit = self
+            .inner
+            .snapshot_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| shutting_down())?;
+        let (pages, rx) = tokio::sync::mpsc::channel(1);
+        let (opened, revision) = oneshot::channel();
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut opened = Some(opened);
+            let result = (|| -> Result<(), Error> {
+                let mut conn = open_reader(&inner.path, inner.config.busy_timeout)?;
+                let sql = conn.transaction()?;
+                // The transaction's view is fixed by its first read.
+                let (revision, _) = query::revisions(&sql)?;
+                if let Some(o) = opened.take()
+                    && o.send(Ok(revision)).is_err()
+                {
+                    return Ok(());
+                }
+                let mut after = None;
+                loop {
+                    let (page, next) =
+                        query::snapshot_page(&sql, &filter, after.as_ref(), rows, bytes)?;
+                    if pages.blocking_send(Ok(page)).is_err() {
+                        return Ok(());
+                    }
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => return Ok(()),
+                    }
+                }
+            })();
+            if let Err(e) = result {
+                match opened.take() {
+                    Some(o) => drop(o.send(Err(e))),
+                    None => drop(pages.blocking_send(Err(e))),
+                }
+            }
+        });
+        let revision = revision
+            .await
+            .map_err(|_| Error::Internal("snapshot reader ended early".into()))??;
+        Ok(Snapshot {
+            revision,
+            pages: rx,
+        })
+    }
+
     /// Whether writes currently fail for a storage reason; changes as groups
     /// fail and commit.
     pub fn storage_fault(&self) -> tokio::sync::watch::Receiver<bool> {
@@ -219,6 +288,20 @@ impl Store {
     }
 }
 
+/// A consistent read of many connections, taken a page at a time.
+pub struct Snapshot {
+    /// The revision the snapshot shows: every change up to it, none after.
+    pub revision: i64,
+    pages: tokio::sync::mpsc::Receiver<Result<Vec<Connection>, Error>>,
+}
+
+impl Snapshot {
+    /// The next page, or `None` after the last one.
+    pub async fn next_page(&mut self) -> Option<Result<Vec<Connection>, Error>> {
+        self.pages.recv().await
+    }
+}
+
 fn shutting_down() -> Error {
     Error::Unavailable("the server is shutting down".into())
 }
@@ -235,6 +318,9 @@ fn open_writer(path: &Path, busy: Duration) -> Result<rusqlite::Connection, Erro
         )));
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // A write-ahead log that grew while a long read (a watch's snapshot) kept
+    // it from being reset is cut back to this once it can be.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     Ok(conn)
 }
 

@@ -2,7 +2,7 @@
 //! watch snapshot. Every function runs on a connection or transaction it is
 //! given, so callers choose the snapshot.
 
-use crate::connection::{Connection, ConnectionId, Event, EventType};
+use crate::connection::{Connection, ConnectionId, Event, EventType, Micros};
 use crate::error::Error;
 use crate::lifecycle::{State, Trigger};
 use base64::Engine as _;
@@ -377,24 +377,58 @@ pub fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Error> {
     })
 }
 
-/// Every matching connection, and the revision they were read at.
-pub fn snapshot(
+/// Where a snapshot page ends: the sort key of its last row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotCursor {
+    create_time: Micros,
+    id: String,
+}
+
+/// One page of the matching connections in creation order, after `after`:
+/// at most `max_rows`, and no more rows once `max_bytes` (by
+/// [`Connection::approx_size`]) is reached, though always at least one. The
+/// cursor to continue from comes back while more may follow.
+pub fn snapshot_page(
     c: &rusqlite::Connection,
     filter: &Filter,
-) -> Result<(Vec<Connection>, i64), Error> {
-    let (revision, _) = revisions(c)?;
+    after: Option<&SnapshotCursor>,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<(Vec<Connection>, Option<SnapshotCursor>), Error> {
+    let max_rows = max_rows.max(1);
     let mut clauses = Vec::new();
     let mut args = Vec::new();
     filter.to_sql(&mut clauses, &mut args);
+    if let Some(a) = after {
+        clauses.push("(create_time, id) > (?, ?)".into());
+        args.push(Value::Integer(a.create_time));
+        args.push(Value::Text(a.id.clone()));
+    }
     let sql = format!(
-        "SELECT {CONNECTION_COLUMNS} FROM connections {} ORDER BY create_time, id",
-        where_clause(&clauses)
+        "SELECT {CONNECTION_COLUMNS} FROM connections {} ORDER BY create_time, id LIMIT {}",
+        where_clause(&clauses),
+        max_rows + 1
     );
     let mut stmt = c.prepare_cached(&sql)?;
-    let rows = stmt
-        .query_map(params_from_iter(args), connection_from_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((rows, revision))
+    let mut rows = stmt.query_map(params_from_iter(args), connection_from_row)?;
+    let (mut page, mut bytes, mut more) = (Vec::new(), 0, false);
+    for row in rows.by_ref() {
+        if page.len() == max_rows || (!page.is_empty() && bytes >= max_bytes) {
+            more = true;
+            break;
+        }
+        let row = row?;
+        bytes += row.approx_size();
+        page.push(row);
+    }
+    let next = more.then(|| {
+        let last = page.last().expect("a page that stops early has rows");
+        SnapshotCursor {
+            create_time: last.create_time,
+            id: last.id.as_str().to_owned(),
+        }
+    });
+    Ok((page, next))
 }
 
 /// Counts per state, and the revision they were read at.
@@ -426,6 +460,9 @@ pub struct EventFilter {
     pub limit: usize,
     /// Only events of connections of these owners; `None`: every owner.
     pub owners: Option<Vec<String>>,
+    /// No more events once this many bytes (by [`Event::approx_size`]) are
+    /// read, though always at least one.
+    pub max_bytes: usize,
 }
 
 impl Filter {
@@ -485,7 +522,16 @@ pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, E
             })?,
         })
     })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    let (mut events, mut bytes) = (Vec::new(), 0);
+    for row in rows {
+        if !events.is_empty() && bytes >= f.max_bytes {
+            break;
+        }
+        let event = row?;
+        bytes += event.approx_size();
+        events.push(event);
+    }
+    Ok(events)
 }
 
 /// A credential row: its sealed secret is only ever opened by `secrets`.

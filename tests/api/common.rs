@@ -111,6 +111,14 @@ impl App {
         self.dir.path().join("tether.db")
     }
 
+    /// A plaintext client on a connection of its own (so flow control on
+    /// another client's streams cannot hold its calls up).
+    pub async fn new_client(&self) -> Client {
+        ConnectionServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+    }
+
     /// Signals shutdown without waiting for it.
     pub fn begin_stop(&mut self) {
         if let Some(s) = self.stop.take() {

@@ -525,3 +525,226 @@ async fn retention_keeps_a_tombstones_last_event() {
     let kept = events_of(&mut c, &y.id).await;
     assert_eq!(kept.len(), 3, "{kept:?}");
 }
+
+/// A connection carrying `bytes` of metadata.
+fn heavy(bytes: usize) -> pb::Connection {
+    pb::Connection {
+        metadata: Some(prost_types::Struct {
+            fields: [(
+                "blob".to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue("x".repeat(bytes))),
+                },
+            )]
+            .into(),
+        }),
+        ..conn("tcp", "")
+    }
+}
+
+#[tokio::test]
+async fn a_snapshot_read_in_pages_shows_one_moment() {
+    // Pages of 5 and rows too large for the stream's flow-control window to
+    // take them all: most pages are read after the changes below commit.
+    let app = App::start_with(|cfg| cfg.watch_replay_page = 5).await;
+    let mut c = app.client.clone();
+    let mut before = Vec::new();
+    for _ in 0..60 {
+        before.push(create(&mut c, heavy(4096)).await.id);
+    }
+    let at = before.len() as i64;
+    let mut s = watch(&mut c, pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap();
+    // The first row is out, so the snapshot's view is fixed.
+    let first = next(&mut s).await;
+    assert_eq!((kind(&first), id(&first)), (W::Added, before[0].as_str()));
+    // Meanwhile: one deleted, one changed, one created (on another connection,
+    // so the unread watch cannot hold up the answers).
+    let mut other = app.new_client().await;
+    transition(&mut other, &before[59], S::Deleted)
+        .await
+        .unwrap();
+    transition(&mut other, &before[58], S::Ignored)
+        .await
+        .unwrap();
+    let late = create(&mut other, heavy(10)).await;
+
+    let mut seen = vec![id(&first).to_owned()];
+    loop {
+        let m = next(&mut s).await;
+        if kind(&m) == W::Synced {
+            assert_eq!(m.revision, at, "the snapshot is as of its first read");
+            break;
+        }
+        assert_eq!(kind(&m), W::Added);
+        let c = m.connection.as_ref().unwrap();
+        assert!(c.revision <= at, "{} shows a later change", c.id);
+        assert_eq!(c.state, S::Discovered as i32);
+        seen.push(c.id.clone());
+    }
+    assert_eq!(
+        seen, before,
+        "every connection of that moment, once, in order"
+    );
+    // Then the changes, live, in order.
+    let m = next(&mut s).await;
+    assert_eq!(
+        (kind(&m), id(&m), m.revision),
+        (W::Removed, before[59].as_str(), at + 1)
+    );
+    let m = next(&mut s).await;
+    assert_eq!(
+        (kind(&m), id(&m), m.revision),
+        (W::Modified, before[58].as_str(), at + 2)
+    );
+    let m = next(&mut s).await;
+    assert_eq!(
+        (kind(&m), id(&m), m.revision),
+        (W::Added, late.id.as_str(), at + 3)
+    );
+}
+
+/// A real server with a small watch budget and short limits, and two clients
+/// on separate connections: one to watch, one to write.
+async fn tight_server(args: &[&str]) -> (Binary, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let mut all = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().unwrap(),
+        "--disable-monitor",
+        "--rate-limit",
+        "0",
+    ];
+    all.extend_from_slice(args);
+    let p = Binary::serve(&all).await;
+    (p, dir)
+}
+
+#[tokio::test]
+async fn a_watcher_that_stops_reading_is_ended_with_where_to_resume() {
+    let (mut p, _dir) =
+        tight_server(&["--watch-memory", "256KiB", "--watch-stall-timeout", "300ms"]).await;
+    let mut writer = p.client().await;
+    create(&mut writer, conn("tcp", "")).await;
+    let mut watcher = small_window_client(&p).await;
+    let mut s = watch(&mut watcher, pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(kind(&next(&mut s).await), W::Added);
+    assert_eq!(next(&mut s).await.revision, 1, "SYNCED at 1");
+    // 100 changes of 16 KiB: far more than the budget and the stream's
+    // flow-control window together, while the watcher reads nothing.
+    let changes = 100;
+    for _ in 0..changes {
+        create(&mut writer, heavy(16 * 1024)).await;
+    }
+    p.logged("watcher fell too far behind").await;
+
+    // What was already on its way arrives, then the status.
+    let mut got = Vec::new();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("a message within 10 s")
+        {
+            Ok(Some(m)) => got.push(m.revision),
+            Ok(None) => panic!("a watch never ends without a status"),
+            Err(status) => break status,
+        }
+    };
+    let (code, reason, meta) = error_info(&status);
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::ResourceExhausted, "WATCH_TOO_SLOW")
+    );
+    let resume: i64 = meta["resume_after_revision"].parse().unwrap();
+    assert_eq!(resume, got.last().copied().unwrap_or(1), "{status:?}");
+    assert!(
+        (got.len() as i64) < changes,
+        "ended before it had everything ({} of {changes})",
+        got.len()
+    );
+
+    // Resuming there delivers the rest, each once, in order.
+    let mut s = watch(
+        &mut watcher,
+        pb::WatchConnectionsRequest {
+            after_revision: resume,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let last = changes + 1;
+    while got.last().copied().unwrap_or(1) < last {
+        let m = next(&mut s).await;
+        if kind(&m) != W::Synced {
+            got.push(m.revision);
+        }
+    }
+    assert_eq!(got, (2..=last).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_snapshot_not_taken_in_time_ends_the_watch() {
+    let (mut p, _dir) = tight_server(&[
+        "--watch-memory",
+        "256KiB",
+        "--watch-snapshot-timeout",
+        "300ms",
+        "--watch-replay-page",
+        "2",
+    ])
+    .await;
+    let mut writer = p.client().await;
+    for _ in 0..100 {
+        create(&mut writer, heavy(16 * 1024)).await;
+    }
+    let mut watcher = small_window_client(&p).await;
+    let mut s = watch(&mut watcher, pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap();
+    p.logged("watcher fell too far behind").await;
+    let status = loop {
+        match next_or_status(&mut s).await {
+            Ok(m) => assert_eq!(kind(&m), W::Added, "never SYNCED"),
+            Err(status) => break status,
+        }
+    };
+    let (code, reason, meta) = error_info(&status);
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::ResourceExhausted, "WATCH_TOO_SLOW")
+    );
+    assert_eq!(meta["resume_after_revision"], "0", "a new snapshot");
+    assert!(status.message().contains("snapshot"), "{status:?}");
+    // Writes went on meanwhile: the read view was let go.
+    create(&mut writer, conn("tcp", "")).await;
+}
+
+/// A client whose HTTP/2 windows are small (64 KiB), so a stream it does not
+/// read soon stops the server from sending.
+async fn small_window_client(p: &Binary) -> Client {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.addr()))
+        .unwrap()
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(64 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    tether::pb::tether::v1::connection_service_client::ConnectionServiceClient::new(channel)
+}
+
+/// The next message or the stream's status, within 10 s.
+async fn next_or_status(
+    s: &mut Streaming<pb::WatchConnectionsResponse>,
+) -> Result<pb::WatchConnectionsResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("a message within 10 s")
+        .map(|m| m.expect("a watch never ends without a status"))
+}
