@@ -10,6 +10,7 @@ mod credentials;
 mod damage;
 mod definitions;
 mod discovery;
+mod diskfull;
 mod egress;
 mod faults;
 mod lifecycle;
