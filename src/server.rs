@@ -28,6 +28,7 @@ use crate::secrets::SecretBox;
 use crate::service::auth::{AuthLayer, Gate};
 use crate::service::credentials::CredentialService;
 use crate::service::definitions::DefinitionService;
+use crate::service::sizes::{HTTP2_MAX_HEADER_LIST, MAX_MESSAGE_BYTES, SizeLayer};
 use crate::service::{ConnectionService, RequestIds};
 use crate::store::Store;
 use crate::transport::{self, Tls};
@@ -296,20 +297,31 @@ async fn serve(
             stopping.clone(),
         ));
     }
+    // Sizes first (metadata before anyone is authenticated, then each
+    // request message as it arrives), then the gate. tonic's own message
+    // limit, the same, stays on every service behind ours.
     let server = tonic::transport::Server::builder()
+        .layer(SizeLayer::default())
         .layer(gate)
         .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_header_list_size(HTTP2_MAX_HEADER_LIST)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .add_service(HealthServer::new(HealthService::new(
-            stopping.clone(),
-            storage_fault,
-        )))
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(ConnectionServiceServer::new(service))
-        .add_service(DefinitionServiceServer::new(definitions))
-        .add_service(CredentialServiceServer::new(credentials))
+        .add_service(
+            HealthServer::new(HealthService::new(stopping.clone(), storage_fault))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(reflection_v1.max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(reflection_v1alpha.max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(
+            ConnectionServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            DefinitionServiceServer::new(definitions).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            CredentialServiceServer::new(credentials).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, signal);
     let mut server = tokio::spawn(server);
 

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod credentials;
 pub mod definitions;
+pub mod sizes;
 
 use crate::access::{Access, Principal};
 use crate::connection::{
