@@ -401,17 +401,23 @@ impl Engine {
         };
         let key = r.request;
         let kinds = self.kinds.clone();
-        self.store
-            .write(move |tx| {
-                if let Some(answer) = replayed(tx, &key)? {
-                    return Ok(answer);
-                }
-                let id = m.id.clone();
-                let answer = Ok(apply_transition(tx, &kinds, m)?);
-                remember(tx, &key, &id, &answer)?;
-                Ok(answer)
-            })
-            .await?
+        // A deletion frees space (the tombstone keeps no metadata, and
+        // earlier events lose theirs), so it runs over the storage quota too.
+        let deletes = m.target == State::Deleted;
+        let job = move |tx: &mut Tx<'_>| {
+            if let Some(answer) = replayed(tx, &key)? {
+                return Ok(answer);
+            }
+            let id = m.id.clone();
+            let answer = Ok(apply_transition(tx, &kinds, m)?);
+            remember(tx, &key, &id, &answer)?;
+            Ok(answer)
+        };
+        if deletes {
+            self.store.write_freeing(job).await?
+        } else {
+            self.store.write(job).await?
+        }
     }
 
     /// Applies each transition independently; one result per request, in

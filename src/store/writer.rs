@@ -33,6 +33,8 @@ pub struct WriterConfig {
     pub prune_interval: Duration,
     /// At most this many `request_id` answers are kept (checked when pruning).
     pub max_answers: u64,
+    /// Bytes of pages in use past which only space-freeing jobs run; 0: no quota.
+    pub storage_quota: u64,
 }
 
 pub(super) enum Msg {
@@ -50,12 +52,17 @@ pub(super) trait Job: Send {
     fn storage_fault(&self) -> bool {
         self.error().is_some_and(|e| e.is_storage_fault())
     }
+    /// Whether the job frees space (a deletion), so it runs over the quota too.
+    fn frees_space(&self) -> bool;
+    /// Answers the job with `e` without running it.
+    fn refuse(&mut self, e: Error);
     /// Delivers the answer once the group's fate is known.
     fn finish(self: Box<Self>, committed: Result<(), Error>);
 }
 
 pub(super) struct TypedJob<F, T> {
     pub f: Option<F>,
+    pub frees_space: bool,
     pub result: Option<Result<T, Error>>,
     pub reply: oneshot::Sender<Result<T, Error>>,
 }
@@ -78,6 +85,15 @@ where
             Some(Err(e)) => Some(e.clone()),
             _ => None,
         }
+    }
+
+    fn frees_space(&self) -> bool {
+        self.frees_space
+    }
+
+    fn refuse(&mut self, e: Error) {
+        self.f = None;
+        self.result = Some(Err(e));
     }
 
     fn finish(self: Box<Self>, committed: Result<(), Error>) {
@@ -338,6 +354,9 @@ pub(super) struct Writer {
     /// Set for good once the path no longer names the file we opened: our
     /// commits would go to an unlinked file and vanish at the next start.
     pub replaced: bool,
+    /// Whether the last group found the database over its storage quota; the
+    /// alarm is logged when this changes, not for every refused job.
+    pub over_quota: bool,
 }
 
 impl Writer {
@@ -446,6 +465,7 @@ impl Writer {
         let sql = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let refusal = check_quota(&sql, self.config.storage_quota, &mut self.over_quota)?;
         let mut tx = Tx {
             sql: &sql,
             revision: self.revision,
@@ -453,6 +473,12 @@ impl Writer {
             now: now_micros(),
         };
         for job in jobs.iter_mut() {
+            if let Some(e) = &refusal
+                && !job.frees_space()
+            {
+                job.refuse(e.clone());
+                continue;
+            }
             tx.sql.execute_batch("SAVEPOINT job")?;
             let (revision, n_events) = (tx.revision, tx.events.len());
             // A panicking job is a bug; it must not take the writer (and with
@@ -602,6 +628,55 @@ fn prune_range(sql: &rusqlite::Transaction<'_>, above: i64, through: i64) -> Res
     Ok(())
 }
 
+/// Over the storage quota, the error every job that frees no space gets.
+/// Checked once per group, before it runs: a group checked under the quota
+/// commits whole, so the quota is soft by at most one group. Logs the
+/// alarm when it is raised and when it clears, not once per refused job.
+fn check_quota(
+    sql: &rusqlite::Transaction<'_>,
+    quota: u64,
+    over_quota: &mut bool,
+) -> Result<Option<Error>, Error> {
+    if quota == 0 {
+        return Ok(None);
+    }
+    let used = used_bytes(sql)?;
+    let over = used > quota;
+    if over != *over_quota {
+        *over_quota = over;
+        if over {
+            tracing::warn!(
+                used_bytes = used,
+                quota_bytes = quota,
+                "the database is over its storage quota: writes are refused, deletions \
+                 still run, until space is freed (delete connections or credentials) or \
+                 --storage-quota is raised"
+            );
+        } else {
+            tracing::info!(
+                used_bytes = used,
+                quota_bytes = quota,
+                "the database is back under its storage quota: writes are accepted again"
+            );
+        }
+    }
+    Ok(over.then_some(Error::QuotaExceeded { used, quota }))
+}
+
+/// The space the database's pages in use take: freed pages (on the free
+/// list) do not count, so a deletion lowers it at once, though the file does
+/// not shrink.
+pub(super) fn used_bytes(sql: &rusqlite::Connection) -> Result<u64, Error> {
+    let (pages, free, size): (i64, i64, i64) = sql.query_row(
+        "SELECT (SELECT page_count FROM pragma_page_count()), \
+                (SELECT freelist_count FROM pragma_freelist_count()), \
+                (SELECT page_size FROM pragma_page_size())",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    Ok(u64::try_from((pages - free) * size).unwrap_or(0))
+}
+
 /// The identity of a file: (device, inode).
 pub(super) fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
@@ -622,6 +697,7 @@ mod tests {
                 retention_count: 1000,
                 prune_interval: Duration::from_secs(3600),
                 max_answers: 1000,
+                storage_quota: 0,
             },
             write_queue: 16,
             read_pool: 1,

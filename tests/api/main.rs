@@ -16,6 +16,7 @@ mod lifecycle;
 mod monitor;
 mod probe_results;
 mod process;
+mod quota;
 mod standard;
 mod storage;
 mod tls;
