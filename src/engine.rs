@@ -1235,13 +1235,13 @@ fn changed_fields(a: &Connection, b: &Connection) -> Vec<&'static str> {
     out
 }
 
-fn decode_answer(key: &RequestKey, stored: Option<(i64, String)>) -> Result<Option<Answer>, Error> {
+fn decode_answer(key: &RequestKey, stored: Option<(i64, Answer)>) -> Result<Option<Answer>, Error> {
     match stored {
         None => Ok(None),
         Some((fingerprint, _)) if fingerprint != key.fingerprint => Err(Error::RequestIdReused {
             request_id: key.id.clone(),
         }),
-        Some((_, json)) => Ok(Some(serde_json::from_str(&json)?)),
+        Some((_, answer)) => Ok(Some(answer)),
     }
 }
 
@@ -1259,12 +1259,7 @@ fn remember(
     answer: &Answer,
 ) -> Result<(), Error> {
     if let Some(k) = key {
-        tx.remember(
-            &k.stored,
-            k.fingerprint,
-            id,
-            &serde_json::to_string(answer)?,
-        )?;
+        tx.remember(&k.stored, k.fingerprint, id, answer)?;
     }
     Ok(())
 }

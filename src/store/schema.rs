@@ -102,6 +102,59 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE credentials ADD COLUMN allowed_hosts TEXT NOT NULL DEFAULT '[]';
     CREATE INDEX credentials_by_owner ON credentials (owner, create_time, id);
     "#,
+    // 3: large metadata stored once. An event snapshot or stored answer whose
+    // connection has large metadata holds it as `{}` and names its blob (the
+    // SHA-256 of the metadata's JSON) in `metadata_blob`; reads put it back.
+    // `refs` counts the rows naming a blob, kept by these triggers on every
+    // insert, delete and rewrite of those rows, and a blob goes with its last
+    // reference. Rows stored before keep their metadata inline.
+    r#"
+    -- `refs` before `body`: it stays on the row's first page, so counting a
+    -- reference rewrites that page only, not the body's overflow pages.
+    CREATE TABLE blobs (
+        hash BLOB PRIMARY KEY,
+        refs INTEGER NOT NULL CHECK (refs >= 0),
+        body TEXT NOT NULL
+    ) STRICT;
+    ALTER TABLE events ADD COLUMN metadata_blob BLOB;
+    ALTER TABLE requests ADD COLUMN metadata_blob BLOB;
+    CREATE TRIGGER events_blob_insert AFTER INSERT ON events WHEN NEW.metadata_blob IS NOT NULL BEGIN
+        SELECT RAISE(ABORT, 'events.metadata_blob names no blob')
+            WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+    END;
+    CREATE TRIGGER events_blob_delete AFTER DELETE ON events WHEN OLD.metadata_blob IS NOT NULL BEGIN
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    CREATE TRIGGER events_blob_update AFTER UPDATE OF metadata_blob ON events
+        WHEN OLD.metadata_blob IS NOT NEW.metadata_blob BEGIN
+        SELECT RAISE(ABORT, 'events.metadata_blob names no blob')
+            WHERE NEW.metadata_blob IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    CREATE TRIGGER requests_blob_insert AFTER INSERT ON requests WHEN NEW.metadata_blob IS NOT NULL BEGIN
+        SELECT RAISE(ABORT, 'requests.metadata_blob names no blob')
+            WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+    END;
+    CREATE TRIGGER requests_blob_delete AFTER DELETE ON requests WHEN OLD.metadata_blob IS NOT NULL BEGIN
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    CREATE TRIGGER requests_blob_update AFTER UPDATE OF metadata_blob ON requests
+        WHEN OLD.metadata_blob IS NOT NEW.metadata_blob BEGIN
+        SELECT RAISE(ABORT, 'requests.metadata_blob names no blob')
+            WHERE NEW.metadata_blob IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -4,6 +4,7 @@
 mod access;
 mod audit;
 mod backup;
+mod blobs;
 mod common;
 mod connections;
 mod credentials;
