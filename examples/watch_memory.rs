@@ -80,8 +80,7 @@ async fn client(addr: &str, window: Option<u32>) -> Client {
             .initial_stream_window_size(w)
             .initial_connection_window_size(w);
     }
-    ConnectionServiceClient::new(e.connect().await.unwrap())
-        .max_decoding_message_size(16 << 20)
+    ConnectionServiceClient::new(e.connect().await.unwrap()).max_decoding_message_size(16 << 20)
 }
 
 #[tokio::main]
@@ -92,7 +91,13 @@ async fn main() {
     let mut child = tokio::process::Command::new(&args.bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--db"])
         .arg(&db)
-        .args(["--disable-monitor", "--rate-limit", "0", "--max-watches", "10000"])
+        .args([
+            "--disable-monitor",
+            "--rate-limit",
+            "0",
+            "--max-watches",
+            "10000",
+        ])
         .args(&args.serve_args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -105,7 +110,11 @@ async fn main() {
         .read_line(&mut line)
         .await
         .unwrap();
-    let addr = line.trim().strip_prefix("tether listening on ").unwrap().to_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("tether listening on ")
+        .unwrap()
+        .to_owned();
     let report = |step: &str| {
         let (rss, hwm) = memory(pid);
         println!("{step:<58} RSS {rss:>8.1} MiB   peak {hwm:>8.1} MiB");
@@ -157,7 +166,10 @@ async fn main() {
         held.push(s);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    report(&format!("+ {} snapshot watchers reading nothing", args.snapshots));
+    report(&format!(
+        "+ {} snapshot watchers reading nothing",
+        args.snapshots
+    ));
     drop(held);
 
     let revision = writer

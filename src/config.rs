@@ -39,29 +39,47 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
-/// A size in bytes: a number with an optional unit, `K`/`KiB`, `M`/`MiB`,
-/// `G`/`GiB` (all binary) or `B`.
-pub fn bytes(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let n: usize = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size: expected a number such as 512MiB"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+/// A size in bytes: a whole number, optionally followed by a binary unit
+/// (`B`, `KiB`, `MiB`, `GiB`, `TiB`; any letter case, a space allowed before
+/// it). Decimal units (`KB`, `MB`, `GB`) are refused rather than guessed at.
+pub fn bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = (&s[..split], s[split..].trim_start());
+    if number.is_empty() {
+        return Err(format!(
+            "{s:?} is not a size: write a whole number of bytes, optionally with \
+             KiB, MiB, GiB or TiB (for example 512MiB or 8GiB)"
+        ));
+    }
+    let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        other => {
+        "kib" => 10,
+        "mib" => 20,
+        "gib" => 30,
+        "tib" => 40,
+        "k" | "kb" | "m" | "mb" | "g" | "gb" | "t" | "tb" => {
             return Err(format!(
-                "unknown size unit {other:?}: use B, KiB, MiB or GiB"
+                "{s:?}: {unit:?} could mean a power of 1000 or of 1024; write KiB, MiB, \
+                 GiB or TiB (powers of 1024), or the number of bytes"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB or TiB"
             ));
         }
     };
-    n.checked_mul(1 << shift)
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
         .ok_or_else(|| format!("{s:?} is too large"))
 }
+
+/// The smallest storage quota accepted (0 aside): an empty database takes
+/// about 100 KiB, so anything smaller would refuse the first write.
+pub const MIN_STORAGE_QUOTA: u64 = 1 << 20;
 
 /// A resolver handed in by code rather than flags.
 #[derive(Clone)]
@@ -259,6 +277,14 @@ pub struct Config {
     #[arg(long, env = "TETHER_MAX_STORED_ANSWERS", default_value_t = 100_000)]
     pub max_stored_answers: u64,
 
+    /// Most space the database may use (pages in use, not the file's size:
+    /// deleting frees space at once). Past it, writes are refused with
+    /// STORAGE_QUOTA_EXCEEDED, except deletions, until space is freed or the
+    /// quota raised; reads go on. Bytes, or with KiB, MiB, GiB, TiB; 0: no
+    /// quota. The default is etcd's largest recommended backend size.
+    #[arg(long, env = "TETHER_STORAGE_QUOTA", default_value = "8GiB", value_parser = bytes)]
+    pub storage_quota: u64,
+
     /// How often history older than the retention window is pruned.
     #[arg(long, env = "TETHER_PRUNE_INTERVAL", default_value = "1m", value_parser = duration)]
     pub prune_interval: Duration,
@@ -285,11 +311,10 @@ pub struct Config {
     #[arg(long, env = "TETHER_WATCH_REPLAY_PAGE", default_value_t = 1000)]
     pub watch_replay_page: usize,
 
-    /// Memory all watch streams together may hold buffered (bytes; K, M, G
-    /// and KiB, MiB, GiB suffixes are binary). Each watcher may hold an equal
-    /// part, at least 64 KiB.
+    /// Memory all watch streams together may hold buffered (bytes, or with
+    /// KiB, MiB, GiB). Each watcher may hold an equal part, at least 64 KiB.
     #[arg(long, env = "TETHER_WATCH_MEMORY", default_value = "256MiB", value_parser = bytes)]
-    pub watch_memory: usize,
+    pub watch_memory: u64,
 
     /// How long a watcher may take nothing while its buffer is full before it
     /// is ended with WATCH_TOO_SLOW and the revision to resume from.
@@ -394,7 +419,6 @@ impl Config {
             ("watch-ring", self.watch_ring),
             ("watch-buffer", self.watch_buffer),
             ("watch-replay-page", self.watch_replay_page),
-            ("watch-memory", self.watch_memory),
             ("write-queue", self.write_queue),
             ("default-page-size", self.default_page_size),
             ("max-page-size", self.max_page_size),
@@ -428,6 +452,15 @@ impl Config {
             return Err(Error::invalid(
                 "event-retention-count",
                 "must be at least 1",
+            ));
+        }
+        if self.watch_memory == 0 {
+            return Err(Error::invalid("watch-memory", "must be greater than zero"));
+        }
+        if self.storage_quota != 0 && self.storage_quota < MIN_STORAGE_QUOTA {
+            return Err(Error::invalid(
+                "storage-quota",
+                "must be 0 (no quota) or at least 1MiB: an empty database alone takes about 100KiB",
             ));
         }
         self.validate_transport()
@@ -557,6 +590,7 @@ impl Config {
                 retention_count: self.event_retention_count,
                 prune_interval: self.prune_interval,
                 max_answers: self.max_stored_answers,
+                storage_quota: self.storage_quota,
             },
             write_queue: self.write_queue,
             read_pool: self.read_pool,
@@ -570,7 +604,7 @@ impl Config {
             bookmark_interval: self.bookmark_interval,
             replay_page: self.watch_replay_page,
             buffer: self.watch_buffer,
-            memory: self.watch_memory,
+            memory: usize::try_from(self.watch_memory).unwrap_or(usize::MAX),
             stall_timeout: self.watch_stall_timeout,
             snapshot_timeout: self.watch_snapshot_timeout,
         }
@@ -590,18 +624,53 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use super::bytes;
+    use super::*;
 
     #[test]
-    fn sizes_take_binary_units() {
-        assert_eq!(bytes("512"), Ok(512));
-        assert_eq!(bytes("64KiB"), Ok(64 << 10));
-        assert_eq!(bytes("256 MiB"), Ok(256 << 20));
-        assert_eq!(bytes("8g"), Ok(8 << 30));
-        assert_eq!(bytes("1B"), Ok(1));
-        for bad in ["", "MiB", "-1", "1.5GiB", "12 parsecs"] {
-            assert!(bytes(bad).is_err(), "{bad:?} accepted");
+    fn sizes_take_bytes_or_binary_units() {
+        for (text, want) in [
+            ("0", 0),
+            ("1048576", 1 << 20),
+            ("512B", 512),
+            ("64KiB", 64 << 10),
+            ("512MiB", 512 << 20),
+            ("512 MiB", 512 << 20),
+            ("8GiB", 8 << 30),
+            ("8gib", 8 << 30),
+            ("2TiB", 2 << 40),
+        ] {
+            assert_eq!(bytes(text), Ok(want), "{text}");
         }
-        assert!(bytes(&format!("{}GiB", usize::MAX)).is_err());
+        for (text, says) in [
+            ("", "not a size"),
+            ("MiB", "not a size"),
+            ("-1", "not a size"),
+            ("1.5GiB", "unknown unit"),
+            ("8GB", "power of 1000"),
+            ("8M", "power of 1000"),
+            ("8 parsecs", "unknown unit"),
+            ("99999999999TiB", "too large"),
+            ("18446744073709551616", "too large"),
+        ] {
+            let e = bytes(text).expect_err(text);
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_storage_quota_defaults_to_8_gib_and_refuses_a_tiny_one() {
+        let mut c = Config::default();
+        assert_eq!(c.storage_quota, 8 << 30);
+        assert_eq!(c.store_config().writer.storage_quota, 8 << 30);
+        c.storage_quota = 0;
+        c.validate().expect("0 is no quota");
+        c.storage_quota = 4096;
+        let e = c.validate().expect_err("below 1MiB");
+        assert!(
+            matches!(&e, Error::InvalidArgument { field, .. } if field == "storage-quota"),
+            "{e:?}"
+        );
+        c.storage_quota = MIN_STORAGE_QUOTA;
+        c.validate().expect("1MiB is enough");
     }
 }

@@ -250,8 +250,9 @@ impl Credentials {
     /// not found.
     pub async fn delete(&self, id: String, scope: &Scope) -> Result<(), Error> {
         let scope = scope.clone();
+        // Frees space, so it runs over the storage quota too.
         self.store
-            .write(move |tx| {
+            .write_freeing(move |tx| {
                 if !tx.credential(&id)?.is_some_and(|c| scope.sees(&c.owner)) {
                     return Err(Error::CredentialNotFound { id });
                 }

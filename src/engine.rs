@@ -401,17 +401,23 @@ impl Engine {
         };
         let key = r.request;
         let kinds = self.kinds.clone();
-        self.store
-            .write(move |tx| {
-                if let Some(answer) = replayed(tx, &key)? {
-                    return Ok(answer);
-                }
-                let id = m.id.clone();
-                let answer = Ok(apply_transition(tx, &kinds, m)?);
-                remember(tx, &key, &id, &answer)?;
-                Ok(answer)
-            })
-            .await?
+        // A deletion frees space (the tombstone keeps no metadata, and
+        // earlier events lose theirs), so it runs over the storage quota too.
+        let deletes = m.target == State::Deleted;
+        let job = move |tx: &mut Tx<'_>| {
+            if let Some(answer) = replayed(tx, &key)? {
+                return Ok(answer);
+            }
+            let id = m.id.clone();
+            let answer = Ok(apply_transition(tx, &kinds, m)?);
+            remember(tx, &key, &id, &answer)?;
+            Ok(answer)
+        };
+        if deletes {
+            self.store.write_freeing(job).await?
+        } else {
+            self.store.write(job).await?
+        }
     }
 
     /// Applies each transition independently; one result per request, in
@@ -1230,13 +1236,13 @@ fn changed_fields(a: &Connection, b: &Connection) -> Vec<&'static str> {
     out
 }
 
-fn decode_answer(key: &RequestKey, stored: Option<(i64, String)>) -> Result<Option<Answer>, Error> {
+fn decode_answer(key: &RequestKey, stored: Option<(i64, Answer)>) -> Result<Option<Answer>, Error> {
     match stored {
         None => Ok(None),
         Some((fingerprint, _)) if fingerprint != key.fingerprint => Err(Error::RequestIdReused {
             request_id: key.id.clone(),
         }),
-        Some((_, json)) => Ok(Some(serde_json::from_str(&json)?)),
+        Some((_, answer)) => Ok(Some(answer)),
     }
 }
 
@@ -1254,12 +1260,7 @@ fn remember(
     answer: &Answer,
 ) -> Result<(), Error> {
     if let Some(k) = key {
-        tx.remember(
-            &k.stored,
-            k.fingerprint,
-            id,
-            &serde_json::to_string(answer)?,
-        )?;
+        tx.remember(&k.stored, k.fingerprint, id, answer)?;
     }
     Ok(())
 }

@@ -104,6 +104,15 @@ pub enum Error {
     #[error("{0}")]
     StorageFull(String),
 
+    /// The database uses more space than `--storage-quota` allows: writes are
+    /// refused, except those that free space, until it is back under.
+    #[error(
+        "the database uses {used} bytes, more than its storage quota of {quota} bytes; \
+         writes are refused until space is freed: delete connections or credentials, \
+         or raise --storage-quota and restart the server"
+    )]
+    QuotaExceeded { used: u64, quota: u64 },
+
     /// The database cannot be written now (read-only, an I/O error, or the
     /// file was removed or replaced): an operator can fix it, then retry.
     /// The message is ours, never SQLite's.

@@ -15,6 +15,7 @@
 use crate::connection::{Connection, ConnectionId};
 use crate::credentials::Credentials;
 use crate::engine::Engine;
+use crate::error::Error;
 use crate::kinds::Kinds;
 use crate::lifecycle::{State, Trigger};
 use crate::probe::{Check, ProbeResult, Prober, Verdict, Verifier, VerifyFuture};
@@ -246,8 +247,15 @@ impl Monitor {
                         // A panic in a probe must not lose the connection's place.
                         let probe = std::panic::AssertUnwindSafe(async {
                             let result = checker.check(&c).await;
-                            if let Err(e) = engine.apply_probe(&c, result, threshold).await {
-                                tracing::warn!(id = %c.id, error = %e, "probe result not applied");
+                            match engine.apply_probe(&c, result, threshold).await {
+                                Ok(_) => {}
+                                // The writer logs the quota alarm once, not per result.
+                                Err(e @ Error::QuotaExceeded { .. }) => {
+                                    tracing::debug!(id = %c.id, error = %e, "probe result not applied");
+                                }
+                                Err(e) => {
+                                    tracing::warn!(id = %c.id, error = %e, "probe result not applied");
+                                }
                             }
                         });
                         if futures::FutureExt::catch_unwind(probe).await.is_err() {

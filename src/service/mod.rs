@@ -1162,6 +1162,14 @@ fn classify(e: &Error) -> (tonic::Code, &'static str, Vec<(&'static str, String)
         Error::Unavailable(_) | Error::Overloaded(_) => (Code::Unavailable, "UNAVAILABLE", vec![]),
         Error::ResourceExhausted(_) => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED", vec![]),
         Error::StorageFull(_) => (Code::ResourceExhausted, "STORAGE_FULL", vec![]),
+        Error::QuotaExceeded { used, quota } => (
+            Code::ResourceExhausted,
+            "STORAGE_QUOTA_EXCEEDED",
+            vec![
+                ("used_bytes", used.to_string()),
+                ("quota_bytes", quota.to_string()),
+            ],
+        ),
         Error::StorageUnavailable(_) => (Code::Unavailable, "STORAGE_UNAVAILABLE", vec![]),
         Error::Internal(_) => (Code::Internal, "INTERNAL", vec![]),
     }

@@ -9,14 +9,15 @@ use crate::error::Error;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
 
-/// The tables every migrated database has.
-const TABLES: [&str; 6] = [
-    "meta",
-    "connections",
-    "events",
-    "requests",
-    "credentials",
-    "key_check",
+/// The tables a migrated database has, and the schema version each came with.
+const TABLES: [(&str, i64); 7] = [
+    ("meta", 1),
+    ("connections", 1),
+    ("events", 1),
+    ("requests", 1),
+    ("credentials", 1),
+    ("key_check", 1),
+    ("blobs", 3),
 ];
 
 fn refuse(path: &Path, what: impl std::fmt::Display) -> Error {
@@ -97,14 +98,14 @@ pub(super) fn before_migrate(conn: &Connection, path: &Path) -> Result<(), Error
     }
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > 0 {
-        tables_present(conn, path)?;
+        tables_present(conn, path, version)?;
     }
     Ok(())
 }
 
 /// The counters agree with the rows, and secrets have their key check.
 pub(super) fn after_migrate(conn: &Connection, path: &Path) -> Result<(), Error> {
-    tables_present(conn, path)?;
+    tables_present(conn, path, super::schema::VERSION)?;
     let counter = |key: &str| -> Result<Option<i64>, Error> {
         Ok(conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -170,8 +171,8 @@ pub(super) fn after_migrate(conn: &Connection, path: &Path) -> Result<(), Error>
     Ok(())
 }
 
-fn tables_present(conn: &Connection, path: &Path) -> Result<(), Error> {
-    for table in TABLES {
+fn tables_present(conn: &Connection, path: &Path, version: i64) -> Result<(), Error> {
+    for (table, _) in TABLES.iter().filter(|(_, since)| *since <= version) {
         let present: bool = conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
             [table],

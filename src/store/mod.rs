@@ -118,6 +118,7 @@ impl Store {
             inner: inner.clone(),
             file,
             replaced: false,
+            over_quota: false,
         };
         let handle = std::thread::Builder::new()
             .name("tether-writer".into())
@@ -130,7 +131,27 @@ impl Store {
 
     /// Runs `f` in the writer's next group transaction. Its changes commit, and
     /// its answer is delivered, only if it returns `Ok` and the group commits.
+    /// Over the storage quota it is refused (`QuotaExceeded`) without running.
     pub async fn write<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.queue(f, false).await
+    }
+
+    /// [`Store::write`] for a job that frees space (deleting a connection or a
+    /// credential): it runs over the storage quota too, since freeing space
+    /// is how a database gets back under it.
+    pub async fn write_freeing<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.queue(f, true).await
+    }
+
+    async fn queue<T, F>(&self, f: F, frees_space: bool) -> Result<T, Error>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
@@ -138,6 +159,7 @@ impl Store {
         let (reply, answer) = oneshot::channel();
         let job = writer::TypedJob {
             f: Some(f),
+            frees_space,
             result: None,
             reply,
         };

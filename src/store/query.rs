@@ -83,15 +83,57 @@ pub fn live_by_identity(
     Ok(stmt.query_row([identity], connection_from_row).optional()?)
 }
 
+/// A stored `request_id` answer: the fingerprint of its request, and what it answered.
+pub type StoredAnswer = (i64, Result<Connection, Error>);
+
+/// The stored answer to `request_id`.
 pub fn request_answer(
     c: &rusqlite::Connection,
     request_id: &str,
-) -> Result<Option<(i64, String)>, Error> {
-    let mut stmt =
-        c.prepare_cached("SELECT fingerprint, answer FROM requests WHERE request_id = ?1")?;
-    Ok(stmt
-        .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?)
+) -> Result<Option<StoredAnswer>, Error> {
+    let mut stmt = c.prepare_cached(
+        "SELECT fingerprint, answer, metadata_blob IS NOT NULL, \
+         (SELECT body FROM blobs WHERE hash = requests.metadata_blob) \
+         FROM requests WHERE request_id = ?1",
+    )?;
+    let Some((fingerprint, answer, named, body)) = stmt
+        .query_row([request_id], |r| {
+            Ok((r.get(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let mut answer: Result<Connection, Error> = serde_json::from_str(&answer)?;
+    if let Ok(conn) = &mut answer {
+        put_back_metadata(conn, named, body).map_err(|e| Error::Internal(e.to_string()))?;
+    }
+    Ok(Some((fingerprint, answer)))
+}
+
+/// Puts back the metadata an event snapshot or stored answer left out because
+/// it names a blob (`named`) holding it (`body`).
+fn put_back_metadata(
+    conn: &mut Connection,
+    named: bool,
+    body: Option<String>,
+) -> rusqlite::Result<()> {
+    let bad = |what: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("connection {}: {what}", conn.id).into(),
+        )
+    };
+    match (named, body) {
+        (false, _) => Ok(()),
+        (true, None) => Err(bad("its metadata blob is missing".into())),
+        (true, Some(body)) => {
+            conn.metadata =
+                serde_json::from_str(&body).map_err(|e| bad(format!("bad metadata blob: {e}")))?;
+            Ok(())
+        }
+    }
 }
 
 /// Which connections a list, count or watch snapshot covers.
@@ -475,7 +517,8 @@ impl Filter {
 /// Events above `after_revision` in revision order, at most `limit` of them.
 pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, Error> {
     let mut sql = String::from(
-        "SELECT revision, connection_id, type, from_state, to_state, trigger, reason, actor, time, snapshot \
+        "SELECT revision, connection_id, type, from_state, to_state, trigger, reason, actor, time, snapshot, \
+         metadata_blob IS NOT NULL, (SELECT body FROM blobs WHERE hash = events.metadata_blob) \
          FROM events WHERE revision > ?",
     );
     let mut args = vec![Value::Integer(f.after_revision)];
@@ -503,6 +546,10 @@ pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, E
             )
         };
         let snapshot: String = r.get(9)?;
+        let mut connection: Connection = serde_json::from_str(&snapshot).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        put_back_metadata(&mut connection, r.get(10)?, r.get(11)?)?;
         Ok(Event {
             revision: r.get(0)?,
             connection_id: ConnectionId::from_trusted(r.get(1)?),
@@ -513,13 +560,7 @@ pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, E
             reason: r.get(6)?,
             actor: r.get(7)?,
             time: r.get(8)?,
-            connection: serde_json::from_str(&snapshot).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    9,
-                    rusqlite::types::Type::Text,
-                    Box::new(e),
-                )
-            })?,
+            connection,
         })
     })?;
     let (mut events, mut bytes) = (Vec::new(), 0);

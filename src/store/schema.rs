@@ -3,13 +3,22 @@
 //! `PRAGMA user_version` records how many migrations a database has had. A
 //! database migrated by a newer Tether is refused rather than guessed at.
 
+use crate::connection::{ConnectionId, derive_identity};
 use crate::error::Error;
-use rusqlite::Connection;
+use crate::lifecycle::State;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+/// One migration: SQL, or a step of Rust for what SQL cannot say.
+enum Step {
+    Sql(&'static str),
+    Rust(fn(&Transaction<'_>) -> Result<(), Error>),
+}
 
 /// Each entry moves the schema one version up; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Step] = &[
     // 1: connections, their events, the store-wide counters, idempotent requests.
-    r#"
+    Step::Sql(
+        r#"
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
         value INTEGER NOT NULL
@@ -95,13 +104,74 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX connections_by_credential ON connections (credential_id) WHERE credential_id <> '';
     "#,
+    ),
     // 2: the hosts each credential may be sent to (a JSON array of host
     // patterns). Credentials stored before have none, so they are sent
     // nowhere until replaced.
-    r#"
+    Step::Sql(
+        r#"
     ALTER TABLE credentials ADD COLUMN allowed_hosts TEXT NOT NULL DEFAULT '[]';
     CREATE INDEX credentials_by_owner ON credentials (owner, create_time, id);
     "#,
+    ),
+    // 3: large metadata stored once. An event snapshot or stored answer whose
+    // connection has large metadata holds it as `{}` and names its blob (the
+    // SHA-256 of the metadata's JSON) in `metadata_blob`; reads put it back.
+    // `refs` counts the rows naming a blob, kept by these triggers on every
+    // insert, delete and rewrite of those rows, and a blob goes with its last
+    // reference. Rows stored before keep their metadata inline.
+    Step::Sql(
+        r#"
+    -- `refs` before `body`: it stays on the row's first page, so counting a
+    -- reference rewrites that page only, not the body's overflow pages.
+    CREATE TABLE blobs (
+        hash BLOB PRIMARY KEY,
+        refs INTEGER NOT NULL CHECK (refs >= 0),
+        body TEXT NOT NULL
+    ) STRICT;
+    ALTER TABLE events ADD COLUMN metadata_blob BLOB;
+    ALTER TABLE requests ADD COLUMN metadata_blob BLOB;
+    CREATE TRIGGER events_blob_insert AFTER INSERT ON events WHEN NEW.metadata_blob IS NOT NULL BEGIN
+        SELECT RAISE(ABORT, 'events.metadata_blob names no blob')
+            WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+    END;
+    CREATE TRIGGER events_blob_delete AFTER DELETE ON events WHEN OLD.metadata_blob IS NOT NULL BEGIN
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    CREATE TRIGGER events_blob_update AFTER UPDATE OF metadata_blob ON events
+        WHEN OLD.metadata_blob IS NOT NEW.metadata_blob BEGIN
+        SELECT RAISE(ABORT, 'events.metadata_blob names no blob')
+            WHERE NEW.metadata_blob IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    CREATE TRIGGER requests_blob_insert AFTER INSERT ON requests WHEN NEW.metadata_blob IS NOT NULL BEGIN
+        SELECT RAISE(ABORT, 'requests.metadata_blob names no blob')
+            WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+    END;
+    CREATE TRIGGER requests_blob_delete AFTER DELETE ON requests WHEN OLD.metadata_blob IS NOT NULL BEGIN
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    CREATE TRIGGER requests_blob_update AFTER UPDATE OF metadata_blob ON requests
+        WHEN OLD.metadata_blob IS NOT NEW.metadata_blob BEGIN
+        SELECT RAISE(ABORT, 'requests.metadata_blob names no blob')
+            WHERE NEW.metadata_blob IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    "#,
+    ),
+    // 4: identities derived by the rule before urls differing only by an
+    // empty query, a fragment or trailing slashes derived one identity.
+    Step::Rust(rederive_identities),
 ];
 
 /// The schema version this build writes.
@@ -116,12 +186,227 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
              run a newer tether or restore a backup"
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        match step {
+            Step::Sql(sql) => tx.execute_batch(sql)?,
+            Step::Rust(f) => f(&tx)?,
+        }
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "migrated database schema");
     }
     Ok(())
+}
+
+/// Gives every live connection whose identity was derived from its url by the
+/// earlier rule (`kind:url`, the url as stored) the identity the current rule
+/// derives, so that equivalent urls stored before and after the rule changed
+/// know each other. An identity a client chose is left alone, and so are
+/// tombstones and connections without a url (their identity is their id).
+///
+/// Two live connections never share an identity: one whose new identity is
+/// already held (by an older connection re-derived first, or by a newer one
+/// stored under the new rule) keeps its old identity, and a WARN names both.
+/// Nothing is deleted or merged. The change is a new spelling of the same
+/// key, not a change a client made: it records no event and no revision
+/// (watchers and etags do not see it; reads do).
+fn rederive_identities(tx: &Transaction<'_>) -> Result<(), Error> {
+    let deleted = State::Deleted.number();
+    let rows: Vec<(String, String, String, String)> = tx
+        .prepare(&format!(
+            "SELECT id, kind, url, identity FROM connections \
+             WHERE state <> {deleted} AND url <> '' ORDER BY create_time, id"
+        ))?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut holder = tx.prepare(&format!(
+        "SELECT id FROM connections WHERE identity = ?1 AND state <> {deleted} AND id <> ?2"
+    ))?;
+    let mut set = tx.prepare("UPDATE connections SET identity = ?2 WHERE id = ?1")?;
+    let mut changed = 0;
+    for (id, kind, url, identity) in rows {
+        if identity != format!("{kind}:{url}") {
+            continue;
+        }
+        let derived = derive_identity(&kind, &url, &ConnectionId::from_trusted(id.clone()));
+        if derived == identity {
+            continue;
+        }
+        let held: Option<String> = holder
+            .query_row(params![derived, id], |r| r.get(0))
+            .optional()?;
+        match held {
+            Some(other) => tracing::warn!(
+                id = %id,
+                holder = %other,
+                identity = %derived,
+                kept = %identity,
+                "connection {id} keeps its old identity: the identity its url now derives \
+                 is held by connection {other}; update or delete one of them"
+            ),
+            None => {
+                set.execute(params![id, derived])?;
+                changed += 1;
+            }
+        }
+    }
+    if changed > 0 {
+        tracing::info!(connections = changed, "re-derived identities from urls");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::query;
+
+    /// A database as schema version 2 left it.
+    fn version_2() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        for step in &MIGRATIONS[..2] {
+            let Step::Sql(sql) = step else { unreachable!() };
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        (dir, conn)
+    }
+
+    /// Stores a connection the way an older tether did; its id.
+    fn insert(
+        conn: &Connection,
+        url: &str,
+        identity: &str,
+        state: State,
+        create_time: i64,
+    ) -> String {
+        let id = ConnectionId::generate().to_string();
+        let identity = if identity.is_empty() { &id } else { identity };
+        conn.execute(
+            "INSERT INTO connections (id, kind, type, sub_type, name, description, url, identity, \
+             metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
+             state_time, revision, create_time, update_time, last_probe) \
+             VALUES (?1, 'tcp', '', '', 'n', '', ?2, ?3, ?4, '{}', 0, '', '', ?5, '', 1, ?6, ?6, ?6, ?6, NULL)",
+            params![
+                id,
+                url,
+                identity,
+                serde_json::json!({"big": "m".repeat(2000)}).to_string(),
+                state.number(),
+                create_time
+            ],
+        )
+        .unwrap();
+        id
+    }
+
+    fn identity(conn: &Connection, id: &str) -> String {
+        conn.query_row(
+            "SELECT identity FROM connections WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn identities_derived_by_the_old_rule_are_derived_again_once() {
+        let (_dir, mut conn) = version_2();
+        let old = |url: &str| format!("tcp:{url}");
+        // Two spellings of one url: the older connection gets the identity.
+        let a = insert(
+            &conn,
+            "tcp://a:1/",
+            &old("tcp://a:1/"),
+            State::Registered,
+            1,
+        );
+        let b = insert(
+            &conn,
+            "tcp://a:1?",
+            &old("tcp://a:1?"),
+            State::Discovered,
+            2,
+        );
+        // A newer connection stored under the new rule already holds it.
+        let c = insert(&conn, "tcp://c:1/", &old("tcp://c:1/"), State::Connected, 3);
+        let d = insert(&conn, "tcp://c:1", &old("tcp://c:1"), State::Discovered, 4);
+        // Left alone: an identity a client chose, a tombstone, no url.
+        let e = insert(&conn, "tcp://e:1/", "chosen", State::Discovered, 5);
+        let f = insert(&conn, "tcp://f:1/", &old("tcp://f:1/"), State::Deleted, 6);
+        let g = insert(&conn, "", "", State::Discovered, 7);
+        let plain = insert(
+            &conn,
+            "tcp://p:1#top",
+            &old("tcp://p:1#top"),
+            State::Ignored,
+            8,
+        );
+        // An event of an older tether, with its metadata inline.
+        let stored = query::get(&conn, &ConnectionId::from_trusted(a.clone()))
+            .unwrap()
+            .unwrap();
+        conn.execute(
+            "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
+             reason, actor, time, snapshot) VALUES (1, ?1, 1, 1, 1, 1, '', 't', 1, ?2)",
+            params![a, serde_json::to_string(&stored).unwrap()],
+        )
+        .unwrap();
+        conn.execute("UPDATE meta SET value = 8 WHERE key = 'revision'", [])
+            .unwrap();
+        let before: Vec<(String, i64)> = conn
+            .prepare("SELECT id, revision FROM connections ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, VERSION);
+        assert_eq!(identity(&conn, &a), "tcp:tcp://a:1");
+        assert_eq!(identity(&conn, &b), old("tcp://a:1?"), "a, older, has it");
+        assert_eq!(identity(&conn, &c), old("tcp://c:1/"), "d already holds it");
+        assert_eq!(identity(&conn, &d), "tcp:tcp://c:1");
+        assert_eq!(identity(&conn, &e), "chosen");
+        assert_eq!(identity(&conn, &f), old("tcp://f:1/"));
+        assert_eq!(identity(&conn, &g), g);
+        assert_eq!(identity(&conn, &plain), "tcp:tcp://p:1");
+
+        // No revision, no event: only the identity changed.
+        let after: Vec<(String, i64)> = conn
+            .prepare("SELECT id, revision FROM connections ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(after, before);
+        let events = query::events(
+            &conn,
+            &query::EventFilter {
+                connection_id: None,
+                after_revision: 0,
+                limit: 10,
+                owners: None,
+                max_bytes: usize::MAX,
+            },
+        )
+        .unwrap();
+        assert_eq!(events.len(), 1);
+        // The older event keeps its metadata inline, and reads back whole.
+        assert_eq!(events[0].connection.metadata, stored.metadata);
+
+        // Run once: b's old-style identity is not looked at again, even once
+        // the identity it would take is free.
+        conn.execute("UPDATE connections SET state = 7 WHERE id = ?1", [&a])
+            .unwrap();
+        migrate(&mut conn).unwrap();
+        assert_eq!(identity(&conn, &b), old("tcp://a:1?"));
+    }
 }

@@ -33,6 +33,8 @@ pub struct WriterConfig {
     pub prune_interval: Duration,
     /// At most this many `request_id` answers are kept (checked when pruning).
     pub max_answers: u64,
+    /// Bytes of pages in use past which only space-freeing jobs run; 0: no quota.
+    pub storage_quota: u64,
 }
 
 pub(super) enum Msg {
@@ -50,12 +52,17 @@ pub(super) trait Job: Send {
     fn storage_fault(&self) -> bool {
         self.error().is_some_and(|e| e.is_storage_fault())
     }
+    /// Whether the job frees space (a deletion), so it runs over the quota too.
+    fn frees_space(&self) -> bool;
+    /// Answers the job with `e` without running it.
+    fn refuse(&mut self, e: Error);
     /// Delivers the answer once the group's fate is known.
     fn finish(self: Box<Self>, committed: Result<(), Error>);
 }
 
 pub(super) struct TypedJob<F, T> {
     pub f: Option<F>,
+    pub frees_space: bool,
     pub result: Option<Result<T, Error>>,
     pub reply: oneshot::Sender<Result<T, Error>>,
 }
@@ -78,6 +85,15 @@ where
             Some(Err(e)) => Some(e.clone()),
             _ => None,
         }
+    }
+
+    fn frees_space(&self) -> bool {
+        self.frees_space
+    }
+
+    fn refuse(&mut self, e: Error) {
+        self.f = None;
+        self.result = Some(Err(e));
     }
 
     fn finish(self: Box<Self>, committed: Result<(), Error>) {
@@ -125,33 +141,63 @@ impl Tx<'_> {
         super::query::live_by_identity(self.sql, identity)
     }
 
-    /// The stored answer to `request_id`: its request fingerprint and answer JSON.
-    pub fn answer(&self, request_id: &str) -> Result<Option<(i64, String)>, Error> {
+    /// The stored answer to `request_id`, and its request's fingerprint.
+    pub fn answer(&self, request_id: &str) -> Result<Option<super::query::StoredAnswer>, Error> {
         super::query::request_answer(self.sql, request_id)
     }
 
     /// Stores the answer to `request_id`, which concerns `connection`, in the
-    /// same transaction as the change.
+    /// same transaction as the change. Large metadata in it is stored once,
+    /// as a blob (see [`Tx::record`]).
     pub fn remember(
         &self,
         request_id: &str,
         fingerprint: i64,
         connection: &ConnectionId,
-        answer: &str,
+        answer: &Result<Connection, Error>,
     ) -> Result<(), Error> {
+        let blob = match answer {
+            Ok(c) => self.put_blob(&serde_json::to_string(&c.metadata)?)?,
+            Err(_) => None,
+        };
+        let json = match (answer, blob) {
+            (Ok(c), Some(_)) => serde_json::to_string(&Ok::<_, Error>(without_metadata(c)))?,
+            _ => serde_json::to_string(answer)?,
+        };
         self.sql
             .prepare_cached(
-                "INSERT INTO requests (request_id, fingerprint, connection_id, answer, time) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO requests \
+                 (request_id, fingerprint, connection_id, answer, time, metadata_blob) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
             .execute(params![
                 request_id,
                 fingerprint,
                 connection.as_str(),
-                answer,
-                self.now
+                json,
+                self.now,
+                blob.as_ref().map(|h| &h[..]),
             ])?;
         Ok(())
+    }
+
+    /// Stores `metadata` (a connection's metadata as JSON) once, keyed by
+    /// its SHA-256, if it is larger than [`BLOB_THRESHOLD`]; its hash then.
+    /// The row that names the hash counts as a reference (the schema's
+    /// triggers keep the count), and a blob goes with its last reference.
+    fn put_blob(&self, metadata: &str) -> Result<Option<[u8; 32]>, Error> {
+        use sha2::Digest;
+        if metadata.len() <= BLOB_THRESHOLD {
+            return Ok(None);
+        }
+        let hash: [u8; 32] = sha2::Sha256::digest(metadata.as_bytes()).into();
+        self.sql
+            .prepare_cached(
+                "INSERT INTO blobs (hash, refs, body) VALUES (?1, 0, ?2) \
+                 ON CONFLICT (hash) DO NOTHING",
+            )?
+            .execute(params![&hash[..], metadata])?;
+        Ok(Some(hash))
     }
 
     /// Keeps a check's result on the connection without a new revision or event.
@@ -217,15 +263,19 @@ impl Tx<'_> {
     pub fn scrub(&self, id: &ConnectionId) -> Result<(), Error> {
         const CLEARED: &str = "'$.credential_id', '', '$.description', '', \
              '$.metadata', json('{}'), '$.labels', json('{}')";
+        // Clearing `metadata_blob` drops the row's reference to the
+        // metadata's blob (and the blob with its last one).
         self.sql
             .prepare_cached(&format!(
-                "UPDATE events SET snapshot = json_set(snapshot, {CLEARED}) WHERE connection_id = ?1"
+                "UPDATE events SET snapshot = json_set(snapshot, {CLEARED}), metadata_blob = NULL \
+                 WHERE connection_id = ?1"
             ))?
             .execute([id.as_str()])?;
         let cleared_answer = CLEARED.replace("'$.", "'$.Ok.");
         self.sql
             .prepare_cached(&format!(
-                "UPDATE requests SET answer = json_set(answer, {cleared_answer}) \
+                "UPDATE requests SET answer = json_set(answer, {cleared_answer}), \
+                 metadata_blob = NULL \
                  WHERE connection_id = ?1 AND json_type(answer, '$.Ok') IS NOT NULL"
             ))?
             .execute([id.as_str()])?;
@@ -234,6 +284,11 @@ impl Tx<'_> {
 
     /// Commits a change to `conn`: the next revision, the row, and its event.
     /// `conn` comes back with its revision and update time set.
+    ///
+    /// The event's snapshot holds the whole connection, except metadata larger
+    /// than [`BLOB_THRESHOLD`]: that is stored once as a blob the event names,
+    /// so a thousand changes of one connection do not store its metadata a
+    /// thousand times. Reads of events put it back.
     pub fn record(&mut self, conn: &mut Connection, draft: EventDraft) -> Result<(), Error> {
         self.revision += 1;
         conn.revision = self.revision;
@@ -304,10 +359,16 @@ impl Tx<'_> {
             time: self.now,
             connection: conn.clone(),
         };
+        let blob = self.put_blob(&metadata)?;
+        let snapshot = match blob {
+            Some(_) => serde_json::to_string(&without_metadata(&event.connection))?,
+            None => serde_json::to_string(&event.connection)?,
+        };
         self.sql
             .prepare_cached(
                 "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
-                 reason, actor, time, snapshot) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 reason, actor, time, snapshot, metadata_blob) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 event.revision,
@@ -319,10 +380,23 @@ impl Tx<'_> {
                 event.reason,
                 event.actor,
                 event.time,
-                serde_json::to_string(&event.connection)?,
+                snapshot,
+                blob.as_ref().map(|h| &h[..]),
             ])?;
         self.events.push(event);
         Ok(())
+    }
+}
+
+/// Metadata larger than this (as JSON, in bytes) is stored once as a blob
+/// rather than copied into every event snapshot and stored answer.
+pub(super) const BLOB_THRESHOLD: usize = 512;
+
+/// `c` with its metadata left out (stored as a blob instead).
+fn without_metadata(c: &Connection) -> Connection {
+    Connection {
+        metadata: serde_json::Map::new(),
+        ..c.clone()
     }
 }
 
@@ -338,6 +412,9 @@ pub(super) struct Writer {
     /// Set for good once the path no longer names the file we opened: our
     /// commits would go to an unlinked file and vanish at the next start.
     pub replaced: bool,
+    /// Whether the last group found the database over its storage quota; the
+    /// alarm is logged when this changes, not for every refused job.
+    pub over_quota: bool,
 }
 
 impl Writer {
@@ -446,6 +523,7 @@ impl Writer {
         let sql = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let refusal = check_quota(&sql, self.config.storage_quota, &mut self.over_quota)?;
         let mut tx = Tx {
             sql: &sql,
             revision: self.revision,
@@ -453,6 +531,12 @@ impl Writer {
             now: now_micros(),
         };
         for job in jobs.iter_mut() {
+            if let Some(e) = &refusal
+                && !job.frees_space()
+            {
+                job.refuse(e.clone());
+                continue;
+            }
             tx.sql.execute_batch("SAVEPOINT job")?;
             let (revision, n_events) = (tx.revision, tx.events.len());
             // A panicking job is a bug; it must not take the writer (and with
@@ -602,6 +686,55 @@ fn prune_range(sql: &rusqlite::Transaction<'_>, above: i64, through: i64) -> Res
     Ok(())
 }
 
+/// Over the storage quota, the error every job that frees no space gets.
+/// Checked once per group, before it runs: a group checked under the quota
+/// commits whole, so the quota is soft by at most one group. Logs the
+/// alarm when it is raised and when it clears, not once per refused job.
+fn check_quota(
+    sql: &rusqlite::Transaction<'_>,
+    quota: u64,
+    over_quota: &mut bool,
+) -> Result<Option<Error>, Error> {
+    if quota == 0 {
+        return Ok(None);
+    }
+    let used = used_bytes(sql)?;
+    let over = used > quota;
+    if over != *over_quota {
+        *over_quota = over;
+        if over {
+            tracing::warn!(
+                used_bytes = used,
+                quota_bytes = quota,
+                "the database is over its storage quota: writes are refused, deletions \
+                 still run, until space is freed (delete connections or credentials) or \
+                 --storage-quota is raised"
+            );
+        } else {
+            tracing::info!(
+                used_bytes = used,
+                quota_bytes = quota,
+                "the database is back under its storage quota: writes are accepted again"
+            );
+        }
+    }
+    Ok(over.then_some(Error::QuotaExceeded { used, quota }))
+}
+
+/// The space the database's pages in use take: freed pages (on the free
+/// list) do not count, so a deletion lowers it at once, though the file does
+/// not shrink.
+pub(super) fn used_bytes(sql: &rusqlite::Connection) -> Result<u64, Error> {
+    let (pages, free, size): (i64, i64, i64) = sql.query_row(
+        "SELECT (SELECT page_count FROM pragma_page_count()), \
+                (SELECT freelist_count FROM pragma_freelist_count()), \
+                (SELECT page_size FROM pragma_page_size())",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    Ok(u64::try_from((pages - free) * size).unwrap_or(0))
+}
+
 /// The identity of a file: (device, inode).
 pub(super) fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
@@ -622,6 +755,7 @@ mod tests {
                 retention_count: 1000,
                 prune_interval: Duration::from_secs(3600),
                 max_answers: 1000,
+                storage_quota: 0,
             },
             write_queue: 16,
             read_pool: 1,
@@ -668,6 +802,235 @@ mod tests {
         assert!(!*fault.borrow());
         store.write(|tx| fill(tx, 8)).await.unwrap();
         assert!(!*fault.borrow());
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+    }
+
+    // ---- blobs: large metadata stored once, counted by reference ----
+
+    fn metadata(tag: &str, size: usize) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("tag".into(), tag.into());
+        m.insert("filler".into(), "x".repeat(size).into());
+        m
+    }
+
+    fn connection(meta: serde_json::Map<String, serde_json::Value>) -> Connection {
+        let id = ConnectionId::generate();
+        Connection {
+            identity: id.to_string(),
+            id,
+            kind: "tcp".into(),
+            type_: String::new(),
+            sub_type: String::new(),
+            name: "blob test".into(),
+            description: String::new(),
+            url: String::new(),
+            metadata: meta,
+            labels: Default::default(),
+            managed: false,
+            credential_id: String::new(),
+            owner: String::new(),
+            state: State::Discovered,
+            state_reason: String::new(),
+            state_trigger: Trigger::User,
+            state_time: 0,
+            revision: 0,
+            create_time: 0,
+            update_time: 0,
+            last_probe: None,
+        }
+    }
+
+    fn draft(type_: EventType) -> EventDraft {
+        EventDraft {
+            type_,
+            from_state: State::Discovered,
+            trigger: Trigger::User,
+            reason: String::new(),
+            actor: "test".into(),
+        }
+    }
+
+    /// Records `c` (created when its revision is 0); `c` as stored.
+    async fn save(store: &Store, c: &Connection) -> Connection {
+        let mut c = c.clone();
+        store
+            .write(move |tx| {
+                let type_ = if c.revision == 0 {
+                    EventType::Created
+                } else {
+                    EventType::Updated
+                };
+                tx.record(&mut c, draft(type_))?;
+                Ok(c)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Each blob's reference count, by the tag in its metadata, after
+    /// checking that every count is the number of rows naming the blob and
+    /// that no blob is left unreferenced.
+    async fn blob_refs(store: &Store) -> std::collections::BTreeMap<String, i64> {
+        store
+            .read(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT json_extract(body, '$.tag'), refs, \
+                     (SELECT count(*) FROM events WHERE metadata_blob = hash) \
+                     + (SELECT count(*) FROM requests WHERE metadata_blob = hash) FROM blobs",
+                )?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get(2)?))
+                    })?
+                    .collect::<Result<Vec<(String, i64, i64)>, _>>()?;
+                let dangling: i64 = c.query_row(
+                    "SELECT count(*) FROM events WHERE metadata_blob IS NOT NULL \
+                     AND metadata_blob NOT IN (SELECT hash FROM blobs)",
+                    [],
+                    |r| r.get(0),
+                )?;
+                assert_eq!(dangling, 0, "an event names a missing blob");
+                for (tag, refs, named) in &rows {
+                    assert_eq!(refs, named, "blob {tag}: count and references differ");
+                    assert!(*refs > 0, "blob {tag} outlived its references");
+                }
+                Ok(rows.into_iter().map(|(t, r, _)| (t, r)).collect())
+            })
+            .await
+            .unwrap()
+    }
+
+    fn refs(pairs: &[(&str, i64)]) -> std::collections::BTreeMap<String, i64> {
+        pairs.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+    }
+
+    async fn history(store: &Store, id: &ConnectionId) -> Vec<Event> {
+        let id = id.clone();
+        store
+            .read(move |c| {
+                super::super::query::events(
+                    c,
+                    &super::super::EventFilter {
+                        connection_id: Some(id),
+                        after_revision: 0,
+                        limit: 100,
+                        owners: None,
+                        max_bytes: usize::MAX,
+                    },
+                )
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn blob_references_follow_every_event_that_is_pruned_replaced_or_scrubbed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config();
+        cfg.writer.retention_count = 2;
+        let store = Store::open(&dir.path().join("t.db"), cfg).unwrap();
+        let (m1, m2) = (metadata("m1", 4096), metadata("m2", 4096));
+
+        let mut a = save(&store, &connection(m1.clone())).await;
+        assert_eq!(blob_refs(&store).await, refs(&[("m1", 1)]));
+        for _ in 0..3 {
+            a = save(&store, &a).await;
+        }
+        // Revisions 1-4; the first two are pruned (retention 2).
+        assert_eq!(blob_refs(&store).await, refs(&[("m1", 2)]));
+
+        // The same metadata on another connection shares the blob.
+        let b = save(&store, &connection(m1.clone())).await;
+        assert_eq!(
+            blob_refs(&store).await,
+            refs(&[("m1", 2)]),
+            "3 pruned, 5 added"
+        );
+        a.metadata = m2.clone();
+        a = save(&store, &a).await;
+        assert_eq!(
+            blob_refs(&store).await,
+            refs(&[("m1", 1), ("m2", 1)]),
+            "a's event 4 pruned: a has a newer one"
+        );
+        assert_eq!(history(&store, &b.id).await[0].connection.metadata, m1);
+
+        // Small metadata stays inline. b's event 5 is kept below the
+        // compaction mark as b's latest, until b has a newer one.
+        let small = metadata("small", 10);
+        let c1 = save(&store, &connection(small.clone())).await;
+        save(&store, &connection(small.clone())).await;
+        assert_eq!(blob_refs(&store).await, refs(&[("m1", 1), ("m2", 1)]));
+        let mut b = b;
+        b.metadata = small.clone();
+        save(&store, &b).await;
+        assert_eq!(
+            blob_refs(&store).await,
+            refs(&[("m2", 1)]),
+            "m1 went with b's event 5"
+        );
+        assert_eq!(history(&store, &c1.id).await[0].connection.metadata, small);
+
+        // Stored answers name blobs too; the metadata comes back with them.
+        let answered = Connection {
+            metadata: metadata("m3", 4096),
+            ..a.clone()
+        };
+        let stored = answered.clone();
+        let id = a.id.clone();
+        store
+            .write(move |tx| tx.remember("r1", 7, &id, &Ok(stored)))
+            .await
+            .unwrap();
+        let id = b.id.clone();
+        let stored = answered.clone();
+        store
+            .write(move |tx| tx.remember("r2", 7, &id, &Ok(stored)))
+            .await
+            .unwrap();
+        assert_eq!(
+            blob_refs(&store).await,
+            refs(&[("m2", 1), ("m3", 2)]),
+            "one blob, two answers"
+        );
+        let back = store
+            .read(|c| super::super::query::request_answer(c, "r1"))
+            .await
+            .unwrap();
+        assert_eq!(back, Some((7, Ok(answered))));
+        // Answers pruned (as by age or count) drop their reference.
+        store
+            .write(|tx| {
+                Ok(tx
+                    .sql
+                    .execute("DELETE FROM requests WHERE request_id = 'r2'", [])?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(blob_refs(&store).await, refs(&[("m2", 1), ("m3", 1)]));
+
+        // A deletion's scrub drops a's references, from events and answers.
+        let id = a.id.clone();
+        store.write(move |tx| tx.scrub(&id)).await.unwrap();
+        assert_eq!(blob_refs(&store).await, refs(&[]));
+        let events = history(&store, &a.id).await;
+        assert!(!events.is_empty());
+        assert!(events.iter().all(|e| e.connection.metadata.is_empty()));
+
+        // A row cannot name a blob that is not there.
+        let named = store
+            .write(|tx| {
+                Ok(tx.sql.execute(
+                    "UPDATE events SET metadata_blob = x'00' WHERE revision = \
+                     (SELECT max(revision) FROM events)",
+                    [],
+                )?)
+            })
+            .await;
+        assert!(named.is_err(), "{named:?}");
         tokio::task::spawn_blocking(move || store.close())
             .await
             .unwrap();

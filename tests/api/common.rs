@@ -985,16 +985,26 @@ impl Binary {
 
     /// Waits for a stderr line containing `text`; the line.
     pub async fn logged(&mut self, text: &str) -> String {
+        let mut lines = self.lines_until(text).await;
+        lines.pop().expect("the matching line")
+    }
+
+    /// Every stderr line up to and including the next one containing `text`.
+    pub async fn lines_until(&mut self, text: &str) -> Vec<String> {
+        let mut lines = Vec::new();
         tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 let line = self.stderr.recv().await.expect("tether is running");
-                if line.contains(text) {
-                    return line;
+                let found = line.contains(text);
+                lines.push(line);
+                if found {
+                    return;
                 }
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("no {text:?} logged within 30 s"))
+        .unwrap_or_else(|_| panic!("no {text:?} logged within 30 s"));
+        lines
     }
 
     /// Its exit status; a server that does not stop fails the test instead of hanging it.

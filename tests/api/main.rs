@@ -4,6 +4,7 @@
 mod access;
 mod audit;
 mod backup;
+mod blobs;
 mod common;
 mod connections;
 mod credentials;
@@ -17,6 +18,7 @@ mod lifecycle;
 mod monitor;
 mod probe_results;
 mod process;
+mod quota;
 mod sizes;
 mod standard;
 mod storage;
