@@ -313,7 +313,7 @@ pub struct Config {
 
     /// Memory all watch streams together may hold buffered (bytes, or with
     /// KiB, MiB, GiB). Each watcher may hold an equal part, at least 64 KiB.
-    #[arg(long, env = "TETHER_WATCH_MEMORY", default_value = "256MiB", value_parser = bytes)]
+    #[arg(long, env = "TETHER_WATCH_MEMORY", default_value = "64MiB", value_parser = bytes)]
     pub watch_memory: u64,
 
     /// How long a watcher may take nothing while its buffer is full before it

@@ -58,8 +58,10 @@ pub struct WatchConfig {
 const MIN_SHARE: usize = 64 * 1024;
 
 /// Most bytes a store page read for one watcher holds (a snapshot page or a
-/// page of history while catching up), within its share.
-const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// page of history while catching up); it is also at most a quarter of the
+/// watcher's share. A snapshot has at most three pages in flight (one being
+/// read, one waiting, one being queued).
+const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 /// What a watch asks for.
 #[derive(Clone, Debug, Default)]
@@ -494,7 +496,7 @@ impl Task {
 
     /// Bytes one store page for this watcher may hold.
     fn page_bytes(&self) -> usize {
-        (self.queue.budget.share() / 2).min(MAX_PAGE_BYTES)
+        (self.queue.budget.share() / 4).min(MAX_PAGE_BYTES)
     }
 
     /// Sends every matching connection as of one revision, page by page;
