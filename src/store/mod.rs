@@ -65,6 +65,40 @@ pub(crate) struct Inner {
     /// I/O error, file replaced); health reports NOT_SERVING meanwhile.
     fault: tokio::sync::watch::Sender<bool>,
     config: StoreConfig,
+    /// The (device, inode) of the database file as opened.
+    file: (u64, u64),
+}
+
+impl Inner {
+    /// A new read connection, on the file the writer opened: once the path
+    /// names another file (or none), a read there would show rows the
+    /// server never wrote, so it answers STORAGE_UNAVAILABLE instead.
+    /// Connections opened before keep reading the writer's file.
+    fn open_reader(&self) -> Result<rusqlite::Connection, Error> {
+        let same = |path: &Path| {
+            std::fs::metadata(path)
+                .map(|m| writer::file_id(&m) == self.file)
+                .unwrap_or(false)
+        };
+        if !same(&self.path) {
+            return Err(replaced());
+        }
+        let conn = open_reader(&self.path, self.config.busy_timeout)?;
+        // The path could have changed between the look and the open.
+        if !same(&self.path) {
+            return Err(replaced());
+        }
+        Ok(conn)
+    }
+}
+
+/// The answer once the database path no longer names the file opened.
+pub(crate) fn replaced() -> Error {
+    Error::StorageUnavailable(
+        "the database file was removed or replaced while the server ran; \
+         restart the server to open the file now at its path"
+            .into(),
+    )
 }
 
 impl Store {
@@ -109,6 +143,7 @@ impl Store {
             hub,
             fault: tokio::sync::watch::Sender::new(false),
             config: config.clone(),
+            file,
         });
         let w = writer::Writer {
             conn,
@@ -198,7 +233,7 @@ impl Store {
             let pooled = inner.readers.lock().expect("reader pool lock").pop();
             let mut conn = match pooled {
                 Some(c) => c,
-                None => open_reader(&inner.path, inner.config.busy_timeout)?,
+                None => inner.open_reader()?,
             };
             let result = (|| {
                 let tx = conn.transaction()?;
@@ -243,7 +278,7 @@ impl Store {
             let _permit = permit;
             let mut opened = Some(opened);
             let result = (|| -> Result<(), Error> {
-                let mut conn = open_reader(&inner.path, inner.config.busy_timeout)?;
+                let mut conn = inner.open_reader()?;
                 let sql = conn.transaction()?;
                 // The transaction's view is fixed by its first read.
                 let (revision, _) = query::revisions(&sql)?;

@@ -619,17 +619,19 @@ impl Writer {
             }
         }
         if self.replaced {
-            return Err(Error::StorageUnavailable(
-                "the database file was removed or replaced while the server ran; \
-                 restart the server to open the file now at its path"
-                    .into(),
-            ));
+            return Err(super::replaced());
         }
         Ok(())
     }
 
     /// Drops events and remembered answers older than the retention window.
     fn prune_by_time(&mut self) {
+        // Pruning commits too: never into a file the path no longer names.
+        if let Err(e) = self.check_file() {
+            tracing::debug!(error = %e, "not pruning");
+            self.set_fault(true);
+            return;
+        }
         let cutoff = now_micros() - self.config.retention.as_micros() as i64;
         let result = (|| -> Result<(), Error> {
             let sql = self

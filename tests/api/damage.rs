@@ -158,7 +158,9 @@ async fn a_database_replaced_while_serving_stops_acknowledging_writes() {
     let other = stopped_with(1).await;
     let app = App::start().await;
     let mut c = app.client.clone();
-    create(&mut c, conn("http", "")).await;
+    let mine = create(&mut c, conn("http", "")).await;
+    // A read now leaves an open read connection on our file in the pool.
+    get(&mut c, &mine.id).await;
     // Another database renamed over ours: the path names a different file.
     std::fs::copy(
         other.path().join("tether.db"),
@@ -183,6 +185,15 @@ async fn a_database_replaced_while_serving_stops_acknowledging_writes() {
         "{status:?}"
     );
     assert_eq!(health(&app).await, ServingStatus::NotServing as i32);
+    // Reads on connections opened before still show what this server wrote;
+    // none opens the other file (a snapshot always opens a connection).
+    assert_eq!(get(&mut c, &mine.id).await.id, mine.id);
+    let mut s = c
+        .watch_connections(pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_error(s.message().await, Code::Unavailable, "STORAGE_UNAVAILABLE");
     app.stop().await.unwrap();
 }
 
