@@ -289,6 +289,11 @@ impl Queue {
         loop {
             {
                 let mut b = self.lock();
+                // Checked under the lock the stream's drop clears under: nothing
+                // is queued (and counted) after that.
+                if self.gone.is_cancelled() {
+                    return Err(Stop::Gone);
+                }
                 let fits = b.items.is_empty()
                     || (b.items.len() < self.capacity && b.bytes + bytes <= self.budget.share());
                 if fits {
@@ -407,9 +412,9 @@ impl tokio_stream::Stream for WatchStream {
 impl Drop for WatchStream {
     fn drop(&mut self) {
         let mut b = self.queue.lock();
+        self.queue.gone.cancel();
         self.queue.clear(&mut b);
         drop(b);
-        self.queue.gone.cancel();
         self.queue.room.notify_one();
         self.queue.budget.watchers.fetch_sub(1, Ordering::Relaxed);
     }
