@@ -2,7 +2,10 @@
 //! `shared/spec/lifecycle.md`, as one total function.
 //!
 //! Pure: no I/O, no clock, no storage. Everything that moves a connection asks
-//! [`check`] first; `DescribeLifecycle` is generated from [`targets`].
+//! [`check`] first; `DescribeLifecycle` is generated from [`targets`]. The
+//! other lifecycle rules are tables here too: how a create reaches its initial
+//! state ([`creation`]), and where a failed attempt or a probe result moves a
+//! connection ([`after_failed_attempt`], [`after_probe`]).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -184,6 +187,29 @@ pub fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
         (Deleted, Trigger::User) => &const { [] },
         (Deleted, Trigger::System) => &const { [] },
     }
+}
+
+/// How a connection created by hand reaches the state its creator asked for:
+/// it is recorded DISCOVERED, then moved along these USER edges of
+/// [`targets`], in order, one event each. Whether it is verified first is the
+/// table's answer for each step (a kind may only narrow which steps it allows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Creation {
+    /// `(from, to)` for each USER move; empty: it stays DISCOVERED.
+    pub steps: &'static [(State, State)],
+}
+
+/// How a create may reach `initial`; `None`: a create may not ask for it.
+pub fn creation(initial: State) -> Option<Creation> {
+    use State::*;
+    let steps: &'static [(State, State)] = match initial {
+        Discovered => &[],
+        Registered => &[(Discovered, Registered)],
+        Connected => &[(Discovered, Registered), (Registered, Connected)],
+        Ignored => &[(Discovered, Ignored)],
+        Maintenance | Disconnected | Deleted | NotFound => return None,
+    };
+    Some(Creation { steps })
 }
 
 /// What a verification or a background probe found.
@@ -470,6 +496,41 @@ mod tests {
             Some(NotFound)
         );
         assert_eq!(after_failed_attempt(Maintenance, Unreachable), None);
+    }
+
+    #[test]
+    fn creation_follows_the_contract() {
+        // (initial state, USER steps from DISCOVERED, verified before commit),
+        // transcribed from the contract independently of [`creation`].
+        let spec: [(State, Option<&[State]>, bool); 8] = [
+            (Discovered, Some(&[]), false),
+            (Registered, Some(&[Registered]), true),
+            (Connected, Some(&[Registered, Connected]), true),
+            (Ignored, Some(&[Ignored]), false),
+            (Maintenance, None, false),
+            (Disconnected, None, false),
+            (Deleted, None, false),
+            (NotFound, None, false),
+        ];
+        for (initial, steps, verified) in spec {
+            let got = creation(initial);
+            assert_eq!(got.is_some(), steps.is_some(), "{initial}");
+            let (Some(got), Some(steps)) = (got, steps) else {
+                continue;
+            };
+            let targets: Vec<State> = got.steps.iter().map(|&(_, to)| to).collect();
+            assert_eq!(targets, steps, "{initial}");
+            // A chain of USER edges of the table from DISCOVERED.
+            let mut at = Discovered;
+            let mut needs = false;
+            for &(from, to) in got.steps {
+                assert_eq!(from, at, "{initial}: {from}->{to}");
+                needs |= check(from, to, Trigger::User).unwrap().needs_verification;
+                at = to;
+            }
+            assert_eq!(at, initial);
+            assert_eq!(needs, verified, "{initial}");
+        }
     }
 
     #[test]
