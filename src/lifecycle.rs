@@ -4,7 +4,8 @@
 //! Pure: no I/O, no clock, no storage. Everything that moves a connection asks
 //! [`check`] first; `DescribeLifecycle` is generated from [`targets`]. The
 //! other lifecycle rules are tables here too: how a create reaches its initial
-//! state ([`creation`]), and where a failed attempt or a probe result moves a
+//! state ([`creation`]), which states are probed in the background
+//! ([`probed`]), and where a failed attempt or a probe result moves a
 //! connection ([`after_failed_attempt`], [`after_probe`]).
 
 use serde::{Deserialize, Serialize};
@@ -210,6 +211,27 @@ pub fn creation(initial: State) -> Option<Creation> {
         Maintenance | Disconnected | Deleted | NotFound => return None,
     };
     Some(Creation { steps })
+}
+
+/// Whether the server probes a managed connection in the background while it
+/// is in `state`, which `entered_by` moved it into: DISCOVERED, REGISTERED and
+/// CONNECTED always, DISCONNECTED only when the server put it there.
+pub fn probed(state: State, entered_by: Trigger) -> bool {
+    use State::*;
+    match (state, entered_by) {
+        (Discovered | Registered | Connected, Trigger::User | Trigger::System) => true,
+        (Disconnected, Trigger::System) => true,
+        (Disconnected, Trigger::User) => false,
+        (Ignored | Maintenance | Deleted | NotFound, Trigger::User | Trigger::System) => false,
+    }
+}
+
+/// The states [`probed`] answers yes for under some trigger, in wire order:
+/// where a storage query looks for connections to probe.
+pub fn maybe_probed() -> impl Iterator<Item = State> {
+    State::ALL
+        .into_iter()
+        .filter(|&s| probed(s, Trigger::User) || probed(s, Trigger::System))
 }
 
 /// What a verification or a background probe found.
@@ -530,6 +552,57 @@ mod tests {
             }
             assert_eq!(at, initial);
             assert_eq!(needs, verified, "{initial}");
+        }
+    }
+
+    #[test]
+    fn probed_states_follow_the_contract() {
+        // (state, probed when the server moved it there, when a user did).
+        let spec = [
+            (Discovered, true, true),
+            (Registered, true, true),
+            (Connected, true, true),
+            (Ignored, false, false),
+            (Maintenance, false, false),
+            (Disconnected, true, false),
+            (Deleted, false, false),
+            (NotFound, false, false),
+        ];
+        assert_eq!(spec.len(), State::ALL.len());
+        for (s, system, user) in spec {
+            assert_eq!(probed(s, Trigger::System), system, "{s} SYSTEM");
+            assert_eq!(probed(s, Trigger::User), user, "{s} USER");
+        }
+        assert_eq!(
+            maybe_probed().collect::<Vec<_>>(),
+            [Discovered, Registered, Connected, Disconnected]
+        );
+    }
+
+    /// A probe result moves nothing in a state that is never probed.
+    #[test]
+    fn unprobed_states_have_no_probe_moves() {
+        let findings = [
+            Finding::Reachable,
+            Finding::Unreachable,
+            Finding::CredentialsRejected,
+        ];
+        for state in State::ALL
+            .into_iter()
+            .filter(|s| !maybe_probed().any(|p| p == *s))
+        {
+            for finding in findings {
+                for (reached, auto) in [(false, false), (true, true)] {
+                    let p = Probed {
+                        state,
+                        finding,
+                        threshold_reached: reached,
+                        auto_connects: auto,
+                        disconnected_from: Some(Connected),
+                    };
+                    assert!(after_probe(p).is_empty(), "{state} {finding:?}");
+                }
+            }
         }
     }
 
