@@ -16,7 +16,7 @@ use crate::connection::{ProbeOutcome, ProbeResult};
 use crate::credentials::custody;
 use crate::error::{Error, RefusalInfo};
 use crate::kinds::Kinds;
-use crate::lifecycle::{self, Finding, Probed, State, Trigger};
+use crate::lifecycle::{self, Finding, Probed, Rereported, State, Trigger};
 use crate::probe::{self, Verdict, Verifier};
 use crate::store::{EventDraft, EventFilter, Filter, ListQuery, Page, Store, Tx, query};
 use std::collections::BTreeMap;
@@ -898,15 +898,17 @@ fn discover(
                 ),
             )));
         }
-        return Ok(match existing.state {
-            State::Ignored => Discovered::SuppressedIgnored(existing),
-            State::NotFound => {
+        return Ok(match lifecycle::on_report(existing.state) {
+            Rereported::Suppressed => Discovered::SuppressedIgnored(existing),
+            Rereported::Unchanged => Discovered::Unchanged(existing),
+            Rereported::Rediscovered => {
                 // Found again, perhaps somewhere else: verify it where it was
                 // reported, not where it could not be found.
                 // A connection with a credential keeps its url: a report
                 // must never steer a secret to where the reporter chooses.
                 // The move is flagged in its reason for an operator to judge.
                 let mut found = existing;
+                let from_state = found.state;
                 let mut reason = format!("reported again by {source}");
                 if !conn.url.is_empty() && conn.url != found.url {
                     if found.credential_id.is_empty() {
@@ -915,7 +917,7 @@ fn discover(
                             &mut found,
                             EventDraft {
                                 type_: EventType::Updated,
-                                from_state: State::NotFound,
+                                from_state,
                                 trigger: Trigger::System,
                                 reason: format!("url reported by {source}"),
                                 actor: actor.to_owned(),
@@ -942,7 +944,6 @@ fn discover(
                     },
                 )?)
             }
-            _ => Discovered::Unchanged(existing),
         });
     }
     tx.record(

@@ -5,7 +5,8 @@
 //! [`check`] first; `DescribeLifecycle` is generated from [`targets`]. The
 //! other lifecycle rules are tables here too: how a create reaches its initial
 //! state ([`creation`]), which states are probed in the background
-//! ([`probed`]), and where a failed attempt or a probe result moves a
+//! ([`probed`]), what a discovery report does to a known connection
+//! ([`on_report`]), and where a failed attempt or a probe result moves a
 //! connection ([`after_failed_attempt`], [`after_probe`]).
 
 use serde::{Deserialize, Serialize};
@@ -232,6 +233,30 @@ pub fn maybe_probed() -> impl Iterator<Item = State> {
     State::ALL
         .into_iter()
         .filter(|&s| probed(s, Trigger::User) || probed(s, Trigger::System))
+}
+
+/// What a discovery report does to a live connection that already has the
+/// reported identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rereported {
+    /// Left as it is, and the report says it is suppressed (IGNORED).
+    Suppressed,
+    /// Moved back to DISCOVERED along the SYSTEM edge (NOT_FOUND).
+    Rediscovered,
+    /// Left as it is.
+    Unchanged,
+}
+
+/// The answer to a discovery report of a connection already in `state`.
+pub fn on_report(state: State) -> Rereported {
+    use State::*;
+    match state {
+        Ignored => Rereported::Suppressed,
+        NotFound => Rereported::Rediscovered,
+        Discovered | Registered | Connected | Maintenance | Disconnected | Deleted => {
+            Rereported::Unchanged
+        }
+    }
 }
 
 /// What a verification or a background probe found.
@@ -602,6 +627,28 @@ mod tests {
                     };
                     assert!(after_probe(p).is_empty(), "{state} {finding:?}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn reports_of_known_connections_follow_the_contract() {
+        use Rereported::*;
+        let spec = [
+            (Discovered, Unchanged),
+            (Registered, Unchanged),
+            (Connected, Unchanged),
+            (Ignored, Suppressed),
+            (Maintenance, Unchanged),
+            (Disconnected, Unchanged),
+            (Deleted, Unchanged),
+            (NotFound, Rediscovered),
+        ];
+        assert_eq!(spec.len(), State::ALL.len());
+        for (s, want) in spec {
+            assert_eq!(on_report(s), want, "{s}");
+            if want == Rediscovered {
+                check(s, Discovered, Trigger::System).unwrap();
             }
         }
     }
