@@ -16,7 +16,7 @@ use crate::connection::{ProbeOutcome, ProbeResult};
 use crate::credentials::custody;
 use crate::error::{Error, RefusalInfo};
 use crate::kinds::Kinds;
-use crate::lifecycle::{self, Finding, Probed, State, Trigger};
+use crate::lifecycle::{self, Finding, Probed, Rereported, State, Trigger};
 use crate::probe::{self, Verdict, Verifier};
 use crate::store::{EventDraft, EventFilter, Filter, ListQuery, Page, Store, Tx, query};
 use std::collections::BTreeMap;
@@ -195,19 +195,15 @@ impl Engine {
     /// Registers a connection by hand: DISCOVERED, then along the allowed
     /// edges to `initial_state`, one event per step.
     pub async fn create(&self, r: CreateRequest) -> Result<Connection, Error> {
-        let steps: &[State] = match r.initial_state {
-            State::Discovered => &[],
-            State::Ignored => &[State::Ignored],
-            State::Registered => &[State::Registered],
-            State::Connected => &[State::Registered, State::Connected],
-            other => {
-                return Err(Error::invalid(
-                    "initial_state",
-                    format!(
-                        "{other} is not a state to create in; use DISCOVERED, REGISTERED, CONNECTED or IGNORED"
-                    ),
-                ));
-            }
+        let Some(creation) = lifecycle::creation(r.initial_state) else {
+            return Err(Error::invalid(
+                "initial_state",
+                format!(
+                    "{} is not a state to create in; use {}",
+                    r.initial_state,
+                    creatable_states()
+                ),
+            ));
         };
         self.kinds.admit(&r.connection.kind)?;
         self.kinds.check_metadata(
@@ -252,19 +248,15 @@ impl Engine {
             return answer;
         }
 
-        let needs_verification = steps.iter().any(|s| {
-            // Every step is a USER edge of the table from the state before it.
-            let from = match s {
-                State::Connected => State::Registered,
-                _ => State::Discovered,
-            };
+        let needs_verification = creation.steps.iter().any(|&(from, to)| {
             self.kinds
-                .check(&conn.kind, from, *s, Trigger::User)
+                .check(&conn.kind, from, to, Trigger::User)
                 .is_ok_and(|e| e.needs_verification)
         });
-        let mut plan: Vec<Step> = steps
+        let mut plan: Vec<Step> = creation
+            .steps
             .iter()
-            .map(|&target| Step {
+            .map(|&(_, target)| Step {
                 target,
                 trigger: Trigger::User,
                 reason: format!("requested {} at creation", r.initial_state),
@@ -906,15 +898,17 @@ fn discover(
                 ),
             )));
         }
-        return Ok(match existing.state {
-            State::Ignored => Discovered::SuppressedIgnored(existing),
-            State::NotFound => {
+        return Ok(match lifecycle::on_report(existing.state) {
+            Rereported::Suppressed => Discovered::SuppressedIgnored(existing),
+            Rereported::Unchanged => Discovered::Unchanged(existing),
+            Rereported::Rediscovered => {
                 // Found again, perhaps somewhere else: verify it where it was
                 // reported, not where it could not be found.
                 // A connection with a credential keeps its url: a report
                 // must never steer a secret to where the reporter chooses.
                 // The move is flagged in its reason for an operator to judge.
                 let mut found = existing;
+                let from_state = found.state;
                 let mut reason = format!("reported again by {source}");
                 if !conn.url.is_empty() && conn.url != found.url {
                     if found.credential_id.is_empty() {
@@ -923,7 +917,7 @@ fn discover(
                             &mut found,
                             EventDraft {
                                 type_: EventType::Updated,
-                                from_state: State::NotFound,
+                                from_state,
                                 trigger: Trigger::System,
                                 reason: format!("url reported by {source}"),
                                 actor: actor.to_owned(),
@@ -950,7 +944,6 @@ fn discover(
                     },
                 )?)
             }
-            _ => Discovered::Unchanged(existing),
         });
     }
     tx.record(
@@ -964,6 +957,20 @@ fn discover(
         },
     )?;
     Ok(Discovered::Created(conn))
+}
+
+/// The states a create may ask for, for a message: "A, B, C or D".
+fn creatable_states() -> String {
+    let names: Vec<&str> = State::ALL
+        .into_iter()
+        .filter(|&s| lifecycle::creation(s).is_some())
+        .map(State::name)
+        .collect();
+    match names.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 struct Step {
@@ -1263,4 +1270,17 @@ fn remember(
         tx.remember(&k.stored, k.fingerprint, id, answer)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_create_refusal_names_the_states_a_create_may_ask_for() {
+        assert_eq!(
+            creatable_states(),
+            "DISCOVERED, REGISTERED, CONNECTED or IGNORED"
+        );
+    }
 }

@@ -2,7 +2,12 @@
 //! `shared/spec/lifecycle.md`, as one total function.
 //!
 //! Pure: no I/O, no clock, no storage. Everything that moves a connection asks
-//! [`check`] first; `DescribeLifecycle` is generated from [`targets`].
+//! [`check`] first; `DescribeLifecycle` is generated from [`targets`]. The
+//! other lifecycle rules are tables here too: how a create reaches its initial
+//! state ([`creation`]), which states are probed in the background
+//! ([`probed`]), what a discovery report does to a known connection
+//! ([`on_report`]), and where a failed attempt or a probe result moves a
+//! connection ([`after_failed_attempt`], [`after_probe`]).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -183,6 +188,74 @@ pub fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
         (NotFound, Trigger::System) => &const { [edge(Discovered)] },
         (Deleted, Trigger::User) => &const { [] },
         (Deleted, Trigger::System) => &const { [] },
+    }
+}
+
+/// How a connection created by hand reaches the state its creator asked for:
+/// it is recorded DISCOVERED, then moved along these USER edges of
+/// [`targets`], in order, one event each. Whether it is verified first is the
+/// table's answer for each step (a kind may only narrow which steps it allows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Creation {
+    /// `(from, to)` for each USER move; empty: it stays DISCOVERED.
+    pub steps: &'static [(State, State)],
+}
+
+/// How a create may reach `initial`; `None`: a create may not ask for it.
+pub fn creation(initial: State) -> Option<Creation> {
+    use State::*;
+    let steps: &'static [(State, State)] = match initial {
+        Discovered => &[],
+        Registered => &[(Discovered, Registered)],
+        Connected => &[(Discovered, Registered), (Registered, Connected)],
+        Ignored => &[(Discovered, Ignored)],
+        Maintenance | Disconnected | Deleted | NotFound => return None,
+    };
+    Some(Creation { steps })
+}
+
+/// Whether the server probes a managed connection in the background while it
+/// is in `state`, which `entered_by` moved it into: DISCOVERED, REGISTERED and
+/// CONNECTED always, DISCONNECTED only when the server put it there.
+pub fn probed(state: State, entered_by: Trigger) -> bool {
+    use State::*;
+    match (state, entered_by) {
+        (Discovered | Registered | Connected, Trigger::User | Trigger::System) => true,
+        (Disconnected, Trigger::System) => true,
+        (Disconnected, Trigger::User) => false,
+        (Ignored | Maintenance | Deleted | NotFound, Trigger::User | Trigger::System) => false,
+    }
+}
+
+/// The states [`probed`] answers yes for under some trigger, in wire order:
+/// where a storage query looks for connections to probe.
+pub fn maybe_probed() -> impl Iterator<Item = State> {
+    State::ALL
+        .into_iter()
+        .filter(|&s| probed(s, Trigger::User) || probed(s, Trigger::System))
+}
+
+/// What a discovery report does to a live connection that already has the
+/// reported identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rereported {
+    /// Left as it is, and the report says it is suppressed (IGNORED).
+    Suppressed,
+    /// Moved back to DISCOVERED along the SYSTEM edge (NOT_FOUND).
+    Rediscovered,
+    /// Left as it is.
+    Unchanged,
+}
+
+/// The answer to a discovery report of a connection already in `state`.
+pub fn on_report(state: State) -> Rereported {
+    use State::*;
+    match state {
+        Ignored => Rereported::Suppressed,
+        NotFound => Rereported::Rediscovered,
+        Discovered | Registered | Connected | Maintenance | Disconnected | Deleted => {
+            Rereported::Unchanged
+        }
     }
 }
 
@@ -470,6 +543,114 @@ mod tests {
             Some(NotFound)
         );
         assert_eq!(after_failed_attempt(Maintenance, Unreachable), None);
+    }
+
+    #[test]
+    fn creation_follows_the_contract() {
+        // (initial state, USER steps from DISCOVERED, verified before commit),
+        // transcribed from the contract independently of [`creation`].
+        let spec: [(State, Option<&[State]>, bool); 8] = [
+            (Discovered, Some(&[]), false),
+            (Registered, Some(&[Registered]), true),
+            (Connected, Some(&[Registered, Connected]), true),
+            (Ignored, Some(&[Ignored]), false),
+            (Maintenance, None, false),
+            (Disconnected, None, false),
+            (Deleted, None, false),
+            (NotFound, None, false),
+        ];
+        for (initial, steps, verified) in spec {
+            let got = creation(initial);
+            assert_eq!(got.is_some(), steps.is_some(), "{initial}");
+            let (Some(got), Some(steps)) = (got, steps) else {
+                continue;
+            };
+            let targets: Vec<State> = got.steps.iter().map(|&(_, to)| to).collect();
+            assert_eq!(targets, steps, "{initial}");
+            // A chain of USER edges of the table from DISCOVERED.
+            let mut at = Discovered;
+            let mut needs = false;
+            for &(from, to) in got.steps {
+                assert_eq!(from, at, "{initial}: {from}->{to}");
+                needs |= check(from, to, Trigger::User).unwrap().needs_verification;
+                at = to;
+            }
+            assert_eq!(at, initial);
+            assert_eq!(needs, verified, "{initial}");
+        }
+    }
+
+    #[test]
+    fn probed_states_follow_the_contract() {
+        // (state, probed when the server moved it there, when a user did).
+        let spec = [
+            (Discovered, true, true),
+            (Registered, true, true),
+            (Connected, true, true),
+            (Ignored, false, false),
+            (Maintenance, false, false),
+            (Disconnected, true, false),
+            (Deleted, false, false),
+            (NotFound, false, false),
+        ];
+        assert_eq!(spec.len(), State::ALL.len());
+        for (s, system, user) in spec {
+            assert_eq!(probed(s, Trigger::System), system, "{s} SYSTEM");
+            assert_eq!(probed(s, Trigger::User), user, "{s} USER");
+        }
+        assert_eq!(
+            maybe_probed().collect::<Vec<_>>(),
+            [Discovered, Registered, Connected, Disconnected]
+        );
+    }
+
+    /// A probe result moves nothing in a state that is never probed.
+    #[test]
+    fn unprobed_states_have_no_probe_moves() {
+        let findings = [
+            Finding::Reachable,
+            Finding::Unreachable,
+            Finding::CredentialsRejected,
+        ];
+        for state in State::ALL
+            .into_iter()
+            .filter(|s| !maybe_probed().any(|p| p == *s))
+        {
+            for finding in findings {
+                for (reached, auto) in [(false, false), (true, true)] {
+                    let p = Probed {
+                        state,
+                        finding,
+                        threshold_reached: reached,
+                        auto_connects: auto,
+                        disconnected_from: Some(Connected),
+                    };
+                    assert!(after_probe(p).is_empty(), "{state} {finding:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reports_of_known_connections_follow_the_contract() {
+        use Rereported::*;
+        let spec = [
+            (Discovered, Unchanged),
+            (Registered, Unchanged),
+            (Connected, Unchanged),
+            (Ignored, Suppressed),
+            (Maintenance, Unchanged),
+            (Disconnected, Unchanged),
+            (Deleted, Unchanged),
+            (NotFound, Rediscovered),
+        ];
+        assert_eq!(spec.len(), State::ALL.len());
+        for (s, want) in spec {
+            assert_eq!(on_report(s), want, "{s}");
+            if want == Rediscovered {
+                check(s, Discovered, Trigger::System).unwrap();
+            }
+        }
     }
 
     #[test]

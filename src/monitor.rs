@@ -17,7 +17,7 @@ use crate::credentials::Credentials;
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::kinds::Kinds;
-use crate::lifecycle::{State, Trigger};
+use crate::lifecycle::{self, State};
 use crate::probe::{Check, ProbeResult, Prober, Verdict, Verifier, VerifyFuture};
 use crate::store::{Store, query};
 use governor::clock::{Clock, DefaultClock};
@@ -160,12 +160,7 @@ fn delay_for(c: &Connection, interval: Duration, first: bool) -> Duration {
 /// Whether the server watches this connection: managed, and in a state the
 /// lifecycle probes (a DISCONNECTED one only if the server caused it).
 pub fn monitored(c: &Connection) -> bool {
-    c.managed
-        && match c.state {
-            State::Discovered | State::Registered | State::Connected => true,
-            State::Disconnected => c.state_trigger == Trigger::System,
-            State::Ignored | State::Maintenance | State::Deleted | State::NotFound => false,
-        }
+    c.managed && lifecycle::probed(c.state, c.state_trigger)
 }
 
 pub struct Monitor {
@@ -384,6 +379,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::Trigger;
 
     fn id(n: u8) -> ConnectionId {
         ConnectionId::parse(&format!("00000000-0000-4000-8000-0000000000{n:02}"), "id").unwrap()

@@ -4,7 +4,7 @@
 
 use crate::connection::{Connection, ConnectionId, Event, EventType, Micros};
 use crate::error::Error;
-use crate::lifecycle::{State, Trigger};
+use crate::lifecycle::{self, State, Trigger};
 use base64::Engine as _;
 use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, Row, params, params_from_iter};
@@ -649,15 +649,15 @@ pub fn credential_user(
         .map(ConnectionId::from_trusted))
 }
 
-/// Every connection the monitor may have to probe: managed and not in a
-/// state it leaves alone.
+/// Every connection the monitor may have to probe: managed and in a state
+/// [`lifecycle::probed`] answers yes for under some trigger.
 pub fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connection>, Error> {
+    let states = lifecycle::maybe_probed()
+        .map(|s| s.number().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE managed = 1 AND state IN ({}, {}, {}, {})",
-        State::Discovered.number(),
-        State::Registered.number(),
-        State::Connected.number(),
-        State::Disconnected.number(),
+        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE managed = 1 AND state IN ({states})"
     ))?;
     let rows = stmt.query_map([], connection_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
