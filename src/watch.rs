@@ -117,9 +117,8 @@ impl Item {
 
 /// The memory every watcher's buffer draws on.
 #[derive(Debug)]
-pub struct Budget {
+struct Budget {
     limit: usize,
-    used: AtomicUsize,
     watchers: AtomicUsize,
 }
 
@@ -127,7 +126,6 @@ impl Budget {
     fn new(limit: usize) -> Self {
         Budget {
             limit,
-            used: AtomicUsize::new(0),
             watchers: AtomicUsize::new(0),
         }
     }
@@ -135,11 +133,6 @@ impl Budget {
     /// What one watcher may hold now: an equal part of the budget.
     fn share(&self) -> usize {
         (self.limit / self.watchers.load(Ordering::Relaxed).max(1)).max(MIN_SHARE)
-    }
-
-    /// Bytes all watchers hold buffered now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
     }
 }
 
@@ -167,11 +160,6 @@ impl Watcher {
             budget: Arc::new(Budget::new(config.memory)),
             config,
         }
-    }
-
-    /// The budget all watchers share, to observe.
-    pub fn budget(&self) -> Arc<Budget> {
-        self.budget.clone()
     }
 
     /// Checks the request and starts the stream. Errors about the starting
@@ -266,6 +254,21 @@ struct Buffered {
     waker: Option<Waker>,
 }
 
+impl Buffered {
+    /// Drops what is buffered, and with it its share of the budget.
+    fn clear(&mut self) {
+        self.items.clear();
+        self.bytes = 0;
+    }
+
+    /// Tells the stream there is something to take.
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
 impl Queue {
     fn new(budget: Arc<Budget>, capacity: usize) -> Self {
         budget.watchers.fetch_add(1, Ordering::Relaxed);
@@ -298,12 +301,9 @@ impl Queue {
                     || (b.items.len() < self.capacity && b.bytes + bytes <= self.budget.share());
                 if fits {
                     b.bytes += bytes;
-                    self.budget.used.fetch_add(bytes, Ordering::Relaxed);
                     b.items
                         .push_back((item.take().expect("pushed once"), bytes));
-                    if let Some(w) = b.waker.take() {
-                        w.wake();
-                    }
+                    b.wake();
                     return Ok(());
                 }
             }
@@ -320,28 +320,17 @@ impl Queue {
         }
     }
 
-    /// Drops what is buffered and frees its bytes.
-    fn clear(&self, b: &mut Buffered) {
-        b.items.clear();
-        self.budget.used.fetch_sub(b.bytes, Ordering::Relaxed);
-        b.bytes = 0;
-    }
-
     fn stall(&self, why: String) {
         let mut b = self.lock();
-        self.clear(&mut b);
+        b.clear();
         b.stalled = Some(why);
-        if let Some(w) = b.waker.take() {
-            w.wake();
-        }
+        b.wake();
     }
 
     fn end(&self, e: Error) {
         let mut b = self.lock();
         b.end.get_or_insert(e);
-        if let Some(w) = b.waker.take() {
-            w.wake();
-        }
+        b.wake();
     }
 }
 
@@ -391,7 +380,6 @@ impl tokio_stream::Stream for WatchStream {
         }
         if let Some((item, bytes)) = b.items.pop_front() {
             b.bytes -= bytes;
-            queue.budget.used.fetch_sub(bytes, Ordering::Relaxed);
             drop(b);
             queue.room.notify_one();
             if let Some(r) = item.resumable() {
@@ -413,7 +401,7 @@ impl Drop for WatchStream {
     fn drop(&mut self) {
         let mut b = self.queue.lock();
         self.queue.gone.cancel();
-        self.queue.clear(&mut b);
+        b.clear();
         drop(b);
         self.queue.room.notify_one();
         self.queue.budget.watchers.fetch_sub(1, Ordering::Relaxed);
