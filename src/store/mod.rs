@@ -10,6 +10,7 @@
 //! [`Store::write`] decide what to change.
 
 mod check;
+mod codec;
 pub mod query;
 mod schema;
 mod writer;
@@ -22,7 +23,6 @@ pub use writer::{EventDraft, Tx, WriterConfig};
 
 use crate::connection::{Connection, Event};
 use crate::error::Error;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -388,10 +388,6 @@ fn open_reader(path: &Path, busy: Duration) -> Result<rusqlite::Connection, Erro
     )?;
     conn.busy_timeout(busy)?;
     Ok(conn)
-}
-
-pub(crate) fn encode_labels(labels: &BTreeMap<String, String>) -> Result<String, Error> {
-    Ok(serde_json::to_string(labels)?)
 }
 
 #[cfg(test)]

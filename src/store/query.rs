@@ -2,6 +2,7 @@
 //! watch snapshot. Every function runs on a connection or transaction it is
 //! given, so callers choose the snapshot.
 
+use super::codec;
 use crate::connection::{Connection, ConnectionId, Event, EventType, Micros};
 use crate::error::Error;
 use crate::lifecycle::{self, State, Trigger};
@@ -34,8 +35,8 @@ fn connection_from_row(r: &Row<'_>) -> rusqlite::Result<Connection> {
         description: r.get(5)?,
         url: r.get(6)?,
         identity: r.get(7)?,
-        metadata: serde_json::from_str(&metadata).map_err(|_| bad(8, "metadata"))?,
-        labels: serde_json::from_str(&labels).map_err(|_| bad(9, "labels"))?,
+        metadata: codec::decode_metadata(&metadata).map_err(|_| bad(8, "metadata"))?,
+        labels: codec::decode_labels(&labels).map_err(|_| bad(9, "labels"))?,
         managed: r.get(10)?,
         credential_id: r.get(11)?,
         owner: r.get(12)?,
@@ -48,7 +49,7 @@ fn connection_from_row(r: &Row<'_>) -> rusqlite::Result<Connection> {
         update_time: r.get(19)?,
         last_probe: r
             .get::<_, Option<String>>(20)?
-            .map(|p| serde_json::from_str(&p))
+            .map(|p| codec::decode_probe(&p))
             .transpose()
             .map_err(|_| bad(20, "last_probe"))?,
     })
@@ -104,7 +105,7 @@ pub fn request_answer(
     else {
         return Ok(None);
     };
-    let mut answer: Result<Connection, Error> = serde_json::from_str(&answer)?;
+    let mut answer = codec::decode_answer(&answer)?;
     if let Ok(conn) = &mut answer {
         put_back_metadata(conn, named, body).map_err(|e| Error::Internal(e.to_string()))?;
     }
@@ -130,7 +131,7 @@ fn put_back_metadata(
         (true, None) => Err(bad("its metadata blob is missing".into())),
         (true, Some(body)) => {
             conn.metadata =
-                serde_json::from_str(&body).map_err(|e| bad(format!("bad metadata blob: {e}")))?;
+                codec::decode_metadata(&body).map_err(|e| bad(format!("bad metadata blob: {e}")))?;
             Ok(())
         }
     }
@@ -546,7 +547,7 @@ pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, E
             )
         };
         let snapshot: String = r.get(9)?;
-        let mut connection: Connection = serde_json::from_str(&snapshot).map_err(|e| {
+        let mut connection = codec::decode_connection(&snapshot).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e))
         })?;
         put_back_metadata(&mut connection, r.get(10)?, r.get(11)?)?;

@@ -8,7 +8,7 @@
 //! compaction mark only ever move under this one owner.
 
 use super::query::StoredCredential;
-use super::{Inner, encode_labels};
+use super::{Inner, codec};
 use crate::connection::{
     Connection, ConnectionId, Event, EventType, Micros, ProbeResult, now_micros,
 };
@@ -157,13 +157,10 @@ impl Tx<'_> {
         answer: &Result<Connection, Error>,
     ) -> Result<(), Error> {
         let blob = match answer {
-            Ok(c) => self.put_blob(&serde_json::to_string(&c.metadata)?)?,
+            Ok(c) => self.put_blob(&codec::encode_metadata(&c.metadata)?)?,
             Err(_) => None,
         };
-        let json = match (answer, blob) {
-            (Ok(c), Some(_)) => serde_json::to_string(&Ok::<_, Error>(without_metadata(c)))?,
-            _ => serde_json::to_string(answer)?,
-        };
+        let json = codec::encode_answer(answer, blob.is_none())?;
         self.sql
             .prepare_cached(
                 "INSERT INTO requests \
@@ -204,7 +201,7 @@ impl Tx<'_> {
     pub fn set_probe(&self, id: &ConnectionId, probe: &ProbeResult) -> Result<(), Error> {
         self.sql
             .prepare_cached("UPDATE connections SET last_probe = ?2 WHERE id = ?1")?
-            .execute(params![id.as_str(), serde_json::to_string(probe)?])?;
+            .execute(params![id.as_str(), codec::encode_probe(probe)?])?;
         Ok(())
     }
 
@@ -299,13 +296,9 @@ impl Tx<'_> {
         if draft.from_state != conn.state || draft.type_ == EventType::Created {
             conn.state_time = self.now;
         }
-        let metadata = serde_json::to_string(&conn.metadata)?;
-        let labels = encode_labels(&conn.labels)?;
-        let last_probe = conn
-            .last_probe
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()?;
+        let metadata = codec::encode_metadata(&conn.metadata)?;
+        let labels = codec::encode_labels(&conn.labels)?;
+        let last_probe = conn.last_probe.as_ref().map(codec::encode_probe).transpose()?;
         let values = params![
             conn.id.as_str(),
             conn.kind,
@@ -360,10 +353,7 @@ impl Tx<'_> {
             connection: conn.clone(),
         };
         let blob = self.put_blob(&metadata)?;
-        let snapshot = match blob {
-            Some(_) => serde_json::to_string(&without_metadata(&event.connection))?,
-            None => serde_json::to_string(&event.connection)?,
-        };
+        let snapshot = codec::encode_connection(&event.connection, blob.is_none())?;
         self.sql
             .prepare_cached(
                 "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
@@ -391,14 +381,6 @@ impl Tx<'_> {
 /// Metadata larger than this (as JSON, in bytes) is stored once as a blob
 /// rather than copied into every event snapshot and stored answer.
 pub(super) const BLOB_THRESHOLD: usize = 512;
-
-/// `c` with its metadata left out (stored as a blob instead).
-fn without_metadata(c: &Connection) -> Connection {
-    Connection {
-        metadata: serde_json::Map::new(),
-        ..c.clone()
-    }
-}
 
 /// The writer's own state: the connection, the counters it alone moves.
 pub(super) struct Writer {
