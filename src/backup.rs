@@ -1,6 +1,6 @@
-//! `tether backup`: a consistent copy of a live database, taken with
-//! SQLite's online backup while the server runs (it takes no lock of the
-//! server's and holds one read snapshot for the whole copy).
+//! `tether backup`: a consistent copy of a live database while the server
+//! runs (the copy itself is `store::backup`: one read snapshot, no lock of
+//! the server's), written to a new private file.
 //!
 //! The secret key is not in the database and is not put in the backup:
 //! a backup and its key kept in one place would be no protection. It is
@@ -10,6 +10,7 @@
 //! checks the file again when it starts.
 
 use crate::error::Error;
+pub use crate::store::BackupDone as Done;
 use std::path::{Path, PathBuf};
 
 /// What to back up, and where to.
@@ -34,14 +35,6 @@ pub struct BackupArgs {
     pub secret_key_file: Option<PathBuf>,
 }
 
-/// What a backup holds.
-#[derive(Debug)]
-pub struct Done {
-    /// The store revision the copy was taken at.
-    pub revision: i64,
-    pub connections: i64,
-}
-
 /// Copies the database at `args.db` to `args.out` (and the key, if asked).
 pub fn run(args: &BackupArgs) -> Result<Done, Error> {
     let db = crate::config::db_path(args.db.as_deref());
@@ -61,25 +54,7 @@ pub fn run(args: &BackupArgs) -> Result<Done, Error> {
     }
     // Created private (and refused if it exists) before SQLite writes to it.
     drop(crate::files::create_private(&args.out)?);
-    let source = rusqlite::Connection::open_with_flags(
-        &db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    source.busy_timeout(std::time::Duration::from_secs(30))?;
-    let copied = (|| {
-        let mut target = rusqlite::Connection::open(&args.out)?;
-        {
-            // One step of every page: the copy is one read snapshot, so it is
-            // consistent even while the server keeps committing.
-            let backup = rusqlite::backup::Backup::new(&source, &mut target)?;
-            backup.step(-1)?;
-        }
-        // A backup is a plain file: no WAL beside it.
-        target.query_row("PRAGMA journal_mode = DELETE", [], |r| {
-            r.get::<_, String>(0)
-        })?;
-        check(&target)
-    })();
+    let copied = crate::store::backup(&db, &args.out);
     let done = match copied {
         Ok(done) => done,
         Err(e) => {
@@ -108,22 +83,6 @@ pub fn run(args: &BackupArgs) -> Result<Done, Error> {
             .map_err(|e| Error::Internal(format!("cannot write {}: {e}", key_out.display())))?;
     }
     Ok(done)
-}
-
-/// The copy reads back whole: `quick_check`, and the tables a server needs.
-fn check(c: &rusqlite::Connection) -> Result<Done, Error> {
-    let ok: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-    if ok != "ok" {
-        return Err(Error::Internal(format!("the copy does not check: {ok}")));
-    }
-    let revision = c.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
-        r.get(0)
-    })?;
-    let connections = c.query_row("SELECT count(*) FROM connections", [], |r| r.get(0))?;
-    Ok(Done {
-        revision,
-        connections,
-    })
 }
 
 /// Whether two paths name one file (or would, once created).

@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::kinds::Kinds;
 use crate::probe::Secret;
 use crate::secrets::SecretBox;
-use crate::store::{Store, StoredCredential, query};
+use crate::store::{Store, StoredCredential};
 use std::sync::Arc;
 
 /// A credential as clients see it.
@@ -235,7 +235,7 @@ impl Credentials {
         let owners = scope.owners();
         let rows = self
             .store
-            .read(move |c| query::credentials(c, after, limit + 1, owners.as_deref()))
+            .read(move |r| r.credentials(after, limit + 1, owners.as_deref()))
             .await?;
         let more = rows.len() > limit;
         let infos: Vec<CredentialInfo> =
@@ -282,7 +282,7 @@ impl Credentials {
         id: String,
         url: &str,
     ) -> Result<Result<Option<Secret>, String>, Error> {
-        let row = self.store.read(move |c| query::credential(c, &id)).await?;
+        let row = self.store.read(move |r| r.credential(&id)).await?;
         let Some(row) = row else {
             return Ok(Ok(None));
         };

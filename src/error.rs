@@ -1,7 +1,10 @@
-//! The one error type of the domain, engine and store. Each variant is a distinct
-//! answer a client can act on; `service` maps it to a gRPC status in one place.
+//! The domain's error: what the engine, and the store beneath it, answer.
+//! Each variant is a distinct answer a client can act on; `service` maps it
+//! to a gRPC status in one place.
 //!
-//! Storage failures keep their detail here for the log; it never reaches a client.
+//! Storage failures arrive as `store::StoreError`s, which keep SQLite's error
+//! as their source; what they map to here keeps only the detail for the log,
+//! which never reaches a client.
 
 use crate::lifecycle::{State, Trigger};
 use serde::{Deserialize, Serialize};
@@ -170,34 +173,6 @@ impl Error {
 
     pub fn not_found(id: impl ToString) -> Self {
         Error::NotFound { id: id.to_string() }
-    }
-}
-
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        use rusqlite::ffi::ErrorCode;
-        match e.sqlite_error_code() {
-            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-                Error::Unavailable("database busy; retry".into())
-            }
-            Some(ErrorCode::DiskFull) => {
-                tracing::warn!(error = %e, "storage full");
-                Error::StorageFull("the database's disk is full; free space, then retry".into())
-            }
-            Some(
-                ErrorCode::ReadOnly
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::CannotOpen
-                | ErrorCode::PermissionDenied,
-            ) => {
-                tracing::warn!(error = %e, "storage unavailable");
-                Error::StorageUnavailable(
-                    "the database cannot be written (read-only or an I/O error); retry once fixed"
-                        .into(),
-                )
-            }
-            _ => Error::Internal(e.to_string()),
-        }
     }
 }
 

@@ -158,7 +158,7 @@ async fn open_secrets(config: &Config, store: &Store) -> Result<SecretBox, Error
     let env_key = std::env::var("TETHER_SECRET_KEY")
         .ok()
         .filter(|k| !k.is_empty());
-    let recorded = store.read(|c| crate::store::query::key_check(c)).await?;
+    let recorded = store.read(|r| r.key_check()).await?;
     let source = if env_key.is_some() {
         "TETHER_SECRET_KEY".to_owned()
     } else {

@@ -22,7 +22,7 @@
 use crate::connection::{Connection, Event, EventType};
 use crate::error::Error;
 use crate::lifecycle::State;
-use crate::store::{EventFilter, Filter, Store, query};
+use crate::store::{EventFilter, Filter, Store};
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -170,7 +170,7 @@ impl Watcher {
         }
         // Subscribe first: everything committed from here on reaches `live`.
         let live = self.store.subscribe();
-        let (current, compact) = self.store.read(|c| query::revisions(c)).await?;
+        let (current, compact) = self.store.read(|r| r.revisions()).await?;
         check_start(spec.after_revision, current, compact)?;
         let queue = Arc::new(Queue::new(self.budget.clone(), self.config.buffer));
         let stream = WatchStream {
@@ -520,19 +520,16 @@ impl Task {
             let after = last;
             let (events, compact) = self
                 .store
-                .read(move |c| {
-                    let (_, compact) = query::revisions(c)?;
-                    let events = query::events(
-                        c,
-                        &EventFilter {
-                            connection_id: None,
-                            after_revision: after,
-                            limit,
-                            // Filtered per event below, owners included.
-                            owners: None,
-                            max_bytes,
-                        },
-                    )?;
+                .read(move |r| {
+                    let (_, compact) = r.revisions()?;
+                    let events = r.events(&EventFilter {
+                        connection_id: None,
+                        after_revision: after,
+                        limit,
+                        // Filtered per event below, owners included.
+                        owners: None,
+                        max_bytes,
+                    })?;
                     Ok((events, compact))
                 })
                 .await?;

@@ -165,7 +165,7 @@ twin!(OutcomeDoc <-> ProbeOutcome { Reachable, Unreachable, CredentialsRejected 
 /// A stored answer: what a repeated `request_id` is answered again.
 #[derive(Serialize, Deserialize)]
 enum AnswerDoc<'a> {
-    Ok(ConnectionDoc<'a>),
+    Ok(Box<ConnectionDoc<'a>>),
     Err(ErrorDoc),
 }
 
@@ -180,28 +180,79 @@ struct RefusalDoc {
 /// Every error an answer can hold, field for field.
 #[derive(Serialize, Deserialize)]
 enum ErrorDoc {
-    InvalidArgument { field: String, message: String },
-    NotFound { id: String },
-    AlreadyExists { identity: String, existing_id: String },
-    InvalidTransition { id: String, refusal: RefusalDoc },
-    Unreachable { id: String, detail: String, state: StateDoc },
-    CredentialsRejected { id: String, detail: String, state: StateDoc },
-    CredentialNotFound { id: String },
-    CredentialInUse { id: String, connection_id: String },
-    DefinitionNotFound { kind: String },
-    UnknownKind { kind: String, known: String },
-    Deleted { id: String },
-    EtagMismatch { id: String, given: String, current: String },
-    Conflict { id: String },
-    RequestIdReused { request_id: String },
-    RevisionCompacted { requested: i64, compact: i64 },
-    RevisionInFuture { requested: i64, current: i64 },
+    InvalidArgument {
+        field: String,
+        message: String,
+    },
+    NotFound {
+        id: String,
+    },
+    AlreadyExists {
+        identity: String,
+        existing_id: String,
+    },
+    InvalidTransition {
+        id: String,
+        refusal: RefusalDoc,
+    },
+    Unreachable {
+        id: String,
+        detail: String,
+        state: StateDoc,
+    },
+    CredentialsRejected {
+        id: String,
+        detail: String,
+        state: StateDoc,
+    },
+    CredentialNotFound {
+        id: String,
+    },
+    CredentialInUse {
+        id: String,
+        connection_id: String,
+    },
+    DefinitionNotFound {
+        kind: String,
+    },
+    UnknownKind {
+        kind: String,
+        known: String,
+    },
+    Deleted {
+        id: String,
+    },
+    EtagMismatch {
+        id: String,
+        given: String,
+        current: String,
+    },
+    Conflict {
+        id: String,
+    },
+    RequestIdReused {
+        request_id: String,
+    },
+    RevisionCompacted {
+        requested: i64,
+        compact: i64,
+    },
+    RevisionInFuture {
+        requested: i64,
+        current: i64,
+    },
     ResourceExhausted(String),
-    WatchTooSlow { message: String, resume_after: i64 },
+    WatchTooSlow {
+        message: String,
+        resume_after: i64,
+    },
     Overloaded(String),
     Unavailable(String),
     StorageFull(String),
-    QuotaExceeded { used: u64, quota: u64 },
+    QuotaExceeded {
+        used: u64,
+        quota: u64,
+    },
     StorageUnavailable(String),
     Internal(String),
 }
@@ -210,7 +261,9 @@ impl From<&Error> for ErrorDoc {
     fn from(e: &Error) -> Self {
         let e = e.clone();
         match e {
-            Error::InvalidArgument { field, message } => ErrorDoc::InvalidArgument { field, message },
+            Error::InvalidArgument { field, message } => {
+                ErrorDoc::InvalidArgument { field, message }
+            }
             Error::NotFound { id } => ErrorDoc::NotFound { id },
             Error::AlreadyExists {
                 identity,
@@ -277,7 +330,9 @@ impl From<&Error> for ErrorDoc {
 impl From<ErrorDoc> for Error {
     fn from(e: ErrorDoc) -> Self {
         match e {
-            ErrorDoc::InvalidArgument { field, message } => Error::InvalidArgument { field, message },
+            ErrorDoc::InvalidArgument { field, message } => {
+                Error::InvalidArgument { field, message }
+            }
             ErrorDoc::NotFound { id } => Error::NotFound { id },
             ErrorDoc::AlreadyExists {
                 identity,
@@ -347,8 +402,12 @@ fn corrupt(what: &str, e: serde_json::Error) -> Error {
 
 /// A connection as an event snapshot; without its metadata when that is
 /// stored as a blob.
-pub(in crate::store) fn encode_connection(c: &Connection, with_metadata: bool) -> Result<String, Error> {
-    serde_json::to_string(&ConnectionDoc::of(c, with_metadata)).map_err(|e| corrupt("connection", e))
+pub(in crate::store) fn encode_connection(
+    c: &Connection,
+    with_metadata: bool,
+) -> Result<String, Error> {
+    serde_json::to_string(&ConnectionDoc::of(c, with_metadata))
+        .map_err(|e| corrupt("connection", e))
 }
 
 pub(in crate::store) fn decode_connection(json: &str) -> Result<Connection, Error> {
@@ -363,7 +422,7 @@ pub(in crate::store) fn encode_answer(
     with_metadata: bool,
 ) -> Result<String, Error> {
     let doc = match answer {
-        Ok(c) => AnswerDoc::Ok(ConnectionDoc::of(c, with_metadata)),
+        Ok(c) => AnswerDoc::Ok(Box::new(ConnectionDoc::of(c, with_metadata))),
         Err(e) => AnswerDoc::Err(e.into()),
     };
     serde_json::to_string(&doc).map_err(|e| corrupt("answer", e))
@@ -494,6 +553,9 @@ mod tests {
     #[test]
     fn a_row_that_does_not_decode_is_an_internal_error_naming_what() {
         let e = decode_connection("{").unwrap_err();
-        assert!(matches!(&e, Error::Internal(m) if m.contains("stored connection")), "{e:?}");
+        assert!(
+            matches!(&e, Error::Internal(m) if m.contains("stored connection")),
+            "{e:?}"
+        );
     }
 }

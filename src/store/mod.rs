@@ -9,16 +9,22 @@
 //! The store knows nothing of the lifecycle rules or of gRPC: jobs passed to
 //! [`Store::write`] decide what to change.
 
+mod backup;
 mod check;
 mod codec;
+mod error;
 pub mod query;
+mod read;
 mod schema;
 mod writer;
 
+pub use backup::BackupDone;
+pub(crate) use backup::backup;
 pub use query::{
     Cursor, EventFilter, Filter, ListQuery, Order, OrderField, Page, SnapshotCursor,
     StoredCredential,
 };
+pub use read::Read;
 pub use writer::{EventDraft, Tx, WriterConfig};
 
 use crate::connection::{Connection, Event};
@@ -218,7 +224,7 @@ impl Store {
     /// everything it reads is one consistent snapshot.
     pub async fn read<T, F>(&self, f: F) -> Result<T, Error>
     where
-        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, Error> + Send + 'static,
+        F: FnOnce(&Read<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
     {
         // Bounds blocking threads and open read connections alike.
@@ -237,7 +243,7 @@ impl Store {
             };
             let result = (|| {
                 let tx = conn.transaction()?;
-                let out = f(&tx)?;
+                let out = f(&Read::new(&tx))?;
                 tx.finish()?;
                 Ok(out)
             })();

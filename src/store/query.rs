@@ -130,8 +130,8 @@ fn put_back_metadata(
         (false, _) => Ok(()),
         (true, None) => Err(bad("its metadata blob is missing".into())),
         (true, Some(body)) => {
-            conn.metadata =
-                codec::decode_metadata(&body).map_err(|e| bad(format!("bad metadata blob: {e}")))?;
+            conn.metadata = codec::decode_metadata(&body)
+                .map_err(|e| bad(format!("bad metadata blob: {e}")))?;
             Ok(())
         }
     }

@@ -351,7 +351,10 @@ mod tests {
         conn.execute(
             "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
              reason, actor, time, snapshot) VALUES (1, ?1, 1, 1, 1, 1, '', 't', 1, ?2)",
-            params![a, crate::store::codec::encode_connection(&stored, true).unwrap()],
+            params![
+                a,
+                crate::store::codec::encode_connection(&stored, true).unwrap()
+            ],
         )
         .unwrap();
         conn.execute("UPDATE meta SET value = 8 WHERE key = 'revision'", [])

@@ -298,7 +298,11 @@ impl Tx<'_> {
         }
         let metadata = codec::encode_metadata(&conn.metadata)?;
         let labels = codec::encode_labels(&conn.labels)?;
-        let last_probe = conn.last_probe.as_ref().map(codec::encode_probe).transpose()?;
+        let last_probe = conn
+            .last_probe
+            .as_ref()
+            .map(codec::encode_probe)
+            .transpose()?;
         let values = params![
             conn.id.as_str(),
             conn.kind,
