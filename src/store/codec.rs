@@ -461,6 +461,34 @@ pub(in crate::store) fn decode_labels(json: &str) -> Result<BTreeMap<String, Str
     serde_json::from_str(json).map_err(|e| corrupt("labels", e))
 }
 
+/// A credential's allowed host patterns.
+pub(in crate::store) fn encode_hosts(hosts: &[String]) -> Result<String, Error> {
+    serde_json::to_string(hosts).map_err(|e| corrupt("allowed hosts", e))
+}
+
+pub(in crate::store) fn decode_hosts(json: &str) -> Result<Vec<String>, Error> {
+    serde_json::from_str(json).map_err(|e| corrupt("allowed hosts", e))
+}
+
+/// The `json_set` arguments that clear, in a stored connection at JSON path
+/// `root` (`$` for an event snapshot, `$.Ok` for an answer), what a deletion
+/// removes: its credential, description, metadata and labels.
+pub(in crate::store) fn scrubbed(root: &str) -> String {
+    [
+        ("credential_id", "''"),
+        ("description", "''"),
+        ("metadata", "json('{}')"),
+        ("labels", "json('{}')"),
+    ]
+    .iter()
+    .map(|(field, empty)| format!("'{root}.{field}', {empty}"))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+/// The JSON path of the connection in a stored answer that holds one.
+pub(in crate::store) const ANSWER_CONNECTION: &str = "$.Ok";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,6 +576,21 @@ mod tests {
             decode_answer(unavailable).unwrap(),
             Err(Error::Unavailable("busy".into()))
         );
+    }
+
+    #[test]
+    fn scrubbing_names_fields_the_stored_connection_has() {
+        let json = encode_connection(&connection(), true).unwrap();
+        for field in ["credential_id", "description", "metadata", "labels"] {
+            assert!(json.contains(&format!(r#""{field}":"#)), "{field}");
+        }
+        assert_eq!(
+            scrubbed("$"),
+            "'$.credential_id', '', '$.description', '', \
+             '$.metadata', json('{}'), '$.labels', json('{}')"
+        );
+        let answer = encode_answer(&Ok(connection()), true).unwrap();
+        assert!(answer.starts_with(&format!(r#"{{"{}":"#, &ANSWER_CONNECTION[2..])));
     }
 
     #[test]

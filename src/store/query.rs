@@ -601,7 +601,7 @@ fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
         nonce: r.get(4)?,
         sealed: r.get(5)?,
         create_time: r.get(6)?,
-        allowed_hosts: serde_json::from_str(&r.get::<_, String>(7)?).map_err(|e| {
+        allowed_hosts: codec::decode_hosts(&r.get::<_, String>(7)?).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, Box::new(e))
         })?,
     })

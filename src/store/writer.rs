@@ -228,7 +228,7 @@ impl Tx<'_> {
                 c.nonce,
                 c.sealed,
                 self.now,
-                serde_json::to_string(&c.allowed_hosts)?
+                codec::encode_hosts(&c.allowed_hosts)?
             ])?;
         Ok(())
     }
@@ -258,22 +258,24 @@ impl Tx<'_> {
     /// Removes a deleted connection's credentials and collected data from
     /// everything stored about it: earlier event snapshots and stored answers.
     pub fn scrub(&self, id: &ConnectionId) -> Result<(), Error> {
-        const CLEARED: &str = "'$.credential_id', '', '$.description', '', \
-             '$.metadata', json('{}'), '$.labels', json('{}')";
+        let cleared = codec::scrubbed("$");
         // Clearing `metadata_blob` drops the row's reference to the
         // metadata's blob (and the blob with its last one).
         self.sql
             .prepare_cached(&format!(
-                "UPDATE events SET snapshot = json_set(snapshot, {CLEARED}), metadata_blob = NULL \
+                "UPDATE events SET snapshot = json_set(snapshot, {cleared}), metadata_blob = NULL \
                  WHERE connection_id = ?1"
             ))?
             .execute([id.as_str()])?;
-        let cleared_answer = CLEARED.replace("'$.", "'$.Ok.");
+        let (ok, cleared_answer) = (
+            codec::ANSWER_CONNECTION,
+            codec::scrubbed(codec::ANSWER_CONNECTION),
+        );
         self.sql
             .prepare_cached(&format!(
                 "UPDATE requests SET answer = json_set(answer, {cleared_answer}), \
                  metadata_blob = NULL \
-                 WHERE connection_id = ?1 AND json_type(answer, '$.Ok') IS NOT NULL"
+                 WHERE connection_id = ?1 AND json_type(answer, '{ok}') IS NOT NULL"
             ))?
             .execute([id.as_str()])?;
         Ok(())
