@@ -306,7 +306,7 @@ impl Engine {
                     &mut conn,
                     EventDraft {
                         type_: EventType::Created,
-                        from_state: State::Discovered,
+                        from_state: lifecycle::INITIAL,
                         trigger: Trigger::User,
                         reason: "created".into(),
                         actor: actor.clone(),
@@ -395,7 +395,7 @@ impl Engine {
         let kinds = self.kinds.clone();
         // A deletion frees space (the tombstone keeps no metadata, and
         // earlier events lose theirs), so it runs over the storage quota too.
-        let deletes = m.target == State::Deleted;
+        let deletes = lifecycle::is_tombstone(m.target);
         let job = move |tx: &mut Tx<'_>| {
             if let Some(answer) = replayed(tx, &key)? {
                 return Ok(answer);
@@ -497,7 +497,7 @@ impl Engine {
                 }
                 let mut c = visible(tx.get(&r.id)?, &r.id, &r.scope)?;
                 check_etag(&c, r.etag.as_deref())?;
-                if !c.is_live() {
+                if lifecycle::is_tombstone(c.state) {
                     return Err(Error::Deleted {
                         id: c.id.to_string(),
                     });
@@ -646,8 +646,10 @@ impl Engine {
         // Read outside the writer; the snapshot check below makes sure it is
         // still the same disconnection when the result commits.
         // Needed only when a disconnected connection passes its check.
-        let disconnected_from = match (probed.state, &verdict) {
-            (State::Disconnected, Verdict::Reachable(_)) => self.disconnected_from(probed).await?,
+        let disconnected_from = match finding(&verdict) {
+            Some(f) if lifecycle::needs_disconnected_from(probed.state, f) => {
+                self.disconnected_from(probed).await?
+            }
             _ => None,
         };
         let id = probed.id.clone();
@@ -657,7 +659,9 @@ impl Engine {
                 let Some(row) = tx.get(&id)? else {
                     return Ok(None);
                 };
-                if Verified::of(&row) != snapshot || !crate::monitor::monitored(&row) {
+                if Verified::of(&row) != snapshot
+                    || !lifecycle::monitored(row.managed, row.state, row.state_trigger)
+                {
                     return Ok(None);
                 }
                 let outcome = match &verdict {
@@ -703,7 +707,7 @@ impl Engine {
                 });
                 let reason = match outcome {
                     ProbeOutcome::Reachable => detail,
-                    _ if matches!(row.state, State::Connected | State::Registered) => {
+                    _ if lifecycle::counts_failures(row.state) => {
                         format!("{failures} failed probes in a row; last: {detail}")
                     }
                     ProbeOutcome::Unreachable => format!("unreachable: {detail}"),
@@ -825,7 +829,7 @@ fn new_connection(n: NewConnection, kinds: &Kinds, trigger: Trigger, reason: Str
         managed,
         credential_id: n.credential_id,
         owner: n.owner,
-        state: State::Discovered,
+        state: lifecycle::INITIAL,
         state_reason: reason,
         state_trigger: trigger,
         // Set by the store when recorded.
@@ -935,7 +939,7 @@ fn discover(
                     kinds,
                     Move {
                         id: found.id,
-                        target: State::Discovered,
+                        target: lifecycle::INITIAL,
                         trigger: Trigger::System,
                         reason,
                         actor: actor.to_owned(),
@@ -950,7 +954,7 @@ fn discover(
         &mut conn,
         EventDraft {
             type_: EventType::Created,
-            from_state: State::Discovered,
+            from_state: lifecycle::INITIAL,
             trigger: Trigger::System,
             reason: format!("discovered by {source}"),
             actor: actor.to_owned(),
@@ -1040,7 +1044,7 @@ fn apply_transition(tx: &mut Tx<'_>, kinds: &Kinds, m: Move) -> Result<Connectio
     c.state = m.target;
     c.state_reason = m.reason.clone();
     c.state_trigger = m.trigger;
-    let type_ = if m.target == State::Deleted {
+    let type_ = if lifecycle::is_tombstone(m.target) {
         // What remains is a tombstone: its credentials and collected data go,
         // here and from everything stored about it before. The credential
         // itself goes too, unless another live connection uses it.
@@ -1183,6 +1187,16 @@ fn failed(c: &Connection, verdict: Verdict) -> (Error, Finding, String) {
                 format!("unreachable: {detail}"),
             )
         }
+    }
+}
+
+/// What a verdict found; `None`: the check could not run, nothing was learnt.
+fn finding(v: &Verdict) -> Option<Finding> {
+    match v {
+        Verdict::Reachable(_) => Some(Finding::Reachable),
+        Verdict::Unreachable(_) => Some(Finding::Unreachable),
+        Verdict::CredentialsRejected(_) => Some(Finding::CredentialsRejected),
+        Verdict::NotChecked(_) => None,
     }
 }
 
