@@ -20,7 +20,7 @@ impl Engine {
     pub async fn apply_probe(
         &self,
         probed: &Connection,
-        result: Option<probe::ProbeResult>,
+        result: Option<probe::Observation>,
         failure_threshold: u32,
     ) -> Result<Option<Connection>, Error> {
         // A kind with no check passes verification (the lifecycle's rule).
