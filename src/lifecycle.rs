@@ -8,6 +8,14 @@
 //! ([`probed`]), what a discovery report does to a known connection
 //! ([`on_report`]), and where a failed attempt or a probe result moves a
 //! connection ([`after_failed_attempt`], [`after_probe`]).
+//!
+//! Smaller rules the engine and the monitor ask rather than restate: where
+//! every connection begins ([`INITIAL`]), which state is a tombstone
+//! ([`is_tombstone`]), which connections are watched ([`monitored`]), which
+//! state is probed once and soon ([`probed_once`]), which states count failed
+//! probes to a threshold ([`counts_failures`]), and when a probe result
+//! depends on where a connection was disconnected from
+//! ([`needs_disconnected_from`]).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -191,6 +199,24 @@ pub fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
     }
 }
 
+/// Where every connection begins: one created by hand or reported by a
+/// discovery agent is recorded here first (its `Created` event comes from
+/// and goes to it), and a NOT_FOUND one reported again returns here.
+pub const INITIAL: State = State::Discovered;
+
+/// Whether `state` is a tombstone: what remains of a deleted connection. It
+/// never changes again (no edge leaves it), keeps no credential or collected
+/// data, and does not count as live (its identity is free for a new one).
+pub fn is_tombstone(state: State) -> bool {
+    use State::*;
+    match state {
+        Deleted => true,
+        Discovered | Registered | Connected | Ignored | Maintenance | Disconnected | NotFound => {
+            false
+        }
+    }
+}
+
 /// How a connection created by hand reaches the state its creator asked for:
 /// it is recorded DISCOVERED, then moved along these USER edges of
 /// [`targets`], in order, one event each. Whether it is verified first is the
@@ -227,6 +253,51 @@ pub fn probed(state: State, entered_by: Trigger) -> bool {
     }
 }
 
+/// Whether the server watches a connection: `managed` (it may move it on its
+/// own), and in a state [`probed`] answers yes for.
+pub fn monitored(managed: bool, state: State, entered_by: Trigger) -> bool {
+    managed && probed(state, entered_by)
+}
+
+/// Whether a connection in `state` is probed once, as soon as it can be,
+/// rather than on every interval: any finding moves it on at once (see
+/// [`after_probe`]), so it is first in line, and the monitor starts such
+/// probes at a bounded rate (one discovery report may bring thousands).
+pub fn probed_once(state: State) -> bool {
+    use State::*;
+    match state {
+        Discovered => true,
+        Registered | Connected | Ignored | Maintenance | Disconnected | Deleted | NotFound => false,
+    }
+}
+
+/// Whether failed probes in `state` move a connection only once enough of
+/// them come in a row (the configured threshold): the reason of such a move
+/// says how many failed. Elsewhere a failure moves it, or not, at once.
+pub fn counts_failures(state: State) -> bool {
+    use State::*;
+    match state {
+        Registered | Connected => true,
+        Discovered | Ignored | Maintenance | Disconnected | Deleted | NotFound => false,
+    }
+}
+
+/// Whether [`after_probe`] needs [`Probed::disconnected_from`] for `finding`
+/// in `state`: only a DISCONNECTED connection that passes its check, which
+/// goes back where it was. Elsewhere the caller need not look it up.
+pub fn needs_disconnected_from(state: State, finding: Finding) -> bool {
+    use Finding::*;
+    use State::*;
+    match (state, finding) {
+        (Disconnected, Reachable) => true,
+        (Disconnected, Unreachable | CredentialsRejected) => false,
+        (
+            Discovered | Registered | Connected | Ignored | Maintenance | Deleted | NotFound,
+            Reachable | Unreachable | CredentialsRejected,
+        ) => false,
+    }
+}
+
 /// The states [`probed`] answers yes for under some trigger, in wire order:
 /// where a storage query looks for connections to probe.
 pub fn maybe_probed() -> impl Iterator<Item = State> {
@@ -241,7 +312,7 @@ pub fn maybe_probed() -> impl Iterator<Item = State> {
 pub enum Rereported {
     /// Left as it is, and the report says it is suppressed (IGNORED).
     Suppressed,
-    /// Moved back to DISCOVERED along the SYSTEM edge (NOT_FOUND).
+    /// Moved back to DISCOVERED ([`INITIAL`]) along the SYSTEM edge (NOT_FOUND).
     Rediscovered,
     /// Left as it is.
     Unchanged,
@@ -649,6 +720,130 @@ mod tests {
             assert_eq!(on_report(s), want, "{s}");
             if want == Rediscovered {
                 check(s, Discovered, Trigger::System).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn every_connection_begins_discovered() {
+        assert_eq!(INITIAL, Discovered);
+        for initial in State::ALL {
+            if let Some(c) = creation(initial) {
+                assert!(c.steps.first().is_none_or(|&(from, _)| from == INITIAL));
+            }
+        }
+        check(NotFound, INITIAL, Trigger::System).unwrap();
+    }
+
+    #[test]
+    fn only_deleted_is_a_tombstone() {
+        let spec = [
+            (Discovered, false),
+            (Registered, false),
+            (Connected, false),
+            (Ignored, false),
+            (Maintenance, false),
+            (Disconnected, false),
+            (Deleted, true),
+            (NotFound, false),
+        ];
+        assert_eq!(spec.len(), State::ALL.len());
+        for (s, want) in spec {
+            assert_eq!(is_tombstone(s), want, "{s}");
+            // A tombstone never changes.
+            if want {
+                assert!(is_terminal(s), "{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn monitored_connections_are_managed_and_probed() {
+        for s in State::ALL {
+            for t in [Trigger::User, Trigger::System] {
+                assert!(!monitored(false, s, t), "{s} {t} unmanaged");
+                assert_eq!(monitored(true, s, t), probed(s, t), "{s} {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn probe_cadence_and_thresholds_follow_the_contract() {
+        // (state, probed once and soon, failures counted to the threshold).
+        let spec = [
+            (Discovered, true, false),
+            (Registered, false, true),
+            (Connected, false, true),
+            (Ignored, false, false),
+            (Maintenance, false, false),
+            (Disconnected, false, false),
+            (Deleted, false, false),
+            (NotFound, false, false),
+        ];
+        assert_eq!(spec.len(), State::ALL.len());
+        let findings = [
+            Finding::Reachable,
+            Finding::Unreachable,
+            Finding::CredentialsRejected,
+        ];
+        let moves = |state, finding, reached| {
+            after_probe(Probed {
+                state,
+                finding,
+                threshold_reached: reached,
+                auto_connects: false,
+                disconnected_from: None,
+            })
+        };
+        for (s, once, counted) in spec {
+            assert_eq!(probed_once(s), once, "{s} once");
+            assert_eq!(counts_failures(s), counted, "{s} counted");
+            for finding in findings {
+                // Probed once: whatever it finds moves it on.
+                if once {
+                    assert!(!moves(s, finding, false).is_empty(), "{s} {finding:?}");
+                }
+                // Only where failures are counted does the threshold matter.
+                if !counted {
+                    assert_eq!(moves(s, finding, false), moves(s, finding, true), "{s}");
+                }
+            }
+            if counted {
+                assert!(moves(s, Finding::Unreachable, false).is_empty(), "{s}");
+                assert!(!moves(s, Finding::Unreachable, true).is_empty(), "{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn where_it_was_disconnected_from_matters_only_when_it_is_needed() {
+        let findings = [
+            Finding::Reachable,
+            Finding::Unreachable,
+            Finding::CredentialsRejected,
+        ];
+        for s in State::ALL {
+            for finding in findings {
+                let want = (s, finding) == (Disconnected, Finding::Reachable);
+                assert_eq!(needs_disconnected_from(s, finding), want, "{s} {finding:?}");
+                for (reached, auto) in [(false, false), (false, true), (true, false), (true, true)]
+                {
+                    let moves: Vec<&[State]> = [None, Some(Connected), Some(Registered)]
+                        .into_iter()
+                        .map(|disconnected_from| {
+                            after_probe(Probed {
+                                state: s,
+                                finding,
+                                threshold_reached: reached,
+                                auto_connects: auto,
+                                disconnected_from,
+                            })
+                        })
+                        .collect();
+                    if !want {
+                        assert!(moves.windows(2).all(|w| w[0] == w[1]), "{s} {finding:?}");
+                    }
+                }
             }
         }
     }

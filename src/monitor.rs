@@ -8,17 +8,19 @@
 //! without bursts or unbounded tasks. It decides nothing about state: the
 //! engine applies results, and discards one that a newer change overtook.
 //!
-//! Probes of DISCOVERED connections, which a discovery report of thousands
+//! Probes of DISCOVERED connections (the lifecycle's
+//! [`probed_once`](lifecycle::probed_once)), which a discovery report of thousands
 //! would otherwise start within a second, pass a rate limiter first; over
 //! the rate a probe is put back until its turn, never dropped.
 
 use crate::connection::{Connection, ConnectionId};
-use crate::credentials::Credentials;
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::kinds::Kinds;
-use crate::lifecycle::{self, State};
-use crate::probe::{Check, ProbeResult, Prober, Verdict, Verifier, VerifyFuture};
+use crate::lifecycle;
+// The checker lives in `probe`; re-exported so the server wiring's import
+// of it from here keeps compiling.
+pub use crate::probe::Checker;
 use crate::store::{Store, query};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
@@ -78,75 +80,11 @@ impl<C: Clock + Clone> DiscoveryGate<C> {
     }
 }
 
-/// Runs a connection's check as its definition says, with its credential.
-pub struct Checker {
-    prober: Prober,
-    kinds: Kinds,
-    credentials: Credentials,
-}
-
-impl Checker {
-    pub fn new(prober: Prober, kinds: Kinds, credentials: Credentials) -> Self {
-        Checker {
-            prober,
-            kinds,
-            credentials,
-        }
-    }
-
-    /// What the check saw; `None` when the kind defines no check (or, for a
-    /// kind without a definition, the url's scheme has none). A kind whose
-    /// check needs a url finds a connection without one unreachable: nothing
-    /// unchecked is ever taken for reachable.
-    pub async fn check(&self, c: &Connection) -> Option<ProbeResult> {
-        let check = self
-            .kinds
-            .registry()
-            .get(&c.kind)
-            .map(|d| d.check.clone())
-            .unwrap_or(Check::Url);
-        let secret = if c.credential_id.is_empty() {
-            None
-        } else {
-            match self
-                .credentials
-                .secret_for(c.credential_id.clone(), &c.url)
-                .await
-            {
-                Ok(Ok(s)) => s,
-                // Checked when the credential and url met; this is the last
-                // word before anything is sent.
-                Ok(Err(why)) => {
-                    return Some(ProbeResult {
-                        verdict: Verdict::CredentialsRejected(format!("not sent: {why}")),
-                        latency: Duration::ZERO,
-                    });
-                }
-                Err(e) => {
-                    // A server-side fault, not the peer's answer.
-                    tracing::warn!(id = %c.id, error = %e, "cannot read the connection's credential");
-                    return Some(ProbeResult {
-                        verdict: Verdict::NotChecked("the credential could not be read".into()),
-                        latency: Duration::ZERO,
-                    });
-                }
-            }
-        };
-        self.prober.probe(&c.url, &check, secret.as_ref()).await
-    }
-}
-
-impl Verifier for Checker {
-    fn verify<'a>(&'a self, connection: &'a Connection) -> VerifyFuture<'a> {
-        Box::pin(async move { self.check(connection).await.map(|r| r.verdict) })
-    }
-}
-
-/// When to probe `c` next: a DISCOVERED one almost at once (it is verified
-/// once), the rest one interval on, give or take 10% so probes do not bunch;
+/// When to probe `c` next: one the lifecycle probes once
+/// ([`lifecycle::probed_once`]: DISCOVERED) almost at once, the rest one interval on, give or take 10% so probes do not bunch;
 /// at start (`first`), anywhere within one interval.
 fn delay_for(c: &Connection, interval: Duration, first: bool) -> Duration {
-    if c.state == State::Discovered {
+    if lifecycle::probed_once(c.state) {
         return interval
             .min(Duration::from_secs(1))
             .mul_f64(fastrand::f64());
@@ -157,10 +95,9 @@ fn delay_for(c: &Connection, interval: Duration, first: bool) -> Duration {
     interval.mul_f64(0.9 + 0.2 * fastrand::f64())
 }
 
-/// Whether the server watches this connection: managed, and in a state the
-/// lifecycle probes (a DISCONNECTED one only if the server caused it).
-pub fn monitored(c: &Connection) -> bool {
-    c.managed && lifecycle::probed(c.state, c.state_trigger)
+/// Whether the server watches this connection ([`lifecycle::monitored`]).
+fn monitored(c: &Connection) -> bool {
+    lifecycle::monitored(c.managed, c.state, c.state_trigger)
 }
 
 pub struct Monitor {
@@ -228,7 +165,7 @@ impl Monitor {
                             continue;
                         }
                     };
-                    if c.state == State::Discovered
+                    if lifecycle::probed_once(c.state)
                         && let Err(wait) = self.discovery.admit()
                     {
                             // Delayed, never dropped: it keeps its place in line.
@@ -297,7 +234,7 @@ impl Monitor {
         }
         if !monitored(c) {
             schedule.remove(&c.id);
-        } else if c.state == State::Discovered || !schedule.keys.contains_key(&c.id) {
+        } else if lifecycle::probed_once(c.state) || !schedule.keys.contains_key(&c.id) {
             let delay = self.delay(c, false);
             schedule.put(c.id.clone(), delay);
         }
@@ -379,7 +316,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::Trigger;
+    use crate::lifecycle::{State, Trigger};
 
     fn id(n: u8) -> ConnectionId {
         ConnectionId::parse(&format!("00000000-0000-4000-8000-0000000000{n:02}"), "id").unwrap()

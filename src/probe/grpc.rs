@@ -4,7 +4,7 @@
 //! authority and the TLS server name.
 
 use super::Verdict;
-use super::credentials::{AuthHeader, Scrubber};
+use super::client_auth::{AuthHeader, Scrubber};
 use super::egress::Egress;
 use super::prober::{error_chain, failure_class, ms};
 use super::target::HostPort;

@@ -3,7 +3,7 @@
 //! (401/403: credentials rejected, anything else: unreachable).
 
 use super::Verdict;
-use super::credentials::{AuthHeader, Scrubber};
+use super::client_auth::{AuthHeader, Scrubber};
 use super::egress::{Egress, blocked_in};
 use super::prober::{error_chain, failure_class, ms};
 use super::target::redacted;

@@ -1,18 +1,17 @@
 //! Reachability checks. A [`Prober`] runs one kind's [`Check`] against a url
-//! with an optional credential [`Secret`] and reports what it saw as a
-//! [`ProbeResult`]; nothing here changes state (the engine decides what a
-//! result means for the lifecycle) and nothing here reads the store or
-//! decrypts credentials (callers hand the secret in).
-//!
-//! The [`Verifier`] trait is the engine's view: [`GenericVerifier`] is the
-//! check every connection gets at a USER edge until kinds define their own,
-//! a [`Prober`] running [`Check::Url`] without credentials.
+//! with an optional credential [`Secret`] and reports what it saw as an
+//! [`Observation`]; nothing here changes state (the engine decides what a
+//! result means for the lifecycle). The [`Checker`] runs a connection's
+//! check as its kind defines it, with its credential's secret; it is the
+//! [`Verifier`] the engine asks at a USER edge and what the monitor runs in
+//! the background.
 //!
 //! Codemap: `target` turns a url and a check into what to contact (pure),
 //! `egress` decides which addresses may be contacted and resolves names
-//! through that policy, `credentials` turns a secret into headers and TLS
+//! through that policy, `client_auth` turns a secret into headers and TLS
 //! material, `tcp`, `http` and `grpc` do the I/O, `prober` bounds it all by
-//! a timeout and a global concurrency limit.
+//! a timeout and a global concurrency limit, `checker` picks a connection's
+//! check and secret.
 //!
 //! What a client sees of a failed check is a class (refused, timed out, tls
 //! handshake failed, name did not resolve, denied by egress policy,
@@ -20,7 +19,8 @@
 //! library's error text: that text is logged at debug level only.
 
 mod check;
-mod credentials;
+mod checker;
+mod client_auth;
 mod egress;
 mod grpc;
 mod http;
@@ -31,6 +31,7 @@ mod tcp;
 mod tests;
 
 pub use check::{Check, Secret};
+pub use checker::Checker;
 pub(crate) use egress::HostPattern;
 pub use egress::{Access, EgressPolicy, Resolve, ResolveFuture, StubResolver, SystemResolver};
 pub use prober::Prober;
@@ -70,9 +71,10 @@ impl Verdict {
     }
 }
 
-/// One probe's outcome.
+/// What one check saw, and how long it took. Not stored as such: the engine
+/// keeps what it means on the connection as its `last_probe`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeResult {
+pub struct Observation {
     pub verdict: Verdict,
     /// How long the check itself ran, from the moment it held a concurrency
     /// permit to its verdict: time spent queued for a permit is not the
@@ -87,40 +89,4 @@ pub type VerifyFuture<'a> = Pin<Box<dyn Future<Output = Option<Verdict>> + Send 
 pub trait Verifier: Send + Sync {
     /// `None` when this connection has no check (its kind defines none).
     fn verify<'a>(&'a self, connection: &'a Connection) -> VerifyFuture<'a>;
-}
-
-/// TCP connect for `tcp://host:port`, HTTP(S) GET for `http(s)://` urls, no
-/// credentials: [`Check::Url`] run by a [`Prober`].
-#[derive(Clone)]
-pub struct GenericVerifier {
-    prober: Prober,
-}
-
-impl GenericVerifier {
-    /// With the default egress policy and the system resolver.
-    pub fn new(timeout: Duration, concurrency: usize) -> Result<Self, reqwest::Error> {
-        Ok(GenericVerifier::from_prober(Prober::new(
-            timeout,
-            concurrency,
-            EgressPolicy::default(),
-            std::sync::Arc::new(SystemResolver),
-        )?))
-    }
-
-    /// Shares `prober`'s timeout and concurrency limit, so verifications and
-    /// background probes count against one budget.
-    pub fn from_prober(prober: Prober) -> Self {
-        GenericVerifier { prober }
-    }
-}
-
-impl Verifier for GenericVerifier {
-    fn verify<'a>(&'a self, connection: &'a Connection) -> VerifyFuture<'a> {
-        Box::pin(async move {
-            self.prober
-                .probe(&connection.url, &Check::Url, None)
-                .await
-                .map(|r| r.verdict)
-        })
-    }
 }

@@ -3,10 +3,10 @@
 //! verification in the process. It picks the check and the HTTP client; the
 //! check modules do the I/O.
 
-use super::credentials::{Credentials, Scrubber, TlsMaterial, client_builder};
+use super::client_auth::{ClientAuth, Scrubber, TlsMaterial, client_builder};
 use super::egress::{Blocked, Egress, EgressPolicy, Resolve, blocked_in};
 use super::target::{Target, plan};
-use super::{Check, ProbeResult, Secret, Verdict, grpc, http, tcp};
+use super::{Check, Observation, Secret, Verdict, grpc, http, tcp};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,16 +54,16 @@ impl Prober {
     /// https. Any other check on a url it cannot use (none, no port, a
     /// scheme it does not speak) is [`Verdict::Unreachable`] saying why; an
     /// unusable secret is [`Verdict::CredentialsRejected`] naming the field.
-    /// See [`ProbeResult::latency`] for what the latency measures.
+    /// See [`Observation::latency`] for what the latency measures.
     pub async fn probe(
         &self,
         url: &str,
         check: &Check,
         secret: Option<&Secret>,
-    ) -> Option<ProbeResult> {
+    ) -> Option<Observation> {
         let deadline = Instant::now() + self.timeout;
         let not_started = |verdict| {
-            Some(ProbeResult {
+            Some(Observation {
                 verdict,
                 latency: Duration::ZERO,
             })
@@ -73,16 +73,16 @@ impl Prober {
             Err(why) => return not_started(Verdict::Unreachable(why)),
         };
         // A TCP connect sends nothing, so its secret is not even read.
-        let credentials = match &target {
-            Target::Tcp(_) => Credentials::default(),
-            _ => match Credentials::from_secret(secret) {
+        let client_auth = match &target {
+            Target::Tcp(_) => ClientAuth::default(),
+            _ => match ClientAuth::from_secret(secret) {
                 Ok(c) => c,
                 Err(why) => return not_started(Verdict::CredentialsRejected(why)),
             },
         };
         let scrub = Scrubber::new(secret);
-        let sends_secret = credentials.auth.is_some()
-            || credentials.tls.as_ref().is_some_and(|t| t.has_identity());
+        let sends_secret = client_auth.auth.is_some()
+            || client_auth.tls.as_ref().is_some_and(|t| t.has_identity());
         if sends_secret && cleartext(&target) {
             return not_started(Verdict::CredentialsRejected(CLEARTEXT.into()));
         }
@@ -102,7 +102,7 @@ impl Prober {
                 // Building a client with TLS material costs more than a
                 // request, so it happens under the permit.
                 let own;
-                let client = match credentials.tls {
+                let client = match client_auth.tls {
                     None => &self.http,
                     Some(tls) => match tls.client(self.timeout, &self.egress) {
                         Ok(c) => {
@@ -116,7 +116,7 @@ impl Prober {
                     client,
                     &self.egress,
                     urls,
-                    credentials.auth.as_ref(),
+                    client_auth.auth.as_ref(),
                     deadline,
                     &scrub,
                 )
@@ -127,20 +127,20 @@ impl Prober {
                 service,
                 tls,
             } => {
-                let tls = tls.then(|| TlsMaterial::grpc(credentials.tls.as_ref(), &endpoint.host));
+                let tls = tls.then(|| TlsMaterial::grpc(client_auth.tls.as_ref(), &endpoint.host));
                 grpc::check(
                     endpoint,
                     service,
                     tls,
                     &self.egress,
-                    credentials.auth.as_ref(),
+                    client_auth.auth.as_ref(),
                     deadline,
                     &scrub,
                 )
                 .await
             }
         };
-        Some(ProbeResult {
+        Some(Observation {
             verdict,
             latency: started.elapsed(),
         })

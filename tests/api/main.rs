@@ -16,7 +16,6 @@ mod egress;
 mod faults;
 mod lifecycle;
 mod monitor;
-mod probe_results;
 mod process;
 mod quota;
 mod sizes;

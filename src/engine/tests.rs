@@ -1,30 +1,47 @@
-//! How the engine applies probe results, driven directly: a result for a
-//! connection that changed since the probe started is dropped, failures count
-//! up to the threshold, and a success resets the count.
+//! Engine tests that drive it directly, below the gRPC surface: what the
+//! monitor hands it is not reachable through the API, so probe results are
+//! applied here by hand.
 
+use super::create::creatable_states;
+use super::{CreateRequest, Engine, NewConnection, TransitionRequest};
+use crate::access::Scope;
+use crate::connection::{Connection, ConnectionId};
+use crate::definitions::Registry;
+use crate::kinds::Kinds;
+use crate::lifecycle::{State, Trigger};
+use crate::probe::{Observation, Verdict, Verifier, VerifyFuture};
+use crate::store::Store;
 use std::sync::Arc;
 use std::time::Duration;
-use tether::access::Scope;
-use tether::connection::ConnectionId;
-use tether::definitions::Registry;
-use tether::engine::{CreateRequest, Engine, NewConnection, TransitionRequest};
-use tether::kinds::Kinds;
-use tether::lifecycle::{State, Trigger};
-use tether::probe::{GenericVerifier, ProbeResult, Verdict};
-use tether::store::Store;
+
+#[test]
+fn the_create_refusal_names_the_states_a_create_may_ask_for() {
+    assert_eq!(
+        creatable_states(),
+        "DISCOVERED, REGISTERED, CONNECTED or IGNORED"
+    );
+}
+
+/// A verifier that must not be asked: every request here skips verification.
+struct NeverAsked;
+
+impl Verifier for NeverAsked {
+    fn verify<'a>(&'a self, c: &'a Connection) -> VerifyFuture<'a> {
+        panic!("verification of {} was not expected", c.id)
+    }
+}
 
 fn engine(dir: &tempfile::TempDir) -> Engine {
-    let config = tether::Config::default();
+    let config = crate::Config::default();
     let store = Store::open(&dir.path().join("t.db"), config.store_config()).unwrap();
-    let verifier = GenericVerifier::new(Duration::from_secs(1), 4).unwrap();
     Engine::new(
         store,
-        Arc::new(verifier),
+        Arc::new(NeverAsked),
         Kinds::new(Arc::new(Registry::builtin()), false),
     )
 }
 
-async fn create(e: &Engine, state: State) -> tether::connection::Connection {
+async fn create(e: &Engine, state: State) -> Connection {
     e.create(CreateRequest {
         connection: NewConnection {
             kind: "http".into(),
@@ -58,8 +75,8 @@ async fn user_move(e: &Engine, id: &ConnectionId, target: State) {
     .unwrap();
 }
 
-fn seen(v: Verdict) -> Option<ProbeResult> {
-    Some(ProbeResult {
+fn seen(v: Verdict) -> Option<Observation> {
+    Some(Observation {
         verdict: v,
         latency: Duration::from_millis(3),
     })
@@ -90,7 +107,7 @@ async fn failures_count_to_the_threshold_and_a_success_resets_them() {
     let fail = || seen(Verdict::Unreachable("HTTP 503".into()));
     let ok = || seen(Verdict::Reachable("HTTP 200".into()));
 
-    let after = |c: Option<tether::connection::Connection>| {
+    let after = |c: Option<Connection>| {
         let c = c.expect("applied");
         (c.state, c.last_probe.map(|p| p.consecutive_failures))
     };

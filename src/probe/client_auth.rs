@@ -16,7 +16,7 @@ use std::time::Duration;
 
 /// What a check may send, parsed from a [`Secret`].
 #[derive(Default)]
-pub(crate) struct Credentials {
+pub(crate) struct ClientAuth {
     pub auth: Option<AuthHeader>,
     pub tls: Option<TlsMaterial>,
 }
@@ -53,14 +53,14 @@ pub(crate) struct TlsMaterial {
     ca_pem: Option<String>,
 }
 
-impl Credentials {
+impl ClientAuth {
     /// Reads `token` (bearer), `username`/`password` (basic; a token wins
     /// when both are given), `client_certificate`/`client_key` (PEM) and
     /// `ca_certificate` (PEM, trusted instead of the built-in roots). Other
     /// fields are ignored. `Err` says which field cannot be used and why.
-    pub fn from_secret(secret: Option<&Secret>) -> Result<Credentials, String> {
+    pub fn from_secret(secret: Option<&Secret>) -> Result<ClientAuth, String> {
         let Some(secret) = secret else {
-            return Ok(Credentials::default());
+            return Ok(ClientAuth::default());
         };
         let field = |name: &str| -> Result<Option<&str>, String> {
             match secret.get(name) {
@@ -135,7 +135,7 @@ impl Credentials {
             identity_pem,
             ca_pem,
         });
-        Ok(Credentials { auth, tls })
+        Ok(ClientAuth { auth, tls })
     }
 }
 
@@ -276,7 +276,7 @@ mod tests {
     }
 
     fn error(v: serde_json::Value) -> String {
-        match Credentials::from_secret(Some(&secret(v))) {
+        match ClientAuth::from_secret(Some(&secret(v))) {
             Ok(_) => panic!("accepted"),
             Err(e) => e,
         }
@@ -285,14 +285,14 @@ mod tests {
     #[test]
     fn tokens_and_basic_auth() {
         let c =
-            Credentials::from_secret(Some(&secret(serde_json::json!({"token": "abc"})))).unwrap();
+            ClientAuth::from_secret(Some(&secret(serde_json::json!({"token": "abc"})))).unwrap();
         assert_eq!(c.auth.unwrap().as_str(), "Bearer abc");
-        let c = Credentials::from_secret(Some(&secret(
+        let c = ClientAuth::from_secret(Some(&secret(
             serde_json::json!({"username": "alice", "password": "pw"}),
         )))
         .unwrap();
         assert_eq!(c.auth.unwrap().as_str(), "Basic YWxpY2U6cHc=");
-        assert!(Credentials::from_secret(None).unwrap().auth.is_none());
+        assert!(ClientAuth::from_secret(None).unwrap().auth.is_none());
     }
 
     #[test]

@@ -1,0 +1,160 @@
+//! Discovery reports: what an agent found, taken in groups, each reported
+//! connection created, found again, or left as it is by
+//! [`lifecycle::on_report`].
+
+use super::create::new_connection;
+use super::transition::{Move, apply_transition};
+use super::{Discovered, Engine, NewConnection, Reporter, usable_credential};
+use crate::connection::EventType;
+use crate::error::Error;
+use crate::kinds::Kinds;
+use crate::lifecycle::{self, Rereported, Trigger};
+use crate::store::{EventDraft, Tx};
+
+/// Reported connections committed per writer job.
+pub(crate) const DISCOVERY_GROUP: usize = 500;
+
+impl Engine {
+    /// Takes what a discovery agent found. Identity is the key: nothing live
+    /// with it (or only tombstones) makes a new DISCOVERED connection; a
+    /// NOT_FOUND one comes back to DISCOVERED; anything else stays as it is,
+    /// an IGNORED one above all. Items commit in groups of
+    /// [`DISCOVERY_GROUP`], each group one writer job.
+    pub async fn report_discovered(
+        &self,
+        reporter: &Reporter,
+        items: Vec<Result<NewConnection, Error>>,
+    ) -> Result<Vec<Discovered>, Error> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let group: Vec<_> = items.by_ref().take(DISCOVERY_GROUP).collect();
+            let reporter = reporter.clone();
+            let kinds = self.kinds.clone();
+            let done = self
+                .store
+                .write(move |tx| {
+                    group
+                        .into_iter()
+                        .map(|item| match item {
+                            Ok(n) => discover(tx, &kinds, n, &reporter),
+                            Err(e) => Ok(Discovered::Rejected(e)),
+                        })
+                        .collect::<Result<Vec<_>, Error>>()
+                })
+                .await?;
+            out.extend(done);
+        }
+        Ok(out)
+    }
+}
+
+fn discover(
+    tx: &mut Tx<'_>,
+    kinds: &Kinds,
+    n: NewConnection,
+    reporter: &Reporter,
+) -> Result<Discovered, Error> {
+    let source = reporter.source.as_str();
+    let actor = reporter.actor.as_str();
+    // Without an identity or a url there is nothing to know it by when it is
+    // reported again: taking it would make a duplicate every time.
+    if n.identity.is_empty() && n.url.is_empty() {
+        return Ok(Discovered::Rejected(Error::invalid(
+            "identity",
+            "a discovered connection needs an identity or a url",
+        )));
+    }
+    let admitted = kinds
+        .admit(&n.kind)
+        .and_then(|()| kinds.check_metadata(&n.kind, "metadata", &n.metadata));
+    if let Err(e) = admitted {
+        return Ok(Discovered::Rejected(e));
+    }
+    if !n.credential_id.is_empty()
+        && let Err(e) = usable_credential(
+            tx.credential(&n.credential_id)?,
+            &n.credential_id,
+            &n.kind,
+            &n.url,
+            &reporter.scope,
+        )
+    {
+        return Ok(Discovered::Rejected(e));
+    }
+    let mut conn = new_connection(n, kinds, Trigger::System, format!("discovered by {source}"));
+    if let Some(existing) = tx.live_by_identity(&conn.identity)? {
+        // Someone else's connection: left alone and not shown. Reporting it
+        // must not make a duplicate, so the answer admits only that it exists.
+        if !reporter.scope.sees(&existing.owner) {
+            return Ok(Discovered::Hidden);
+        }
+        if existing.kind != conn.kind {
+            return Ok(Discovered::Rejected(Error::invalid(
+                "identity",
+                format!(
+                    "identity {:?} belongs to a {} connection, not {}",
+                    existing.identity, existing.kind, conn.kind
+                ),
+            )));
+        }
+        return Ok(match lifecycle::on_report(existing.state) {
+            Rereported::Suppressed => Discovered::SuppressedIgnored(existing),
+            Rereported::Unchanged => Discovered::Unchanged(existing),
+            Rereported::Rediscovered => {
+                // Found again, perhaps somewhere else: verify it where it was
+                // reported, not where it could not be found.
+                // A connection with a credential keeps its url: a report
+                // must never steer a secret to where the reporter chooses.
+                // The move is flagged in its reason for an operator to judge.
+                let mut found = existing;
+                let from_state = found.state;
+                let mut reason = format!("reported again by {source}");
+                if !conn.url.is_empty() && conn.url != found.url {
+                    if found.credential_id.is_empty() {
+                        found.url = std::mem::take(&mut conn.url);
+                        tx.record(
+                            &mut found,
+                            EventDraft {
+                                type_: EventType::Updated,
+                                from_state,
+                                trigger: Trigger::System,
+                                reason: format!("url reported by {source}"),
+                                actor: actor.to_owned(),
+                            },
+                        )?;
+                    } else {
+                        reason = format!(
+                            "reported again by {source} at another url ({}); it has a credential, so its url is kept: an operator must move it",
+                            crate::connection::shorten(&conn.url, 200)
+                        );
+                    }
+                }
+                Discovered::Rediscovered(apply_transition(
+                    tx,
+                    kinds,
+                    Move {
+                        id: found.id,
+                        target: lifecycle::INITIAL,
+                        trigger: Trigger::System,
+                        reason,
+                        actor: actor.to_owned(),
+                        etag: None,
+                        verified: None,
+                    },
+                )?)
+            }
+        });
+    }
+    tx.record(
+        &mut conn,
+        EventDraft {
+            type_: EventType::Created,
+            from_state: lifecycle::INITIAL,
+            trigger: Trigger::System,
+            reason: format!("discovered by {source}"),
+            actor: actor.to_owned(),
+        },
+    )?;
+    Ok(Discovered::Created(conn))
+}

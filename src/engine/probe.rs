@@ -1,0 +1,176 @@
+//! Background probe results: kept on the connection, and the SYSTEM moves
+//! [`lifecycle::after_probe`] calls for, unless a newer change overtook the
+//! probe.
+
+use super::transition::{Move, Verified, apply_transition};
+use super::{Engine, SYSTEM_ACTOR};
+use crate::connection::{Connection, ProbeOutcome, ProbeResult};
+use crate::error::Error;
+use crate::lifecycle::{self, Finding, Probed, State, Trigger};
+use crate::probe::{self, Verdict};
+use crate::store::{EventFilter, query};
+
+impl Engine {
+    /// Applies what a background probe of `probed` saw: keeps the result on
+    /// the connection (no event), and moves it along the SYSTEM edges the
+    /// result calls for (one event per step). Nothing happens if the
+    /// connection changed in what was checked since the probe started, or is
+    /// no longer monitored: a user request always wins over an older probe.
+    /// The connection as it is afterwards, or `None` when the result was dropped.
+    pub async fn apply_probe(
+        &self,
+        probed: &Connection,
+        result: Option<probe::Observation>,
+        failure_threshold: u32,
+    ) -> Result<Option<Connection>, Error> {
+        // A kind with no check passes verification (the lifecycle's rule).
+        let (verdict, latency) = match result {
+            Some(r) => (r.verdict, r.latency),
+            None => (
+                Verdict::Reachable("no check is defined for this connection".into()),
+                std::time::Duration::ZERO,
+            ),
+        };
+        let snapshot = Verified::of(probed);
+        // Read outside the writer; the snapshot check below makes sure it is
+        // still the same disconnection when the result commits.
+        // Needed only when a disconnected connection passes its check.
+        let disconnected_from = match finding(&verdict) {
+            Some(f) if lifecycle::needs_disconnected_from(probed.state, f) => {
+                self.disconnected_from(probed).await?
+            }
+            _ => None,
+        };
+        let id = probed.id.clone();
+        let kinds = self.kinds.clone();
+        self.store
+            .write(move |tx| {
+                let Some(row) = tx.get(&id)? else {
+                    return Ok(None);
+                };
+                if Verified::of(&row) != snapshot
+                    || !lifecycle::monitored(row.managed, row.state, row.state_trigger)
+                {
+                    return Ok(None);
+                }
+                let outcome = match &verdict {
+                    Verdict::Reachable(_) => ProbeOutcome::Reachable,
+                    Verdict::Unreachable(_) => ProbeOutcome::Unreachable,
+                    Verdict::CredentialsRejected(_) => ProbeOutcome::CredentialsRejected,
+                    // Nothing was learnt about the peer: record nothing, try again later.
+                    Verdict::NotChecked(_) => return Ok(Some(row)),
+                };
+                // Failures count within the current state only: a state change
+                // (a user reconnecting, say) starts the count again.
+                let failures = match outcome {
+                    ProbeOutcome::Reachable => 0,
+                    _ => {
+                        row.last_probe
+                            .as_ref()
+                            .filter(|p| p.time >= row.state_time)
+                            .map_or(0, |p| p.consecutive_failures)
+                            + 1
+                    }
+                };
+                let detail = verdict.detail().to_owned();
+                tx.set_probe(
+                    &id,
+                    &ProbeResult {
+                        time: tx.now(),
+                        outcome,
+                        latency_ms: latency.as_millis() as i64,
+                        message: detail.clone(),
+                        consecutive_failures: failures,
+                    },
+                )?;
+                let steps = lifecycle::after_probe(Probed {
+                    state: row.state,
+                    finding: match outcome {
+                        ProbeOutcome::Reachable => Finding::Reachable,
+                        ProbeOutcome::Unreachable => Finding::Unreachable,
+                        ProbeOutcome::CredentialsRejected => Finding::CredentialsRejected,
+                    },
+                    threshold_reached: failures >= failure_threshold as i32,
+                    auto_connects: kinds.auto_connects(&row.kind),
+                    disconnected_from,
+                });
+                let reason = match outcome {
+                    ProbeOutcome::Reachable => detail,
+                    _ if lifecycle::counts_failures(row.state) => {
+                        format!("{failures} failed probes in a row; last: {detail}")
+                    }
+                    ProbeOutcome::Unreachable => format!("unreachable: {detail}"),
+                    ProbeOutcome::CredentialsRejected => format!("credentials rejected: {detail}"),
+                };
+                let mut now = tx.get(&id)?;
+                for &target in steps {
+                    now = Some(apply_transition(
+                        tx,
+                        &kinds,
+                        Move {
+                            id: id.clone(),
+                            target,
+                            trigger: Trigger::System,
+                            reason: reason.clone(),
+                            actor: SYSTEM_ACTOR.into(),
+                            etag: None,
+                            verified: None,
+                        },
+                    )?);
+                }
+                Ok(now)
+            })
+            .await
+    }
+
+    /// The state the server disconnected `c` from, read from the event that
+    /// moved it into DISCONNECTED (the one at its state time). `None` when
+    /// that event is no longer kept: the caller then treats it as never
+    /// having been taken into use.
+    async fn disconnected_from(&self, c: &Connection) -> Result<Option<State>, Error> {
+        let id = c.id.clone();
+        let entered = c.state_time;
+        self.store
+            .read(move |conn| {
+                let mut found = None;
+                let mut after = 0;
+                loop {
+                    let page = query::events(
+                        conn,
+                        &EventFilter {
+                            connection_id: Some(id.clone()),
+                            after_revision: after,
+                            limit: 1000,
+                            owners: None,
+                            max_bytes: usize::MAX,
+                        },
+                    )?;
+                    let Some(last) = page.last() else {
+                        return Ok(found);
+                    };
+                    after = last.revision;
+                    found = page
+                        .iter()
+                        .rev()
+                        .find(|e| {
+                            e.to_state == State::Disconnected
+                                && e.from_state != State::Disconnected
+                                && e.time == entered
+                        })
+                        .map(|e| e.from_state)
+                        .or(found);
+                }
+            })
+            .await
+    }
+}
+
+/// What a verdict found; `None`: the check could not run, nothing was learnt.
+fn finding(v: &Verdict) -> Option<Finding> {
+    match v {
+        Verdict::Reachable(_) => Some(Finding::Reachable),
+        Verdict::Unreachable(_) => Some(Finding::Unreachable),
+        Verdict::CredentialsRejected(_) => Some(Finding::CredentialsRejected),
+        Verdict::NotChecked(_) => None,
+    }
+}
