@@ -21,7 +21,7 @@ use crate::lifecycle;
 // The checker lives in `probe`; re-exported so the server wiring's import
 // of it from here keeps compiling.
 pub use crate::probe::Checker;
-use crate::store::{Store, query};
+use crate::store::Store;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -224,7 +224,7 @@ impl Monitor {
 
     async fn engine_get(&self, id: &ConnectionId) -> Result<Option<Connection>, crate::Error> {
         let id = id.clone();
-        self.store.read(move |c| query::get(c, &id)).await
+        self.store.read(move |c| c.get(&id)).await
     }
 
     fn on_change(&self, schedule: &mut Schedule, c: &Connection) {
@@ -243,7 +243,7 @@ impl Monitor {
     /// Brings the schedule in line with the database (at start, and after
     /// missing published events); whether it could.
     async fn resync(&self, schedule: &mut Schedule, first: bool) -> bool {
-        let candidates = match self.store.read(|c| query::probe_candidates(c)).await {
+        let candidates = match self.store.read(|c| c.probe_candidates()).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot load connections to monitor; retrying");

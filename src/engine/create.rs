@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::kinds::Kinds;
 use crate::lifecycle::{self, State, Trigger};
 use crate::probe::Verdict;
-use crate::store::{EventDraft, query};
+use crate::store::EventDraft;
 
 impl Engine {
     /// Registers a connection by hand: DISCOVERED, then along the allowed
@@ -50,13 +50,13 @@ impl Engine {
             .store
             .read(move |c| {
                 if let Some(k) = &retry
-                    && let Some(answer) = decode_answer(k, query::request_answer(c, &k.stored)?)?
+                    && let Some(answer) = decode_answer(k, c.answer(&k.stored)?)?
                 {
                     return Ok(Some(answer));
                 }
                 if !credential.is_empty()
                     && let Err(e) = usable_credential(
-                        query::credential(c, &credential)?,
+                        c.credential(&credential)?,
                         &credential,
                         &kind,
                         &url,
@@ -65,7 +65,8 @@ impl Engine {
                 {
                     return Ok(Some(Err(e)));
                 }
-                Ok(query::live_by_identity(c, &identity)?.map(|e| Err(already_exists(&e, &scope))))
+                Ok(c.live_by_identity(&identity)?
+                    .map(|e| Err(already_exists(&e, &scope))))
             })
             .await?;
         if let Some(answer) = earlier {

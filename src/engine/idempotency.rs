@@ -6,7 +6,7 @@
 use super::{Engine, RequestKey};
 use crate::connection::{Connection, ConnectionId};
 use crate::error::Error;
-use crate::store::{Tx, query};
+use crate::store::Tx;
 
 /// The answer a request gets, stored for `request_id` retries. A failed
 /// verification that moved the connection is an answer worth replaying too.
@@ -37,7 +37,7 @@ impl Engine {
             return Ok(None);
         };
         self.store
-            .read(move |c| decode_answer(&k, query::request_answer(c, &k.stored)?))
+            .read(move |c| decode_answer(&k, c.answer(&k.stored)?))
             .await
     }
 }

@@ -8,7 +8,7 @@ use crate::connection::{Connection, ProbeOutcome, ProbeResult};
 use crate::error::Error;
 use crate::lifecycle::{self, Finding, Probed, State, Trigger};
 use crate::probe::{self, Verdict};
-use crate::store::{EventFilter, query};
+use crate::store::EventFilter;
 
 impl Engine {
     /// Applies what a background probe of `probed` saw: keeps the result on
@@ -135,16 +135,13 @@ impl Engine {
                 let mut found = None;
                 let mut after = 0;
                 loop {
-                    let page = query::events(
-                        conn,
-                        &EventFilter {
-                            connection_id: Some(id.clone()),
-                            after_revision: after,
-                            limit: 1000,
-                            owners: None,
-                            max_bytes: usize::MAX,
-                        },
-                    )?;
+                    let page = conn.events(&EventFilter {
+                        connection_id: Some(id.clone()),
+                        after_revision: after,
+                        limit: 1000,
+                        owners: None,
+                        max_bytes: usize::MAX,
+                    })?;
                     let Some(last) = page.last() else {
                         return Ok(found);
                     };

@@ -6,7 +6,7 @@ use crate::access::Scope;
 use crate::connection::{Connection, ConnectionId};
 use crate::error::Error;
 use crate::lifecycle::State;
-use crate::store::{EventFilter, Filter, ListQuery, Page, query};
+use crate::store::{EventFilter, Filter, ListQuery, Page};
 
 impl Engine {
     /// The connection, if it exists and `scope` sees it: one it may not see
@@ -14,16 +14,16 @@ impl Engine {
     pub async fn get(&self, id: ConnectionId, scope: &Scope) -> Result<Connection, Error> {
         let scope = scope.clone();
         self.store
-            .read(move |c| visible(query::get(c, &id)?, &id, &scope))
+            .read(move |c| visible(c.get(&id)?, &id, &scope))
             .await
     }
 
     pub async fn list(&self, q: ListQuery) -> Result<Page, Error> {
-        self.store.read(move |c| query::list(c, &q)).await
+        self.store.read(move |c| c.list(&q)).await
     }
 
     pub async fn count(&self, filter: Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
-        self.store.read(move |c| query::count(c, &filter)).await
+        self.store.read(move |c| c.count(&filter)).await
     }
 
     /// A page of history of the connections `scope` sees; one connection's
@@ -33,11 +33,11 @@ impl Engine {
         self.store
             .read(move |c| {
                 if let Some(id) = &f.connection_id {
-                    visible(query::get(c, id)?, id, &scope)?;
+                    visible(c.get(id)?, id, &scope)?;
                 }
                 // Like a watch: history that has been pruned is said to be
                 // gone, never skipped in silence (0 asks for what is kept).
-                let (current, compact) = query::revisions(c)?;
+                let (current, compact) = c.revisions()?;
                 if f.after_revision != 0 && f.after_revision < compact {
                     return Err(Error::RevisionCompacted {
                         requested: f.after_revision,
@@ -50,14 +50,11 @@ impl Engine {
                         current,
                     });
                 }
-                let (revision, compact_revision) = query::revisions(c)?;
-                let mut events = query::events(
-                    c,
-                    &EventFilter {
-                        limit: f.limit + 1,
-                        ..f
-                    },
-                )?;
+                let (revision, compact_revision) = c.revisions()?;
+                let mut events = c.events(&EventFilter {
+                    limit: f.limit + 1,
+                    ..f
+                })?;
                 let more = events.len() > f.limit;
                 events.truncate(f.limit);
                 Ok(EventPage {

@@ -13,7 +13,7 @@ mod backup;
 mod check;
 mod codec;
 mod error;
-pub mod query;
+mod query;
 mod read;
 mod schema;
 mod writer;

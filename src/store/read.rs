@@ -75,13 +75,10 @@ impl<'a> Read<'a> {
     pub fn key_check(&self) -> Result<Option<Sealed>, Error> {
         query::key_check(self.sql)
     }
-}
 
-// Until every reader asks through the methods above.
-impl std::ops::Deref for Read<'_> {
-    type Target = rusqlite::Connection;
-
-    fn deref(&self) -> &rusqlite::Connection {
+    /// The SQL connection, for the store's own tests.
+    #[cfg(test)]
+    pub(super) fn sql(&self) -> &rusqlite::Connection {
         self.sql
     }
 }

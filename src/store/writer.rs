@@ -780,7 +780,7 @@ mod tests {
         let store = Store::open(&dir.path().join("t.db"), config()).unwrap();
         let fault = store.storage_fault();
         let pages: i64 = store
-            .read(|c| Ok(c.query_row("PRAGMA page_count", [], |r| r.get(0))?))
+            .read(|c| Ok(c.sql().query_row("PRAGMA page_count", [], |r| r.get(0))?))
             .await
             .unwrap();
         store.write(move |tx| cap(tx, pages + 4)).await.unwrap();
@@ -866,7 +866,7 @@ mod tests {
     async fn blob_refs(store: &Store) -> std::collections::BTreeMap<String, i64> {
         store
             .read(|c| {
-                let mut stmt = c.prepare(
+                let mut stmt = c.sql().prepare(
                     "SELECT json_extract(body, '$.tag'), refs, \
                      (SELECT count(*) FROM events WHERE metadata_blob = hash) \
                      + (SELECT count(*) FROM requests WHERE metadata_blob = hash) FROM blobs",
@@ -876,7 +876,7 @@ mod tests {
                         Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get(2)?))
                     })?
                     .collect::<Result<Vec<(String, i64, i64)>, _>>()?;
-                let dangling: i64 = c.query_row(
+                let dangling: i64 = c.sql().query_row(
                     "SELECT count(*) FROM events WHERE metadata_blob IS NOT NULL \
                      AND metadata_blob NOT IN (SELECT hash FROM blobs)",
                     [],
@@ -901,16 +901,13 @@ mod tests {
         let id = id.clone();
         store
             .read(move |c| {
-                super::super::query::events(
-                    c,
-                    &super::super::EventFilter {
-                        connection_id: Some(id),
-                        after_revision: 0,
-                        limit: 100,
-                        owners: None,
-                        max_bytes: usize::MAX,
-                    },
-                )
+                c.events(&super::super::EventFilter {
+                    connection_id: Some(id),
+                    after_revision: 0,
+                    limit: 100,
+                    owners: None,
+                    max_bytes: usize::MAX,
+                })
             })
             .await
             .unwrap()
@@ -986,10 +983,7 @@ mod tests {
             refs(&[("m2", 1), ("m3", 2)]),
             "one blob, two answers"
         );
-        let back = store
-            .read(|c| super::super::query::request_answer(c, "r1"))
-            .await
-            .unwrap();
+        let back = store.read(|c| c.answer("r1")).await.unwrap();
         assert_eq!(back, Some((7, Ok(answered))));
         // Answers pruned (as by age or count) drop their reference.
         store
