@@ -12,6 +12,7 @@ pub mod definitions;
 pub mod sizes;
 
 use crate::access::{Access, Principal};
+use crate::config::ApiLimits;
 use crate::connection::{
     self, Connection, ConnectionId, Event, EventType, ProbeOutcome, ProbeResult, check_labels,
     check_len, check_metadata, limits, parse_kind, parse_url, shorten,
@@ -34,18 +35,6 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 pub use crate::pb::ERROR_DOMAIN;
-
-/// Page and batch limits of the API.
-#[derive(Clone, Debug)]
-pub struct ApiLimits {
-    pub default_page_size: usize,
-    pub max_page_size: usize,
-    pub default_events_page_size: usize,
-    pub max_batch: usize,
-    pub max_discovery_report: usize,
-    /// Watch streams one principal may hold open.
-    pub max_watches: usize,
-}
 
 /// Turns a client's `request_id` into what it is stored under: an HMAC of
 /// the principal and the id, so ids are scoped per caller and the table
