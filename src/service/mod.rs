@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod credentials;
 pub mod definitions;
+pub(crate) mod paging;
 pub mod sizes;
 pub(crate) mod status;
 
@@ -25,8 +26,9 @@ use crate::engine::{
 use crate::error::Error;
 use crate::lifecycle::{self, State, Trigger};
 use crate::pb::tether::v1 as pb;
-use crate::store::{Cursor, EventFilter, Filter, ListQuery, Order};
+use crate::store::{EventFilter, Filter, ListQuery};
 use crate::watch::{Change, Item, WatchSpec, Watcher};
+use paging::{PageSizes, Query};
 use prost::Message;
 use status::rpc_status;
 use std::collections::{BTreeMap, HashMap};
@@ -152,12 +154,11 @@ impl ConnectionService {
         }
     }
 
-    fn page_size(&self, requested: i32, field: &str) -> Result<usize, Error> {
-        match requested {
-            n if n < 0 => Err(Error::invalid(field, "must not be negative")),
-            0 => Ok(self.limits.default_page_size),
-            // AIP-158: a larger page than allowed is coerced, not refused.
-            n => Ok((n as usize).min(self.limits.max_page_size)),
+    /// The page sizes of ListConnections.
+    fn page_sizes(&self) -> PageSizes {
+        PageSizes {
+            default: self.limits.default_page_size,
+            max: self.limits.max_page_size,
         }
     }
 
@@ -234,7 +235,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
         let principal = auth::principal(&request)?;
         let r = request.into_inner();
-        let page_size = self.page_size(r.page_size, "page_size")?;
+        let page_size = self.page_sizes().page_size(r.page_size)?;
         let filter = filter_from_pb(
             r.kinds,
             r.states,
@@ -244,11 +245,9 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             r.show_deleted,
             &principal,
         )?;
-        let order = Order::parse(&r.order_by)?;
-        let after = match r.page_token.as_str() {
-            "" => None,
-            t => Some(Cursor::decode(t, &filter, order)?),
-        };
+        let order = paging::order_by(&r.order_by)?;
+        let query = Query::connections(&filter, order);
+        let after = paging::decode(&r.page_token, query)?;
         let page = self
             .engine
             .list(ListQuery {
@@ -260,7 +259,10 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             .await?;
         Ok(Response::new(pb::ListConnectionsResponse {
             connections: page.connections.iter().map(connection_to_pb).collect(),
-            next_page_token: page.next.map(|c| c.encode()).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .map(|c| paging::encode(&c, query))
+                .unwrap_or_default(),
             revision: page.revision,
         }))
     }
@@ -427,11 +429,12 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         if r.after_revision < 0 {
             return Err(Error::invalid("after_revision", "must not be negative").into());
         }
-        let limit = match r.page_size {
-            n if n < 0 => return Err(Error::invalid("page_size", "must not be negative").into()),
-            0 => self.limits.default_events_page_size,
-            n => (n as usize).min(self.limits.max_page_size),
-        };
+        // History pages by revision (`after_revision`), not by token.
+        let limit = PageSizes {
+            default: self.limits.default_events_page_size,
+            max: self.limits.max_page_size,
+        }
+        .page_size(r.page_size)?;
         let page = self
             .engine
             .events(

@@ -15,7 +15,7 @@ mod schema;
 mod writer;
 
 pub use query::{
-    Cursor, EventFilter, Filter, ListQuery, Order, OrderField, Page, SnapshotCursor,
+    Cursor, CursorKey, EventFilter, Filter, ListQuery, Order, OrderField, Page, SnapshotCursor,
     StoredCredential,
 };
 pub use writer::{EventDraft, Tx, WriterConfig};
