@@ -2,9 +2,11 @@
 //! response, error or log line here carries a secret. Callers see and delete
 //! only credentials of owners in their scope.
 
+use super::auth;
+use super::convert::{credential_to_pb, struct_to_json};
 use super::paging::{self, PageSizes, Query};
-use super::{auth, struct_to_json, timestamp};
-use crate::credentials::{CredentialInfo, Credentials, NewCredential};
+use crate::connection::{check_len, limits};
+use crate::credentials::{Credentials, NewCredential};
 use crate::error::Error;
 use crate::pb::tether::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -26,17 +28,6 @@ impl CredentialService {
     }
 }
 
-fn credential_to_pb(c: &CredentialInfo) -> pb::Credential {
-    pb::Credential {
-        id: c.id.clone(),
-        name: c.name.clone(),
-        r#type: c.type_.clone(),
-        owner: c.owner.clone(),
-        create_time: timestamp(c.create_time),
-        allowed_hosts: c.allowed_hosts.clone(),
-    }
-}
-
 #[tonic::async_trait]
 impl pb::credential_service_server::CredentialService for CredentialService {
     async fn create_credential(
@@ -45,7 +36,7 @@ impl pb::credential_service_server::CredentialService for CredentialService {
     ) -> Result<Response<pb::Credential>, Status> {
         let principal = auth::principal(&request)?;
         let r = request.into_inner();
-        crate::connection::check_len("owner", &r.owner, crate::connection::limits::SHORT)?;
+        check_len("owner", &r.owner, limits::SHORT)?;
         let owner = principal.owner_for(&r.owner, "owner")?;
         let secret = struct_to_json("secret", r.secret)?;
         let info = self
