@@ -4,7 +4,6 @@
 use crate::error::Error;
 use crate::monitor::MonitorConfig;
 use crate::probe::{Access, EgressPolicy, Resolve, SystemResolver};
-use crate::service::ApiLimits;
 use crate::store::{StoreConfig, WriterConfig};
 use crate::transport::{TlsFiles, TransportConfig};
 use crate::watch::WatchConfig;
@@ -12,6 +11,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Page and batch limits of the API, as the service applies them.
+#[derive(Clone, Debug)]
+pub struct ApiLimits {
+    pub default_page_size: usize,
+    pub max_page_size: usize,
+    pub default_events_page_size: usize,
+    pub max_batch: usize,
+    pub max_discovery_report: usize,
+    /// Watch streams one principal may hold open.
+    pub max_watches: usize,
+}
 
 /// The database file: `db`, or `tether/tether.db` in the per-user data directory.
 pub fn db_path(db: Option<&std::path::Path>) -> PathBuf {

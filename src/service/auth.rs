@@ -10,8 +10,8 @@
 //! a principal may see is not decided here but by its scope, which handlers
 //! pass to the engine.
 
-use super::ERROR_DOMAIN;
 use crate::access::{Access, Principal, Revoked, Role, Via, check_principal_name};
+use crate::pb::ERROR_DOMAIN;
 use crate::transport::Peer;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;

@@ -2,53 +2,30 @@
 //! response, error or log line here carries a secret. Callers see and delete
 //! only credentials of owners in their scope.
 
-use super::{auth, struct_to_json, timestamp};
-use crate::credentials::{CredentialInfo, Credentials, NewCredential};
+use super::auth;
+use super::convert::{credential_to_pb, struct_to_json};
+use super::paging::{self, PageSizes, Query};
+use crate::connection::{check_len, limits};
+use crate::credentials::{Credentials, NewCredential};
 use crate::error::Error;
 use crate::pb::tether::v1 as pb;
-use base64::Engine as _;
 use tonic::{Request, Response, Status};
 
 pub struct CredentialService {
     credentials: Credentials,
-    default_page_size: usize,
-    max_page_size: usize,
+    page_sizes: PageSizes,
 }
 
 impl CredentialService {
     pub fn new(credentials: Credentials, default_page_size: usize, max_page_size: usize) -> Self {
         CredentialService {
             credentials,
-            default_page_size,
-            max_page_size,
+            page_sizes: PageSizes {
+                default: default_page_size,
+                max: max_page_size,
+            },
         }
     }
-}
-
-fn credential_to_pb(c: &CredentialInfo) -> pb::Credential {
-    pb::Credential {
-        id: c.id.clone(),
-        name: c.name.clone(),
-        r#type: c.type_.clone(),
-        owner: c.owner.clone(),
-        create_time: timestamp(c.create_time),
-        allowed_hosts: c.allowed_hosts.clone(),
-    }
-}
-
-fn encode_cursor(c: &(i64, String)) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}/{}", c.0, c.1))
-}
-
-fn decode_cursor(token: &str) -> Result<(i64, String), Error> {
-    let bad = || Error::invalid("page_token", "is not a token this server issued");
-    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(bad)?;
-    let (t, id) = text.split_once('/').ok_or_else(bad)?;
-    Ok((t.parse().map_err(|_| bad())?, id.to_owned()))
 }
 
 #[tonic::async_trait]
@@ -59,7 +36,7 @@ impl pb::credential_service_server::CredentialService for CredentialService {
     ) -> Result<Response<pb::Credential>, Status> {
         let principal = auth::principal(&request)?;
         let r = request.into_inner();
-        crate::connection::check_len("owner", &r.owner, crate::connection::limits::SHORT)?;
+        check_len("owner", &r.owner, limits::SHORT)?;
         let owner = principal.owner_for(&r.owner, "owner")?;
         let secret = struct_to_json("secret", r.secret)?;
         let info = self
@@ -82,22 +59,19 @@ impl pb::credential_service_server::CredentialService for CredentialService {
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
         let principal = auth::principal(&request)?;
         let r = request.into_inner();
-        let limit = match r.page_size {
-            n if n < 0 => return Err(Error::invalid("page_size", "must not be negative").into()),
-            0 => self.default_page_size,
-            n => (n as usize).min(self.max_page_size),
-        };
-        let after = match r.page_token.as_str() {
-            "" => None,
-            t => Some(decode_cursor(t)?),
-        };
+        let limit = self.page_sizes.page_size(r.page_size)?;
+        let query = Query::credentials(principal.scope.owners().as_deref());
+        let after = paging::decode_created(&r.page_token, query)?;
         let (credentials, next) = self
             .credentials
             .list(after, limit, &principal.scope)
             .await?;
         Ok(Response::new(pb::ListCredentialsResponse {
             credentials: credentials.iter().map(credential_to_pb).collect(),
-            next_page_token: next.as_ref().map(encode_cursor).unwrap_or_default(),
+            next_page_token: next
+                .as_ref()
+                .map(|n| paging::encode_created(n, query))
+                .unwrap_or_default(),
         }))
     }
 

@@ -18,7 +18,7 @@
 //! it reserves room for the message. tonic's own limit, set to the same value
 //! on every service, stays behind it.
 
-use super::ERROR_DOMAIN;
+use crate::pb::ERROR_DOMAIN;
 use http_body::{Body, Frame, SizeHint};
 use std::collections::HashMap;
 use std::pin::Pin;

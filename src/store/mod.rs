@@ -21,7 +21,7 @@ mod writer;
 pub use backup::BackupDone;
 pub(crate) use backup::backup;
 pub use query::{
-    Cursor, EventFilter, Filter, ListQuery, Order, OrderField, Page, SnapshotCursor,
+    Cursor, CursorKey, EventFilter, Filter, ListQuery, Order, OrderField, Page, SnapshotCursor,
     StoredCredential,
 };
 pub use read::Read;

@@ -6,7 +6,6 @@ use super::codec;
 use crate::connection::{Connection, ConnectionId, Event, EventType, Micros};
 use crate::error::Error;
 use crate::lifecycle::{self, State, Trigger};
-use base64::Engine as _;
 use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, Row, params, params_from_iter};
 use serde::{Deserialize, Serialize};
@@ -246,7 +245,7 @@ fn where_clause(clauses: &[String]) -> String {
 }
 
 /// The column a list is sorted by; ties are broken by id.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OrderField {
     #[default]
     CreateTime,
@@ -254,37 +253,14 @@ pub enum OrderField {
     Name,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a list is sorted. Its wire syntax (`order_by`) is the service's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Order {
     pub field: OrderField,
     pub descending: bool,
 }
 
 impl Order {
-    /// Parses `order_by`: `create_time`, `update_time` or `name`, optionally
-    /// followed by `desc` or `asc`.
-    pub fn parse(s: &str) -> Result<Order, Error> {
-        let words: Vec<&str> = s.split_whitespace().collect();
-        let (field, dir) = match words.as_slice() {
-            [] => return Ok(Order::default()),
-            [f] => (*f, "asc"),
-            [f, d] => (*f, *d),
-            _ => return Err(bad_order(s)),
-        };
-        let field = match field {
-            "create_time" => OrderField::CreateTime,
-            "update_time" => OrderField::UpdateTime,
-            "name" => OrderField::Name,
-            _ => return Err(bad_order(s)),
-        };
-        let descending = match dir.to_ascii_lowercase().as_str() {
-            "asc" => false,
-            "desc" => true,
-            _ => return Err(bad_order(s)),
-        };
-        Ok(Order { field, descending })
-    }
-
     fn column(self) -> &'static str {
         match self.field {
             OrderField::CreateTime => "create_time",
@@ -302,61 +278,19 @@ impl Order {
     }
 }
 
-fn bad_order(s: &str) -> Error {
-    Error::invalid(
-        "order_by",
-        format!("{s:?}: use create_time, update_time or name, optionally followed by desc"),
-    )
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-enum CursorKey {
+/// The sort key of a row: the value of its [`Order`] column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CursorKey {
     Int(i64),
     Text(String),
 }
 
-/// Where the next page starts: the sort key and id of the last row returned,
-/// bound to the filter and order it was made for.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Where the next page starts: the sort key and id of the last row returned.
+/// Which query it belongs to, and its page-token form, are the service's.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
-    #[serde(rename = "k")]
-    key: CursorKey,
-    #[serde(rename = "i")]
-    id: String,
-    /// A digest of the filter and order, so a token cannot be replayed against
-    /// a different query and silently skip rows.
-    #[serde(rename = "q")]
-    query: u64,
-}
-
-impl Cursor {
-    /// The opaque page token.
-    pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(self).expect("a cursor always serialises");
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
-    }
-
-    /// Reads a page token made for `filter` and `order`.
-    pub fn decode(token: &str, filter: &Filter, order: Order) -> Result<Cursor, Error> {
-        let bad = || Error::invalid("page_token", "is not a token this server issued");
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(token)
-            .map_err(|_| bad())?;
-        let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| bad())?;
-        if cursor.query != query_digest(filter, order) {
-            return Err(Error::invalid(
-                "page_token",
-                "was issued for a different filter or order_by",
-            ));
-        }
-        Ok(cursor)
-    }
-}
-
-fn query_digest(filter: &Filter, order: Order) -> u64 {
-    let text = serde_json::to_string(&(filter, order)).expect("filters always serialise");
-    crate::connection::digest(text.as_bytes())
+    pub key: CursorKey,
+    pub id: String,
 }
 
 pub struct ListQuery {
@@ -408,7 +342,6 @@ pub fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Error> {
         connections.last().map(|last| Cursor {
             key: q.order.key_of(last),
             id: last.id.to_string(),
-            query: query_digest(&q.filter, q.order),
         })
     } else {
         None

@@ -1,0 +1,353 @@
+//! `tether.v1.ConnectionService`: each handler parses its request
+//! ([`convert`], [`paging`], [`RequestIds`]), calls the engine (or the
+//! watcher) and answers with the converted result. Callers see and change
+//! only connections of owners in their scope, which the engine enforces.
+
+use super::auth;
+use super::convert::{self, connection_to_pb, event_to_pb};
+use super::paging::{self, PageSizes, Query};
+use super::request_ids::RequestIds;
+use super::status::rpc_status;
+use super::watch_slots::WatchSlots;
+use crate::access::{Access, Principal};
+use crate::config::ApiLimits;
+use crate::connection::{Connection, ConnectionId};
+use crate::engine::{Engine, TransitionRequest};
+use crate::error::Error;
+use crate::pb::tether::v1 as pb;
+use crate::store::{EventFilter, ListQuery};
+use crate::watch::{WatchSpec, Watcher};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+pub struct ConnectionService {
+    engine: Engine,
+    watcher: Watcher,
+    limits: ApiLimits,
+    request_ids: RequestIds,
+    watches: WatchSlots,
+    /// To end a watch whose caller's access is revoked.
+    access: Arc<Access>,
+}
+
+impl ConnectionService {
+    pub fn new(
+        engine: Engine,
+        watcher: Watcher,
+        limits: ApiLimits,
+        request_ids: RequestIds,
+        access: Arc<Access>,
+    ) -> Self {
+        ConnectionService {
+            engine,
+            watcher,
+            limits,
+            request_ids,
+            watches: WatchSlots::default(),
+            access,
+        }
+    }
+
+    /// The page sizes of ListConnections.
+    fn page_sizes(&self) -> PageSizes {
+        PageSizes {
+            default: self.limits.default_page_size,
+            max: self.limits.max_page_size,
+        }
+    }
+
+    /// A transition request, alone (`field` empty) or item `field` of a batch.
+    fn transition_request(
+        &self,
+        r: pb::TransitionConnectionRequest,
+        principal: &Principal,
+        field: &str,
+    ) -> Result<TransitionRequest, Error> {
+        let key =
+            self.request_ids
+                .key(principal, &r.request_id, &r, &format!("{field}request_id"))?;
+        convert::transition_from_pb(r, key, principal, field)
+    }
+}
+
+type WatchResponseStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchConnectionsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::connection_service_server::ConnectionService for ConnectionService {
+    async fn create_connection(
+        &self,
+        request: Request<pb::CreateConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let principal = auth::principal(&request)?;
+        let r = request.into_inner();
+        let key = self
+            .request_ids
+            .key(&principal, &r.request_id, &r, "request_id")?;
+        let create = convert::create_from_pb(r, key, &principal)?;
+        let c = self.engine.create(create).await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn get_connection(
+        &self,
+        request: Request<pb::GetConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let principal = auth::principal(&request)?;
+        let id = ConnectionId::parse(&request.get_ref().id, "id")?;
+        let c = self.engine.get(id, &principal.scope).await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn list_connections(
+        &self,
+        request: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let r = request.into_inner();
+        let page_size = self.page_sizes().page_size(r.page_size)?;
+        let filter = convert::filter_from_pb(
+            r.kinds,
+            r.states,
+            r.types,
+            r.search,
+            r.labels,
+            r.show_deleted,
+            &principal,
+        )?;
+        let order = paging::order_by(&r.order_by)?;
+        let query = Query::connections(&filter, order);
+        let after = paging::decode(&r.page_token, query)?;
+        let page = self
+            .engine
+            .list(ListQuery {
+                filter,
+                order,
+                page_size,
+                after,
+            })
+            .await?;
+        Ok(Response::new(pb::ListConnectionsResponse {
+            connections: page.connections.iter().map(connection_to_pb).collect(),
+            next_page_token: page
+                .next
+                .map(|c| paging::encode(&c, query))
+                .unwrap_or_default(),
+            revision: page.revision,
+        }))
+    }
+
+    async fn count_connections(
+        &self,
+        request: Request<pb::CountConnectionsRequest>,
+    ) -> Result<Response<pb::CountConnectionsResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let r = request.into_inner();
+        let filter = convert::filter_from_pb(
+            r.kinds,
+            r.states,
+            r.types,
+            r.search,
+            r.labels,
+            r.show_deleted,
+            &principal,
+        )?;
+        let (counts, revision) = self.engine.count(filter).await?;
+        Ok(Response::new(convert::counts_to_pb(counts, revision)))
+    }
+
+    async fn update_connection(
+        &self,
+        request: Request<pb::UpdateConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let principal = auth::principal(&request)?;
+        let r = request.into_inner();
+        let key = self
+            .request_ids
+            .key(&principal, &r.request_id, &r, "request_id")?;
+        let update = convert::update_from_pb(r, key, &principal)?;
+        let c = self.engine.update(update).await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn transition_connection(
+        &self,
+        request: Request<pb::TransitionConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let principal = auth::principal(&request)?;
+        let t = self.transition_request(request.into_inner(), &principal, "")?;
+        let c = self.engine.transition(t).await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn batch_transition_connections(
+        &self,
+        request: Request<pb::BatchTransitionConnectionsRequest>,
+    ) -> Result<Response<pb::BatchTransitionConnectionsResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let items = request.into_inner().requests;
+        convert::check_items("requests", items.len(), self.limits.max_batch)?;
+        // A malformed item fails alone, like any other per-item error.
+        let mut results: Vec<Option<Result<Connection, Error>>> = Vec::new();
+        let mut valid = Vec::new();
+        for (i, r) in items.into_iter().enumerate() {
+            match self.transition_request(r, &principal, &format!("requests[{i}].")) {
+                Ok(t) => {
+                    results.push(None);
+                    valid.push(t);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let mut done = self.engine.batch_transition(valid).await.into_iter();
+        let results = results
+            .into_iter()
+            .map(|r| {
+                let r = r
+                    .or_else(|| done.next())
+                    .expect("one result per valid item");
+                pb::BatchTransitionResult {
+                    result: Some(match r {
+                        Ok(c) => {
+                            pb::batch_transition_result::Result::Connection(connection_to_pb(&c))
+                        }
+                        Err(e) => pb::batch_transition_result::Result::Error(rpc_status(e)),
+                    }),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::BatchTransitionConnectionsResponse {
+            results,
+        }))
+    }
+
+    async fn delete_connection(
+        &self,
+        request: Request<pb::DeleteConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        let principal = auth::principal(&request)?;
+        let r = request.into_inner();
+        let key = self
+            .request_ids
+            .key(&principal, &r.request_id, &r, "request_id")?;
+        let delete = convert::delete_from_pb(r, key, &principal)?;
+        let c = self.engine.transition(delete).await?;
+        Ok(Response::new(connection_to_pb(&c)))
+    }
+
+    async fn list_connection_events(
+        &self,
+        request: Request<pb::ListConnectionEventsRequest>,
+    ) -> Result<Response<pb::ListConnectionEventsResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let r = request.into_inner();
+        let connection_id = convert::optional_id_from_pb(&r.connection_id, "connection_id")?;
+        if r.after_revision < 0 {
+            return Err(Error::invalid("after_revision", "must not be negative").into());
+        }
+        // History pages by revision (`after_revision`), not by token.
+        let limit = PageSizes {
+            default: self.limits.default_events_page_size,
+            max: self.limits.max_page_size,
+        }
+        .page_size(r.page_size)?;
+        let page = self
+            .engine
+            .events(
+                EventFilter {
+                    connection_id,
+                    after_revision: r.after_revision,
+                    limit,
+                    owners: principal.scope.owners(),
+                    max_bytes: usize::MAX,
+                },
+                &principal.scope,
+            )
+            .await?;
+        Ok(Response::new(pb::ListConnectionEventsResponse {
+            events: page.events.iter().map(event_to_pb).collect(),
+            next_after_revision: page.next_after_revision.unwrap_or(0),
+            revision: page.revision,
+            compact_revision: page.compact_revision,
+        }))
+    }
+
+    async fn describe_lifecycle(
+        &self,
+        _request: Request<pb::DescribeLifecycleRequest>,
+    ) -> Result<Response<pb::DescribeLifecycleResponse>, Status> {
+        Ok(Response::new(convert::lifecycle_to_pb()))
+    }
+
+    async fn report_discovered(
+        &self,
+        request: Request<pb::ReportDiscoveredRequest>,
+    ) -> Result<Response<pb::ReportDiscoveredResponse>, Status> {
+        let principal = auth::principal(&request)?;
+        let (reporter, items) = convert::report_from_pb(
+            request.into_inner(),
+            &principal,
+            self.limits.max_discovery_report,
+        )?;
+        let results = self.engine.report_discovered(&reporter, items).await?;
+        Ok(Response::new(pb::ReportDiscoveredResponse {
+            results: results.into_iter().map(convert::discovered_to_pb).collect(),
+        }))
+    }
+
+    type WatchConnectionsStream = WatchResponseStream;
+
+    async fn watch_connections(
+        &self,
+        request: Request<pb::WatchConnectionsRequest>,
+    ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
+        let principal = auth::principal(&request)?;
+        let via = auth::via(&request);
+        let slot = self
+            .watches
+            .take(&principal.name, self.limits.max_watches)?;
+        let r = request.into_inner();
+        let filter = convert::watch_filter(r.kinds, r.states, &r.ids, &principal)?;
+        let stream = self
+            .watcher
+            .watch(WatchSpec {
+                after_revision: r.after_revision,
+                filter,
+                progress_notify: r.progress_notify,
+            })
+            .await?;
+        let stream = stream.map(move |item| {
+            // The slot lives as long as the stream.
+            let _slot = &slot;
+            item.map(convert::watch_item_to_pb).map_err(Status::from)
+        });
+        // A watch outlives the check made when it opened: when the access
+        // file stops admitting its caller (or changes what it may see), the
+        // stream ends with that status.
+        let access = self.access.clone();
+        let revoked =
+            Box::pin(async move { access.revoked(&principal, &via, auth::may_watch).await });
+        let stream = futures::stream::unfold(
+            (stream, revoked, false),
+            |(mut stream, mut revoked, ended)| async move {
+                if ended {
+                    return None;
+                }
+                tokio::select! {
+                    biased;
+                    item = stream.next() => {
+                        let item = item?;
+                        let ended = item.is_err();
+                        Some((item, (stream, revoked, ended)))
+                    }
+                    why = &mut revoked => {
+                        Some((Err(auth::revoked_status(&why)), (stream, revoked, true)))
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
