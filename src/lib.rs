@@ -14,7 +14,6 @@ pub mod definitions;
 pub mod engine;
 pub mod error;
 pub mod files;
-pub mod health;
 pub mod kinds;
 pub mod lifecycle;
 pub mod monitor;

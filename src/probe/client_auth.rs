@@ -49,8 +49,8 @@ impl AuthHeader {
 pub(crate) struct TlsMaterial {
     identity: Option<reqwest::Identity>,
     roots: Vec<reqwest::Certificate>,
-    identity_pem: Option<(String, String)>,
-    ca_pem: Option<String>,
+    pub(super) identity_pem: Option<(String, String)>,
+    pub(super) ca_pem: Option<String>,
 }
 
 impl ClientAuth {
@@ -160,21 +160,6 @@ pub(crate) fn client_builder(timeout: Duration, egress: &Egress) -> reqwest::Cli
 }
 
 impl TlsMaterial {
-    /// TLS for a gRPC check of `domain`: the identity, and the given CA as
-    /// the only one trusted (without one, the public roots).
-    pub fn grpc(material: Option<&TlsMaterial>, domain: &str) -> tonic::transport::ClientTlsConfig {
-        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-        let mut tls = ClientTlsConfig::new().domain_name(domain);
-        match material.and_then(|m| m.ca_pem.as_ref()) {
-            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(ca)),
-            None => tls = tls.with_webpki_roots(),
-        }
-        if let Some((cert, key)) = material.and_then(|m| m.identity_pem.as_ref()) {
-            tls = tls.identity(Identity::from_pem(cert, key));
-        }
-        tls
-    }
-
     /// Whether a client identity would be presented to the peer.
     pub fn has_identity(&self) -> bool {
         self.identity.is_some()

@@ -4,7 +4,7 @@
 //! authority and the TLS server name.
 
 use super::Verdict;
-use super::client_auth::{AuthHeader, Scrubber};
+use super::client_auth::{AuthHeader, Scrubber, TlsMaterial};
 use super::egress::Egress;
 use super::prober::{error_chain, failure_class, ms};
 use super::target::HostPort;
@@ -124,4 +124,19 @@ pub(crate) async fn check(
             }
         }
     }
+}
+
+/// TLS for a gRPC check of `domain`: the identity, and the given CA as
+/// the only one trusted (without one, the public roots).
+pub(super) fn tls(material: Option<&TlsMaterial>, domain: &str) -> ClientTlsConfig {
+    use tonic::transport::{Certificate, Identity};
+    let mut tls = ClientTlsConfig::new().domain_name(domain);
+    match material.and_then(|m| m.ca_pem.as_ref()) {
+        Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(ca)),
+        None => tls = tls.with_webpki_roots(),
+    }
+    if let Some((cert, key)) = material.and_then(|m| m.identity_pem.as_ref()) {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    tls
 }

@@ -3,7 +3,7 @@
 //! verification in the process. It picks the check and the HTTP client; the
 //! check modules do the I/O.
 
-use super::client_auth::{ClientAuth, Scrubber, TlsMaterial, client_builder};
+use super::client_auth::{ClientAuth, Scrubber, client_builder};
 use super::egress::{Blocked, Egress, EgressPolicy, Resolve, blocked_in};
 use super::target::{Target, plan};
 use super::{Check, Observation, Secret, Verdict, grpc, http, tcp};
@@ -127,7 +127,7 @@ impl Prober {
                 service,
                 tls,
             } => {
-                let tls = tls.then(|| TlsMaterial::grpc(client_auth.tls.as_ref(), &endpoint.host));
+                let tls = tls.then(|| super::grpc::tls(client_auth.tls.as_ref(), &endpoint.host));
                 grpc::check(
                     endpoint,
                     service,

@@ -9,13 +9,15 @@
 //! - `status`: the one mapping from [`crate::Error`] to `tonic::Status`;
 //! - `request_ids` and `watch_slots`: retry keys and open-watch counts;
 //! - the layers in front of every call: [`auth`] (who may call what) and
-//!   [`sizes`] (message and metadata limits).
+//!   [`sizes`] (message and metadata limits);
+//! - [`health`]: the standard `grpc.health.v1.Health` service.
 
 pub mod auth;
 pub(crate) mod connections;
 pub(crate) mod convert;
 pub mod credentials;
 pub mod definitions;
+pub mod health;
 pub(crate) mod paging;
 pub(crate) mod request_ids;
 pub mod sizes;
