@@ -6,14 +6,12 @@
 
 use crate::error::Error;
 use crate::lifecycle::{State, Trigger};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A connection's id: a UUID in its canonical lowercase hyphenated form.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionId(String);
 
 impl ConnectionId {
@@ -68,7 +66,7 @@ pub fn digest(bytes: &[u8]) -> u64 {
 }
 
 /// A connection as stored.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Connection {
     pub id: ConnectionId,
     pub kind: String,
@@ -92,12 +90,11 @@ pub struct Connection {
     pub create_time: Micros,
     pub update_time: Micros,
     /// The latest reachability check; changing it alone records no event.
-    #[serde(default)]
     pub last_probe: Option<ProbeResult>,
 }
 
 /// What a reachability check saw.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProbeOutcome {
     Reachable,
     Unreachable,
@@ -105,7 +102,7 @@ pub enum ProbeOutcome {
 }
 
 /// One reachability check's result, as kept on the connection.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeResult {
     pub time: Micros,
     pub outcome: ProbeOutcome,
@@ -120,11 +117,6 @@ impl Connection {
     /// Every change gets a new revision, so the revision identifies the version.
     pub fn etag(&self) -> String {
         format!("r{}", self.revision)
-    }
-
-    /// Whether the connection still counts for identity uniqueness and listings.
-    pub fn is_live(&self) -> bool {
-        self.state != State::Deleted
     }
 
     /// About how many bytes the connection takes in memory or on the wire:
@@ -173,7 +165,7 @@ fn json_size(v: &serde_json::Value) -> usize {
 }
 
 /// What kind of change an event records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventType {
     Created,
     Updated,
@@ -203,7 +195,7 @@ impl EventType {
 }
 
 /// One committed change, with the connection as it was right after it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Event {
     pub revision: i64,
     pub connection_id: ConnectionId,

@@ -7,9 +7,8 @@
 //! which never reaches a client.
 
 use crate::lifecycle::{State, Trigger};
-use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, thiserror::Error, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Error {
     /// The request is malformed; `field` names the part to fix.
     #[error("{field}: {message}")]
@@ -128,7 +127,7 @@ pub enum Error {
 }
 
 /// A refused transition as carried in an error.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RefusalInfo {
     pub from: State,
     pub to: State,

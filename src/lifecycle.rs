@@ -17,11 +17,10 @@
 //! depends on where a connection was disconnected from
 //! ([`needs_disconnected_from`]).
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Where a connection is in its lifecycle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum State {
     Discovered,
     Registered,
@@ -34,7 +33,7 @@ pub enum State {
 }
 
 /// Who asks for a transition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Trigger {
     /// An administrative request through the API.
     User,

@@ -21,7 +21,7 @@
 
 use crate::connection::{Connection, Event, EventType};
 use crate::error::Error;
-use crate::lifecycle::State;
+use crate::lifecycle::{self, State};
 use crate::store::{EventFilter, Filter, Store};
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -568,7 +568,7 @@ fn visible(f: &Filter, c: &Connection, state: State) -> bool {
         && (f.kinds.is_empty() || f.kinds.contains(&c.kind))
         && (f.ids.is_empty() || f.ids.contains(&c.id))
         && (f.states.is_empty() || f.states.contains(&state))
-        && (state != State::Deleted || f.states.contains(&State::Deleted))
+        && (!lifecycle::is_tombstone(state) || f.states.contains(&state))
 }
 
 /// Entering the view is ADDED, leaving it REMOVED; outside it, nothing.

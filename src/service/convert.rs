@@ -53,7 +53,7 @@ pub(crate) fn create_from_pb(
     principal: &Principal,
 ) -> Result<CreateRequest, Error> {
     let initial_state = match r.initial_state {
-        0 => State::Discovered,
+        0 => lifecycle::INITIAL,
         n => state_from_pb(n, "initial_state")?,
     };
     let mut connection = new_connection(r.connection.unwrap_or_default())?;

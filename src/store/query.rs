@@ -8,7 +8,6 @@ use crate::error::Error;
 use crate::lifecycle::{self, State, Trigger};
 use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, Row, params, params_from_iter};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 const CONNECTION_COLUMNS: &str = "id, kind, type, sub_type, name, description, url, identity, \
@@ -54,6 +53,17 @@ fn connection_from_row(r: &Row<'_>) -> rusqlite::Result<Connection> {
     })
 }
 
+/// The state numbers of tombstones ([`lifecycle::is_tombstone`]), for SQL:
+/// a connection in one is not live.
+fn tombstones() -> String {
+    State::ALL
+        .into_iter()
+        .filter(|s| lifecycle::is_tombstone(*s))
+        .map(|s| s.number().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The store-wide revision and the compaction mark (events at or below it are gone).
 pub fn revisions(c: &rusqlite::Connection) -> Result<(i64, i64), Error> {
     let mut stmt = c.prepare_cached(
@@ -77,8 +87,8 @@ pub fn live_by_identity(
     identity: &str,
 ) -> Result<Option<Connection>, Error> {
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE identity = ?1 AND state <> {}",
-        State::Deleted.number()
+        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE identity = ?1 AND state NOT IN ({})",
+        tombstones()
     ))?;
     Ok(stmt.query_row([identity], connection_from_row).optional()?)
 }
@@ -137,7 +147,7 @@ fn put_back_metadata(
 }
 
 /// Which connections a list, count or watch snapshot covers.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Filter {
     pub kinds: Vec<String>,
     pub states: Vec<State>,
@@ -153,8 +163,9 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Whether tombstones are shown: asked for, or their state is.
     fn includes_deleted(&self) -> bool {
-        self.show_deleted || self.states.contains(&State::Deleted)
+        self.show_deleted || self.states.iter().any(|s| lifecycle::is_tombstone(*s))
     }
 
     fn to_sql(&self, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
@@ -197,7 +208,7 @@ impl Filter {
             args,
         );
         if !self.includes_deleted() {
-            clauses.push(format!("state <> {}", State::Deleted.number()));
+            clauses.push(format!("state NOT IN ({})", tombstones()));
         }
         if let Some(owners) = &self.owners {
             if owners.is_empty() {
@@ -423,7 +434,7 @@ pub fn count(c: &rusqlite::Connection, filter: &Filter) -> Result<(Vec<(State, i
         .collect::<Result<_, _>>()?;
     let counts = State::ALL
         .into_iter()
-        .filter(|s| *s != State::Deleted || filter.includes_deleted())
+        .filter(|s| !lifecycle::is_tombstone(*s) || filter.includes_deleted())
         .map(|s| (s, found.get(&s.number()).copied().unwrap_or(0)))
         .collect();
     Ok((counts, revision))
@@ -573,8 +584,9 @@ pub fn credential_user(
     except: Option<&ConnectionId>,
 ) -> Result<Option<ConnectionId>, Error> {
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT id FROM connections WHERE credential_id = ?1 AND state <> {} AND id <> ?2 LIMIT 1",
-        State::Deleted.number()
+        "SELECT id FROM connections WHERE credential_id = ?1 AND state NOT IN ({}) AND id <> ?2 \
+         LIMIT 1",
+        tombstones()
     ))?;
     let except = except.map(|e| e.to_string()).unwrap_or_default();
     Ok(stmt
