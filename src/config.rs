@@ -567,7 +567,7 @@ impl Config {
         key_path(self.secret_key_file.as_deref(), &self.db_path())
     }
 
-    pub fn monitor_config(&self) -> MonitorConfig {
+    pub(crate) fn monitor_config(&self) -> MonitorConfig {
         MonitorConfig {
             interval: self.probe_interval,
             failure_threshold: self.probe_failure_threshold,
@@ -593,7 +593,7 @@ impl Config {
         }
     }
 
-    pub fn store_config(&self) -> StoreConfig {
+    pub(crate) fn store_config(&self) -> StoreConfig {
         StoreConfig {
             writer: WriterConfig {
                 max_group: self.commit_group,
@@ -610,7 +610,7 @@ impl Config {
         }
     }
 
-    pub fn watch_config(&self) -> WatchConfig {
+    pub(crate) fn watch_config(&self) -> WatchConfig {
         WatchConfig {
             bookmark_interval: self.bookmark_interval,
             replay_page: self.watch_replay_page,

@@ -12,16 +12,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A connection's id: a UUID in its canonical lowercase hyphenated form.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnectionId(String);
+pub(crate) struct ConnectionId(String);
 
 impl ConnectionId {
     /// A fresh random id.
-    pub fn generate() -> Self {
+    pub(crate) fn generate() -> Self {
         ConnectionId(uuid::Uuid::new_v4().to_string())
     }
 
     /// Parses a client-supplied id; `field` names it in the error.
-    pub fn parse(s: &str, field: &str) -> Result<Self, Error> {
+    pub(crate) fn parse(s: &str, field: &str) -> Result<Self, Error> {
         if s.is_empty() {
             return Err(Error::invalid(field, "is required"));
         }
@@ -35,7 +35,7 @@ impl ConnectionId {
         ConnectionId(s)
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -47,10 +47,10 @@ impl fmt::Display for ConnectionId {
 }
 
 /// Microseconds since the Unix epoch.
-pub type Micros = i64;
+pub(crate) type Micros = i64;
 
 /// The current time in microseconds since the Unix epoch.
-pub fn now_micros() -> Micros {
+pub(crate) fn now_micros() -> Micros {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -59,7 +59,7 @@ pub fn now_micros() -> Micros {
 
 /// A 64-bit FNV-1a digest: stable across builds and platforms (unlike std's
 /// hasher), for values that are stored or handed to clients.
-pub fn digest(bytes: &[u8]) -> u64 {
+pub(crate) fn digest(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -67,35 +67,35 @@ pub fn digest(bytes: &[u8]) -> u64 {
 
 /// A connection as stored.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Connection {
-    pub id: ConnectionId,
-    pub kind: String,
-    pub type_: String,
-    pub sub_type: String,
-    pub name: String,
-    pub description: String,
-    pub url: String,
-    pub identity: String,
-    pub metadata: serde_json::Map<String, serde_json::Value>,
-    pub labels: BTreeMap<String, String>,
-    pub managed: bool,
-    pub credential_id: String,
-    pub owner: String,
-    pub state: State,
-    pub state_reason: String,
-    pub state_trigger: Trigger,
-    pub state_time: Micros,
+pub(crate) struct Connection {
+    pub(crate) id: ConnectionId,
+    pub(crate) kind: String,
+    pub(crate) type_: String,
+    pub(crate) sub_type: String,
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) url: String,
+    pub(crate) identity: String,
+    pub(crate) metadata: serde_json::Map<String, serde_json::Value>,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) managed: bool,
+    pub(crate) credential_id: String,
+    pub(crate) owner: String,
+    pub(crate) state: State,
+    pub(crate) state_reason: String,
+    pub(crate) state_trigger: Trigger,
+    pub(crate) state_time: Micros,
     /// Store revision of its last change.
-    pub revision: i64,
-    pub create_time: Micros,
-    pub update_time: Micros,
+    pub(crate) revision: i64,
+    pub(crate) create_time: Micros,
+    pub(crate) update_time: Micros,
     /// The latest reachability check; changing it alone records no event.
-    pub last_probe: Option<ProbeResult>,
+    pub(crate) last_probe: Option<ProbeResult>,
 }
 
 /// What a reachability check saw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProbeOutcome {
+pub(crate) enum ProbeOutcome {
     Reachable,
     Unreachable,
     CredentialsRejected,
@@ -103,26 +103,26 @@ pub enum ProbeOutcome {
 
 /// One reachability check's result, as kept on the connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeResult {
-    pub time: Micros,
-    pub outcome: ProbeOutcome,
-    pub latency_ms: i64,
-    pub message: String,
+pub(crate) struct ProbeResult {
+    pub(crate) time: Micros,
+    pub(crate) outcome: ProbeOutcome,
+    pub(crate) latency_ms: i64,
+    pub(crate) message: String,
     /// Failed checks in a row, reset by a successful one.
-    pub consecutive_failures: i32,
+    pub(crate) consecutive_failures: i32,
 }
 
 impl Connection {
     /// The opaque version tag clients send back for optimistic concurrency.
     /// Every change gets a new revision, so the revision identifies the version.
-    pub fn etag(&self) -> String {
+    pub(crate) fn etag(&self) -> String {
         format!("r{}", self.revision)
     }
 
     /// About how many bytes the connection takes in memory or on the wire:
     /// its text and metadata, plus a fixed allowance for the rest. Counted
     /// without allocating, for budgets.
-    pub fn approx_size(&self) -> usize {
+    pub(crate) fn approx_size(&self) -> usize {
         const FIXED: usize = 256;
         let text = [
             &self.kind,
@@ -166,7 +166,7 @@ fn json_size(v: &serde_json::Value) -> usize {
 
 /// What kind of change an event records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventType {
+pub(crate) enum EventType {
     Created,
     Updated,
     Transitioned,
@@ -174,7 +174,7 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub fn number(self) -> i32 {
+    pub(crate) fn number(self) -> i32 {
         match self {
             EventType::Created => 1,
             EventType::Updated => 2,
@@ -183,7 +183,7 @@ impl EventType {
         }
     }
 
-    pub fn from_number(n: i32) -> Option<EventType> {
+    pub(crate) fn from_number(n: i32) -> Option<EventType> {
         match n {
             1 => Some(EventType::Created),
             2 => Some(EventType::Updated),
@@ -196,49 +196,49 @@ impl EventType {
 
 /// One committed change, with the connection as it was right after it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Event {
-    pub revision: i64,
-    pub connection_id: ConnectionId,
-    pub type_: EventType,
+pub(crate) struct Event {
+    pub(crate) revision: i64,
+    pub(crate) connection_id: ConnectionId,
+    pub(crate) type_: EventType,
     /// The state before the change (equal to `to_state` for updates; for
     /// creations, the first state).
-    pub from_state: State,
-    pub to_state: State,
-    pub trigger: Trigger,
-    pub reason: String,
-    pub actor: String,
-    pub time: Micros,
+    pub(crate) from_state: State,
+    pub(crate) to_state: State,
+    pub(crate) trigger: Trigger,
+    pub(crate) reason: String,
+    pub(crate) actor: String,
+    pub(crate) time: Micros,
     /// The connection after the change.
-    pub connection: Connection,
+    pub(crate) connection: Connection,
 }
 
 impl Event {
     /// About how many bytes the event takes; see [`Connection::approx_size`].
-    pub fn approx_size(&self) -> usize {
+    pub(crate) fn approx_size(&self) -> usize {
         64 + self.reason.len() + self.actor.len() + self.connection.approx_size()
     }
 }
 
 /// Field limits. Generous enough for real use, small enough that one request
 /// cannot bloat the database or a watch stream.
-pub mod limits {
-    pub const KIND: usize = 63;
-    pub const SHORT: usize = 255;
-    pub const DESCRIPTION: usize = 4096;
-    pub const URL: usize = 2048;
-    pub const IDENTITY: usize = 1024;
-    pub const LABELS: usize = 64;
-    pub const LABEL_KEY: usize = 63;
-    pub const LABEL_VALUE: usize = 255;
-    pub const METADATA_BYTES: usize = 64 * 1024;
-    pub const REASON: usize = 1024;
-    pub const REQUEST_ID: usize = 128;
+pub(crate) mod limits {
+    pub(crate) const KIND: usize = 63;
+    pub(crate) const SHORT: usize = 255;
+    pub(crate) const DESCRIPTION: usize = 4096;
+    pub(crate) const URL: usize = 2048;
+    pub(crate) const IDENTITY: usize = 1024;
+    pub(crate) const LABELS: usize = 64;
+    pub(crate) const LABEL_KEY: usize = 63;
+    pub(crate) const LABEL_VALUE: usize = 255;
+    pub(crate) const METADATA_BYTES: usize = 64 * 1024;
+    pub(crate) const REASON: usize = 1024;
+    pub(crate) const REQUEST_ID: usize = 128;
 }
 
 /// Checks that `value` is at most `max` bytes.
 /// `s` cut to at most `max` bytes on a character boundary, marked with `…`
 /// when cut: for echoing a client's value in a message.
-pub fn shorten(s: &str, max: usize) -> String {
+pub(crate) fn shorten(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }
@@ -249,7 +249,7 @@ pub fn shorten(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), Error> {
+pub(crate) fn check_len(field: &str, value: &str, max: usize) -> Result<(), Error> {
     if value.len() > max {
         return Err(Error::invalid(
             field,
@@ -260,7 +260,7 @@ pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), Error> {
 }
 
 /// A kind: lowercase letters, digits, `-` and `_`, starting with a letter.
-pub fn parse_kind(field: &str, s: &str) -> Result<String, Error> {
+pub(crate) fn parse_kind(field: &str, s: &str) -> Result<String, Error> {
     if s.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }
@@ -279,7 +279,7 @@ pub fn parse_kind(field: &str, s: &str) -> Result<String, Error> {
 
 /// A url: empty, or absolute with a scheme and a host. Returned normalised
 /// (lowercase scheme and host, default port dropped).
-pub fn parse_url(field: &str, s: &str) -> Result<String, Error> {
+pub(crate) fn parse_url(field: &str, s: &str) -> Result<String, Error> {
     if s.is_empty() {
         return Ok(String::new());
     }
@@ -307,7 +307,7 @@ pub fn parse_url(field: &str, s: &str) -> Result<String, Error> {
 }
 
 /// The natural key when the client gives none: kind and normalised url, or the id.
-pub fn derive_identity(kind: &str, url: &str, id: &ConnectionId) -> String {
+pub(crate) fn derive_identity(kind: &str, url: &str, id: &ConnectionId) -> String {
     if url.is_empty() {
         id.to_string()
     } else {
@@ -336,7 +336,7 @@ fn identity_url(url: &str) -> String {
 }
 
 /// Labels: at most 64, keys like Kubernetes label keys, values of bounded length.
-pub fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), Error> {
+pub(crate) fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), Error> {
     if labels.len() > limits::LABELS {
         return Err(Error::invalid(
             field,
@@ -355,7 +355,7 @@ pub fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<()
 }
 
 /// A label key: 1-63 of letters, digits, `-`, `_`, `.` and `/`.
-pub fn check_label_key(field: &str, k: &str) -> Result<(), Error> {
+pub(crate) fn check_label_key(field: &str, k: &str) -> Result<(), Error> {
     let ok = !k.is_empty()
         && k.len() <= limits::LABEL_KEY
         && k.chars()
@@ -371,7 +371,7 @@ pub fn check_label_key(field: &str, k: &str) -> Result<(), Error> {
 }
 
 /// Metadata: a JSON object of bounded encoded size.
-pub fn check_metadata(
+pub(crate) fn check_metadata(
     field: &str,
     m: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), Error> {

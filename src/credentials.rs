@@ -22,14 +22,14 @@ use std::sync::Arc;
 
 /// A credential as clients see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CredentialInfo {
-    pub id: String,
-    pub name: String,
+pub(crate) struct CredentialInfo {
+    pub(crate) id: String,
+    pub(crate) name: String,
     /// The connection kind whose credential schema the secret follows.
-    pub type_: String,
-    pub owner: String,
-    pub create_time: Micros,
-    pub allowed_hosts: Vec<String>,
+    pub(crate) type_: String,
+    pub(crate) owner: String,
+    pub(crate) create_time: Micros,
+    pub(crate) allowed_hosts: Vec<String>,
 }
 
 impl From<&StoredCredential> for CredentialInfo {
@@ -45,13 +45,13 @@ impl From<&StoredCredential> for CredentialInfo {
     }
 }
 
-pub struct NewCredential {
-    pub name: String,
-    pub type_: String,
-    pub secret: Secret,
+pub(crate) struct NewCredential {
+    pub(crate) name: String,
+    pub(crate) type_: String,
+    pub(crate) secret: Secret,
     /// Already settled by the caller's scope.
-    pub owner: String,
-    pub allowed_hosts: Vec<String>,
+    pub(crate) owner: String,
+    pub(crate) allowed_hosts: Vec<String>,
 }
 
 /// Most host patterns one credential may name.
@@ -60,7 +60,7 @@ const MAX_HOSTS: usize = 64;
 /// Checks a host pattern: a host name, `*.` and a domain (its subdomains,
 /// not the domain itself), an IPv4 address or a bracketed IPv6 address.
 /// Lowercased; no scheme, port, path or other wildcard.
-pub fn parse_host_pattern(field: &str, p: &str) -> Result<String, Error> {
+pub(crate) fn parse_host_pattern(field: &str, p: &str) -> Result<String, Error> {
     let bad = |why: &str| {
         Error::invalid(
             field,
@@ -102,7 +102,7 @@ fn host_matches(pattern: &str, host: &str) -> bool {
 /// The one rule for where a credential's secret may go: `url` must use a
 /// scheme that encrypts (no `http://`, no plaintext `grpc://`) and name a
 /// host the credential allows. A connection without a url sends nothing.
-pub fn custody(allowed_hosts: &[String], url: &str) -> Result<(), String> {
+pub(crate) fn custody(allowed_hosts: &[String], url: &str) -> Result<(), String> {
     if url.is_empty() {
         return Ok(());
     }
@@ -135,17 +135,17 @@ pub fn custody(allowed_hosts: &[String], url: &str) -> Result<(), String> {
 }
 
 /// Where a credential listing goes on from.
-pub type CredentialCursor = (i64, String);
+pub(crate) type CredentialCursor = (i64, String);
 
 #[derive(Clone)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     store: Store,
     secrets: Arc<SecretBox>,
     kinds: Kinds,
 }
 
 impl Credentials {
-    pub fn new(store: Store, secrets: Arc<SecretBox>, kinds: Kinds) -> Self {
+    pub(crate) fn new(store: Store, secrets: Arc<SecretBox>, kinds: Kinds) -> Self {
         Credentials {
             store,
             secrets,
@@ -153,7 +153,7 @@ impl Credentials {
         }
     }
 
-    pub async fn create(&self, n: NewCredential) -> Result<CredentialInfo, Error> {
+    pub(crate) async fn create(&self, n: NewCredential) -> Result<CredentialInfo, Error> {
         if n.name.is_empty() {
             return Err(Error::invalid("name", "is required"));
         }
@@ -226,7 +226,7 @@ impl Credentials {
 
     /// A page of the credentials `scope` sees, in creation order, and where
     /// the next starts.
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         after: Option<CredentialCursor>,
         limit: usize,
@@ -248,7 +248,7 @@ impl Credentials {
 
     /// Deletes a credential no live connection uses; one outside `scope` is
     /// not found.
-    pub async fn delete(&self, id: String, scope: &Scope) -> Result<(), Error> {
+    pub(crate) async fn delete(&self, id: String, scope: &Scope) -> Result<(), Error> {
         let scope = scope.clone();
         // Frees space, so it runs over the storage quota too.
         self.store
@@ -277,7 +277,7 @@ impl Credentials {
     /// The decrypted secret of credential `id`, for a check of `url` to use:
     /// `Ok(Err(why))` when [`custody`] forbids sending it there, `Ok(Ok(None))`
     /// when the credential is gone.
-    pub async fn secret_for(
+    pub(crate) async fn secret_for(
         &self,
         id: String,
         url: &str,

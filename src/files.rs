@@ -13,7 +13,7 @@ use std::path::Path;
 
 /// Creates `dir` and its missing parents with mode 0700; warns when `dir`
 /// already exists and others may enter it.
-pub fn private_dir(dir: &Path) -> Result<(), Error> {
+pub(crate) fn private_dir(dir: &Path) -> Result<(), Error> {
     if dir.as_os_str().is_empty() {
         return Ok(());
     }
@@ -36,7 +36,7 @@ pub fn private_dir(dir: &Path) -> Result<(), Error> {
 
 /// Opens `path` for writing, creating it with mode 0600 if missing; never
 /// through a symbolic link.
-pub fn open_private(path: &Path) -> Result<File, Error> {
+pub(crate) fn open_private(path: &Path) -> Result<File, Error> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -56,7 +56,7 @@ pub fn open_private(path: &Path) -> Result<File, Error> {
 }
 
 /// Creates `path` with mode 0600; fails if it exists (or is a link).
-pub fn create_private(path: &Path) -> Result<File, Error> {
+pub(crate) fn create_private(path: &Path) -> Result<File, Error> {
     OpenOptions::new()
         .write(true)
         .create_new(true)

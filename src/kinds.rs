@@ -11,25 +11,25 @@ use std::sync::Arc;
 
 /// The definitions in force, and whether kinds without one are accepted.
 #[derive(Clone, Debug)]
-pub struct Kinds {
+pub(crate) struct Kinds {
     registry: Arc<Registry>,
     allow_unknown: bool,
 }
 
 impl Kinds {
-    pub fn new(registry: Arc<Registry>, allow_unknown: bool) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, allow_unknown: bool) -> Self {
         Kinds {
             registry,
             allow_unknown,
         }
     }
 
-    pub fn registry(&self) -> &Arc<Registry> {
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
 
     /// Refuses a kind with no definition unless unknown kinds are allowed.
-    pub fn admit(&self, kind: &str) -> Result<(), Error> {
+    pub(crate) fn admit(&self, kind: &str) -> Result<(), Error> {
         if self.allow_unknown || self.registry.get(kind).is_some() {
             return Ok(());
         }
@@ -46,7 +46,7 @@ impl Kinds {
     }
 
     /// Checks `metadata` against the kind's schema; `field` prefixes the path.
-    pub fn check_metadata(
+    pub(crate) fn check_metadata(
         &self,
         kind: &str,
         field: &str,
@@ -61,12 +61,12 @@ impl Kinds {
     }
 
     /// Whether the kind's connections are managed when the client does not say.
-    pub fn managed_by_default(&self, kind: &str) -> bool {
+    pub(crate) fn managed_by_default(&self, kind: &str) -> bool {
         self.registry.get(kind).is_none_or(|d| d.managed)
     }
 
     /// Type and sub-type the kind's definition gives, for clients that leave them empty.
-    pub fn default_types(&self, kind: &str) -> (String, String) {
+    pub(crate) fn default_types(&self, kind: &str) -> (String, String) {
         self.registry
             .get(kind)
             .map(|d| (d.type_.clone(), d.sub_type.clone()))
@@ -74,12 +74,12 @@ impl Kinds {
     }
 
     /// Whether REGISTERED goes on to CONNECTED by itself for this kind.
-    pub fn auto_connects(&self, kind: &str) -> bool {
+    pub(crate) fn auto_connects(&self, kind: &str) -> bool {
         self.registry.get(kind).is_some_and(|d| d.auto_connect)
     }
 
     /// The lifecycle table, narrowed for USER requests to what the kind allows.
-    pub fn check(
+    pub(crate) fn check(
         &self,
         kind: &str,
         from: State,

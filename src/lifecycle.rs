@@ -43,7 +43,7 @@ pub enum Trigger {
 
 impl State {
     /// Every state, in wire order.
-    pub const ALL: [State; 8] = [
+    pub(crate) const ALL: [State; 8] = [
         State::Discovered,
         State::Registered,
         State::Connected,
@@ -55,7 +55,7 @@ impl State {
     ];
 
     /// The stable number used on the wire and in the database.
-    pub fn number(self) -> i32 {
+    pub(crate) fn number(self) -> i32 {
         match self {
             State::Discovered => 1,
             State::Registered => 2,
@@ -69,12 +69,12 @@ impl State {
     }
 
     /// The state with the given wire number, if there is one.
-    pub fn from_number(n: i32) -> Option<State> {
+    pub(crate) fn from_number(n: i32) -> Option<State> {
         State::ALL.into_iter().find(|s| s.number() == n)
     }
 
     /// The name used in messages and on the wire (without the enum prefix).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             State::Discovered => "DISCOVERED",
             State::Registered => "REGISTERED",
@@ -95,14 +95,14 @@ impl fmt::Display for State {
 }
 
 impl Trigger {
-    pub fn number(self) -> i32 {
+    pub(crate) fn number(self) -> i32 {
         match self {
             Trigger::User => 1,
             Trigger::System => 2,
         }
     }
 
-    pub fn from_number(n: i32) -> Option<Trigger> {
+    pub(crate) fn from_number(n: i32) -> Option<Trigger> {
         match n {
             1 => Some(Trigger::User),
             2 => Some(Trigger::System),
@@ -122,10 +122,10 @@ impl fmt::Display for Trigger {
 
 /// An allowed move out of a state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Edge {
-    pub to: State,
+pub(crate) struct Edge {
+    pub(crate) to: State,
     /// The target must be verified (reachable, credentials accepted) before committing.
-    pub needs_verification: bool,
+    pub(crate) needs_verification: bool,
 }
 
 const fn edge(to: State) -> Edge {
@@ -143,7 +143,7 @@ const fn verified(to: State) -> Edge {
 }
 
 /// The moves `trigger` may make out of `from`: the lifecycle table, row by row.
-pub fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
+pub(crate) fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
     use State::*;
     match (from, trigger) {
         (Discovered, Trigger::User) => {
@@ -201,12 +201,12 @@ pub fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
 /// Where every connection begins: one created by hand or reported by a
 /// discovery agent is recorded here first (its `Created` event comes from
 /// and goes to it), and a NOT_FOUND one reported again returns here.
-pub const INITIAL: State = State::Discovered;
+pub(crate) const INITIAL: State = State::Discovered;
 
 /// Whether `state` is a tombstone: what remains of a deleted connection. It
 /// never changes again (no edge leaves it), keeps no credential or collected
 /// data, and does not count as live (its identity is free for a new one).
-pub fn is_tombstone(state: State) -> bool {
+pub(crate) fn is_tombstone(state: State) -> bool {
     use State::*;
     match state {
         Deleted => true,
@@ -221,13 +221,13 @@ pub fn is_tombstone(state: State) -> bool {
 /// [`targets`], in order, one event each. Whether it is verified first is the
 /// table's answer for each step (a kind may only narrow which steps it allows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Creation {
+pub(crate) struct Creation {
     /// `(from, to)` for each USER move; empty: it stays DISCOVERED.
-    pub steps: &'static [(State, State)],
+    pub(crate) steps: &'static [(State, State)],
 }
 
 /// How a create may reach `initial`; `None`: a create may not ask for it.
-pub fn creation(initial: State) -> Option<Creation> {
+pub(crate) fn creation(initial: State) -> Option<Creation> {
     use State::*;
     let steps: &'static [(State, State)] = match initial {
         Discovered => &[],
@@ -242,7 +242,7 @@ pub fn creation(initial: State) -> Option<Creation> {
 /// Whether the server probes a managed connection in the background while it
 /// is in `state`, which `entered_by` moved it into: DISCOVERED, REGISTERED and
 /// CONNECTED always, DISCONNECTED only when the server put it there.
-pub fn probed(state: State, entered_by: Trigger) -> bool {
+pub(crate) fn probed(state: State, entered_by: Trigger) -> bool {
     use State::*;
     match (state, entered_by) {
         (Discovered | Registered | Connected, Trigger::User | Trigger::System) => true,
@@ -254,7 +254,7 @@ pub fn probed(state: State, entered_by: Trigger) -> bool {
 
 /// Whether the server watches a connection: `managed` (it may move it on its
 /// own), and in a state [`probed`] answers yes for.
-pub fn monitored(managed: bool, state: State, entered_by: Trigger) -> bool {
+pub(crate) fn monitored(managed: bool, state: State, entered_by: Trigger) -> bool {
     managed && probed(state, entered_by)
 }
 
@@ -262,7 +262,7 @@ pub fn monitored(managed: bool, state: State, entered_by: Trigger) -> bool {
 /// rather than on every interval: any finding moves it on at once (see
 /// [`after_probe`]), so it is first in line, and the monitor starts such
 /// probes at a bounded rate (one discovery report may bring thousands).
-pub fn probed_once(state: State) -> bool {
+pub(crate) fn probed_once(state: State) -> bool {
     use State::*;
     match state {
         Discovered => true,
@@ -273,7 +273,7 @@ pub fn probed_once(state: State) -> bool {
 /// Whether failed probes in `state` move a connection only once enough of
 /// them come in a row (the configured threshold): the reason of such a move
 /// says how many failed. Elsewhere a failure moves it, or not, at once.
-pub fn counts_failures(state: State) -> bool {
+pub(crate) fn counts_failures(state: State) -> bool {
     use State::*;
     match state {
         Registered | Connected => true,
@@ -284,7 +284,7 @@ pub fn counts_failures(state: State) -> bool {
 /// Whether [`after_probe`] needs [`Probed::disconnected_from`] for `finding`
 /// in `state`: only a DISCONNECTED connection that passes its check, which
 /// goes back where it was. Elsewhere the caller need not look it up.
-pub fn needs_disconnected_from(state: State, finding: Finding) -> bool {
+pub(crate) fn needs_disconnected_from(state: State, finding: Finding) -> bool {
     use Finding::*;
     use State::*;
     match (state, finding) {
@@ -299,7 +299,7 @@ pub fn needs_disconnected_from(state: State, finding: Finding) -> bool {
 
 /// The states [`probed`] answers yes for under some trigger, in wire order:
 /// where a storage query looks for connections to probe.
-pub fn maybe_probed() -> impl Iterator<Item = State> {
+pub(crate) fn maybe_probed() -> impl Iterator<Item = State> {
     State::ALL
         .into_iter()
         .filter(|&s| probed(s, Trigger::User) || probed(s, Trigger::System))
@@ -308,7 +308,7 @@ pub fn maybe_probed() -> impl Iterator<Item = State> {
 /// What a discovery report does to a live connection that already has the
 /// reported identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rereported {
+pub(crate) enum Rereported {
     /// Left as it is, and the report says it is suppressed (IGNORED).
     Suppressed,
     /// Moved back to DISCOVERED ([`INITIAL`]) along the SYSTEM edge (NOT_FOUND).
@@ -318,7 +318,7 @@ pub enum Rereported {
 }
 
 /// The answer to a discovery report of a connection already in `state`.
-pub fn on_report(state: State) -> Rereported {
+pub(crate) fn on_report(state: State) -> Rereported {
     use State::*;
     match state {
         Ignored => Rereported::Suppressed,
@@ -331,7 +331,7 @@ pub fn on_report(state: State) -> Rereported {
 
 /// What a verification or a background probe found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Finding {
+pub(crate) enum Finding {
     Reachable,
     Unreachable,
     CredentialsRejected,
@@ -341,7 +341,7 @@ pub enum Finding {
 /// connection (trigger SYSTEM); `None`: it stays where it was. Only an
 /// attempt from DISCOVERED or REGISTERED (to register or to connect) moves
 /// it: unreachable to NOT_FOUND, credentials rejected to DISCONNECTED.
-pub fn after_failed_attempt(from: State, finding: Finding) -> Option<State> {
+pub(crate) fn after_failed_attempt(from: State, finding: Finding) -> Option<State> {
     use State::*;
     match (from, finding) {
         (_, Finding::Reachable) => None,
@@ -356,21 +356,21 @@ pub fn after_failed_attempt(from: State, finding: Finding) -> Option<State> {
 
 /// What the server knows when a background probe of a connection returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Probed {
-    pub state: State,
-    pub finding: Finding,
+pub(crate) struct Probed {
+    pub(crate) state: State,
+    pub(crate) finding: Finding,
     /// Consecutive failures in this state reached the configured threshold.
-    pub threshold_reached: bool,
+    pub(crate) threshold_reached: bool,
     /// The connection's kind goes on from REGISTERED to CONNECTED by itself.
-    pub auto_connects: bool,
+    pub(crate) auto_connects: bool,
     /// For a DISCONNECTED connection: the state the server disconnected it
     /// from, when that is known.
-    pub disconnected_from: Option<State>,
+    pub(crate) disconnected_from: Option<State>,
 }
 
 /// The SYSTEM moves a background probe result calls for, in order (one event
 /// each); empty: none. The "Automatic transitions" rules of the contract.
-pub fn after_probe(p: Probed) -> &'static [State] {
+pub(crate) fn after_probe(p: Probed) -> &'static [State] {
     use Finding::*;
     use State::*;
     let auto = p.auto_connects;
@@ -409,18 +409,18 @@ pub fn after_probe(p: Probed) -> &'static [State] {
 
 /// A refused transition, with what the caller could have chosen instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub from: State,
-    pub to: State,
-    pub trigger: Trigger,
-    pub allowed: Vec<State>,
+pub(crate) struct Refusal {
+    pub(crate) from: State,
+    pub(crate) to: State,
+    pub(crate) trigger: Trigger,
+    pub(crate) allowed: Vec<State>,
 }
 
 /// Whether `trigger` may move a connection from `from` to `to`.
 ///
 /// Asking for the state a connection is already in is not a transition: callers
 /// treat it as a no-op before asking.
-pub fn check(from: State, to: State, trigger: Trigger) -> Result<Edge, Refusal> {
+pub(crate) fn check(from: State, to: State, trigger: Trigger) -> Result<Edge, Refusal> {
     let edges = targets(from, trigger);
     edges
         .iter()
@@ -435,7 +435,7 @@ pub fn check(from: State, to: State, trigger: Trigger) -> Result<Edge, Refusal> 
 }
 
 /// No way out: nothing may move a connection out of this state.
-pub fn is_terminal(state: State) -> bool {
+pub(crate) fn is_terminal(state: State) -> bool {
     targets(state, Trigger::User).is_empty() && targets(state, Trigger::System).is_empty()
 }
 

@@ -20,7 +20,7 @@ use crate::kinds::Kinds;
 use crate::lifecycle;
 // The checker lives in `probe`; re-exported so the server wiring's import
 // of it from here keeps compiling.
-pub use crate::probe::Checker;
+pub(crate) use crate::probe::Checker;
 use crate::store::Store;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
@@ -38,16 +38,16 @@ use tokio_util::time::{DelayQueue, delay_queue};
 
 /// Monitoring settings.
 #[derive(Clone, Debug)]
-pub struct MonitorConfig {
+pub(crate) struct MonitorConfig {
     /// Probe interval for kinds whose definition names none.
-    pub interval: Duration,
+    pub(crate) interval: Duration,
     /// Consecutive failed probes before CONNECTED becomes DISCONNECTED, or
     /// REGISTERED becomes NOT_FOUND (unreachable) or DISCONNECTED (credentials rejected).
-    pub failure_threshold: u32,
+    pub(crate) failure_threshold: u32,
     /// Most probes running at once.
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Most probes of DISCOVERED connections started per second.
-    pub discovery_rate: u32,
+    pub(crate) discovery_rate: u32,
 }
 
 /// Admits probes of discovered connections at a steady rate (with a burst
@@ -100,7 +100,7 @@ fn monitored(c: &Connection) -> bool {
     lifecycle::monitored(c.managed, c.state, c.state_trigger)
 }
 
-pub struct Monitor {
+pub(crate) struct Monitor {
     engine: Engine,
     store: Store,
     checker: Arc<Checker>,
@@ -110,7 +110,7 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn new(
+    pub(crate) fn new(
         engine: Engine,
         store: Store,
         checker: Arc<Checker>,
@@ -140,7 +140,7 @@ impl Monitor {
     }
 
     /// Runs until `stopping` is cancelled.
-    pub async fn run(self, stopping: CancellationToken) {
+    pub(crate) async fn run(self, stopping: CancellationToken) {
         let mut live = self.store.subscribe();
         let mut schedule = Schedule::default();
         // A failed (re)load is retried: the schedule must not stay empty.

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 /// Something read from files that can be read again.
-pub trait Reloadable: Send + Sync {
+pub(crate) trait Reloadable: Send + Sync {
     /// What it is, for the log: `"tls certificates"`, `"access file"`.
     fn what(&self) -> &'static str;
     /// The files it is read from.
@@ -27,11 +27,11 @@ pub trait Reloadable: Send + Sync {
 }
 
 /// What a list of files looks like: modification time, size and inode of each.
-pub type Stamp = Vec<Option<(SystemTime, u64, u64)>>;
+pub(crate) type Stamp = Vec<Option<(SystemTime, u64, u64)>>;
 
 /// The files as they are now; take it *before* reading them, so a change
 /// while they are read shows as a change next time.
-pub fn stamp(paths: &[PathBuf]) -> Stamp {
+pub(crate) fn stamp(paths: &[PathBuf]) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     paths
         .iter()
@@ -44,7 +44,7 @@ pub fn stamp(paths: &[PathBuf]) -> Stamp {
 
 /// Reloads `items` on `hangup` (all of them) and when one's files change,
 /// checking every `interval`, until `stopping` is cancelled.
-pub async fn watch(
+pub(crate) async fn watch(
     items: Vec<Arc<dyn Reloadable>>,
     mut hangup: tokio::signal::unix::Signal,
     interval: Duration,

@@ -16,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// Seals and opens secrets with the server's key.
-pub struct SecretBox {
+pub(crate) struct SecretBox {
     cipher: XChaCha20Poly1305,
     /// Kept to derive keys for other purposes (see [`SecretBox::subkey`]).
     key: [u8; 32],
@@ -25,7 +25,10 @@ pub struct SecretBox {
 impl SecretBox {
     /// The key from `env_key` (base64) if given, else from `key_file`,
     /// creating that file (0600) with a fresh random key when it does not exist.
-    pub fn load_or_create(key_file: &Path, env_key: Option<&str>) -> Result<SecretBox, Error> {
+    pub(crate) fn load_or_create(
+        key_file: &Path,
+        env_key: Option<&str>,
+    ) -> Result<SecretBox, Error> {
         match SecretBox::load(key_file, env_key)? {
             Some(b) => Ok(b),
             None => SecretBox::from_base64(&create_key_file(key_file)?),
@@ -34,7 +37,7 @@ impl SecretBox {
 
     /// The key from `env_key` (base64) if given, else from `key_file`; `None`
     /// when neither exists.
-    pub fn load(key_file: &Path, env_key: Option<&str>) -> Result<Option<SecretBox>, Error> {
+    pub(crate) fn load(key_file: &Path, env_key: Option<&str>) -> Result<Option<SecretBox>, Error> {
         let encoded = match env_key {
             Some(k) => k.trim().to_owned(),
             None => match std::fs::read_to_string(key_file) {
@@ -75,7 +78,7 @@ impl SecretBox {
 
     /// A key for another purpose, derived from the server key and `label`
     /// (HMAC-SHA256), so one secret to back up serves them all.
-    pub fn subkey(&self, label: &str) -> [u8; 32] {
+    pub(crate) fn subkey(&self, label: &str) -> [u8; 32] {
         use hmac::{Hmac, Mac};
         let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
             .expect("hmac takes any key length");
@@ -84,7 +87,7 @@ impl SecretBox {
     }
 
     /// Encrypts `secret` for credential `id`: (nonce, sealed bytes).
-    pub fn seal(&self, id: &str, secret: &Secret) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    pub(crate) fn seal(&self, id: &str, secret: &Secret) -> Result<(Vec<u8>, Vec<u8>), Error> {
         let plain = serde_json::to_vec(secret)?;
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
         let sealed = self
@@ -102,7 +105,7 @@ impl SecretBox {
 
     /// Decrypts the secret of credential `id`. Fails (without detail) under
     /// another key, for another id, or if the bytes were altered.
-    pub fn open(&self, id: &str, nonce: &[u8], sealed: &[u8]) -> Result<Secret, Error> {
+    pub(crate) fn open(&self, id: &str, nonce: &[u8], sealed: &[u8]) -> Result<Secret, Error> {
         if nonce.len() != 24 {
             return Err(Error::Internal(format!("credential {id}: bad nonce")));
         }

@@ -36,21 +36,21 @@ use tokio_util::task::TaskTracker;
 
 /// Watch settings.
 #[derive(Clone, Debug)]
-pub struct WatchConfig {
+pub(crate) struct WatchConfig {
     /// Idle time before a BOOKMARK is sent to watchers that asked for progress.
-    pub bookmark_interval: Duration,
+    pub(crate) bookmark_interval: Duration,
     /// Events read from the store per page while catching up, and
     /// connections per snapshot page.
-    pub replay_page: usize,
+    pub(crate) replay_page: usize,
     /// Messages buffered per watcher between its task and its gRPC stream.
-    pub buffer: usize,
+    pub(crate) buffer: usize,
     /// Bytes all watchers together may hold buffered.
-    pub memory: usize,
+    pub(crate) memory: usize,
     /// How long a watcher may take nothing while its buffer is full.
-    pub stall_timeout: Duration,
+    pub(crate) stall_timeout: Duration,
     /// How long a watcher may take to receive its snapshot, during which a
     /// read view of the database is held open.
-    pub snapshot_timeout: Duration,
+    pub(crate) snapshot_timeout: Duration,
 }
 
 /// Every watcher may hold at least this much, however many there are: one
@@ -65,17 +65,17 @@ const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 /// What a watch asks for.
 #[derive(Clone, Debug, Default)]
-pub struct WatchSpec {
+pub(crate) struct WatchSpec {
     /// 0: snapshot first. N: every change after revision N.
-    pub after_revision: i64,
+    pub(crate) after_revision: i64,
     /// Only owners, kinds, states and ids are used.
-    pub filter: Filter,
-    pub progress_notify: bool,
+    pub(crate) filter: Filter,
+    pub(crate) progress_notify: bool,
 }
 
 /// How a change relates to the watch's view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     Added,
     Modified,
     Removed,
@@ -83,7 +83,7 @@ pub enum Change {
 
 /// One message of a watch stream.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Item {
+pub(crate) enum Item {
     /// A connection of the initial snapshot (its revision is its last change).
     Snapshot(Connection),
     /// A committed change as it concerns this watch.
@@ -138,7 +138,7 @@ impl Budget {
 
 /// Starts watch streams.
 #[derive(Clone)]
-pub struct Watcher {
+pub(crate) struct Watcher {
     store: Store,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -147,7 +147,7 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -164,7 +164,7 @@ impl Watcher {
 
     /// Checks the request and starts the stream. Errors about the starting
     /// revision come back here, before any message is sent.
-    pub async fn watch(&self, spec: WatchSpec) -> Result<WatchStream, Error> {
+    pub(crate) async fn watch(&self, spec: WatchSpec) -> Result<WatchStream, Error> {
         if self.shutdown.is_cancelled() {
             return Err(shutting_down());
         }
@@ -348,7 +348,7 @@ impl Drop for EndGuard {
 
 /// The client side of a watch. Ends with `UNAVAILABLE` as soon as the server
 /// starts shutting down, whatever is still buffered.
-pub struct WatchStream {
+pub(crate) struct WatchStream {
     queue: Arc<Queue>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     done: bool,

@@ -19,28 +19,28 @@ use std::time::Duration;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFile {
-    pub model: Name,
-    pub connections: Vec<RawDef>,
+    pub(crate) model: Name,
+    pub(crate) connections: Vec<RawDef>,
 }
 
 /// One definition as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDef {
-    pub kind: Name,
+    pub(crate) kind: Name,
     #[serde(rename = "type")]
-    pub type_: Option<String>,
-    pub sub_type: Option<String>,
-    pub display_name: Option<String>,
-    pub description: Option<String>,
-    pub managed: Option<bool>,
-    pub auto_connect: Option<bool>,
-    pub check: Option<Check>,
-    pub probe_interval: Option<Interval>,
-    pub metadata_schema: Option<Map<String, Value>>,
-    pub credential_schema: Option<Map<String, Value>>,
-    pub transitions: Option<BTreeMap<StateName, Vec<StateName>>>,
-    pub extends: Option<Name>,
+    pub(crate) type_: Option<String>,
+    pub(crate) sub_type: Option<String>,
+    pub(crate) display_name: Option<String>,
+    pub(crate) description: Option<String>,
+    pub(crate) managed: Option<bool>,
+    pub(crate) auto_connect: Option<bool>,
+    pub(crate) check: Option<Check>,
+    pub(crate) probe_interval: Option<Interval>,
+    pub(crate) metadata_schema: Option<Map<String, Value>>,
+    pub(crate) credential_schema: Option<Map<String, Value>>,
+    pub(crate) transitions: Option<BTreeMap<StateName, Vec<StateName>>>,
+    pub(crate) extends: Option<Name>,
 }
 
 /// A model or kind name: `[a-z][a-z0-9_-]*`, at most 63 characters.
@@ -121,7 +121,7 @@ pub(super) enum Format {
 
 impl Format {
     /// The format a file's extension names, if it is a definition file at all.
-    pub fn of(path: &Path) -> Option<Format> {
+    pub(crate) fn of(path: &Path) -> Option<Format> {
         match path.extension()?.to_str()? {
             "yaml" | "yml" => Some(Format::Yaml),
             "json" => Some(Format::Json),

@@ -28,42 +28,42 @@ use std::{fmt, fs};
 
 /// What one kind of connection is.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Definition {
+pub(crate) struct Definition {
     /// The model (folder of definitions) it belongs to.
-    pub model: String,
-    pub kind: String,
-    pub type_: String,
-    pub sub_type: String,
+    pub(crate) model: String,
+    pub(crate) kind: String,
+    pub(crate) type_: String,
+    pub(crate) sub_type: String,
     /// The kind itself unless the file says otherwise.
-    pub display_name: String,
-    pub description: String,
+    pub(crate) display_name: String,
+    pub(crate) description: String,
     /// Whether new connections of this kind are managed by default.
-    pub managed: bool,
+    pub(crate) managed: bool,
     /// REGISTERED moves on to CONNECTED by itself (SYSTEM) when reachable.
-    pub auto_connect: bool,
-    pub check: Check,
+    pub(crate) auto_connect: bool,
+    pub(crate) check: Check,
     /// None: the server's default interval.
-    pub probe_interval: Option<Duration>,
+    pub(crate) probe_interval: Option<Duration>,
     /// JSON Schema of a connection's metadata (None: anything goes).
-    pub metadata_schema: Option<Value>,
+    pub(crate) metadata_schema: Option<Value>,
     /// JSON Schema of a credential's secret (None: anything goes).
-    pub credential_schema: Option<Value>,
+    pub(crate) credential_schema: Option<Value>,
     /// The USER targets allowed from each listed state: a subset of the lifecycle's.
-    pub transitions: Option<BTreeMap<State, Vec<State>>>,
+    pub(crate) transitions: Option<BTreeMap<State, Vec<State>>>,
     /// The kind this definition overrides (the same kind when it replaces it in place).
-    pub extends: Option<String>,
+    pub(crate) extends: Option<String>,
     /// The file it came from, or `builtin:MODEL`.
-    pub source: String,
+    pub(crate) source: String,
 }
 
 /// A definition file that cannot be used: where, and what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{path}{}: {message}", line_suffix(.line))]
-pub struct LoadError {
-    pub path: String,
+pub(crate) struct LoadError {
+    pub(crate) path: String,
     /// 1-based; None when the file or directory could not be read at all.
-    pub line: Option<usize>,
-    pub message: String,
+    pub(crate) line: Option<usize>,
+    pub(crate) message: String,
 }
 
 fn line_suffix(line: &Option<usize>) -> String {
@@ -72,10 +72,10 @@ fn line_suffix(line: &Option<usize>) -> String {
 
 /// A metadata or secret value its kind's schema refuses.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub struct SchemaViolation {
+pub(crate) struct SchemaViolation {
     /// JSON pointer of the offending value, e.g. `/scrape_interval`; "" for the whole object.
-    pub path: String,
-    pub message: String,
+    pub(crate) path: String,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for SchemaViolation {
@@ -91,7 +91,7 @@ impl fmt::Display for SchemaViolation {
 /// Every known definition, by kind, with its schemas compiled once.
 /// Cheap to clone (validators are shared); `Send + Sync`.
 #[derive(Clone, Debug, Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     kinds: BTreeMap<String, Entry>,
 }
 
@@ -113,7 +113,7 @@ const BUILTIN: [(&str, &str); 5] = [
 
 impl Registry {
     /// The models embedded in the binary, and nothing else.
-    pub fn builtin() -> Registry {
+    pub(crate) fn builtin() -> Registry {
         static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
             let mut registry = Registry::default();
             for (model, text) in BUILTIN {
@@ -128,7 +128,7 @@ impl Registry {
 
     /// The built-in models plus every `.yaml`, `.yml` and `.json` file under each
     /// of `dirs` (recursively; names starting with `.` are skipped).
-    pub fn load(dirs: &[PathBuf]) -> Result<Registry, LoadError> {
+    pub(crate) fn load(dirs: &[PathBuf]) -> Result<Registry, LoadError> {
         let mut registry = Registry::builtin();
         for dir in dirs {
             let mut files = Vec::new();
@@ -147,12 +147,12 @@ impl Registry {
         Ok(registry)
     }
 
-    pub fn get(&self, kind: &str) -> Option<&Definition> {
+    pub(crate) fn get(&self, kind: &str) -> Option<&Definition> {
         self.kinds.get(kind).map(|e| &e.def)
     }
 
     /// The definitions matching both filters (None: any), sorted by (model, kind).
-    pub fn list(&self, model: Option<&str>, kind: Option<&str>) -> Vec<&Definition> {
+    pub(crate) fn list(&self, model: Option<&str>, kind: Option<&str>) -> Vec<&Definition> {
         let mut defs: Vec<&Definition> = self
             .kinds
             .values()
@@ -166,7 +166,7 @@ impl Registry {
     /// Checks a connection's metadata against its kind's schema. A kind without
     /// a schema, or unknown here, accepts anything: whether unknown kinds are
     /// allowed at all is the caller's policy.
-    pub fn validate_metadata(
+    pub(crate) fn validate_metadata(
         &self,
         kind: &str,
         metadata: &Map<String, Value>,
@@ -178,7 +178,7 @@ impl Registry {
     /// Checks a credential's secret against its kind's schema, as
     /// [`validate_metadata`](Self::validate_metadata) does, except that the
     /// message never quotes a value of the secret.
-    pub fn validate_secret(
+    pub(crate) fn validate_secret(
         &self,
         kind: &str,
         secret: &Map<String, Value>,
@@ -189,7 +189,7 @@ impl Registry {
 
     /// The states a USER may move a connection of `kind` to from `from`: the
     /// lifecycle's list, narrowed by the kind's `transitions` when it lists `from`.
-    pub fn user_targets(&self, kind: &str, from: State) -> Vec<State> {
+    pub(crate) fn user_targets(&self, kind: &str, from: State) -> Vec<State> {
         let narrowed = self
             .get(kind)
             .and_then(|d| d.transitions.as_ref())

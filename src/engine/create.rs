@@ -18,7 +18,7 @@ use crate::store::EventDraft;
 impl Engine {
     /// Registers a connection by hand: DISCOVERED, then along the allowed
     /// edges to `initial_state`, one event per step.
-    pub async fn create(&self, r: CreateRequest) -> Result<Connection, Error> {
+    pub(crate) async fn create(&self, r: CreateRequest) -> Result<Connection, Error> {
         let Some(creation) = lifecycle::creation(r.initial_state) else {
             return Err(Error::invalid(
                 "initial_state",

@@ -20,7 +20,7 @@ impl Engine {
     /// NOT_FOUND one comes back to DISCOVERED; anything else stays as it is,
     /// an IGNORED one above all. Items commit in groups of
     /// [`DISCOVERY_GROUP`], each group one writer job.
-    pub async fn report_discovered(
+    pub(crate) async fn report_discovered(
         &self,
         reporter: &Reporter,
         items: Vec<Result<NewConnection, Error>>,

@@ -29,7 +29,7 @@ mod tests;
 mod transition;
 mod update;
 
-pub use requests::{
+pub(crate) use requests::{
     CreateRequest, Discovered, EventPage, NewConnection, Patch, Reporter, RequestKey,
     TransitionRequest, UpdateRequest,
 };
@@ -48,14 +48,14 @@ use std::sync::Arc;
 pub(crate) const SYSTEM_ACTOR: &str = "tether";
 
 #[derive(Clone)]
-pub struct Engine {
+pub(crate) struct Engine {
     store: Store,
     verifier: Arc<dyn Verifier>,
     kinds: Kinds,
 }
 
 impl Engine {
-    pub fn new(store: Store, verifier: Arc<dyn Verifier>, kinds: Kinds) -> Self {
+    pub(crate) fn new(store: Store, verifier: Arc<dyn Verifier>, kinds: Kinds) -> Self {
         Engine {
             store,
             verifier,

@@ -17,7 +17,7 @@ impl Engine {
     /// connection changed in what was checked since the probe started, or is
     /// no longer monitored: a user request always wins over an older probe.
     /// The connection as it is afterwards, or `None` when the result was dropped.
-    pub async fn apply_probe(
+    pub(crate) async fn apply_probe(
         &self,
         probed: &Connection,
         result: Option<probe::Observation>,

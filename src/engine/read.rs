@@ -11,24 +11,24 @@ use crate::store::{EventFilter, Filter, ListQuery, Page};
 impl Engine {
     /// The connection, if it exists and `scope` sees it: one it may not see
     /// is not found, exactly like one that does not exist.
-    pub async fn get(&self, id: ConnectionId, scope: &Scope) -> Result<Connection, Error> {
+    pub(crate) async fn get(&self, id: ConnectionId, scope: &Scope) -> Result<Connection, Error> {
         let scope = scope.clone();
         self.store
             .read(move |c| visible(c.get(&id)?, &id, &scope))
             .await
     }
 
-    pub async fn list(&self, q: ListQuery) -> Result<Page, Error> {
+    pub(crate) async fn list(&self, q: ListQuery) -> Result<Page, Error> {
         self.store.read(move |c| c.list(&q)).await
     }
 
-    pub async fn count(&self, filter: Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
+    pub(crate) async fn count(&self, filter: Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
         self.store.read(move |c| c.count(&filter)).await
     }
 
     /// A page of history of the connections `scope` sees; one connection's
     /// history when `f` names it (not found when it is not to be seen).
-    pub async fn events(&self, f: EventFilter, scope: &Scope) -> Result<EventPage, Error> {
+    pub(crate) async fn events(&self, f: EventFilter, scope: &Scope) -> Result<EventPage, Error> {
         let scope = scope.clone();
         self.store
             .read(move |c| {

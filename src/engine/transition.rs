@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 impl Engine {
     /// Moves a connection along one USER edge (DELETED included).
-    pub async fn transition(&self, r: TransitionRequest) -> Result<Connection, Error> {
+    pub(crate) async fn transition(&self, r: TransitionRequest) -> Result<Connection, Error> {
         if let Some(answer) = self.replay(&r.request).await? {
             return answer;
         }
@@ -89,7 +89,7 @@ impl Engine {
     /// Applies each transition independently; one result per request, in
     /// order. Items for the same connection apply in request order; different
     /// connections go in parallel, a bounded number at a time.
-    pub async fn batch_transition(
+    pub(crate) async fn batch_transition(
         &self,
         requests: Vec<TransitionRequest>,
     ) -> Vec<Result<Connection, Error>> {

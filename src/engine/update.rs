@@ -10,7 +10,7 @@ use crate::store::EventDraft;
 
 impl Engine {
     /// Changes fields other than the state.
-    pub async fn update(&self, r: UpdateRequest) -> Result<Connection, Error> {
+    pub(crate) async fn update(&self, r: UpdateRequest) -> Result<Connection, Error> {
         if let Some(answer) = self.replay(&r.request).await? {
             return answer;
         }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 /// How a kind of connection is checked.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Check {
+pub(crate) enum Check {
     /// No check: verification always passes.
     None,
     /// The check follows the url's scheme: TCP connect for `tcp://`, GET of
@@ -30,7 +30,7 @@ pub enum Check {
 
 impl Check {
     /// The name used on the wire (`Check.type`).
-    pub fn type_name(&self) -> &'static str {
+    pub(crate) fn type_name(&self) -> &'static str {
         match self {
             Check::None => "none",
             Check::Url => "url",
@@ -44,4 +44,4 @@ impl Check {
 /// A credential's decrypted secret, as given by its owner: for example
 /// `{"token": ...}`, `{"username": ..., "password": ...}` or
 /// `{"client_certificate": PEM, "client_key": PEM}`.
-pub type Secret = serde_json::Map<String, serde_json::Value>;
+pub(crate) type Secret = serde_json::Map<String, serde_json::Value>;

@@ -10,14 +10,14 @@ use crate::kinds::Kinds;
 use std::time::Duration;
 
 /// Runs a connection's check as its definition says, with its credential.
-pub struct Checker {
+pub(crate) struct Checker {
     prober: Prober,
     kinds: Kinds,
     credentials: Credentials,
 }
 
 impl Checker {
-    pub fn new(prober: Prober, kinds: Kinds, credentials: Credentials) -> Self {
+    pub(crate) fn new(prober: Prober, kinds: Kinds, credentials: Credentials) -> Self {
         Checker {
             prober,
             kinds,
@@ -29,7 +29,7 @@ impl Checker {
     /// kind without a definition, the url's scheme has none). A kind whose
     /// check needs a url finds a connection without one unreachable: nothing
     /// unchecked is ever taken for reachable.
-    pub async fn check(&self, c: &Connection) -> Option<Observation> {
+    pub(crate) async fn check(&self, c: &Connection) -> Option<Observation> {
         let check = self
             .kinds
             .registry()

@@ -17,8 +17,8 @@ use std::time::Duration;
 /// What a check may send, parsed from a [`Secret`].
 #[derive(Default)]
 pub(crate) struct ClientAuth {
-    pub auth: Option<AuthHeader>,
-    pub tls: Option<TlsMaterial>,
+    pub(crate) auth: Option<AuthHeader>,
+    pub(crate) tls: Option<TlsMaterial>,
 }
 
 /// A whole `Authorization` value (`Bearer ...` or `Basic ...`), printable
@@ -32,12 +32,12 @@ impl fmt::Debug for AuthHeader {
 }
 
 impl AuthHeader {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// Marked sensitive, so HTTP/2 never indexes it and `Debug` hides it.
-    pub fn header_value(&self) -> Option<HeaderValue> {
+    pub(crate) fn header_value(&self) -> Option<HeaderValue> {
         let mut v = HeaderValue::from_str(&self.0).ok()?;
         v.set_sensitive(true);
         Some(v)
@@ -58,7 +58,7 @@ impl ClientAuth {
     /// when both are given), `client_certificate`/`client_key` (PEM) and
     /// `ca_certificate` (PEM, trusted instead of the built-in roots). Other
     /// fields are ignored. `Err` says which field cannot be used and why.
-    pub fn from_secret(secret: Option<&Secret>) -> Result<ClientAuth, String> {
+    pub(crate) fn from_secret(secret: Option<&Secret>) -> Result<ClientAuth, String> {
         let Some(secret) = secret else {
             return Ok(ClientAuth::default());
         };
@@ -161,14 +161,18 @@ pub(crate) fn client_builder(timeout: Duration, egress: &Egress) -> reqwest::Cli
 
 impl TlsMaterial {
     /// Whether a client identity would be presented to the peer.
-    pub fn has_identity(&self) -> bool {
+    pub(crate) fn has_identity(&self) -> bool {
         self.identity.is_some()
     }
 
     /// A client of its own with this identity and, when a CA is given,
     /// trusting only that CA. `Err` when TLS refuses them (a key that does
     /// not parse, a root that is not a certificate).
-    pub fn client(self, timeout: Duration, egress: &Egress) -> Result<reqwest::Client, String> {
+    pub(crate) fn client(
+        self,
+        timeout: Duration,
+        egress: &Egress,
+    ) -> Result<reqwest::Client, String> {
         let mut builder = client_builder(timeout, egress);
         let what = match (&self.identity, self.roots.is_empty()) {
             (Some(_), true) => "client_certificate/client_key",
@@ -201,7 +205,7 @@ impl TlsMaterial {
 pub(crate) struct Scrubber(Vec<String>);
 
 impl Scrubber {
-    pub fn new(secret: Option<&Secret>) -> Scrubber {
+    pub(crate) fn new(secret: Option<&Secret>) -> Scrubber {
         fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
             match v {
                 serde_json::Value::String(s) if !s.is_empty() => out.push(s.clone()),
@@ -232,7 +236,7 @@ impl Scrubber {
     }
 
     /// `text` with every secret value replaced, cut to `MAX` bytes.
-    pub fn clean(&self, text: &str) -> String {
+    pub(crate) fn clean(&self, text: &str) -> String {
         const MAX: usize = 300;
         let mut out = text.to_owned();
         for s in &self.0 {

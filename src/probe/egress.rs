@@ -217,7 +217,7 @@ impl Default for EgressPolicy {
 
 impl EgressPolicy {
     /// `Err` names the first rule that cannot be parsed.
-    pub fn new(
+    pub(crate) fn new(
         allow: &[String],
         deny: &[String],
         loopback: Access,

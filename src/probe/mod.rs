@@ -30,11 +30,11 @@ mod tcp;
 #[cfg(test)]
 mod tests;
 
-pub use check::{Check, Secret};
-pub use checker::Checker;
+pub(crate) use check::{Check, Secret};
+pub(crate) use checker::Checker;
 pub(crate) use egress::HostPattern;
 pub use egress::{Access, EgressPolicy, Resolve, ResolveFuture, StubResolver, SystemResolver};
-pub use prober::Prober;
+pub(crate) use prober::Prober;
 
 use crate::connection::Connection;
 use std::future::Future;
@@ -45,7 +45,7 @@ use std::time::Duration;
 /// class of a failure, latency); it never holds a secret, a url's
 /// user-info, or text a peer or a library wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Reachable and usable; the detail says what answered.
     Reachable(String),
     /// Could not be reached, or answered with an error.
@@ -61,7 +61,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// The detail, whatever the outcome.
-    pub fn detail(&self) -> &str {
+    pub(crate) fn detail(&self) -> &str {
         match self {
             Verdict::Reachable(d)
             | Verdict::Unreachable(d)
@@ -74,19 +74,19 @@ impl Verdict {
 /// What one check saw, and how long it took. Not stored as such: the engine
 /// keeps what it means on the connection as its `last_probe`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Observation {
-    pub verdict: Verdict,
+pub(crate) struct Observation {
+    pub(crate) verdict: Verdict,
     /// How long the check itself ran, from the moment it held a concurrency
     /// permit to its verdict: time spent queued for a permit is not the
     /// peer's slowness and is not counted. Zero when the check never started
     /// (a url or credential it could not use, or no permit in time).
-    pub latency: Duration,
+    pub(crate) latency: Duration,
 }
 
-pub type VerifyFuture<'a> = Pin<Box<dyn Future<Output = Option<Verdict>> + Send + 'a>>;
+pub(crate) type VerifyFuture<'a> = Pin<Box<dyn Future<Output = Option<Verdict>> + Send + 'a>>;
 
 /// Checks whether a connection is reachable and its credentials accepted.
-pub trait Verifier: Send + Sync {
+pub(crate) trait Verifier: Send + Sync {
     /// `None` when this connection has no check (its kind defines none).
     fn verify<'a>(&'a self, connection: &'a Connection) -> VerifyFuture<'a>;
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 /// Runs reachability checks. Cheap to clone; clones share the HTTP client
 /// and the concurrency limit.
 #[derive(Clone)]
-pub struct Prober {
+pub(crate) struct Prober {
     /// Shared by every check without TLS credentials of its own.
     http: reqwest::Client,
     timeout: Duration,
@@ -30,7 +30,7 @@ impl Prober {
     /// least one) run at once; names are resolved by `resolver` and only
     /// addresses `policy` allows are connected to. `Err` only when no HTTP
     /// client can be built.
-    pub fn new(
+    pub(crate) fn new(
         timeout: Duration,
         concurrency: usize,
         policy: EgressPolicy,
@@ -55,7 +55,7 @@ impl Prober {
     /// scheme it does not speak) is [`Verdict::Unreachable`] saying why; an
     /// unusable secret is [`Verdict::CredentialsRejected`] naming the field.
     /// See [`Observation::latency`] for what the latency measures.
-    pub async fn probe(
+    pub(crate) async fn probe(
         &self,
         url: &str,
         check: &Check,

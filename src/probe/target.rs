@@ -10,8 +10,8 @@ use url::{Host, Url};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct HostPort {
     /// The host without brackets, as a resolver takes it.
-    pub host: String,
-    pub port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     ipv6: bool,
 }
 

@@ -23,7 +23,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 /// What a method asks of its caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Need {
+pub(crate) enum Need {
     /// Nothing: health checks, for load balancers and orchestrators.
     Nobody,
     /// Any role: reflection, the lifecycle table, definitions.
@@ -37,7 +37,7 @@ const WRITE: &[Role] = &[Role::Operator];
 
 /// The requirement of each gRPC method, by its path; `None` for a method
 /// this server does not know, which is refused.
-pub fn need(path: &str) -> Option<Need> {
+pub(crate) fn need(path: &str) -> Option<Need> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
     Some(match (service, method) {
         ("grpc.health.v1.Health", "Check" | "Watch") => Need::Nobody,
@@ -71,7 +71,7 @@ pub fn need(path: &str) -> Option<Need> {
 }
 
 /// Whether `p` may call a method that needs `need`.
-pub fn allows(p: &Principal, need: Need) -> bool {
+pub(crate) fn allows(p: &Principal, need: Need) -> bool {
     match need {
         Need::Nobody => true,
         Need::AnyRole => !p.roles.is_empty(),
@@ -80,7 +80,7 @@ pub fn allows(p: &Principal, need: Need) -> bool {
 }
 
 /// The gate's shared state.
-pub struct Gate {
+pub(crate) struct Gate {
     access: Arc<Access>,
     rate: Option<DefaultKeyedRateLimiter<String>>,
     /// Calls admitted, to trim the limiter's table every [`TRIM_EVERY`].
@@ -134,7 +134,7 @@ impl AuditLog {
 
 impl Gate {
     /// `rate`: calls per second per principal (bursts of as many), 0 for no limit.
-    pub fn new(access: Arc<Access>, rate: u32) -> Gate {
+    pub(crate) fn new(access: Arc<Access>, rate: u32) -> Gate {
         Gate {
             access,
             rate: NonZeroU32::new(rate).map(|r| RateLimiter::keyed(Quota::per_second(r))),
@@ -283,12 +283,12 @@ impl Refusal {
 
 /// The tower layer that puts [`Gate`] in front of every service.
 #[derive(Clone)]
-pub struct AuthLayer {
+pub(crate) struct AuthLayer {
     gate: Arc<Gate>,
 }
 
 impl AuthLayer {
-    pub fn new(gate: Gate) -> Self {
+    pub(crate) fn new(gate: Gate) -> Self {
         AuthLayer {
             gate: Arc::new(gate),
         }
@@ -307,7 +307,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 }
 
 #[derive(Clone)]
-pub struct AuthService<S> {
+pub(crate) struct AuthService<S> {
     inner: S,
     gate: Arc<Gate>,
 }
@@ -352,7 +352,7 @@ where
 }
 
 /// How the caller of a request authenticated (set by the gate).
-pub fn via<T>(request: &tonic::Request<T>) -> Via {
+pub(crate) fn via<T>(request: &tonic::Request<T>) -> Via {
     request
         .extensions()
         .get::<Via>()
@@ -362,12 +362,12 @@ pub fn via<T>(request: &tonic::Request<T>) -> Via {
 
 /// Whether `p` may still watch: what an open watch is re-checked against
 /// when the access file changes.
-pub fn may_watch(p: &Principal) -> bool {
+pub(crate) fn may_watch(p: &Principal) -> bool {
     need("/tether.v1.ConnectionService/WatchConnections").is_some_and(|n| allows(p, n))
 }
 
 /// The status a watch ends with when its caller's access is revoked.
-pub fn revoked_status(why: &Revoked) -> Status {
+pub(crate) fn revoked_status(why: &Revoked) -> Status {
     let (code, reason) = match why {
         Revoked::Unknown(_) => (tonic::Code::Unauthenticated, "UNAUTHENTICATED"),
         Revoked::Changed(_) => (tonic::Code::PermissionDenied, "PERMISSION_DENIED"),
@@ -380,7 +380,7 @@ pub fn revoked_status(why: &Revoked) -> Status {
 }
 
 /// The principal a request runs as (set by the gate).
-pub fn principal<T>(request: &tonic::Request<T>) -> Result<Arc<Principal>, Status> {
+pub(crate) fn principal<T>(request: &tonic::Request<T>) -> Result<Arc<Principal>, Status> {
     request
         .extensions()
         .get::<Arc<Principal>>()

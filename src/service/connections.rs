@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-pub struct ConnectionService {
+pub(crate) struct ConnectionService {
     engine: Engine,
     watcher: Watcher,
     limits: ApiLimits,
@@ -33,7 +33,7 @@ pub struct ConnectionService {
 }
 
 impl ConnectionService {
-    pub fn new(
+    pub(crate) fn new(
         engine: Engine,
         watcher: Watcher,
         limits: ApiLimits,

@@ -11,13 +11,17 @@ use crate::error::Error;
 use crate::pb::tether::v1 as pb;
 use tonic::{Request, Response, Status};
 
-pub struct CredentialService {
+pub(crate) struct CredentialService {
     credentials: Credentials,
     page_sizes: PageSizes,
 }
 
 impl CredentialService {
-    pub fn new(credentials: Credentials, default_page_size: usize, max_page_size: usize) -> Self {
+    pub(crate) fn new(
+        credentials: Credentials,
+        default_page_size: usize,
+        max_page_size: usize,
+    ) -> Self {
         CredentialService {
             credentials,
             page_sizes: PageSizes {

@@ -9,12 +9,12 @@ use crate::pb::tether::v1 as pb;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
-pub struct DefinitionService {
+pub(crate) struct DefinitionService {
     registry: Arc<Registry>,
 }
 
 impl DefinitionService {
-    pub fn new(registry: Arc<Registry>) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>) -> Self {
         DefinitionService { registry }
     }
 }

@@ -18,7 +18,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::Health;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-pub use tonic_health::pb::health_server::HealthServer;
+pub(crate) use tonic_health::pb::health_server::HealthServer;
 
 /// The services this server reports on; "" is the server as a whole.
 const SERVICES: [&str; 4] = [
@@ -28,14 +28,14 @@ const SERVICES: [&str; 4] = [
     "tether.v1.CredentialService",
 ];
 
-pub struct HealthService {
+pub(crate) struct HealthService {
     stopping: CancellationToken,
     /// True while the store cannot commit writes.
     fault: watch::Receiver<bool>,
 }
 
 impl HealthService {
-    pub fn new(stopping: CancellationToken, fault: watch::Receiver<bool>) -> Self {
+    pub(crate) fn new(stopping: CancellationToken, fault: watch::Receiver<bool>) -> Self {
         HealthService { stopping, fault }
     }
 

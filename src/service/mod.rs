@@ -12,17 +12,17 @@
 //!   [`sizes`] (message and metadata limits);
 //! - [`health`]: the standard `grpc.health.v1.Health` service.
 
-pub mod auth;
+pub(crate) mod auth;
 pub(crate) mod connections;
 pub(crate) mod convert;
-pub mod credentials;
-pub mod definitions;
-pub mod health;
+pub(crate) mod credentials;
+pub(crate) mod definitions;
+pub(crate) mod health;
 pub(crate) mod paging;
 pub(crate) mod request_ids;
 pub mod sizes;
 pub(crate) mod status;
 pub(crate) mod watch_slots;
 
-pub use connections::ConnectionService;
-pub use request_ids::RequestIds;
+pub(crate) use connections::ConnectionService;
+pub(crate) use request_ids::RequestIds;

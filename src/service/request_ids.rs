@@ -11,12 +11,12 @@ use prost::Message;
 /// the principal and the id, so ids are scoped per caller and the table
 /// holds no client-chosen text.
 #[derive(Clone)]
-pub struct RequestIds {
+pub(crate) struct RequestIds {
     key: [u8; 32],
 }
 
 impl RequestIds {
-    pub fn new(key: [u8; 32]) -> Self {
+    pub(crate) fn new(key: [u8; 32]) -> Self {
         RequestIds { key }
     }
 

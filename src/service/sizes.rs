@@ -54,7 +54,7 @@ const FIELD_OVERHEAD: usize = 32;
 /// A request's header list size as HTTP/2 counts it: every field's name and
 /// value plus 32 bytes, the pseudo-headers (`:method`, `:scheme`,
 /// `:authority`, `:path`) included.
-pub fn metadata_size<B>(request: &http::Request<B>) -> usize {
+pub(crate) fn metadata_size<B>(request: &http::Request<B>) -> usize {
     let uri = request.uri();
     let pseudo = [
         (":method", request.method().as_str().len()),
@@ -82,7 +82,7 @@ pub fn metadata_size<B>(request: &http::Request<B>) -> usize {
 }
 
 /// The answer to a call whose metadata is `size` bytes, over `limit`.
-pub fn metadata_too_large(size: usize, limit: usize) -> Status {
+pub(crate) fn metadata_too_large(size: usize, limit: usize) -> Status {
     too_large(
         "METADATA_TOO_LARGE",
         format!(
@@ -95,7 +95,7 @@ pub fn metadata_too_large(size: usize, limit: usize) -> Status {
 }
 
 /// The answer to a call with a message of `size` bytes, over `limit`.
-pub fn message_too_large(size: usize, limit: usize) -> Status {
+pub(crate) fn message_too_large(size: usize, limit: usize) -> Status {
     too_large(
         "MESSAGE_TOO_LARGE",
         format!("the request message is {size} bytes, over the limit of {limit} bytes"),
@@ -119,13 +119,13 @@ fn too_large(reason: &str, message: String, size: usize, limit: usize) -> Status
 /// The tower layer that puts the limits in front of every service (the gate
 /// included).
 #[derive(Clone, Copy, Debug)]
-pub struct SizeLayer {
+pub(crate) struct SizeLayer {
     max_metadata: usize,
     max_message: usize,
 }
 
 impl SizeLayer {
-    pub fn new(max_metadata: usize, max_message: usize) -> Self {
+    pub(crate) fn new(max_metadata: usize, max_message: usize) -> Self {
         SizeLayer {
             max_metadata,
             max_message,
@@ -151,7 +151,7 @@ impl<S> tower::Layer<S> for SizeLayer {
 }
 
 #[derive(Clone, Debug)]
-pub struct SizeService<S> {
+pub(crate) struct SizeService<S> {
     inner: S,
     limits: SizeLayer,
 }
@@ -213,14 +213,14 @@ enum Scan {
 
 /// A request body that refuses a gRPC message whose length prefix is over
 /// `limit`, without holding any of the body: chunks pass through unchanged.
-pub struct LimitedBody<B> {
+pub(crate) struct LimitedBody<B> {
     inner: B,
     limit: usize,
     scan: Scan,
 }
 
 impl<B> LimitedBody<B> {
-    pub fn new(inner: B, limit: usize) -> Self {
+    pub(crate) fn new(inner: B, limit: usize) -> Self {
         LimitedBody {
             inner,
             limit,

@@ -20,12 +20,11 @@ mod writer;
 
 pub use backup::BackupDone;
 pub(crate) use backup::backup;
-pub use query::{
-    Cursor, CursorKey, EventFilter, Filter, ListQuery, Order, OrderField, Page, SnapshotCursor,
-    StoredCredential,
+pub(crate) use query::{
+    Cursor, CursorKey, EventFilter, Filter, ListQuery, Order, OrderField, Page, StoredCredential,
 };
-pub use read::Read;
-pub use writer::{EventDraft, Tx, WriterConfig};
+pub(crate) use read::Read;
+pub(crate) use writer::{EventDraft, Tx, WriterConfig};
 
 use crate::connection::{Connection, Event};
 use crate::error::Error;
@@ -37,22 +36,22 @@ use tokio::sync::{Semaphore, broadcast, oneshot};
 
 /// Store settings.
 #[derive(Clone, Debug)]
-pub struct StoreConfig {
-    pub writer: WriterConfig,
+pub(crate) struct StoreConfig {
+    pub(crate) writer: WriterConfig,
     /// Changes queued for the writer before new ones are refused.
-    pub write_queue: usize,
+    pub(crate) write_queue: usize,
     /// Reads running at once, each on its own pooled connection.
-    pub read_pool: usize,
+    pub(crate) read_pool: usize,
     /// Committed events buffered for watchers before a slow one must catch up
     /// from the database. Bounds the memory live watching takes.
-    pub publish_buffer: usize,
+    pub(crate) publish_buffer: usize,
     /// How long a connection waits for a lock before answering "busy".
-    pub busy_timeout: Duration,
+    pub(crate) busy_timeout: Duration,
 }
 
 /// A cheap-to-clone handle on the database.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     inner: Arc<Inner>,
 }
 
@@ -110,7 +109,7 @@ pub(crate) fn replaced() -> Error {
 impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it and
     /// starts the writer.
-    pub fn open(path: &Path, config: StoreConfig) -> Result<Store, Error> {
+    pub(crate) fn open(path: &Path, config: StoreConfig) -> Result<Store, Error> {
         if let Some(dir) = path.parent() {
             crate::files::private_dir(dir)?;
         }
@@ -173,7 +172,7 @@ impl Store {
     /// Runs `f` in the writer's next group transaction. Its changes commit, and
     /// its answer is delivered, only if it returns `Ok` and the group commits.
     /// Over the storage quota it is refused (`QuotaExceeded`) without running.
-    pub async fn write<T, F>(&self, f: F) -> Result<T, Error>
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T, Error>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
@@ -184,7 +183,7 @@ impl Store {
     /// [`Store::write`] for a job that frees space (deleting a connection or a
     /// credential): it runs over the storage quota too, since freeing space
     /// is how a database gets back under it.
-    pub async fn write_freeing<T, F>(&self, f: F) -> Result<T, Error>
+    pub(crate) async fn write_freeing<T, F>(&self, f: F) -> Result<T, Error>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
@@ -222,7 +221,7 @@ impl Store {
 
     /// Runs `f` on a read connection, inside one read transaction so that
     /// everything it reads is one consistent snapshot.
-    pub async fn read<T, F>(&self, f: F) -> Result<T, Error>
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, Error>
     where
         F: FnOnce(&Read<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
@@ -264,7 +263,7 @@ impl Store {
     /// taken or the [`Snapshot`] is dropped; meanwhile the write-ahead log
     /// cannot be checkpointed past it, so callers bound how long they hold
     /// one. At most `--read-pool` snapshots are read at once; more wait.
-    pub async fn snapshot(
+    pub(crate) async fn snapshot(
         &self,
         filter: Filter,
         rows: usize,
@@ -324,18 +323,18 @@ impl Store {
 
     /// Whether writes currently fail for a storage reason; changes as groups
     /// fail and commit.
-    pub fn storage_fault(&self) -> tokio::sync::watch::Receiver<bool> {
+    pub(crate) fn storage_fault(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.fault.subscribe()
     }
 
     /// Receives every committed event from now on, in revision order.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.inner.hub.subscribe()
     }
 
     /// Stops the writer after it has committed everything already queued.
     /// Later writes answer `UNAVAILABLE`.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         if let Some(sender) = self.inner.sender.lock().expect("writer sender lock").take() {
             let _ = sender.send(writer::Msg::Stop);
         }
@@ -352,15 +351,15 @@ impl Store {
 }
 
 /// A consistent read of many connections, taken a page at a time.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// The revision the snapshot shows: every change up to it, none after.
-    pub revision: i64,
+    pub(crate) revision: i64,
     pages: tokio::sync::mpsc::Receiver<Result<Vec<Connection>, Error>>,
 }
 
 impl Snapshot {
     /// The next page, or `None` after the last one.
-    pub async fn next_page(&mut self) -> Option<Result<Vec<Connection>, Error>> {
+    pub(crate) async fn next_page(&mut self) -> Option<Result<Vec<Connection>, Error>> {
         self.pages.recv().await
     }
 }

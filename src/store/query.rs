@@ -65,7 +65,7 @@ fn tombstones() -> String {
 }
 
 /// The store-wide revision and the compaction mark (events at or below it are gone).
-pub fn revisions(c: &rusqlite::Connection) -> Result<(i64, i64), Error> {
+pub(crate) fn revisions(c: &rusqlite::Connection) -> Result<(i64, i64), Error> {
     let mut stmt = c.prepare_cached(
         "SELECT (SELECT value FROM meta WHERE key = 'revision'), \
                 (SELECT value FROM meta WHERE key = 'compact_revision')",
@@ -73,7 +73,10 @@ pub fn revisions(c: &rusqlite::Connection) -> Result<(i64, i64), Error> {
     Ok(stmt.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?)
 }
 
-pub fn get(c: &rusqlite::Connection, id: &ConnectionId) -> Result<Option<Connection>, Error> {
+pub(crate) fn get(
+    c: &rusqlite::Connection,
+    id: &ConnectionId,
+) -> Result<Option<Connection>, Error> {
     let mut stmt = c.prepare_cached(&format!(
         "SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = ?1"
     ))?;
@@ -82,7 +85,7 @@ pub fn get(c: &rusqlite::Connection, id: &ConnectionId) -> Result<Option<Connect
         .optional()?)
 }
 
-pub fn live_by_identity(
+pub(crate) fn live_by_identity(
     c: &rusqlite::Connection,
     identity: &str,
 ) -> Result<Option<Connection>, Error> {
@@ -94,10 +97,10 @@ pub fn live_by_identity(
 }
 
 /// A stored `request_id` answer: the fingerprint of its request, and what it answered.
-pub type StoredAnswer = (i64, Result<Connection, Error>);
+pub(crate) type StoredAnswer = (i64, Result<Connection, Error>);
 
 /// The stored answer to `request_id`.
-pub fn request_answer(
+pub(crate) fn request_answer(
     c: &rusqlite::Connection,
     request_id: &str,
 ) -> Result<Option<StoredAnswer>, Error> {
@@ -148,18 +151,18 @@ fn put_back_metadata(
 
 /// Which connections a list, count or watch snapshot covers.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Filter {
-    pub kinds: Vec<String>,
-    pub states: Vec<State>,
-    pub types: Vec<String>,
-    pub ids: Vec<ConnectionId>,
+pub(crate) struct Filter {
+    pub(crate) kinds: Vec<String>,
+    pub(crate) states: Vec<State>,
+    pub(crate) types: Vec<String>,
+    pub(crate) ids: Vec<ConnectionId>,
     /// Case-insensitive substring of name, description, url, identity or kind.
-    pub search: String,
-    pub labels: BTreeMap<String, String>,
+    pub(crate) search: String,
+    pub(crate) labels: BTreeMap<String, String>,
     /// Include tombstones. Asking for the DELETED state includes them too.
-    pub show_deleted: bool,
+    pub(crate) show_deleted: bool,
     /// Only connections of these owners; `None`: every owner.
-    pub owners: Option<Vec<String>>,
+    pub(crate) owners: Option<Vec<String>>,
 }
 
 impl Filter {
@@ -257,7 +260,7 @@ fn where_clause(clauses: &[String]) -> String {
 
 /// The column a list is sorted by; ties are broken by id.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum OrderField {
+pub(crate) enum OrderField {
     #[default]
     CreateTime,
     UpdateTime,
@@ -266,9 +269,9 @@ pub enum OrderField {
 
 /// How a list is sorted. Its wire syntax (`order_by`) is the service's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Order {
-    pub field: OrderField,
-    pub descending: bool,
+pub(crate) struct Order {
+    pub(crate) field: OrderField,
+    pub(crate) descending: bool,
 }
 
 impl Order {
@@ -291,7 +294,7 @@ impl Order {
 
 /// The sort key of a row: the value of its [`Order`] column.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CursorKey {
+pub(crate) enum CursorKey {
     Int(i64),
     Text(String),
 }
@@ -299,28 +302,28 @@ pub enum CursorKey {
 /// Where the next page starts: the sort key and id of the last row returned.
 /// Which query it belongs to, and its page-token form, are the service's.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cursor {
-    pub key: CursorKey,
-    pub id: String,
+pub(crate) struct Cursor {
+    pub(crate) key: CursorKey,
+    pub(crate) id: String,
 }
 
-pub struct ListQuery {
-    pub filter: Filter,
-    pub order: Order,
-    pub page_size: usize,
-    pub after: Option<Cursor>,
+pub(crate) struct ListQuery {
+    pub(crate) filter: Filter,
+    pub(crate) order: Order,
+    pub(crate) page_size: usize,
+    pub(crate) after: Option<Cursor>,
 }
 
-pub struct Page {
-    pub connections: Vec<Connection>,
-    pub next: Option<Cursor>,
+pub(crate) struct Page {
+    pub(crate) connections: Vec<Connection>,
+    pub(crate) next: Option<Cursor>,
     /// The store revision the page was read at.
-    pub revision: i64,
+    pub(crate) revision: i64,
 }
 
 /// One keyset page. Rows that exist throughout a paging session are returned
 /// exactly once, whatever is written meanwhile.
-pub fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Error> {
+pub(crate) fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Error> {
     let (revision, _) = revisions(c)?;
     let mut clauses = Vec::new();
     let mut args = Vec::new();
@@ -366,7 +369,7 @@ pub fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Error> {
 
 /// Where a snapshot page ends: the sort key of its last row.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SnapshotCursor {
+pub(crate) struct SnapshotCursor {
     create_time: Micros,
     id: String,
 }
@@ -375,7 +378,7 @@ pub struct SnapshotCursor {
 /// at most `max_rows`, and no more rows once `max_bytes` (by
 /// [`Connection::approx_size`]) is reached, though always at least one. The
 /// cursor to continue from comes back while more may follow.
-pub fn snapshot_page(
+pub(crate) fn snapshot_page(
     c: &rusqlite::Connection,
     filter: &Filter,
     after: Option<&SnapshotCursor>,
@@ -419,7 +422,10 @@ pub fn snapshot_page(
 }
 
 /// Counts per state, and the revision they were read at.
-pub fn count(c: &rusqlite::Connection, filter: &Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
+pub(crate) fn count(
+    c: &rusqlite::Connection,
+    filter: &Filter,
+) -> Result<(Vec<(State, i64)>, i64), Error> {
     let (revision, _) = revisions(c)?;
     let mut clauses = Vec::new();
     let mut args = Vec::new();
@@ -441,26 +447,26 @@ pub fn count(c: &rusqlite::Connection, filter: &Filter) -> Result<(Vec<(State, i
 }
 
 /// Which events a history page or a watch replay reads.
-pub struct EventFilter {
-    pub connection_id: Option<ConnectionId>,
-    pub after_revision: i64,
-    pub limit: usize,
+pub(crate) struct EventFilter {
+    pub(crate) connection_id: Option<ConnectionId>,
+    pub(crate) after_revision: i64,
+    pub(crate) limit: usize,
     /// Only events of connections of these owners; `None`: every owner.
-    pub owners: Option<Vec<String>>,
+    pub(crate) owners: Option<Vec<String>>,
     /// No more events once this many bytes (by [`Event::approx_size`]) are
     /// read, though always at least one.
-    pub max_bytes: usize,
+    pub(crate) max_bytes: usize,
 }
 
 impl Filter {
     /// Whether `c` is one of the owners this filter keeps.
-    pub fn owns(&self, c: &Connection) -> bool {
+    pub(crate) fn owns(&self, c: &Connection) -> bool {
         self.owners.as_ref().is_none_or(|o| o.contains(&c.owner))
     }
 }
 
 /// Events above `after_revision` in revision order, at most `limit` of them.
-pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, Error> {
+pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, Error> {
     let mut sql = String::from(
         "SELECT revision, connection_id, type, from_state, to_state, trigger, reason, actor, time, snapshot, \
          metadata_blob IS NOT NULL, (SELECT body FROM blobs WHERE hash = events.metadata_blob) \
@@ -522,16 +528,16 @@ pub fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, E
 
 /// A credential row: its sealed secret is only ever opened by `secrets`.
 #[derive(Clone, Debug)]
-pub struct StoredCredential {
-    pub id: String,
-    pub name: String,
-    pub type_: String,
-    pub owner: String,
-    pub nonce: Vec<u8>,
-    pub sealed: Vec<u8>,
-    pub create_time: i64,
+pub(crate) struct StoredCredential {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) type_: String,
+    pub(crate) owner: String,
+    pub(crate) nonce: Vec<u8>,
+    pub(crate) sealed: Vec<u8>,
+    pub(crate) create_time: i64,
     /// Host patterns the secret may be sent to.
-    pub allowed_hosts: Vec<String>,
+    pub(crate) allowed_hosts: Vec<String>,
 }
 
 const CREDENTIAL_COLUMNS: &str = "id, name, type, owner, nonce, sealed, create_time, allowed_hosts";
@@ -551,7 +557,10 @@ fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
     })
 }
 
-pub fn credential(c: &rusqlite::Connection, id: &str) -> Result<Option<StoredCredential>, Error> {
+pub(crate) fn credential(
+    c: &rusqlite::Connection,
+    id: &str,
+) -> Result<Option<StoredCredential>, Error> {
     let mut stmt = c.prepare_cached(&format!(
         "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1"
     ))?;
@@ -560,7 +569,7 @@ pub fn credential(c: &rusqlite::Connection, id: &str) -> Result<Option<StoredCre
 
 /// Credentials of `owners` (`None`: every owner) in creation order after
 /// `(create_time, id)`, at most `limit`.
-pub fn credentials(
+pub(crate) fn credentials(
     c: &rusqlite::Connection,
     after: Option<(i64, String)>,
     limit: usize,
@@ -578,7 +587,7 @@ pub fn credentials(
 }
 
 /// A live connection other than `except` that refers to credential `id`.
-pub fn credential_user(
+pub(crate) fn credential_user(
     c: &rusqlite::Connection,
     id: &str,
     except: Option<&ConnectionId>,
@@ -597,7 +606,7 @@ pub fn credential_user(
 
 /// Every connection the monitor may have to probe: managed and in a state
 /// [`lifecycle::probed`] answers yes for under some trigger.
-pub fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connection>, Error> {
+pub(crate) fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connection>, Error> {
     let states = lifecycle::maybe_probed()
         .map(|s| s.number().to_string())
         .collect::<Vec<_>>()
@@ -610,10 +619,10 @@ pub fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connection>, Err
 }
 
 /// A sealed value: (nonce, ciphertext).
-pub type Sealed = (Vec<u8>, Vec<u8>);
+pub(crate) type Sealed = (Vec<u8>, Vec<u8>);
 
 /// The sealed key check, if the database has one.
-pub fn key_check(c: &rusqlite::Connection) -> Result<Option<Sealed>, Error> {
+pub(crate) fn key_check(c: &rusqlite::Connection) -> Result<Option<Sealed>, Error> {
     let mut stmt = c.prepare_cached("SELECT nonce, sealed FROM key_check WHERE id = 1")?;
     Ok(stmt
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))

@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::lifecycle::State;
 
 /// One consistent read of the database.
-pub struct Read<'a> {
+pub(crate) struct Read<'a> {
     sql: &'a rusqlite::Transaction<'a>,
 }
 
@@ -20,44 +20,44 @@ impl<'a> Read<'a> {
 
     /// The store-wide revision and the compaction mark (events at or below
     /// it are gone).
-    pub fn revisions(&self) -> Result<(i64, i64), Error> {
+    pub(crate) fn revisions(&self) -> Result<(i64, i64), Error> {
         query::revisions(self.sql)
     }
 
-    pub fn get(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
+    pub(crate) fn get(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
         query::get(self.sql, id)
     }
 
     /// The live connection with `identity`, if any.
-    pub fn live_by_identity(&self, identity: &str) -> Result<Option<Connection>, Error> {
+    pub(crate) fn live_by_identity(&self, identity: &str) -> Result<Option<Connection>, Error> {
         query::live_by_identity(self.sql, identity)
     }
 
     /// The stored answer to `request_id`, and its request's fingerprint.
-    pub fn answer(&self, request_id: &str) -> Result<Option<StoredAnswer>, Error> {
+    pub(crate) fn answer(&self, request_id: &str) -> Result<Option<StoredAnswer>, Error> {
         query::request_answer(self.sql, request_id)
     }
 
-    pub fn list(&self, q: &ListQuery) -> Result<Page, Error> {
+    pub(crate) fn list(&self, q: &ListQuery) -> Result<Page, Error> {
         query::list(self.sql, q)
     }
 
     /// Matching connections by state, and their total.
-    pub fn count(&self, filter: &Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
+    pub(crate) fn count(&self, filter: &Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
         query::count(self.sql, filter)
     }
 
-    pub fn events(&self, f: &EventFilter) -> Result<Vec<Event>, Error> {
+    pub(crate) fn events(&self, f: &EventFilter) -> Result<Vec<Event>, Error> {
         query::events(self.sql, f)
     }
 
-    pub fn credential(&self, id: &str) -> Result<Option<StoredCredential>, Error> {
+    pub(crate) fn credential(&self, id: &str) -> Result<Option<StoredCredential>, Error> {
         query::credential(self.sql, id)
     }
 
     /// Credentials of `owners` (`None`: every owner) in creation order after
     /// `(create_time, id)`, at most `limit`.
-    pub fn credentials(
+    pub(crate) fn credentials(
         &self,
         after: Option<(i64, String)>,
         limit: usize,
@@ -67,12 +67,12 @@ impl<'a> Read<'a> {
     }
 
     /// Every connection the monitor may have to probe.
-    pub fn probe_candidates(&self) -> Result<Vec<Connection>, Error> {
+    pub(crate) fn probe_candidates(&self) -> Result<Vec<Connection>, Error> {
         query::probe_candidates(self.sql)
     }
 
     /// The sealed key check, if the database has one.
-    pub fn key_check(&self) -> Result<Option<Sealed>, Error> {
+    pub(crate) fn key_check(&self) -> Result<Option<Sealed>, Error> {
         query::key_check(self.sql)
     }
 

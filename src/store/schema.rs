@@ -175,10 +175,10 @@ const MIGRATIONS: &[Step] = &[
 ];
 
 /// The schema version this build writes.
-pub const VERSION: i64 = MIGRATIONS.len() as i64;
+pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the database up to [`VERSION`], or refuses one that is newer.
-pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), Error> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current > VERSION {
         return Err(Error::Internal(format!(

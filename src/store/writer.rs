@@ -22,19 +22,19 @@ use tokio::sync::oneshot;
 
 /// How the writer groups commits and prunes history.
 #[derive(Clone, Debug)]
-pub struct WriterConfig {
+pub(crate) struct WriterConfig {
     /// Most changes committed in one transaction.
-    pub max_group: usize,
+    pub(crate) max_group: usize,
     /// Events older than this are pruned.
-    pub retention: Duration,
+    pub(crate) retention: Duration,
     /// At most this many events are kept.
-    pub retention_count: u64,
+    pub(crate) retention_count: u64,
     /// How often the time-based pruning runs.
-    pub prune_interval: Duration,
+    pub(crate) prune_interval: Duration,
     /// At most this many `request_id` answers are kept (checked when pruning).
-    pub max_answers: u64,
+    pub(crate) max_answers: u64,
     /// Bytes of pages in use past which only space-freeing jobs run; 0: no quota.
-    pub storage_quota: u64,
+    pub(crate) storage_quota: u64,
 }
 
 pub(super) enum Msg {
@@ -61,10 +61,10 @@ pub(super) trait Job: Send {
 }
 
 pub(super) struct TypedJob<F, T> {
-    pub f: Option<F>,
-    pub frees_space: bool,
-    pub result: Option<Result<T, Error>>,
-    pub reply: oneshot::Sender<Result<T, Error>>,
+    pub(crate) f: Option<F>,
+    pub(crate) frees_space: bool,
+    pub(crate) result: Option<Result<T, Error>>,
+    pub(crate) reply: oneshot::Sender<Result<T, Error>>,
 }
 
 impl<F, T> Job for TypedJob<F, T>
@@ -109,17 +109,17 @@ where
 }
 
 /// What one change records besides the connection itself.
-pub struct EventDraft {
-    pub type_: EventType,
-    pub from_state: State,
-    pub trigger: Trigger,
-    pub reason: String,
-    pub actor: String,
+pub(crate) struct EventDraft {
+    pub(crate) type_: EventType,
+    pub(crate) from_state: State,
+    pub(crate) trigger: Trigger,
+    pub(crate) reason: String,
+    pub(crate) actor: String,
 }
 
 /// The write transaction as jobs see it: reads of the current rows and the one
 /// way to change them, [`Tx::record`].
-pub struct Tx<'a> {
+pub(crate) struct Tx<'a> {
     sql: &'a rusqlite::Transaction<'a>,
     revision: i64,
     events: Vec<Event>,
@@ -128,28 +128,31 @@ pub struct Tx<'a> {
 
 impl Tx<'_> {
     /// The time this group commits at.
-    pub fn now(&self) -> Micros {
+    pub(crate) fn now(&self) -> Micros {
         self.now
     }
 
-    pub fn get(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
+    pub(crate) fn get(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
         super::query::get(self.sql, id)
     }
 
     /// The live (not deleted) connection holding `identity`, if any.
-    pub fn live_by_identity(&self, identity: &str) -> Result<Option<Connection>, Error> {
+    pub(crate) fn live_by_identity(&self, identity: &str) -> Result<Option<Connection>, Error> {
         super::query::live_by_identity(self.sql, identity)
     }
 
     /// The stored answer to `request_id`, and its request's fingerprint.
-    pub fn answer(&self, request_id: &str) -> Result<Option<super::query::StoredAnswer>, Error> {
+    pub(crate) fn answer(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<super::query::StoredAnswer>, Error> {
         super::query::request_answer(self.sql, request_id)
     }
 
     /// Stores the answer to `request_id`, which concerns `connection`, in the
     /// same transaction as the change. Large metadata in it is stored once,
     /// as a blob (see [`Tx::record`]).
-    pub fn remember(
+    pub(crate) fn remember(
         &self,
         request_id: &str,
         fingerprint: i64,
@@ -198,7 +201,7 @@ impl Tx<'_> {
     }
 
     /// Keeps a check's result on the connection without a new revision or event.
-    pub fn set_probe(&self, id: &ConnectionId, probe: &ProbeResult) -> Result<(), Error> {
+    pub(crate) fn set_probe(&self, id: &ConnectionId, probe: &ProbeResult) -> Result<(), Error> {
         self.sql
             .prepare_cached("UPDATE connections SET last_probe = ?2 WHERE id = ?1")?
             .execute(params![id.as_str(), codec::encode_probe(probe)?])?;
@@ -206,14 +209,14 @@ impl Tx<'_> {
     }
 
     /// Records the sealed key check (once per database).
-    pub fn set_key_check(&self, nonce: &[u8], sealed: &[u8]) -> Result<(), Error> {
+    pub(crate) fn set_key_check(&self, nonce: &[u8], sealed: &[u8]) -> Result<(), Error> {
         self.sql
             .prepare_cached("INSERT INTO key_check (id, nonce, sealed) VALUES (1, ?1, ?2)")?
             .execute(params![nonce, sealed])?;
         Ok(())
     }
 
-    pub fn insert_credential(&self, c: &StoredCredential) -> Result<(), Error> {
+    pub(crate) fn insert_credential(&self, c: &StoredCredential) -> Result<(), Error> {
         self.sql
             .prepare_cached(
                 "INSERT INTO credentials \
@@ -234,7 +237,7 @@ impl Tx<'_> {
     }
 
     /// Deletes a credential; whether it existed.
-    pub fn delete_credential(&self, id: &str) -> Result<bool, Error> {
+    pub(crate) fn delete_credential(&self, id: &str) -> Result<bool, Error> {
         Ok(self
             .sql
             .prepare_cached("DELETE FROM credentials WHERE id = ?1")?
@@ -242,12 +245,12 @@ impl Tx<'_> {
             == 1)
     }
 
-    pub fn credential(&self, id: &str) -> Result<Option<StoredCredential>, Error> {
+    pub(crate) fn credential(&self, id: &str) -> Result<Option<StoredCredential>, Error> {
         super::query::credential(self.sql, id)
     }
 
     /// A live connection other than `except` that uses credential `id`, if any.
-    pub fn credential_user(
+    pub(crate) fn credential_user(
         &self,
         id: &str,
         except: Option<&ConnectionId>,
@@ -257,7 +260,7 @@ impl Tx<'_> {
 
     /// Removes a deleted connection's credentials and collected data from
     /// everything stored about it: earlier event snapshots and stored answers.
-    pub fn scrub(&self, id: &ConnectionId) -> Result<(), Error> {
+    pub(crate) fn scrub(&self, id: &ConnectionId) -> Result<(), Error> {
         let cleared = codec::scrubbed("$");
         // Clearing `metadata_blob` drops the row's reference to the
         // metadata's blob (and the blob with its last one).
@@ -288,7 +291,7 @@ impl Tx<'_> {
     /// than [`BLOB_THRESHOLD`]: that is stored once as a blob the event names,
     /// so a thousand changes of one connection do not store its metadata a
     /// thousand times. Reads of events put it back.
-    pub fn record(&mut self, conn: &mut Connection, draft: EventDraft) -> Result<(), Error> {
+    pub(crate) fn record(&mut self, conn: &mut Connection, draft: EventDraft) -> Result<(), Error> {
         self.revision += 1;
         conn.revision = self.revision;
         conn.update_time = self.now;
@@ -390,23 +393,23 @@ pub(super) const BLOB_THRESHOLD: usize = 512;
 
 /// The writer's own state: the connection, the counters it alone moves.
 pub(super) struct Writer {
-    pub conn: rusqlite::Connection,
-    pub revision: i64,
-    pub compact: i64,
-    pub config: WriterConfig,
-    pub inner: Arc<Inner>,
+    pub(crate) conn: rusqlite::Connection,
+    pub(crate) revision: i64,
+    pub(crate) compact: i64,
+    pub(crate) config: WriterConfig,
+    pub(crate) inner: Arc<Inner>,
     /// The (device, inode) of the database file as opened.
-    pub file: (u64, u64),
+    pub(crate) file: (u64, u64),
     /// Set for good once the path no longer names the file we opened: our
     /// commits would go to an unlinked file and vanish at the next start.
-    pub replaced: bool,
+    pub(crate) replaced: bool,
     /// Whether the last group found the database over its storage quota; the
     /// alarm is logged when this changes, not for every refused job.
-    pub over_quota: bool,
+    pub(crate) over_quota: bool,
 }
 
 impl Writer {
-    pub fn run(mut self, rx: Receiver<Msg>) {
+    pub(crate) fn run(mut self, rx: Receiver<Msg>) {
         let mut next_prune = Instant::now();
         loop {
             let wait = next_prune.saturating_duration_since(Instant::now());
