@@ -6,7 +6,7 @@
 //! as their source; what they map to here keeps only the detail for the log,
 //! which never reaches a client.
 
-use crate::lifecycle::{State, Trigger};
+use crate::lifecycle::{Refusal, State};
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Error {
@@ -27,7 +27,7 @@ pub enum Error {
         "cannot move connection {id} from {} to {} as {}; allowed: {}",
         refusal.from, refusal.to, refusal.trigger, list(&refusal.allowed)
     )]
-    InvalidTransition { id: String, refusal: RefusalInfo },
+    InvalidTransition { id: String, refusal: Refusal },
 
     /// Verification found the connection unreachable.
     #[error("{} is unreachable: {detail}", connection(id))]
@@ -124,15 +124,6 @@ pub enum Error {
     /// A bug or a storage fault; the detail is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-/// A refused transition as carried in an error.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RefusalInfo {
-    pub from: State,
-    pub to: State,
-    pub trigger: Trigger,
-    pub allowed: Vec<State>,
 }
 
 /// "connection ID", or "the connection" for one that was never stored (a

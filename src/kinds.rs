@@ -5,7 +5,7 @@
 //! Pure policy over a loaded [`Registry`]; no I/O.
 
 use crate::definitions::Registry;
-use crate::error::{Error, RefusalInfo};
+use crate::error::Error;
 use crate::lifecycle::{self, Edge, State, Trigger};
 use std::sync::Arc;
 
@@ -85,18 +85,17 @@ impl Kinds {
         from: State,
         to: State,
         trigger: Trigger,
-    ) -> Result<Edge, RefusalInfo> {
-        let refuse = |allowed: Vec<State>| RefusalInfo {
-            from,
-            to,
-            trigger,
-            allowed,
-        };
-        let edge = lifecycle::check(from, to, trigger).map_err(|r| refuse(r.allowed))?;
+    ) -> Result<Edge, lifecycle::Refusal> {
+        let edge = lifecycle::check(from, to, trigger)?;
         if trigger == Trigger::User {
             let allowed = self.registry.user_targets(kind, from);
             if !allowed.contains(&to) {
-                return Err(refuse(allowed));
+                return Err(lifecycle::Refusal {
+                    from,
+                    to,
+                    trigger,
+                    allowed,
+                });
             }
         }
         Ok(edge)

@@ -409,11 +409,11 @@ pub(crate) fn after_probe(p: Probed) -> &'static [State] {
 
 /// A refused transition, with what the caller could have chosen instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Refusal {
-    pub(crate) from: State,
-    pub(crate) to: State,
-    pub(crate) trigger: Trigger,
-    pub(crate) allowed: Vec<State>,
+pub struct Refusal {
+    pub from: State,
+    pub to: State,
+    pub trigger: Trigger,
+    pub allowed: Vec<State>,
 }
 
 /// Whether `trigger` may move a connection from `from` to `to`.

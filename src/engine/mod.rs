@@ -37,9 +37,10 @@ pub(crate) use requests::{
 use crate::access::Scope;
 use crate::connection::{Connection, ConnectionId};
 use crate::credentials::custody;
-use crate::error::{Error, RefusalInfo};
+use crate::error::Error;
 use crate::kinds::Kinds;
 use crate::lifecycle::Finding;
+use crate::lifecycle::Refusal;
 use crate::probe::{Verdict, Verifier};
 use crate::store::Store;
 use std::sync::Arc;
@@ -75,7 +76,7 @@ fn check_etag(c: &Connection, etag: Option<&str>) -> Result<(), Error> {
     }
 }
 
-fn invalid_transition(id: &ConnectionId, refusal: RefusalInfo) -> Error {
+fn invalid_transition(id: &ConnectionId, refusal: Refusal) -> Error {
     Error::InvalidTransition {
         id: id.to_string(),
         refusal,

@@ -10,7 +10,8 @@
 //! [`super::writer::Tx::scrub`] edits the `$.Ok.*` paths of the former.
 
 use crate::connection::{Connection, ConnectionId, ProbeOutcome, ProbeResult};
-use crate::error::{Error, RefusalInfo};
+use crate::error::Error;
+use crate::lifecycle::Refusal;
 use crate::lifecycle::{State, Trigger};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -343,7 +344,7 @@ impl From<ErrorDoc> for Error {
             },
             ErrorDoc::InvalidTransition { id, refusal } => Error::InvalidTransition {
                 id,
-                refusal: RefusalInfo {
+                refusal: Refusal {
                     from: refusal.from.into(),
                     to: refusal.to.into(),
                     trigger: refusal.trigger.into(),
@@ -557,7 +558,7 @@ mod tests {
 
         let refused = Error::InvalidTransition {
             id: "x".into(),
-            refusal: RefusalInfo {
+            refusal: Refusal {
                 from: State::Ignored,
                 to: State::Connected,
                 trigger: Trigger::User,
