@@ -46,6 +46,44 @@ impl fmt::Display for ConnectionId {
     }
 }
 
+/// A store-wide revision. Every committed change takes the next one, so
+/// revisions order all changes across all connections; 0 is "before the
+/// first change". Watchers resume after one, etags name one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Revision(i64);
+
+impl Revision {
+    /// Before any change.
+    pub const ZERO: Revision = Revision(0);
+
+    pub fn new(n: i64) -> Revision {
+        Revision(n)
+    }
+
+    /// A revision a client sent in `field`: never negative (0: none).
+    pub(crate) fn parse(n: i64, field: &str) -> Result<Revision, Error> {
+        if n < 0 {
+            return Err(Error::invalid(field, "must not be negative"));
+        }
+        Ok(Revision(n))
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+
+    /// The revision the next change takes.
+    pub(crate) fn next(self) -> Revision {
+        Revision(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Microseconds since the Unix epoch.
 pub(crate) type Micros = i64;
 
@@ -86,7 +124,7 @@ pub(crate) struct Connection {
     pub(crate) state_trigger: Trigger,
     pub(crate) state_time: Micros,
     /// Store revision of its last change.
-    pub(crate) revision: i64,
+    pub(crate) revision: Revision,
     pub(crate) create_time: Micros,
     pub(crate) update_time: Micros,
     /// The latest reachability check; changing it alone records no event.
@@ -197,7 +235,7 @@ impl EventType {
 /// One committed change, with the connection as it was right after it.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Event {
-    pub(crate) revision: i64,
+    pub(crate) revision: Revision,
     pub(crate) connection_id: ConnectionId,
     pub(crate) type_: EventType,
     /// The state before the change (equal to `to_state` for updates; for

@@ -6,6 +6,7 @@
 //! as their source; what they map to here keeps only the detail for the log,
 //! which never reaches a client.
 
+use crate::connection::Revision;
 use crate::lifecycle::{Refusal, State};
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -78,10 +79,16 @@ pub enum Error {
     RequestIdReused { request_id: String },
 
     #[error("revision {requested} has been compacted; the oldest retained is above {compact}")]
-    RevisionCompacted { requested: i64, compact: i64 },
+    RevisionCompacted {
+        requested: Revision,
+        compact: Revision,
+    },
 
     #[error("revision {requested} is in the future; the current revision is {current}")]
-    RevisionInFuture { requested: i64, current: i64 },
+    RevisionInFuture {
+        requested: Revision,
+        current: Revision,
+    },
 
     /// A per-caller limit is reached (open watches): free some, then retry.
     #[error("{0}")]
@@ -91,7 +98,10 @@ pub enum Error {
     /// watch memory was full, or its snapshot took too long) and was ended;
     /// it resumes with `after_revision = resume_after` (0: a new snapshot).
     #[error("{message}; resume with after_revision={resume_after}")]
-    WatchTooSlow { message: String, resume_after: i64 },
+    WatchTooSlow {
+        message: String,
+        resume_after: Revision,
+    },
 
     /// Too many changes are queued for the writer: retry after a short pause.
     #[error("{0}")]

@@ -395,7 +395,7 @@ mod tests {
             state_reason: String::new(),
             state_trigger: Trigger::User,
             state_time: 0,
-            revision: 1,
+            revision: crate::connection::Revision::new(1),
             create_time: 0,
             update_time: 0,
             last_probe: None,

@@ -19,6 +19,7 @@
 //! Every watch task observes the shutdown token and is tracked, so the server
 //! can wait for all of them to end.
 
+use crate::connection::Revision;
 use crate::connection::{Connection, Event, EventType};
 use crate::error::Error;
 use crate::lifecycle::{self, State};
@@ -67,7 +68,7 @@ const MAX_PAGE_BYTES: usize = 1024 * 1024;
 #[derive(Clone, Debug, Default)]
 pub(crate) struct WatchSpec {
     /// 0: snapshot first. N: every change after revision N.
-    pub(crate) after_revision: i64,
+    pub(crate) after_revision: Revision,
     /// Only owners, kinds, states and ids are used.
     pub(crate) filter: Filter,
     pub(crate) progress_notify: bool,
@@ -89,9 +90,9 @@ pub(crate) enum Item {
     /// A committed change as it concerns this watch.
     Change(Change, Event),
     /// Everything up to this revision has been sent; what follows is live.
-    Synced(i64),
+    Synced(Revision),
     /// Nothing new; everything up to this revision has been sent.
-    Bookmark(i64),
+    Bookmark(Revision),
 }
 
 impl Item {
@@ -106,7 +107,7 @@ impl Item {
 
     /// The revision a client that has this message can resume after, if any
     /// (a snapshot is only complete at its SYNCED).
-    fn resumable(&self) -> Option<i64> {
+    fn resumable(&self) -> Option<Revision> {
         match self {
             Item::Snapshot(_) => None,
             Item::Change(_, e) => Some(e.revision),
@@ -207,17 +208,14 @@ impl Watcher {
     }
 }
 
-fn check_start(after: i64, current: i64, compact: i64) -> Result<(), Error> {
-    if after < 0 {
-        return Err(Error::invalid("after_revision", "must not be negative"));
-    }
+fn check_start(after: Revision, current: Revision, compact: Revision) -> Result<(), Error> {
     if after > current {
         return Err(Error::RevisionInFuture {
             requested: after,
             current,
         });
     }
-    if after != 0 && after < compact {
+    if after != Revision::ZERO && after < compact {
         return Err(Error::RevisionCompacted {
             requested: after,
             compact,
@@ -354,7 +352,7 @@ pub(crate) struct WatchStream {
     done: bool,
     /// The revision everything handed out so far reaches: where a client
     /// resumes. 0 until a snapshot is complete.
-    resume_after: i64,
+    resume_after: Revision,
 }
 
 impl tokio_stream::Stream for WatchStream {
@@ -434,7 +432,7 @@ struct Task {
 impl Task {
     async fn run(&self, mut live: broadcast::Receiver<Arc<Event>>) -> Result<(), Stop> {
         let mut last = self.spec.after_revision;
-        if last == 0 {
+        if last == Revision::ZERO {
             // Everything committed after this snapshot was published after we
             // subscribed, so the live ring has it: no replay is needed here.
             let limit = self.config.snapshot_timeout;
@@ -470,7 +468,7 @@ impl Task {
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::debug!(missed, last, "watcher fell behind the live ring; replaying from the store");
+                        tracing::debug!(missed, last = last.get(), "watcher fell behind the live ring; replaying from the store");
                         last = self.catch_up(last).await?;
                         true
                     }
@@ -494,7 +492,7 @@ impl Task {
 
     /// Sends every matching connection as of one revision, page by page;
     /// returns that revision.
-    async fn snapshot(&self) -> Result<i64, Stop> {
+    async fn snapshot(&self) -> Result<Revision, Stop> {
         let mut snapshot = self
             .store
             .snapshot(
@@ -513,7 +511,7 @@ impl Task {
 
     /// Sends every retained change after `last` from the store; returns the
     /// revision reached.
-    async fn catch_up(&self, mut last: i64) -> Result<i64, Stop> {
+    async fn catch_up(&self, mut last: Revision) -> Result<Revision, Stop> {
         loop {
             let limit = self.config.replay_page.max(1);
             let max_bytes = self.page_bytes();

@@ -125,8 +125,8 @@ fn grpc_types_stay_in_the_service_and_server_layers() {
 /// The prober (`probe`) is low, checking hosts it is given; the checker
 /// above it picks each connection's check and secret.
 const LAYERS: &[&[&str]] = &[
-    &["lifecycle", "files", "error", "pb"],
-    &["connection"],
+    &["lifecycle", "pb"],
+    &["connection", "error", "files"],
     &["probe"],
     &["kinds", "definitions", "secrets", "reload"],
     &["access", "store"],

@@ -8,6 +8,7 @@ use super::{
     CreateRequest, Engine, NewConnection, SYSTEM_ACTOR, already_exists, failed, not_checked,
     usable_credential,
 };
+use crate::connection::Revision;
 use crate::connection::{Connection, ConnectionId, EventType, derive_identity};
 use crate::error::Error;
 use crate::kinds::Kinds;
@@ -201,7 +202,7 @@ pub(super) fn new_connection(
         state_trigger: trigger,
         // Set by the store when recorded.
         state_time: 0,
-        revision: 0,
+        revision: Revision::ZERO,
         create_time: 0,
         update_time: 0,
         last_probe: None,

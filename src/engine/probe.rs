@@ -4,6 +4,7 @@
 
 use super::transition::{Move, Verified, apply_transition};
 use super::{Engine, SYSTEM_ACTOR};
+use crate::connection::Revision;
 use crate::connection::{Connection, ProbeOutcome, ProbeResult};
 use crate::error::Error;
 use crate::lifecycle::{self, Finding, Probed, State, Trigger};
@@ -133,7 +134,7 @@ impl Engine {
         self.store
             .read(move |conn| {
                 let mut found = None;
-                let mut after = 0;
+                let mut after = Revision::ZERO;
                 loop {
                     let page = conn.events(&EventFilter {
                         connection_id: Some(id.clone()),

@@ -3,6 +3,7 @@
 
 use super::{Engine, EventPage};
 use crate::access::Scope;
+use crate::connection::Revision;
 use crate::connection::{Connection, ConnectionId};
 use crate::error::Error;
 use crate::lifecycle::State;
@@ -22,7 +23,10 @@ impl Engine {
         self.store.read(move |c| c.list(&q)).await
     }
 
-    pub(crate) async fn count(&self, filter: Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
+    pub(crate) async fn count(
+        &self,
+        filter: Filter,
+    ) -> Result<(Vec<(State, i64)>, Revision), Error> {
         self.store.read(move |c| c.count(&filter)).await
     }
 
@@ -38,7 +42,7 @@ impl Engine {
                 // Like a watch: history that has been pruned is said to be
                 // gone, never skipped in silence (0 asks for what is kept).
                 let (current, compact) = c.revisions()?;
-                if f.after_revision != 0 && f.after_revision < compact {
+                if f.after_revision != Revision::ZERO && f.after_revision < compact {
                     return Err(Error::RevisionCompacted {
                         requested: f.after_revision,
                         compact,

@@ -3,6 +3,7 @@
 //! the answers that are not just a connection.
 
 use crate::access::Scope;
+use crate::connection::Revision;
 use crate::connection::{Connection, ConnectionId};
 use crate::error::Error;
 use crate::lifecycle::State;
@@ -89,9 +90,9 @@ pub(crate) struct UpdateRequest {
 pub(crate) struct EventPage {
     pub(crate) events: Vec<crate::connection::Event>,
     /// Pass as `after_revision` for the next page; `None` when there is no more.
-    pub(crate) next_after_revision: Option<i64>,
-    pub(crate) revision: i64,
-    pub(crate) compact_revision: i64,
+    pub(crate) next_after_revision: Option<Revision>,
+    pub(crate) revision: Revision,
+    pub(crate) compact_revision: Revision,
 }
 
 /// Who reports discovered connections: the agent's own name for its source,

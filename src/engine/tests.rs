@@ -131,5 +131,5 @@ async fn failures_count_to_the_threshold_and_a_success_resets_them() {
         cur.state_reason
     );
     // Only the move was an event; the probe results alone were not.
-    assert_eq!(cur.revision, c.revision + 1);
+    assert_eq!(cur.revision, c.revision.next());
 }

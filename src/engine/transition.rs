@@ -253,7 +253,7 @@ pub(super) fn apply_transition(
             actor: m.actor,
         },
     )?;
-    tracing::info!(id = %c.id, from = %from_state, to = %c.state, trigger = %m.trigger, revision = c.revision, "transition");
+    tracing::info!(id = %c.id, from = %from_state, to = %c.state, trigger = %m.trigger, revision = c.revision.get(), "transition");
     Ok(c)
 }
 

@@ -11,6 +11,7 @@ use super::status::rpc_status;
 use super::watch_slots::WatchSlots;
 use crate::access::{Access, Principal};
 use crate::config::ApiLimits;
+use crate::connection::Revision;
 use crate::connection::{Connection, ConnectionId};
 use crate::engine::{Engine, TransitionRequest};
 use crate::error::Error;
@@ -135,7 +136,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
                 .next
                 .map(|c| paging::encode(&c, query))
                 .unwrap_or_default(),
-            revision: page.revision,
+            revision: page.revision.get(),
         }))
     }
 
@@ -155,7 +156,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             &principal,
         )?;
         let (counts, revision) = self.engine.count(filter).await?;
-        Ok(Response::new(convert::counts_to_pb(counts, revision)))
+        Ok(Response::new(convert::counts_to_pb(counts, revision.get())))
     }
 
     async fn update_connection(
@@ -258,7 +259,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             .events(
                 EventFilter {
                     connection_id,
-                    after_revision: r.after_revision,
+                    after_revision: Revision::parse(r.after_revision, "after_revision")?,
                     limit,
                     owners: principal.scope.owners(),
                     max_bytes: usize::MAX,
@@ -268,9 +269,9 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             .await?;
         Ok(Response::new(pb::ListConnectionEventsResponse {
             events: page.events.iter().map(event_to_pb).collect(),
-            next_after_revision: page.next_after_revision.unwrap_or(0),
-            revision: page.revision,
-            compact_revision: page.compact_revision,
+            next_after_revision: page.next_after_revision.map_or(0, Revision::get),
+            revision: page.revision.get(),
+            compact_revision: page.compact_revision.get(),
         }))
     }
 
@@ -313,7 +314,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         let stream = self
             .watcher
             .watch(WatchSpec {
-                after_revision: r.after_revision,
+                after_revision: Revision::parse(r.after_revision, "after_revision")?,
                 filter,
                 progress_notify: r.progress_notify,
             })

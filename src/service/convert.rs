@@ -450,7 +450,7 @@ pub(crate) fn connection_to_pb(c: &Connection) -> pb::Connection {
         state_reason: c.state_reason.clone(),
         state_trigger: c.state_trigger.number(),
         state_time: timestamp(c.state_time),
-        revision: c.revision,
+        revision: c.revision.get(),
         etag: c.etag(),
         create_time: timestamp(c.create_time),
         update_time: timestamp(c.update_time),
@@ -486,7 +486,7 @@ fn event_type_to_pb(t: EventType) -> pb::EventType {
 
 pub(crate) fn event_to_pb(e: &Event) -> pb::ConnectionEvent {
     pb::ConnectionEvent {
-        revision: e.revision,
+        revision: e.revision.get(),
         connection_id: e.connection_id.to_string(),
         r#type: event_type_to_pb(e.type_) as i32,
         from_state: e.from_state.number(),
@@ -520,7 +520,7 @@ pub(crate) fn watch_item_to_pb(item: Item) -> pb::WatchConnectionsResponse {
     };
     pb::WatchConnectionsResponse {
         r#type: t as i32,
-        revision,
+        revision: revision.get(),
         connection,
         event,
     }

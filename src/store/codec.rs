@@ -9,6 +9,7 @@
 //! an answer is `{"Ok": <connection>}` or `{"Err": {"<Variant>": {...}}}`, and
 //! [`super::writer::Tx::scrub`] edits the `$.Ok.*` paths of the former.
 
+use crate::connection::Revision;
 use crate::connection::{Connection, ConnectionId, ProbeOutcome, ProbeResult};
 use crate::error::Error;
 use crate::lifecycle::Refusal;
@@ -71,7 +72,7 @@ impl<'a> ConnectionDoc<'a> {
             state_reason: c.state_reason.as_str().into(),
             state_trigger: c.state_trigger.into(),
             state_time: c.state_time,
-            revision: c.revision,
+            revision: c.revision.get(),
             create_time: c.create_time,
             update_time: c.update_time,
             last_probe: c.last_probe.as_ref().map(ProbeDoc::of),
@@ -97,7 +98,7 @@ impl<'a> ConnectionDoc<'a> {
             state_reason: self.state_reason.into_owned(),
             state_trigger: self.state_trigger.into(),
             state_time: self.state_time,
-            revision: self.revision,
+            revision: Revision::new(self.revision),
             create_time: self.create_time,
             update_time: self.update_time,
             last_probe: self.last_probe.map(ProbeDoc::into_probe),
@@ -304,19 +305,21 @@ impl From<&Error> for ErrorDoc {
             }
             Error::Conflict { id } => ErrorDoc::Conflict { id },
             Error::RequestIdReused { request_id } => ErrorDoc::RequestIdReused { request_id },
-            Error::RevisionCompacted { requested, compact } => {
-                ErrorDoc::RevisionCompacted { requested, compact }
-            }
-            Error::RevisionInFuture { requested, current } => {
-                ErrorDoc::RevisionInFuture { requested, current }
-            }
+            Error::RevisionCompacted { requested, compact } => ErrorDoc::RevisionCompacted {
+                requested: requested.get(),
+                compact: compact.get(),
+            },
+            Error::RevisionInFuture { requested, current } => ErrorDoc::RevisionInFuture {
+                requested: requested.get(),
+                current: current.get(),
+            },
             Error::ResourceExhausted(m) => ErrorDoc::ResourceExhausted(m),
             Error::WatchTooSlow {
                 message,
                 resume_after,
             } => ErrorDoc::WatchTooSlow {
                 message,
-                resume_after,
+                resume_after: resume_after.get(),
             },
             Error::Overloaded(m) => ErrorDoc::Overloaded(m),
             Error::Unavailable(m) => ErrorDoc::Unavailable(m),
@@ -373,19 +376,21 @@ impl From<ErrorDoc> for Error {
             }
             ErrorDoc::Conflict { id } => Error::Conflict { id },
             ErrorDoc::RequestIdReused { request_id } => Error::RequestIdReused { request_id },
-            ErrorDoc::RevisionCompacted { requested, compact } => {
-                Error::RevisionCompacted { requested, compact }
-            }
-            ErrorDoc::RevisionInFuture { requested, current } => {
-                Error::RevisionInFuture { requested, current }
-            }
+            ErrorDoc::RevisionCompacted { requested, compact } => Error::RevisionCompacted {
+                requested: Revision::new(requested),
+                compact: Revision::new(compact),
+            },
+            ErrorDoc::RevisionInFuture { requested, current } => Error::RevisionInFuture {
+                requested: Revision::new(requested),
+                current: Revision::new(current),
+            },
             ErrorDoc::ResourceExhausted(m) => Error::ResourceExhausted(m),
             ErrorDoc::WatchTooSlow {
                 message,
                 resume_after,
             } => Error::WatchTooSlow {
                 message,
-                resume_after,
+                resume_after: Revision::new(resume_after),
             },
             ErrorDoc::Overloaded(m) => Error::Overloaded(m),
             ErrorDoc::Unavailable(m) => Error::Unavailable(m),
@@ -513,7 +518,7 @@ mod tests {
             state_reason: "r".into(),
             state_trigger: Trigger::System,
             state_time: 3,
-            revision: 9,
+            revision: Revision::new(9),
             create_time: 1,
             update_time: 3,
             last_probe: Some(ProbeResult {

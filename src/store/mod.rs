@@ -26,6 +26,7 @@ pub(crate) use query::{
 pub(crate) use read::Read;
 pub(crate) use writer::{EventDraft, Tx, WriterConfig};
 
+use crate::connection::Revision;
 use crate::connection::{Connection, Event};
 use crate::error::Error;
 use std::path::{Path, PathBuf};
@@ -165,7 +166,12 @@ impl Store {
             .spawn(move || w.run(rx))
             .map_err(|e| Error::Internal(format!("cannot start writer thread: {e}")))?;
         *inner.thread.lock().expect("writer handle lock") = Some(handle);
-        tracing::info!(path = %path.display(), revision, compact_revision = compact, "store open");
+        tracing::info!(
+            path = %path.display(),
+            revision = revision.get(),
+            compact_revision = compact.get(),
+            "store open"
+        );
         Ok(Store { inner })
     }
 
@@ -353,7 +359,7 @@ impl Store {
 /// A consistent read of many connections, taken a page at a time.
 pub(crate) struct Snapshot {
     /// The revision the snapshot shows: every change up to it, none after.
-    pub(crate) revision: i64,
+    pub(crate) revision: Revision,
     pages: tokio::sync::mpsc::Receiver<Result<Vec<Connection>, Error>>,
 }
 
@@ -361,6 +367,18 @@ impl Snapshot {
     /// The next page, or `None` after the last one.
     pub(crate) async fn next_page(&mut self) -> Option<Result<Vec<Connection>, Error>> {
         self.pages.recv().await
+    }
+}
+
+impl rusqlite::ToSql for Revision {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.get().into())
+    }
+}
+
+impl rusqlite::types::FromSql for Revision {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        i64::column_result(v).map(Revision::new)
     }
 }
 

@@ -3,6 +3,7 @@
 //! given, so callers choose the snapshot.
 
 use super::codec;
+use crate::connection::Revision;
 use crate::connection::{Connection, ConnectionId, Event, EventType, Micros};
 use crate::error::Error;
 use crate::lifecycle::{self, State, Trigger};
@@ -65,7 +66,7 @@ fn tombstones() -> String {
 }
 
 /// The store-wide revision and the compaction mark (events at or below it are gone).
-pub(crate) fn revisions(c: &rusqlite::Connection) -> Result<(i64, i64), Error> {
+pub(crate) fn revisions(c: &rusqlite::Connection) -> Result<(Revision, Revision), Error> {
     let mut stmt = c.prepare_cached(
         "SELECT (SELECT value FROM meta WHERE key = 'revision'), \
                 (SELECT value FROM meta WHERE key = 'compact_revision')",
@@ -318,7 +319,7 @@ pub(crate) struct Page {
     pub(crate) connections: Vec<Connection>,
     pub(crate) next: Option<Cursor>,
     /// The store revision the page was read at.
-    pub(crate) revision: i64,
+    pub(crate) revision: Revision,
 }
 
 /// One keyset page. Rows that exist throughout a paging session are returned
@@ -425,7 +426,7 @@ pub(crate) fn snapshot_page(
 pub(crate) fn count(
     c: &rusqlite::Connection,
     filter: &Filter,
-) -> Result<(Vec<(State, i64)>, i64), Error> {
+) -> Result<(Vec<(State, i64)>, Revision), Error> {
     let (revision, _) = revisions(c)?;
     let mut clauses = Vec::new();
     let mut args = Vec::new();
@@ -449,7 +450,7 @@ pub(crate) fn count(
 /// Which events a history page or a watch replay reads.
 pub(crate) struct EventFilter {
     pub(crate) connection_id: Option<ConnectionId>,
-    pub(crate) after_revision: i64,
+    pub(crate) after_revision: Revision,
     pub(crate) limit: usize,
     /// Only events of connections of these owners; `None`: every owner.
     pub(crate) owners: Option<Vec<String>>,
@@ -472,7 +473,7 @@ pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Ev
          metadata_blob IS NOT NULL, (SELECT body FROM blobs WHERE hash = events.metadata_blob) \
          FROM events WHERE revision > ?",
     );
-    let mut args = vec![Value::Integer(f.after_revision)];
+    let mut args = vec![Value::Integer(f.after_revision.get())];
     if let Some(id) = &f.connection_id {
         sql.push_str(" AND connection_id = ?");
         args.push(Value::Text(id.to_string()));

@@ -4,6 +4,7 @@
 
 use super::query::{self, Page, Sealed, StoredAnswer, StoredCredential};
 use super::{EventFilter, Filter, ListQuery};
+use crate::connection::Revision;
 use crate::connection::{Connection, ConnectionId, Event};
 use crate::error::Error;
 use crate::lifecycle::State;
@@ -20,7 +21,7 @@ impl<'a> Read<'a> {
 
     /// The store-wide revision and the compaction mark (events at or below
     /// it are gone).
-    pub(crate) fn revisions(&self) -> Result<(i64, i64), Error> {
+    pub(crate) fn revisions(&self) -> Result<(Revision, Revision), Error> {
         query::revisions(self.sql)
     }
 
@@ -43,7 +44,7 @@ impl<'a> Read<'a> {
     }
 
     /// Matching connections by state, and their total.
-    pub(crate) fn count(&self, filter: &Filter) -> Result<(Vec<(State, i64)>, i64), Error> {
+    pub(crate) fn count(&self, filter: &Filter) -> Result<(Vec<(State, i64)>, Revision), Error> {
         query::count(self.sql, filter)
     }
 

@@ -394,7 +394,7 @@ mod tests {
             &conn,
             &query::EventFilter {
                 connection_id: None,
-                after_revision: 0,
+                after_revision: crate::connection::Revision::ZERO,
                 limit: 10,
                 owners: None,
                 max_bytes: usize::MAX,

@@ -9,6 +9,7 @@
 
 use super::query::StoredCredential;
 use super::{Inner, codec};
+use crate::connection::Revision;
 use crate::connection::{
     Connection, ConnectionId, Event, EventType, Micros, ProbeResult, now_micros,
 };
@@ -121,7 +122,7 @@ pub(crate) struct EventDraft {
 /// way to change them, [`Tx::record`].
 pub(crate) struct Tx<'a> {
     sql: &'a rusqlite::Transaction<'a>,
-    revision: i64,
+    revision: Revision,
     events: Vec<Event>,
     now: Micros,
 }
@@ -292,7 +293,7 @@ impl Tx<'_> {
     /// so a thousand changes of one connection do not store its metadata a
     /// thousand times. Reads of events put it back.
     pub(crate) fn record(&mut self, conn: &mut Connection, draft: EventDraft) -> Result<(), Error> {
-        self.revision += 1;
+        self.revision = self.revision.next();
         conn.revision = self.revision;
         conn.update_time = self.now;
         if draft.type_ == EventType::Created {
@@ -394,8 +395,8 @@ pub(super) const BLOB_THRESHOLD: usize = 512;
 /// The writer's own state: the connection, the counters it alone moves.
 pub(super) struct Writer {
     pub(crate) conn: rusqlite::Connection,
-    pub(crate) revision: i64,
-    pub(crate) compact: i64,
+    pub(crate) revision: Revision,
+    pub(crate) compact: Revision,
     pub(crate) config: WriterConfig,
     pub(crate) inner: Arc<Inner>,
     /// The (device, inode) of the database file as opened.
@@ -450,7 +451,7 @@ impl Writer {
         if !self.replaced {
             self.checkpoint();
         }
-        tracing::debug!(revision = self.revision, "writer stopped");
+        tracing::debug!(revision = self.revision.get(), "writer stopped");
     }
 
     /// Moves everything committed from the WAL into the database file and
@@ -559,7 +560,7 @@ impl Writer {
             sql.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'revision'")?
                 .execute([revision])?;
             let keep = i64::try_from(self.config.retention_count).unwrap_or(i64::MAX);
-            let floor = revision.saturating_sub(keep);
+            let floor = Revision::new(revision.get().saturating_sub(keep));
             if floor > compact {
                 prune_range(&sql, compact, floor)?;
                 compact = floor;
@@ -568,7 +569,7 @@ impl Writer {
             }
             // A connection's event kept below the mark because it was its
             // latest is not its latest any more once it has a newer one.
-            if compact > 0 {
+            if compact > Revision::ZERO {
                 let mut touched: Vec<&str> =
                     events.iter().map(|e| e.connection_id.as_str()).collect();
                 touched.sort_unstable();
@@ -628,7 +629,7 @@ impl Writer {
             let sql = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let newest_old: Option<i64> = sql
+            let newest_old: Option<Revision> = sql
                 .query_row(
                     "SELECT max(revision) FROM events WHERE time < ?1",
                     [cutoff],
@@ -654,7 +655,7 @@ impl Writer {
             )?;
             sql.commit()?;
             if compact != self.compact {
-                tracing::info!(compact_revision = compact, "pruned event history");
+                tracing::info!(compact_revision = compact.get(), "pruned event history");
                 self.compact = compact;
             }
             Ok(())
@@ -669,7 +670,11 @@ impl Writer {
 /// latest: retention never prunes that, so a tombstone always shows who
 /// deleted it, when and why. Every event at or below the compaction mark is
 /// thus its connection's latest (the commit path drops one once it is not).
-fn prune_range(sql: &rusqlite::Transaction<'_>, above: i64, through: i64) -> Result<(), Error> {
+fn prune_range(
+    sql: &rusqlite::Transaction<'_>,
+    above: Revision,
+    through: Revision,
+) -> Result<(), Error> {
     sql.prepare_cached(
         "DELETE FROM events WHERE revision > ?1 AND revision <= ?2 AND EXISTS \
          (SELECT 1 FROM events AS newer WHERE newer.connection_id = events.connection_id \
@@ -829,7 +834,7 @@ mod tests {
             state_reason: String::new(),
             state_trigger: Trigger::User,
             state_time: 0,
-            revision: 0,
+            revision: Revision::ZERO,
             create_time: 0,
             update_time: 0,
             last_probe: None,
@@ -851,7 +856,7 @@ mod tests {
         let mut c = c.clone();
         store
             .write(move |tx| {
-                let type_ = if c.revision == 0 {
+                let type_ = if c.revision == Revision::ZERO {
                     EventType::Created
                 } else {
                     EventType::Updated
@@ -906,7 +911,7 @@ mod tests {
             .read(move |c| {
                 c.events(&super::super::EventFilter {
                     connection_id: Some(id),
-                    after_revision: 0,
+                    after_revision: Revision::ZERO,
                     limit: 100,
                     owners: None,
                     max_bytes: usize::MAX,
