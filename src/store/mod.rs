@@ -6,8 +6,16 @@
 //! read-only connections, each read one consistent snapshot. Committed events
 //! are published to subscribers after the commit, in revision order.
 //!
-//! The store knows nothing of the lifecycle rules or of gRPC: jobs passed to
-//! [`Store::write`] decide what to change.
+//! The boundary is typed: a reader gets a [`Read`] (get, list, count,
+//! events, answers, credentials), a writer job a [`Tx`] (the same reads, and
+//! [`Tx::record`] and the few other writes), [`Store::snapshot`] pages a
+//! consistent view; all take and return domain values. SQL lives in `query`
+//! and `writer`, the JSON inside rows in `codec`, SQLite's errors in `error`;
+//! nothing outside this module sees rusqlite (`tests/tidy.rs` checks).
+//!
+//! The store keeps no lifecycle rule of its own: where SQL needs one (which
+//! states are tombstones, which may be probed) it asks `lifecycle`. Jobs
+//! passed to [`Store::write`] decide what to change.
 
 mod backup;
 mod check;
