@@ -1,9 +1,9 @@
-//! Reachability checks. A [`Prober`] runs one kind's [`Check`] against a url
-//! with an optional credential [`Secret`] and reports what it saw as an
-//! [`Observation`]; nothing here changes state (the engine decides what a
-//! result means for the lifecycle). The [`Checker`] runs a connection's
+//! Reachability checks. A `Prober` runs one kind's `Check` against a url
+//! with an optional credential `Secret` and reports what it saw as an
+//! `Observation`; nothing here changes state (the engine decides what a
+//! result means for the lifecycle). The `Checker` runs a connection's
 //! check as its kind defines it, with its credential's secret; it is the
-//! [`Verifier`] the engine asks at a USER edge and what the monitor runs in
+//! `Verifier` the engine asks at a USER edge and what the monitor runs in
 //! the background.
 //!
 //! Codemap: `target` turns a url and a check into what to contact (pure),

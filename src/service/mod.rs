@@ -2,15 +2,15 @@
 //! along the proto boundary:
 //!
 //! - handlers, one file per proto service, each only parse -> engine -> to_pb:
-//!   `connections.rs` (`tether.v1.ConnectionService`), [`credentials`] and
-//!   [`definitions`];
+//!   `connections.rs` (`tether.v1.ConnectionService`), `credentials` and
+//!   `definitions`;
 //! - `convert`: requests into domain values, domain values into responses;
 //! - `paging`: the page-size rule, `order_by` and the page-token format;
-//! - `status`: the one mapping from [`crate::Error`] to `tonic::Status`;
+//! - `status`: the one mapping from `crate::Error` to `tonic::Status`;
 //! - `request_ids` and `watch_slots`: retry keys and open-watch counts;
-//! - the layers in front of every call: [`auth`] (who may call what) and
-//!   [`sizes`] (message and metadata limits);
-//! - [`health`]: the standard `grpc.health.v1.Health` service.
+//! - the layers in front of every call: `auth` (who may call what) and
+//!   `sizes` (message and metadata limits);
+//! - `health`: the standard `grpc.health.v1.Health` service.
 
 pub(crate) mod auth;
 pub(crate) mod connections;

@@ -11,7 +11,7 @@
 //! header lists up to [`HTTP2_MAX_HEADER_LIST`], so that lists between our
 //! limit and that one reach this layer and get a real status.
 //!
-//! A request body is not buffered: [`LimitedBody`] passes every chunk on as it
+//! A request body is not buffered: `LimitedBody` passes every chunk on as it
 //! comes and reads only the 5-byte gRPC frame headers in it (which may be split
 //! across DATA frames). A message whose declared length is over the limit ends
 //! the body with a `Status`, which tonic's decoder answers the call with before
