@@ -2,8 +2,10 @@
 //! platform keeps to external systems), holds their state durably, moves it
 //! only along the allowed edges, and streams every change to watchers.
 //!
-//! Dependencies run one way, from [`lifecycle`] at the bottom to [`server`] at
-//! the top; see `docs/ARCHITECTURE.md`.
+//! Modules are layered, from `lifecycle` at the bottom to [`server`] at the
+//! top: each uses only its own layer and those beneath it. The layers are the
+//! `LAYERS` table in `tests/tidy.rs`, which fails when a module reaches up;
+//! `docs/ARCHITECTURE.md` has the codemap and the invariants.
 
 pub mod access;
 pub mod backup;
