@@ -1,5 +1,5 @@
 //! The connection lifecycle: states, triggers and the transition table of
-//! `shared/spec/lifecycle.md`, as one total function.
+//! `docs/LIFECYCLE.md`, as one total function.
 //!
 //! Pure: no I/O, no clock, no storage. Everything that moves a connection asks
 //! [`check`] first; `DescribeLifecycle` is generated from [`targets`]. The
@@ -444,7 +444,7 @@ mod tests {
     use super::*;
     use State::*;
 
-    /// The table of `shared/spec/lifecycle.md`, transcribed independently of
+    /// The table of `docs/LIFECYCLE.md`, transcribed independently of
     /// [`targets`]: (from, USER targets with `*` for verified, SYSTEM targets).
     /// One row: from, USER targets (with "needs verification"), SYSTEM targets.
     type Row = (State, &'static [(State, bool)], &'static [State]);

@@ -4,9 +4,9 @@
 //! Every rule is re-checked inside the writer's transaction against the row as
 //! it is then, so changes to one connection are serialised in commit order and
 //! the latest accepted request wins. A verification runs outside the
-//! transaction (it may take seconds); its result commits only if the connection
-//! is still at the revision that was verified, so a slow check never
-//! overwrites a newer state.
+//! transaction (it may take seconds); its result commits only if what was
+//! verified did not change meanwhile (the state and when it was entered, the
+//! url, the credential), so a slow check never overwrites a newer state.
 //!
 //! No gRPC here: requests arrive parsed, answers leave as domain values.
 //!

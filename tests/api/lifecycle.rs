@@ -17,7 +17,7 @@ const ALL: [S; 8] = [
     S::NotFound,
 ];
 
-/// The USER column of shared/spec/lifecycle.md, transcribed for these tests.
+/// The USER column of docs/LIFECYCLE.md, transcribed for these tests.
 fn user_targets(from: S) -> &'static [S] {
     match from {
         S::Discovered => &[S::Registered, S::Ignored, S::Deleted],
