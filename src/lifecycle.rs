@@ -142,6 +142,16 @@ const fn verified(to: State) -> Edge {
     }
 }
 
+/// Whether a USER move to `to` needs verification. That depends on the target
+/// alone, whatever the state moved from
+/// (`user_verification_depends_only_on_the_target`), so a request can be
+/// sent down the path without a check before its row is read.
+pub(crate) fn verified_target(to: State) -> bool {
+    State::ALL
+        .into_iter()
+        .any(|from| check(from, to, Trigger::User).is_ok_and(|e| e.needs_verification))
+}
+
 /// The moves `trigger` may make out of `from`: the lifecycle table, row by row.
 pub(crate) fn targets(from: State, trigger: Trigger) -> &'static [Edge] {
     use State::*;
@@ -540,7 +550,9 @@ mod tests {
                 .map(|e| e.needs_verification)
                 .collect();
             assert!(needs.windows(2).all(|w| w[0] == w[1]), "{to}: {needs:?}");
+            assert_eq!(verified_target(to), needs.contains(&true), "{to}");
         }
+        assert!(verified_target(State::Connected) && !verified_target(State::Ignored));
     }
 
     /// Every SYSTEM move the policy tables make is an edge of the table.

@@ -145,7 +145,9 @@ impl Monitor {
         let mut schedule = Schedule::default();
         // A failed (re)load is retried: the schedule must not stay empty.
         let mut resync_at = (!self.resync(&mut schedule, true).await).then(retry_soon);
-        let mut running: JoinSet<ConnectionId> = JoinSet::new();
+        // A probe's task ends with the connection as the probe left it, when
+        // that is known (it usually is: the writer returns it).
+        let mut running: JoinSet<(ConnectionId, Option<Connection>)> = JoinSet::new();
         loop {
             tokio::select! {
                 _ = stopping.cancelled() => break,
@@ -180,28 +182,36 @@ impl Monitor {
                         let probe = std::panic::AssertUnwindSafe(async {
                             let result = checker.check(&c).await;
                             match engine.apply_probe(&c, result, threshold).await {
-                                Ok(_) => {}
+                                Ok(after) => after,
                                 // The writer logs the quota alarm once, not per result.
                                 Err(e @ Error::QuotaExceeded { .. }) => {
                                     tracing::debug!(id = %c.id, error = %e, "probe result not applied");
+                                    None
                                 }
                                 Err(e) => {
                                     tracing::warn!(id = %c.id, error = %e, "probe result not applied");
+                                    None
                                 }
                             }
                         });
-                        if futures::FutureExt::catch_unwind(probe).await.is_err() {
+                        let after = futures::FutureExt::catch_unwind(probe).await.unwrap_or_else(|_| {
                             tracing::error!(id = %c.id, "a probe panicked");
-                        }
-                        c.id
+                            None
+                        });
+                        (c.id, after)
                     });
                 }
                 Some(done) = running.join_next() => {
-                    let Ok(id) = done else { continue };
+                    let Ok((id, after)) = done else { continue };
                     schedule.running.remove(&id);
                     // Events that came in while it ran were passed over: look at
-                    // the row as it is now.
-                    match self.engine_get(&id).await {
+                    // the row as it is now (as the writer left it, or read).
+                    let changed = schedule.changed.remove(&id);
+                    let now = match after {
+                        Some(c) if !changed => Ok(Some(c)),
+                        _ => self.engine_get(&id).await,
+                    };
+                    match now {
                         Ok(Some(c)) if monitored(&c) => {
                             let delay = self.delay(&c, false);
                             schedule.put(id, delay);
@@ -213,6 +223,8 @@ impl Monitor {
                 event = live.recv() => match event {
                     Ok(e) => self.on_change(&mut schedule, &e.connection),
                     Err(RecvError::Lagged(_)) => {
+                        let running: Vec<_> = schedule.running.iter().cloned().collect();
+                        schedule.changed.extend(running);
                         resync_at = (!self.resync(&mut schedule, false).await).then(retry_soon);
                     }
                     Err(RecvError::Closed) => break,
@@ -229,7 +241,8 @@ impl Monitor {
 
     fn on_change(&self, schedule: &mut Schedule, c: &Connection) {
         if schedule.running.contains(&c.id) {
-            // Rescheduled when its probe finishes.
+            // Rescheduled when its probe finishes, from the row as it is then.
+            schedule.changed.insert(c.id.clone());
             return;
         }
         if !monitored(c) {
@@ -293,6 +306,8 @@ struct Schedule {
     queue: DelayQueue<ConnectionId>,
     keys: HashMap<ConnectionId, delay_queue::Key>,
     running: HashSet<ConnectionId>,
+    /// Running ones that changed meanwhile.
+    changed: HashSet<ConnectionId>,
 }
 
 impl Schedule {

@@ -38,47 +38,52 @@ impl Engine {
         )?;
         let mut conn = new_connection(r.connection, &self.kinds, Trigger::User, "created".into());
 
-        // A retry gets its first answer; a duplicate is refused before a
-        // verification is spent on it. One snapshot for both, so a retry never
-        // sees its own first attempt as a duplicate. The writer checks again.
-        let identity = conn.identity.clone();
-        let credential = conn.credential_id.clone();
-        let kind = conn.kind.clone();
-        let url = conn.url.clone();
-        let retry = r.request.clone();
-        let scope = r.scope.clone();
-        let earlier = self
-            .store
-            .read(move |c| {
-                if let Some(k) = &retry
-                    && let Some(answer) = decode_answer(k, c.answer(&k.stored)?)?
-                {
-                    return Ok(Some(answer));
-                }
-                if !credential.is_empty()
-                    && let Err(e) = usable_credential(
-                        c.credential(&credential)?,
-                        &credential,
-                        &kind,
-                        &url,
-                        &scope,
-                    )
-                {
-                    return Ok(Some(Err(e)));
-                }
-                Ok(c.live_by_identity(&identity)?
-                    .map(|e| Err(already_exists(&e, &scope))))
-            })
-            .await?;
-        if let Some(answer) = earlier {
-            return answer;
-        }
-
         let needs_verification = creation.steps.iter().any(|&(from, to)| {
             self.kinds
                 .check(&conn.kind, from, to, Trigger::User)
                 .is_ok_and(|e| e.needs_verification)
         });
+        // A retry gets its first answer; a duplicate is refused before a
+        // verification is spent on it. One snapshot for both, so a retry never
+        // sees its own first attempt as a duplicate. The writer checks again,
+        // and is the only check when nothing is to be verified.
+        let verifies = needs_verification && !r.skip_verification;
+        let earlier = if !verifies {
+            None
+        } else {
+            let identity = conn.identity.clone();
+            let credential = conn.credential_id.clone();
+            let kind = conn.kind.clone();
+            let url = conn.url.clone();
+            let retry = r.request.clone();
+            let scope = r.scope.clone();
+            self.store
+                .read(move |c| {
+                    if let Some(k) = &retry
+                        && let Some(answer) = decode_answer(k, c.answer(&k.stored)?)?
+                    {
+                        return Ok(Some(answer));
+                    }
+                    if !credential.is_empty()
+                        && let Err(e) = usable_credential(
+                            c.credential(&credential)?,
+                            &credential,
+                            &kind,
+                            &url,
+                            &scope,
+                        )
+                    {
+                        return Ok(Some(Err(e)));
+                    }
+                    Ok(c.live_by_identity(&identity)?
+                        .map(|e| Err(already_exists(&e, &scope))))
+                })
+                .await?
+        };
+        if let Some(answer) = earlier {
+            return answer;
+        }
+
         let mut plan: Vec<Step> = creation
             .steps
             .iter()
@@ -91,7 +96,7 @@ impl Engine {
         // A create whose verification fails commits nothing: there is no
         // connection yet to move along the SYSTEM column, so the error names
         // no id and reports the state the request would have started from.
-        if needs_verification && !r.skip_verification {
+        if verifies {
             match self.verifier.verify(&conn).await {
                 None => {}
                 Some(Verdict::Reachable(detail)) => {

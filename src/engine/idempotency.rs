@@ -21,11 +21,25 @@ pub(super) fn once(
     key: &Option<RequestKey>,
     op: impl FnOnce(&mut Tx<'_>) -> Result<(ConnectionId, Answer), Error>,
 ) -> Result<Answer, Error> {
+    once_if_changed(tx, key, |tx| op(tx).map(|(id, answer)| (id, answer, true)))
+}
+
+/// [`once`] for an operation that may change nothing (the `bool` says
+/// whether it did): such an answer is not stored, so a stream of no-ops with
+/// fresh request ids cannot fill the disk. Its retry finds the connection as
+/// it is then, which is what the request asked for.
+pub(super) fn once_if_changed(
+    tx: &mut Tx<'_>,
+    key: &Option<RequestKey>,
+    op: impl FnOnce(&mut Tx<'_>) -> Result<(ConnectionId, Answer, bool), Error>,
+) -> Result<Answer, Error> {
     if let Some(answer) = replayed(tx, key)? {
         return Ok(answer);
     }
-    let (id, answer) = op(tx)?;
-    remember(tx, key, &id, &answer)?;
+    let (id, answer, changed) = op(tx)?;
+    if changed {
+        remember(tx, key, &id, &answer)?;
+    }
     Ok(answer)
 }
 

@@ -2,7 +2,7 @@
 //! [`lifecycle::after_probe`] calls for, unless a newer change overtook the
 //! probe.
 
-use super::transition::{Move, Verified, apply_transition};
+use super::transition::{Move, Verified, apply_move};
 use super::{Engine, SYSTEM_ACTOR};
 use crate::connection::Revision;
 use crate::connection::{Connection, ProbeOutcome, ProbeResult};
@@ -32,7 +32,6 @@ impl Engine {
                 std::time::Duration::ZERO,
             ),
         };
-        let snapshot = Verified::of(probed);
         // Read outside the writer; the snapshot check below makes sure it is
         // still the same disconnection when the result commits.
         // Needed only when a disconnected connection passes its check.
@@ -42,86 +41,142 @@ impl Engine {
             }
             _ => None,
         };
+        // Most results move nothing: they are kept without waiting for the
+        // disk. One that must move the connection comes back and is applied
+        // again in a synced group (a move is an event watchers see).
+        let mut durable = false;
+        loop {
+            let applied = self
+                .write_probe(
+                    probed,
+                    &verdict,
+                    latency,
+                    disconnected_from,
+                    failure_threshold,
+                    durable,
+                )
+                .await?;
+            match applied {
+                Applied::Kept(c) => return Ok(c.map(|c| *c)),
+                Applied::Moved(moves) => {
+                    for (c, from) in &moves {
+                        super::transition::log_move(c, *from, Trigger::System);
+                    }
+                    return Ok(moves.into_iter().last().map(|(c, _)| c));
+                }
+                Applied::NeedsSync if !durable => durable = true,
+                Applied::NeedsSync => {
+                    return Err(Error::Internal(
+                        "a synced probe group was not synced".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// One attempt at [`Engine::apply_probe`]'s write, synced or not.
+    async fn write_probe(
+        &self,
+        probed: &Connection,
+        verdict: &Verdict,
+        latency: std::time::Duration,
+        disconnected_from: Option<State>,
+        failure_threshold: u32,
+        durable: bool,
+    ) -> Result<Applied, Error> {
+        let snapshot = Verified::of(probed);
+        let verdict = verdict.clone();
         let id = probed.id.clone();
         let kinds = self.kinds.clone();
-        self.store
-            .write(move |tx| {
-                let Some(row) = tx.get(&id)? else {
-                    return Ok(None);
-                };
-                if Verified::of(&row) != snapshot
-                    || !lifecycle::monitored(row.managed, row.state, row.state_trigger)
-                {
-                    return Ok(None);
+        let job = move |tx: &mut crate::store::Tx<'_>| {
+            let Some(row) = tx.get(&id)? else {
+                return Ok(Applied::Kept(None));
+            };
+            if Verified::of(&row) != snapshot
+                || !lifecycle::monitored(row.managed, row.state, row.state_trigger)
+            {
+                return Ok(Applied::Kept(None));
+            }
+            let outcome = match &verdict {
+                Verdict::Reachable(_) => ProbeOutcome::Reachable,
+                Verdict::Unreachable(_) => ProbeOutcome::Unreachable,
+                Verdict::CredentialsRejected(_) => ProbeOutcome::CredentialsRejected,
+                // Nothing was learnt about the peer: record nothing, try again later.
+                Verdict::NotChecked(_) => return Ok(Applied::Kept(Some(Box::new(row)))),
+            };
+            // Failures count within the current state only: a state change
+            // (a user reconnecting, say) starts the count again.
+            let failures = match outcome {
+                ProbeOutcome::Reachable => 0,
+                _ => {
+                    row.last_probe
+                        .as_ref()
+                        .filter(|p| p.time >= row.state_time)
+                        .map_or(0, |p| p.consecutive_failures)
+                        + 1
                 }
-                let outcome = match &verdict {
-                    Verdict::Reachable(_) => ProbeOutcome::Reachable,
-                    Verdict::Unreachable(_) => ProbeOutcome::Unreachable,
-                    Verdict::CredentialsRejected(_) => ProbeOutcome::CredentialsRejected,
-                    // Nothing was learnt about the peer: record nothing, try again later.
-                    Verdict::NotChecked(_) => return Ok(Some(row)),
-                };
-                // Failures count within the current state only: a state change
-                // (a user reconnecting, say) starts the count again.
-                let failures = match outcome {
-                    ProbeOutcome::Reachable => 0,
-                    _ => {
-                        row.last_probe
-                            .as_ref()
-                            .filter(|p| p.time >= row.state_time)
-                            .map_or(0, |p| p.consecutive_failures)
-                            + 1
-                    }
-                };
-                let detail = verdict.detail().to_owned();
-                tx.set_probe(
-                    &id,
-                    &ProbeResult {
-                        time: tx.now(),
-                        outcome,
-                        latency_ms: latency.as_millis() as i64,
-                        message: detail.clone(),
-                        consecutive_failures: failures,
+            };
+            let detail = verdict.detail().to_owned();
+            let steps = lifecycle::after_probe(Probed {
+                state: row.state,
+                finding: match outcome {
+                    ProbeOutcome::Reachable => Finding::Reachable,
+                    ProbeOutcome::Unreachable => Finding::Unreachable,
+                    ProbeOutcome::CredentialsRejected => Finding::CredentialsRejected,
+                },
+                threshold_reached: failures >= failure_threshold as i32,
+                auto_connects: kinds.auto_connects(&row.kind),
+                disconnected_from,
+            });
+            if !steps.is_empty() && !tx.durable() {
+                return Ok(Applied::NeedsSync);
+            }
+            let probe = ProbeResult {
+                time: tx.now(),
+                outcome,
+                latency_ms: latency.as_millis() as i64,
+                message: detail.clone(),
+                consecutive_failures: failures,
+            };
+            tx.set_probe(&id, &probe)?;
+            let reason = match outcome {
+                ProbeOutcome::Reachable => detail,
+                _ if lifecycle::counts_failures(row.state) => {
+                    format!("{failures} failed probes in a row; last: {detail}")
+                }
+                ProbeOutcome::Unreachable => format!("unreachable: {detail}"),
+                ProbeOutcome::CredentialsRejected => format!("credentials rejected: {detail}"),
+            };
+            if steps.is_empty() {
+                let mut row = row;
+                row.last_probe = Some(probe);
+                return Ok(Applied::Kept(Some(Box::new(row))));
+            }
+            let mut moves = Vec::new();
+            for &target in steps {
+                let (c, from) = apply_move(
+                    tx,
+                    &kinds,
+                    Move {
+                        id: id.clone(),
+                        target,
+                        trigger: Trigger::System,
+                        reason: reason.clone(),
+                        actor: SYSTEM_ACTOR.into(),
+                        etag: None,
+                        verified: None,
                     },
+                    None,
                 )?;
-                let steps = lifecycle::after_probe(Probed {
-                    state: row.state,
-                    finding: match outcome {
-                        ProbeOutcome::Reachable => Finding::Reachable,
-                        ProbeOutcome::Unreachable => Finding::Unreachable,
-                        ProbeOutcome::CredentialsRejected => Finding::CredentialsRejected,
-                    },
-                    threshold_reached: failures >= failure_threshold as i32,
-                    auto_connects: kinds.auto_connects(&row.kind),
-                    disconnected_from,
-                });
-                let reason = match outcome {
-                    ProbeOutcome::Reachable => detail,
-                    _ if lifecycle::counts_failures(row.state) => {
-                        format!("{failures} failed probes in a row; last: {detail}")
-                    }
-                    ProbeOutcome::Unreachable => format!("unreachable: {detail}"),
-                    ProbeOutcome::CredentialsRejected => format!("credentials rejected: {detail}"),
-                };
-                let mut now = tx.get(&id)?;
-                for &target in steps {
-                    now = Some(apply_transition(
-                        tx,
-                        &kinds,
-                        Move {
-                            id: id.clone(),
-                            target,
-                            trigger: Trigger::System,
-                            reason: reason.clone(),
-                            actor: SYSTEM_ACTOR.into(),
-                            etag: None,
-                            verified: None,
-                        },
-                    )?);
-                }
-                Ok(now)
-            })
-            .await
+                moves.push((c, from));
+            }
+            Ok(Applied::Moved(moves))
+        };
+        if durable {
+            self.store.write(job).await
+        } else {
+            self.store.write_volatile(job).await
+        }
     }
 
     /// The state the server disconnected `c` from, read from the event that
@@ -161,6 +216,17 @@ impl Engine {
             })
             .await
     }
+}
+
+/// What one attempt to apply a probe result did.
+enum Applied {
+    /// Kept the result (or dropped it: `None`); nothing moved.
+    Kept(Option<Box<Connection>>),
+    /// Moved the connection: each step, the connection after it and the
+    /// state it left.
+    Moved(Vec<(Connection, State)>),
+    /// It must move the connection, which only a synced group may do.
+    NeedsSync,
 }
 
 /// What a verdict found; `None`: the check could not run, nothing was learnt.

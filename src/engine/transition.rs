@@ -2,11 +2,12 @@
 //! verification does, and [`apply_transition`], the writer step every move
 //! (USER or SYSTEM, from any operation) goes through.
 
-use super::idempotency::once;
+use super::idempotency::{once, once_if_changed};
 use super::{
     Engine, RequestKey, SYSTEM_ACTOR, TransitionRequest, check_etag, failed, invalid_transition,
     not_checked,
 };
+use crate::access::Scope;
 use crate::connection::{Connection, ConnectionId, EventType};
 use crate::error::Error;
 use crate::kinds::Kinds;
@@ -18,6 +19,12 @@ use std::collections::BTreeMap;
 impl Engine {
     /// Moves a connection along one USER edge (DELETED included).
     pub(crate) async fn transition(&self, r: TransitionRequest) -> Result<Connection, Error> {
+        // A move that verifies nothing goes straight to the writer, which
+        // checks the scope, etag, no-op, retry and lifecycle table against
+        // the row as it is then: a read before it would only repeat them.
+        if r.skip_verification || !lifecycle::verified_target(r.target) {
+            return self.commit_user_move(r, None).await;
+        }
         if let Some(answer) = self.replay(&r.request).await? {
             return answer;
         }
@@ -69,21 +76,34 @@ impl Engine {
             verified,
         };
         let key = r.request;
+        let scope = r.scope;
         let kinds = self.kinds.clone();
         // A deletion frees space (the tombstone keeps no metadata, and
         // earlier events lose theirs), so it runs over the storage quota too.
         let deletes = lifecycle::is_tombstone(m.target);
+        let trigger = m.trigger;
         let job = move |tx: &mut Tx<'_>| {
-            once(tx, &key, |tx| {
+            let mut from = None;
+            let answer = once_if_changed(tx, &key, |tx| {
                 let id = m.id.clone();
-                Ok((id, Ok(apply_transition(tx, &kinds, m)?)))
-            })
+                let (c, left) = apply_move(tx, &kinds, m, Some(&scope))?;
+                let moved = left != c.state;
+                if moved {
+                    from = Some(left);
+                }
+                Ok((id, Ok(c), moved))
+            })?;
+            Ok((answer, from))
         };
-        if deletes {
+        let (answer, from) = if deletes {
             self.store.write_freeing(job).await?
         } else {
             self.store.write(job).await?
+        };
+        if let (Ok(c), Some(from)) = (&answer, from) {
+            log_move(c, from, trigger);
         }
+        answer
     }
 
     /// Applies each transition independently; one result per request, in
@@ -144,14 +164,26 @@ impl Engine {
             verified: Some(Verified::of(&current)),
         };
         let kinds = self.kinds.clone();
-        self.store
+        let answer = self
+            .store
             .write(move |tx| {
-                once(tx, &key, |tx| {
-                    let moved = apply_transition(tx, &kinds, m)?;
-                    Ok((moved.id, Err(with_state(err, moved.state))))
-                })
+                let mut moved = None;
+                let answer = once(tx, &key, |tx| {
+                    let (c, from) = apply_move(tx, &kinds, m, None)?;
+                    let answer = Err(with_state(err, c.state));
+                    let id = c.id.clone();
+                    moved = Some((c, from));
+                    Ok((id, answer))
+                })?;
+                Ok((answer, moved))
             })
-            .await?
+            .await?;
+        if let (_, Some((c, from))) = &answer
+            && *from != c.state
+        {
+            log_move(c, *from, Trigger::System);
+        }
+        answer.0
     }
 }
 
@@ -199,11 +231,27 @@ pub(super) fn apply_transition(
     kinds: &Kinds,
     m: Move,
 ) -> Result<Connection, Error> {
-    let mut c = tx.get(&m.id)?.ok_or_else(|| Error::not_found(&m.id))?;
+    apply_move(tx, kinds, m, None).map(|(c, _)| c)
+}
+
+/// [`apply_transition`], also saying which state the connection left (its
+/// state now when it did not move). A `scope` the connection is outside of
+/// finds it missing, as reads do.
+pub(super) fn apply_move(
+    tx: &mut Tx<'_>,
+    kinds: &Kinds,
+    m: Move,
+    scope: Option<&Scope>,
+) -> Result<(Connection, State), Error> {
+    let mut c = tx
+        .get(&m.id)?
+        .filter(|c| scope.is_none_or(|s| s.sees(&c.owner)))
+        .ok_or_else(|| Error::not_found(&m.id))?;
     check_etag(&c, m.etag.as_deref())?;
     // Already there (someone else moved it meanwhile): done, not a conflict.
     if c.state == m.target {
-        return Ok(c);
+        let from = c.state;
+        return Ok((c, from));
     }
     if m.verified.as_ref().is_some_and(|v| *v != Verified::of(&c)) {
         return Err(Error::Conflict {
@@ -220,7 +268,8 @@ pub(super) fn apply_transition(
     c.state = m.target;
     c.state_reason = m.reason.clone();
     c.state_trigger = m.trigger;
-    let type_ = if lifecycle::is_tombstone(m.target) {
+    let deleted = lifecycle::is_tombstone(m.target);
+    if deleted {
         // What remains is a tombstone: its credentials and collected data go,
         // here and from everything stored about it before. The credential
         // itself goes too, unless another live connection uses it.
@@ -238,23 +287,31 @@ pub(super) fn apply_transition(
         c.metadata.clear();
         c.description.clear();
         c.labels.clear();
-        tx.scrub(&c.id)?;
-        EventType::Deleted
-    } else {
-        EventType::Transitioned
-    };
+    }
     tx.record(
         &mut c,
         EventDraft {
-            type_,
+            type_: if deleted {
+                EventType::Deleted
+            } else {
+                EventType::Transitioned
+            },
             from_state,
             trigger: m.trigger,
             reason: m.reason,
             actor: m.actor,
         },
     )?;
-    tracing::info!(id = %c.id, from = %from_state, to = %c.state, trigger = %m.trigger, revision = c.revision.get(), "transition");
-    Ok(c)
+    if deleted {
+        tx.scrub(&c.id)?;
+    }
+    Ok((c, from_state))
+}
+
+/// The log line of a committed move, written by the task that asked for it,
+/// off the writer thread.
+pub(super) fn log_move(c: &Connection, from: State, trigger: Trigger) {
+    tracing::info!(id = %c.id, from = %from, to = %c.state, trigger = %trigger, revision = c.revision.get(), "transition");
 }
 
 /// Sets the state a verification error reports the connection in.

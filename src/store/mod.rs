@@ -168,6 +168,7 @@ impl Store {
             file,
             replaced: false,
             over_quota: false,
+            synced: true,
         };
         let handle = std::thread::Builder::new()
             .name("tether-writer".into())
@@ -191,7 +192,21 @@ impl Store {
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
     {
-        self.queue(f, false).await
+        self.queue(f, false, true).await
+    }
+
+    /// [`Store::write`] for a change nobody is told about and that may be
+    /// lost in a crash (a probe's result that moves nothing): it may commit
+    /// without waiting for the disk. A later durable commit carries it to the
+    /// disk too (the log is written in order), so a crash loses only the
+    /// newest such changes, never one that was durable. The job can tell
+    /// ([`Tx::durable`]); it must record no event when the group is not.
+    pub(crate) async fn write_volatile<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.queue(f, false, false).await
     }
 
     /// [`Store::write`] for a job that frees space (deleting a connection or a
@@ -202,10 +217,10 @@ impl Store {
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
     {
-        self.queue(f, true).await
+        self.queue(f, true, true).await
     }
 
-    async fn queue<T, F>(&self, f: F, frees_space: bool) -> Result<T, Error>
+    async fn queue<T, F>(&self, f: F, frees_space: bool, durable: bool) -> Result<T, Error>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
@@ -214,6 +229,7 @@ impl Store {
         let job = writer::TypedJob {
             f: Some(f),
             frees_space,
+            durable,
             result: None,
             reply,
         };
@@ -406,6 +422,8 @@ fn open_writer(path: &Path, busy: Duration) -> Result<rusqlite::Connection, Erro
         )));
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // The writer's statements vary with the columns a change sets.
+    conn.set_prepared_statement_cache_capacity(64);
     // A write-ahead log that grew while a long read (a watch's snapshot) kept
     // it from being reset is cut back to this once it can be.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;

@@ -15,7 +15,18 @@ const CONNECTION_COLUMNS: &str = "id, kind, type, sub_type, name, description, u
      metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
      state_time, revision, create_time, update_time, last_probe";
 
+/// [`CONNECTION_COLUMNS`] of the table aliased `row`.
+const ROW_COLUMNS: &str = "row.id, row.kind, row.type, row.sub_type, row.name, row.description, \
+     row.url, row.identity, row.metadata, row.labels, row.managed, row.credential_id, row.owner, \
+     row.state, row.state_reason, row.state_trigger, row.state_time, row.revision, \
+     row.create_time, row.update_time, row.last_probe";
+
 fn connection_from_row(r: &Row<'_>) -> rusqlite::Result<Connection> {
+    connection_at(r, 0)
+}
+
+/// The connection whose [`CONNECTION_COLUMNS`] start at column `at` of `r`.
+fn connection_at(r: &Row<'_>, at: usize) -> rusqlite::Result<Connection> {
     let bad = |i: usize, what: &str| {
         rusqlite::Error::FromSqlConversionFailure(
             i,
@@ -23,34 +34,35 @@ fn connection_from_row(r: &Row<'_>) -> rusqlite::Result<Connection> {
             format!("bad {what}").into(),
         )
     };
-    let metadata: String = r.get(8)?;
-    let labels: String = r.get(9)?;
+    let metadata: String = r.get(at + 8)?;
+    let labels: String = r.get(at + 9)?;
     Ok(Connection {
-        id: ConnectionId::from_trusted(r.get(0)?),
-        kind: r.get(1)?,
-        type_: r.get(2)?,
-        sub_type: r.get(3)?,
-        name: r.get(4)?,
-        description: r.get(5)?,
-        url: r.get(6)?,
-        identity: r.get(7)?,
-        metadata: codec::decode_metadata(&metadata).map_err(|_| bad(8, "metadata"))?,
-        labels: codec::decode_labels(&labels).map_err(|_| bad(9, "labels"))?,
-        managed: r.get(10)?,
-        credential_id: r.get(11)?,
-        owner: r.get(12)?,
-        state: State::from_number(r.get(13)?).ok_or_else(|| bad(13, "state"))?,
-        state_reason: r.get(14)?,
-        state_trigger: Trigger::from_number(r.get(15)?).ok_or_else(|| bad(15, "trigger"))?,
-        state_time: r.get(16)?,
-        revision: r.get(17)?,
-        create_time: r.get(18)?,
-        update_time: r.get(19)?,
+        id: ConnectionId::from_trusted(r.get(at)?),
+        kind: r.get(at + 1)?,
+        type_: r.get(at + 2)?,
+        sub_type: r.get(at + 3)?,
+        name: r.get(at + 4)?,
+        description: r.get(at + 5)?,
+        url: r.get(at + 6)?,
+        identity: r.get(at + 7)?,
+        metadata: codec::decode_metadata(&metadata).map_err(|_| bad(at + 8, "metadata"))?,
+        labels: codec::decode_labels(&labels).map_err(|_| bad(at + 9, "labels"))?,
+        managed: r.get(at + 10)?,
+        credential_id: r.get(at + 11)?,
+        owner: r.get(at + 12)?,
+        state: State::from_number(r.get(at + 13)?).ok_or_else(|| bad(at + 13, "state"))?,
+        state_reason: r.get(at + 14)?,
+        state_trigger: Trigger::from_number(r.get(at + 15)?)
+            .ok_or_else(|| bad(at + 15, "trigger"))?,
+        state_time: r.get(at + 16)?,
+        revision: r.get(at + 17)?,
+        create_time: r.get(at + 18)?,
+        update_time: r.get(at + 19)?,
         last_probe: r
-            .get::<_, Option<String>>(20)?
+            .get::<_, Option<String>>(at + 20)?
             .map(|p| codec::decode_probe(&p))
             .transpose()
-            .map_err(|_| bad(20, "last_probe"))?,
+            .map_err(|_| bad(at + 20, "last_probe"))?,
     })
 }
 
@@ -63,6 +75,37 @@ fn tombstones() -> String {
         .map(|s| s.number().to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// That a connection is live, in SQL, spelled exactly as the partial indexes
+/// over live connections spell it (`state <> 7`, from the first schema):
+/// SQLite uses such an index only for a query whose WHERE repeats its
+/// condition, and `state NOT IN (7)` means the same but scans the table.
+fn live() -> String {
+    State::ALL
+        .into_iter()
+        .filter(|s| lifecycle::is_tombstone(*s))
+        .map(|s| format!("state <> {}", s.number()))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The live connection holding an identity (the unique index over live identities).
+fn live_by_identity_sql() -> String {
+    format!(
+        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE identity = ?1 AND {}",
+        live()
+    )
+}
+
+/// A live connection other than ?2 using credential ?1 (the index over
+/// connections with a credential).
+fn credential_user_sql() -> String {
+    format!(
+        "SELECT id FROM connections WHERE credential_id = ?1 AND credential_id <> '' \
+         AND {} AND id <> ?2 LIMIT 1",
+        live()
+    )
 }
 
 /// The store-wide revision and the compaction mark (events at or below it are gone).
@@ -90,10 +133,7 @@ pub(crate) fn live_by_identity(
     c: &rusqlite::Connection,
     identity: &str,
 ) -> Result<Option<Connection>, Error> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE identity = ?1 AND state NOT IN ({})",
-        tombstones()
-    ))?;
+    let mut stmt = c.prepare_cached(&live_by_identity_sql())?;
     Ok(stmt.query_row([identity], connection_from_row).optional()?)
 }
 
@@ -468,25 +508,30 @@ impl Filter {
 
 /// Events above `after_revision` in revision order, at most `limit` of them.
 pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, Error> {
-    let mut sql = String::from(
-        "SELECT revision, connection_id, type, from_state, to_state, trigger, reason, actor, time, snapshot, \
-         metadata_blob IS NOT NULL, (SELECT body FROM blobs WHERE hash = events.metadata_blob) \
-         FROM events WHERE revision > ?",
+    // An event whose snapshot is `''` is its connection's latest: the row is
+    // its snapshot (see `Tx::record`).
+    let mut sql = format!(
+        "SELECT events.revision, events.connection_id, events.type, events.from_state, \
+         events.to_state, events.trigger, events.reason, events.actor, events.time, events.snapshot, \
+         events.metadata_blob IS NOT NULL, (SELECT body FROM blobs WHERE hash = events.metadata_blob), {} \
+         FROM events LEFT JOIN connections AS row ON row.id = events.connection_id AND events.snapshot = '' \
+         WHERE events.revision > ?",
+        ROW_COLUMNS
     );
     let mut args = vec![Value::Integer(f.after_revision.get())];
     if let Some(id) = &f.connection_id {
-        sql.push_str(" AND connection_id = ?");
+        sql.push_str(" AND events.connection_id = ?");
         args.push(Value::Text(id.to_string()));
     }
     if let Some(owners) = &f.owners {
         // Owners never change, so the connection's row decides for its whole history.
         let marks = vec!["?"; owners.len()].join(", ");
         sql.push_str(&format!(
-            " AND connection_id IN (SELECT id FROM connections WHERE owner IN ({marks}))"
+            " AND events.connection_id IN (SELECT id FROM connections WHERE owner IN ({marks}))"
         ));
         args.extend(owners.iter().cloned().map(Value::Text));
     }
-    sql.push_str(" ORDER BY revision LIMIT ?");
+    sql.push_str(" ORDER BY events.revision LIMIT ?");
     args.push(Value::Integer(f.limit as i64));
     let mut stmt = c.prepare_cached(&sql)?;
     let rows = stmt.query_map(params_from_iter(args), |r| {
@@ -498,10 +543,19 @@ pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Ev
             )
         };
         let snapshot: String = r.get(9)?;
-        let mut connection = codec::decode_connection(&snapshot).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e))
-        })?;
-        put_back_metadata(&mut connection, r.get(10)?, r.get(11)?)?;
+        let connection = if snapshot.is_empty() {
+            connection_at(r, 12)?
+        } else {
+            let mut c = codec::decode_connection(&snapshot).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    9,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+            put_back_metadata(&mut c, r.get(10)?, r.get(11)?)?;
+            c
+        };
         Ok(Event {
             revision: r.get(0)?,
             connection_id: ConnectionId::from_trusted(r.get(1)?),
@@ -593,11 +647,7 @@ pub(crate) fn credential_user(
     id: &str,
     except: Option<&ConnectionId>,
 ) -> Result<Option<ConnectionId>, Error> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT id FROM connections WHERE credential_id = ?1 AND state NOT IN ({}) AND id <> ?2 \
-         LIMIT 1",
-        tombstones()
-    ))?;
+    let mut stmt = c.prepare_cached(&credential_user_sql())?;
     let except = except.map(|e| e.to_string()).unwrap_or_default();
     Ok(stmt
         .query_row(params![id, except], |r| r.get::<_, String>(0))
@@ -628,4 +678,35 @@ pub(crate) fn key_check(c: &rusqlite::Connection) -> Result<Option<Sealed>, Erro
     Ok(stmt
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer looks these up on every create and deletion: a scan of
+    /// the table would make each cost as much as the table is large.
+    #[test]
+    fn lookups_by_identity_and_credential_use_their_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        for (sql, index) in [
+            (live_by_identity_sql(), "connections_live_identity"),
+            (credential_user_sql(), "connections_by_credential"),
+        ] {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let args = vec!["x"; stmt.parameter_count()];
+            let plan: Vec<String> = stmt
+                .query_map(params_from_iter(args), |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter()
+                    .any(|step| step.contains(&format!("USING INDEX {index}"))),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
 }

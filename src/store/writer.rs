@@ -15,7 +15,8 @@ use crate::connection::{
 };
 use crate::error::Error;
 use crate::lifecycle::{State, Trigger};
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, ToSql, TransactionBehavior, params};
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
@@ -55,6 +56,8 @@ pub(super) trait Job: Send {
     }
     /// Whether the job frees space (a deletion), so it runs over the quota too.
     fn frees_space(&self) -> bool;
+    /// Whether the job's change must be on disk before it is answered.
+    fn durable(&self) -> bool;
     /// Answers the job with `e` without running it.
     fn refuse(&mut self, e: Error);
     /// Delivers the answer once the group's fate is known.
@@ -64,6 +67,7 @@ pub(super) trait Job: Send {
 pub(super) struct TypedJob<F, T> {
     pub(crate) f: Option<F>,
     pub(crate) frees_space: bool,
+    pub(crate) durable: bool,
     pub(crate) result: Option<Result<T, Error>>,
     pub(crate) reply: oneshot::Sender<Result<T, Error>>,
 }
@@ -90,6 +94,10 @@ where
 
     fn frees_space(&self) -> bool {
         self.frees_space
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
     }
 
     fn refuse(&mut self, e: Error) {
@@ -125,6 +133,12 @@ pub(crate) struct Tx<'a> {
     revision: Revision,
     events: Vec<Event>,
     now: Micros,
+    /// The row [`Tx::get`] read last, as it was read: what [`Tx::record`]
+    /// compares a change with, so it writes only the columns that changed
+    /// (and SQLite touches only the indexes over them).
+    seen: RefCell<Option<Connection>>,
+    /// Whether this group waits for the disk before it answers.
+    durable: bool,
 }
 
 impl Tx<'_> {
@@ -133,8 +147,26 @@ impl Tx<'_> {
         self.now
     }
 
+    /// Whether this group is synced to disk before it answers. A group of
+    /// volatile jobs only ([`super::Store::write_volatile`]) is not, and may
+    /// record no event: a change watchers saw must survive a crash.
+    pub(crate) fn durable(&self) -> bool {
+        self.durable
+    }
+
     pub(crate) fn get(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
-        super::query::get(self.sql, id)
+        let found = super::query::get(self.sql, id)?;
+        *self.seen.borrow_mut() = found.clone();
+        Ok(found)
+    }
+
+    /// The row of `id` as it is before a change: the one [`Tx::get`] read,
+    /// else read now.
+    fn before(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
+        match self.seen.borrow_mut().take() {
+            Some(c) if c.id == *id => Ok(Some(c)),
+            _ => super::query::get(self.sql, id),
+        }
     }
 
     /// The live (not deleted) connection holding `identity`, if any.
@@ -203,6 +235,7 @@ impl Tx<'_> {
 
     /// Keeps a check's result on the connection without a new revision or event.
     pub(crate) fn set_probe(&self, id: &ConnectionId, probe: &ProbeResult) -> Result<(), Error> {
+        self.seen.take();
         self.sql
             .prepare_cached("UPDATE connections SET last_probe = ?2 WHERE id = ?1")?
             .execute(params![id.as_str(), codec::encode_probe(probe)?])?;
@@ -261,6 +294,8 @@ impl Tx<'_> {
 
     /// Removes a deleted connection's credentials and collected data from
     /// everything stored about it: earlier event snapshots and stored answers.
+    /// Runs after the tombstone is recorded, so the snapshot that recording
+    /// froze into the previous event is scrubbed too.
     pub(crate) fn scrub(&self, id: &ConnectionId) -> Result<(), Error> {
         let cleared = codec::scrubbed("$");
         // Clearing `metadata_blob` drops the row's reference to the
@@ -268,7 +303,7 @@ impl Tx<'_> {
         self.sql
             .prepare_cached(&format!(
                 "UPDATE events SET snapshot = json_set(snapshot, {cleared}), metadata_blob = NULL \
-                 WHERE connection_id = ?1"
+                 WHERE connection_id = ?1 AND snapshot <> ''"
             ))?
             .execute([id.as_str()])?;
         let (ok, cleared_answer) = (
@@ -288,67 +323,45 @@ impl Tx<'_> {
     /// Commits a change to `conn`: the next revision, the row, and its event.
     /// `conn` comes back with its revision and update time set.
     ///
-    /// The event's snapshot holds the whole connection, except metadata larger
-    /// than [`BLOB_THRESHOLD`]: that is stored once as a blob the event names,
-    /// so a thousand changes of one connection do not store its metadata a
-    /// thousand times. Reads of events put it back.
+    /// An event's snapshot is the connection after the change. The latest
+    /// event of a connection keeps none of its own (`snapshot` is `''`): the
+    /// connection's row is that snapshot, and reads take it from there. When
+    /// the connection changes again, the row as it was is written into that
+    /// event first, so most connections (changed once, or rarely) store their
+    /// data once, not twice. A written snapshot holds the whole connection
+    /// except metadata larger than [`BLOB_THRESHOLD`]: that is stored once as
+    /// a blob the event names, so a thousand changes of one connection do not
+    /// store its metadata a thousand times. Reads of events put it back.
     pub(crate) fn record(&mut self, conn: &mut Connection, draft: EventDraft) -> Result<(), Error> {
+        if !self.durable {
+            return Err(Error::Internal(
+                "a change with an event in a group that is not synced".into(),
+            ));
+        }
+        let created = draft.type_ == EventType::Created;
+        let before =
+            if created {
+                None
+            } else {
+                Some(self.before(&conn.id)?.ok_or_else(|| {
+                    Error::Internal(format!("connection {} row not found", conn.id))
+                })?)
+            };
         self.revision = self.revision.next();
         conn.revision = self.revision;
         conn.update_time = self.now;
-        if draft.type_ == EventType::Created {
+        if created {
             conn.create_time = self.now;
         }
-        if draft.from_state != conn.state || draft.type_ == EventType::Created {
+        if draft.from_state != conn.state || created {
             conn.state_time = self.now;
         }
-        let metadata = codec::encode_metadata(&conn.metadata)?;
-        let labels = codec::encode_labels(&conn.labels)?;
-        let last_probe = conn
-            .last_probe
-            .as_ref()
-            .map(codec::encode_probe)
-            .transpose()?;
-        let values = params![
-            conn.id.as_str(),
-            conn.kind,
-            conn.type_,
-            conn.sub_type,
-            conn.name,
-            conn.description,
-            conn.url,
-            conn.identity,
-            metadata,
-            labels,
-            conn.managed,
-            conn.credential_id,
-            conn.owner,
-            conn.state.number(),
-            conn.state_reason,
-            conn.state_trigger.number(),
-            conn.state_time,
-            conn.revision,
-            conn.create_time,
-            conn.update_time,
-            last_probe,
-        ];
-        let sql = if draft.type_ == EventType::Created {
-            "INSERT INTO connections (id, kind, type, sub_type, name, description, url, identity, \
-             metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
-             state_time, revision, create_time, update_time, last_probe) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
-        } else {
-            "UPDATE connections SET kind = ?2, type = ?3, sub_type = ?4, name = ?5, description = ?6, \
-             url = ?7, identity = ?8, metadata = ?9, labels = ?10, managed = ?11, credential_id = ?12, \
-             owner = ?13, state = ?14, state_reason = ?15, state_trigger = ?16, state_time = ?17, \
-             revision = ?18, create_time = ?19, update_time = ?20, last_probe = ?21 WHERE id = ?1"
-        };
-        let changed = self.sql.prepare_cached(sql)?.execute(values)?;
-        if changed != 1 {
-            return Err(Error::Internal(format!(
-                "connection {} row not written",
-                conn.id
-            )));
+        match &before {
+            None => self.insert_row(conn)?,
+            Some(before) => {
+                self.update_row(before, conn)?;
+                self.freeze_snapshot(before)?;
+            }
         }
         let event = Event {
             revision: self.revision,
@@ -362,13 +375,11 @@ impl Tx<'_> {
             time: self.now,
             connection: conn.clone(),
         };
-        let blob = self.put_blob(&metadata)?;
-        let snapshot = codec::encode_connection(&event.connection, blob.is_none())?;
         self.sql
             .prepare_cached(
                 "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
                  reason, actor, time, snapshot, metadata_blob) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '', NULL)",
             )?
             .execute(params![
                 event.revision,
@@ -380,10 +391,152 @@ impl Tx<'_> {
                 event.reason,
                 event.actor,
                 event.time,
-                snapshot,
-                blob.as_ref().map(|h| &h[..]),
             ])?;
         self.events.push(event);
+        Ok(())
+    }
+
+    fn insert_row(&self, conn: &Connection) -> Result<(), Error> {
+        let last_probe = conn
+            .last_probe
+            .as_ref()
+            .map(codec::encode_probe)
+            .transpose()?;
+        self.sql
+            .prepare_cached(
+                "INSERT INTO connections (id, kind, type, sub_type, name, description, url, identity, \
+                 metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
+                 state_time, revision, create_time, update_time, last_probe) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+            )?
+            .execute(params![
+                conn.id.as_str(),
+                conn.kind,
+                conn.type_,
+                conn.sub_type,
+                conn.name,
+                conn.description,
+                conn.url,
+                conn.identity,
+                codec::encode_metadata(&conn.metadata)?,
+                codec::encode_labels(&conn.labels)?,
+                conn.managed,
+                conn.credential_id,
+                conn.owner,
+                conn.state.number(),
+                conn.state_reason,
+                conn.state_trigger.number(),
+                conn.state_time,
+                conn.revision,
+                conn.create_time,
+                conn.update_time,
+                last_probe,
+            ])?;
+        Ok(())
+    }
+
+    /// Writes the columns of `conn` that differ from `before`, and only
+    /// those: an index none of whose columns changed is not touched.
+    fn update_row(&self, before: &Connection, conn: &Connection) -> Result<(), Error> {
+        let metadata;
+        let labels;
+        let last_probe;
+        let (state, trigger) = (conn.state.number(), conn.state_trigger.number());
+        let mut set: Vec<(&str, &dyn ToSql)> = Vec::with_capacity(21);
+        macro_rules! column {
+            ($name:literal, $field:ident) => {
+                if before.$field != conn.$field {
+                    set.push(($name, &conn.$field));
+                }
+            };
+        }
+        column!("kind", kind);
+        column!("type", type_);
+        column!("sub_type", sub_type);
+        column!("name", name);
+        column!("description", description);
+        column!("url", url);
+        column!("identity", identity);
+        if before.metadata != conn.metadata {
+            metadata = codec::encode_metadata(&conn.metadata)?;
+            set.push(("metadata", &metadata));
+        }
+        if before.labels != conn.labels {
+            labels = codec::encode_labels(&conn.labels)?;
+            set.push(("labels", &labels));
+        }
+        column!("managed", managed);
+        column!("credential_id", credential_id);
+        column!("owner", owner);
+        if before.state != conn.state {
+            set.push(("state", &state));
+        }
+        column!("state_reason", state_reason);
+        if before.state_trigger != conn.state_trigger {
+            set.push(("state_trigger", &trigger));
+        }
+        column!("state_time", state_time);
+        column!("revision", revision);
+        column!("create_time", create_time);
+        column!("update_time", update_time);
+        if before.last_probe != conn.last_probe {
+            last_probe = conn
+                .last_probe
+                .as_ref()
+                .map(codec::encode_probe)
+                .transpose()?;
+            set.push(("last_probe", &last_probe));
+        }
+        let assignments: Vec<String> = set
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| format!("{name} = ?{}", i + 2))
+            .collect();
+        let sql = format!(
+            "UPDATE connections SET {} WHERE id = ?1",
+            assignments.join(", ")
+        );
+        let id = conn.id.as_str();
+        let mut values: Vec<&dyn ToSql> = Vec::with_capacity(set.len() + 1);
+        values.push(&id);
+        values.extend(set.iter().map(|(_, v)| *v));
+        let changed = self.sql.prepare_cached(&sql)?.execute(&values[..])?;
+        if changed != 1 {
+            return Err(Error::Internal(format!(
+                "connection {} row not written",
+                conn.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Gives the connection's latest event (the one whose snapshot is its
+    /// row) the row as it was before this change, as its own snapshot.
+    /// Events stored with a snapshot of their own are left alone.
+    fn freeze_snapshot(&self, before: &Connection) -> Result<(), Error> {
+        let metadata = codec::encode_metadata(&before.metadata)?;
+        let revision = before.revision;
+        if metadata.len() > BLOB_THRESHOLD {
+            // A blob is stored only for an event that will name it: one
+            // nothing names would never go.
+            let open: bool = self
+                .sql
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM events WHERE revision = ?1 AND snapshot = '')",
+                )?
+                .query_row([revision], |r| r.get(0))?;
+            if !open {
+                return Ok(());
+            }
+        }
+        let blob = self.put_blob(&metadata)?;
+        let snapshot = codec::encode_connection(before, blob.is_none())?;
+        self.sql
+            .prepare_cached(
+                "UPDATE events SET snapshot = ?2, metadata_blob = ?3 \
+                 WHERE revision = ?1 AND snapshot = ''",
+            )?
+            .execute(params![revision, snapshot, blob.as_ref().map(|h| &h[..])])?;
         Ok(())
     }
 }
@@ -407,6 +560,8 @@ pub(super) struct Writer {
     /// Whether the last group found the database over its storage quota; the
     /// alarm is logged when this changes, not for every refused job.
     pub(crate) over_quota: bool,
+    /// Whether commits wait for the disk now (`synchronous = FULL`).
+    pub(crate) synced: bool,
 }
 
 impl Writer {
@@ -512,6 +667,14 @@ impl Writer {
 
     fn try_commit_group(&mut self, jobs: &mut [Box<dyn Job>]) -> Result<Vec<Event>, Error> {
         self.check_file()?;
+        let durable = jobs.iter().any(|j| j.durable());
+        if durable != self.synced {
+            // Without FULL, a commit in WAL mode does not wait for the disk;
+            // the next synced commit carries it there.
+            let level = if durable { "FULL" } else { "NORMAL" };
+            self.conn.pragma_update(None, "synchronous", level)?;
+            self.synced = durable;
+        }
         let sql = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -521,6 +684,8 @@ impl Writer {
             revision: self.revision,
             events: Vec::new(),
             now: now_micros(),
+            seen: RefCell::new(None),
+            durable,
         };
         for job in jobs.iter_mut() {
             if let Some(e) = &refusal
@@ -529,7 +694,8 @@ impl Writer {
                 job.refuse(e.clone());
                 continue;
             }
-            tx.sql.execute_batch("SAVEPOINT job")?;
+            tx.sql.prepare_cached("SAVEPOINT job")?.execute([])?;
+            tx.seen.take();
             let (revision, n_events) = (tx.revision, tx.events.len());
             // A panicking job is a bug; it must not take the writer (and with
             // it every later write) down. It rolls back like a failed job.
@@ -539,7 +705,7 @@ impl Writer {
                     false
                 });
             if kept {
-                tx.sql.execute_batch("RELEASE job")?;
+                tx.sql.prepare_cached("RELEASE job")?.execute([])?;
             } else {
                 if let Err(e) = tx.sql.execute_batch("ROLLBACK TO job; RELEASE job") {
                     // SQLite rolls the whole transaction back itself on some
@@ -922,51 +1088,132 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_volatile_group_skips_the_sync_and_records_no_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db"), config()).unwrap();
+        fn level(tx: &mut Tx<'_>) -> Result<(bool, i64), Error> {
+            let sync = tx.sql.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+            Ok((tx.durable(), sync))
+        }
+        assert_eq!(store.write_volatile(level).await.unwrap(), (false, 1));
+        let mut c = connection(metadata("v", 10));
+        let refused = store
+            .write_volatile(move |tx| tx.record(&mut c, draft(EventType::Created)))
+            .await;
+        assert!(matches!(refused, Err(Error::Internal(_))), "{refused:?}");
+        assert_eq!(store.write(level).await.unwrap(), (true, 2), "FULL again");
+        let revision = store.read(|c| c.revisions()).await.unwrap().0;
+        assert_eq!(revision, Revision::ZERO);
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_latest_event_is_its_row_until_the_row_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db"), config()).unwrap();
+        let mut a = save(&store, &connection(metadata("v1", 10))).await;
+        let other = save(&store, &connection(metadata("other", 10))).await;
+        a.name = "second".into();
+        a.metadata = metadata("v2", 10);
+        a = save(&store, &a).await;
+        a.name = "third".into();
+        a = save(&store, &a).await;
+
+        let events = history(&store, &a.id).await;
+        let seen: Vec<(i64, &str, &serde_json::Value, i64)> = events
+            .iter()
+            .map(|e| {
+                let c = &e.connection;
+                (
+                    e.revision.get(),
+                    c.name.as_str(),
+                    &c.metadata["tag"],
+                    c.revision.get(),
+                )
+            })
+            .collect();
+        let (v1, v2) = (serde_json::json!("v1"), serde_json::json!("v2"));
+        assert_eq!(
+            seen,
+            [
+                (1, "blob test", &v1, 1),
+                (3, "second", &v2, 3),
+                (4, "third", &v2, 4)
+            ],
+            "each event shows the connection as that change left it"
+        );
+        let own: Vec<(i64, bool)> = store
+            .read(|c| {
+                let mut stmt = c
+                    .sql()
+                    .prepare("SELECT revision, snapshot <> '' FROM events ORDER BY revision")?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            own,
+            [(1, true), (2, false), (3, true), (4, false)],
+            "only the latest event of each connection is its row"
+        );
+        assert_eq!(history(&store, &other.id).await[0].connection, other);
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn blob_references_follow_every_event_that_is_pruned_replaced_or_scrubbed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config();
-        cfg.writer.retention_count = 2;
-        let store = Store::open(&dir.path().join("t.db"), cfg).unwrap();
+        let store = Store::open(&dir.path().join("t.db"), config()).unwrap();
         let (m1, m2) = (metadata("m1", 4096), metadata("m2", 4096));
 
+        // The latest event is the row: nothing to store until it changes.
         let mut a = save(&store, &connection(m1.clone())).await;
-        assert_eq!(blob_refs(&store).await, refs(&[("m1", 1)]));
-        for _ in 0..3 {
-            a = save(&store, &a).await;
-        }
-        // Revisions 1-4; the first two are pruned (retention 2).
-        assert_eq!(blob_refs(&store).await, refs(&[("m1", 2)]));
-
-        // The same metadata on another connection shares the blob.
-        let b = save(&store, &connection(m1.clone())).await;
-        assert_eq!(
-            blob_refs(&store).await,
-            refs(&[("m1", 2)]),
-            "3 pruned, 5 added"
-        );
-        a.metadata = m2.clone();
+        assert_eq!(blob_refs(&store).await, refs(&[]));
         a = save(&store, &a).await;
         assert_eq!(
             blob_refs(&store).await,
-            refs(&[("m1", 1), ("m2", 1)]),
-            "a's event 4 pruned: a has a newer one"
+            refs(&[("m1", 1)]),
+            "event 1 frozen"
         );
-        assert_eq!(history(&store, &b.id).await[0].connection.metadata, m1);
 
-        // Small metadata stays inline. b's event 5 is kept below the
-        // compaction mark as b's latest, until b has a newer one.
-        let small = metadata("small", 10);
-        let c1 = save(&store, &connection(small.clone())).await;
-        save(&store, &connection(small.clone())).await;
-        assert_eq!(blob_refs(&store).await, refs(&[("m1", 1), ("m2", 1)]));
-        let mut b = b;
-        b.metadata = small.clone();
-        save(&store, &b).await;
+        // The same metadata frozen for another connection shares the blob.
+        let mut b = save(&store, &connection(m1.clone())).await;
+        b = save(&store, &b).await;
+        assert_eq!(blob_refs(&store).await, refs(&[("m1", 2)]));
+        a.metadata = m2.clone();
+        a = save(&store, &a).await;
+        a = save(&store, &a).await;
         assert_eq!(
             blob_refs(&store).await,
-            refs(&[("m2", 1)]),
-            "m1 went with b's event 5"
+            refs(&[("m1", 3), ("m2", 1)]),
+            "events 1, 2 and 3 hold m1, event 5 m2; 4 and 6 are rows"
         );
+        let tags = |events: Vec<Event>| -> Vec<serde_json::Value> {
+            events
+                .into_iter()
+                .map(|e| e.connection.metadata["tag"].clone())
+                .collect()
+        };
+        assert_eq!(tags(history(&store, &a.id).await), ["m1", "m1", "m2", "m2"]);
+        assert_eq!(tags(history(&store, &b.id).await), ["m1", "m1"]);
+
+        // Pruning drops the references of what it deletes.
+        store
+            .write(|tx| prune_range(tx.sql, Revision::ZERO, Revision::new(2)))
+            .await
+            .unwrap();
+        assert_eq!(blob_refs(&store).await, refs(&[("m1", 1), ("m2", 1)]));
+
+        // Small metadata stays inline.
+        let small = metadata("small", 10);
+        let c1 = save(&store, &connection(small.clone())).await;
+        save(&store, &c1).await;
+        assert_eq!(blob_refs(&store).await, refs(&[("m1", 1), ("m2", 1)]));
         assert_eq!(history(&store, &c1.id).await[0].connection.metadata, small);
 
         // Stored answers name blobs too; the metadata comes back with them.
@@ -988,7 +1235,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             blob_refs(&store).await,
-            refs(&[("m2", 1), ("m3", 2)]),
+            refs(&[("m1", 1), ("m2", 1), ("m3", 2)]),
             "one blob, two answers"
         );
         let back = store.read(|c| c.answer("r1")).await.unwrap();
@@ -1002,12 +1249,22 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(blob_refs(&store).await, refs(&[("m2", 1), ("m3", 1)]));
+        assert_eq!(
+            blob_refs(&store).await,
+            refs(&[("m1", 1), ("m2", 1), ("m3", 1)])
+        );
 
-        // A deletion's scrub drops a's references, from events and answers.
+        // A deletion (its row cleared, then scrubbed) drops a's references,
+        // from events and answers; b's event 3 keeps m1.
+        a.metadata.clear();
+        a = save(&store, &a).await;
+        assert_eq!(
+            blob_refs(&store).await,
+            refs(&[("m1", 1), ("m2", 2), ("m3", 1)])
+        );
         let id = a.id.clone();
         store.write(move |tx| tx.scrub(&id)).await.unwrap();
-        assert_eq!(blob_refs(&store).await, refs(&[]));
+        assert_eq!(blob_refs(&store).await, refs(&[("m1", 1)]));
         let events = history(&store, &a.id).await;
         assert!(!events.is_empty());
         assert!(events.iter().all(|e| e.connection.metadata.is_empty()));
