@@ -10,7 +10,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
 
 /// The tables a migrated database has, and the schema version each came with.
-const TABLES: [(&str, i64); 7] = [
+const TABLES: [(&str, i64); 9] = [
     ("meta", 1),
     ("connections", 1),
     ("events", 1),
@@ -18,6 +18,8 @@ const TABLES: [(&str, i64); 7] = [
     ("credentials", 1),
     ("key_check", 1),
     ("blobs", 3),
+    ("connection_counts", 5),
+    ("label_counts", 5),
 ];
 
 fn refuse(path: &Path, what: impl std::fmt::Display) -> Error {

@@ -20,6 +20,8 @@
 mod backup;
 mod check;
 mod codec;
+#[cfg(test)]
+mod counts_tests;
 mod error;
 mod query;
 mod read;
