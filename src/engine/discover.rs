@@ -184,3 +184,82 @@ fn discover(
     )?;
     Ok(Discovered::Created(conn))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::Scope;
+    use crate::definitions::Registry;
+    use crate::probe::{Verifier, VerifyFuture};
+    use crate::store::Store;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    struct NeverAsked;
+
+    impl Verifier for NeverAsked {
+        fn verify<'a>(&'a self, c: &'a Connection) -> VerifyFuture<'a> {
+            panic!("verification of {} was not expected", c.id)
+        }
+    }
+
+    /// Reports connections shaped like the benchmark's (kinds 1% grpc, 9%
+    /// http, 90% tcp; labels env=bench and shard=s0..s15) in reports of
+    /// 2,000, and prints the rate: first as new, then reported again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement: run by hand with --ignored --nocapture"]
+    async fn discovery_rate() {
+        let n: usize = std::env::var("TETHER_DISCOVERY_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config::default();
+        let store = Store::open(&dir.path().join("t.db"), config.store_config()).unwrap();
+        let engine = Engine::new(
+            store,
+            Arc::new(NeverAsked),
+            Kinds::new(Arc::new(Registry::builtin()), false),
+        );
+        let reporter = Reporter {
+            source: "bench".into(),
+            actor: "bench".into(),
+            scope: Scope::All,
+        };
+        let item = |i: usize| {
+            let kind = match i % 100 {
+                0 => "grpc",
+                1..=9 => "http",
+                _ => "tcp",
+            };
+            Ok(NewConnection {
+                kind: kind.into(),
+                name: format!("c{i}"),
+                url: format!("{kind}://host-{i}.bench:443"),
+                labels: [
+                    ("env".to_string(), "bench".to_string()),
+                    ("shard".to_string(), format!("s{}", i % 16)),
+                ]
+                .into(),
+                ..Default::default()
+            })
+        };
+        for pass in ["new", "again"] {
+            let start = Instant::now();
+            for batch in (0..n).step_by(2_000) {
+                let items = (batch..(batch + 2_000).min(n)).map(item).collect();
+                let done = engine.report_discovered(&reporter, items).await.unwrap();
+                let expected = |d: &Discovered| match pass {
+                    "new" => matches!(d, Discovered::Created(_)),
+                    _ => matches!(d, Discovered::Unchanged(_)),
+                };
+                assert!(done.iter().all(expected), "{pass}");
+            }
+            let took = start.elapsed();
+            println!(
+                "{pass}: {n} in {took:?}, {:.0}/s",
+                n as f64 / took.as_secs_f64()
+            );
+        }
+    }
+}

@@ -90,7 +90,9 @@ pub(crate) fn live_by_identity(
     c: &rusqlite::Connection,
     identity: &str,
 ) -> Result<Option<Connection>, Error> {
-    let mut stmt = c.prepare_cached(&live_by_identity_sql())?;
+    // Asked once per reported item: the text is built once.
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let mut stmt = c.prepare_cached(SQL.get_or_init(live_by_identity_sql))?;
     Ok(stmt.query_row([identity], connection_from_row).optional()?)
 }
 
