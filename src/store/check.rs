@@ -10,7 +10,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
 
 /// The tables a migrated database has, and the schema version each came with.
-const TABLES: [(&str, i64); 7] = [
+const TABLES: [(&str, i64); 9] = [
     ("meta", 1),
     ("connections", 1),
     ("events", 1),
@@ -18,6 +18,8 @@ const TABLES: [(&str, i64); 7] = [
     ("credentials", 1),
     ("key_check", 1),
     ("blobs", 3),
+    ("connection_counts", 5),
+    ("label_counts", 5),
 ];
 
 fn refuse(path: &Path, what: impl std::fmt::Display) -> Error {
@@ -88,10 +90,18 @@ fn uri_path(path: &Path) -> String {
 pub(super) fn before_migrate(conn: &Connection, path: &Path) -> Result<(), Error> {
     // `quick_check` reads every page but skips the index-content comparison
     // of a full `integrity_check`: linear in the file, fine at start.
-    let mut stmt = conn.prepare("PRAGMA quick_check")?;
-    let found: Vec<String> = stmt
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    // A damaged schema page fails before the check can say so: that is
+    // damage too.
+    let damaged = |e: rusqlite::Error| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            refuse(path, format!("integrity check failed ({e})"))
+        }
+        _ => e.into(),
+    };
+    let found: Vec<String> = conn
+        .prepare("PRAGMA quick_check")
+        .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>())
+        .map_err(damaged)?;
     if found != ["ok"] {
         let first = found.first().cloned().unwrap_or_default();
         return Err(refuse(path, format!("integrity check failed ({first})")));

@@ -20,6 +20,8 @@
 mod backup;
 mod check;
 mod codec;
+#[cfg(test)]
+mod counts_tests;
 mod error;
 mod query;
 mod read;
@@ -410,6 +412,13 @@ fn shutting_down() -> Error {
     Error::Unavailable("the server is shutting down".into())
 }
 
+/// The writer's page cache, in KiB. SQLite's default (2 MiB) is smaller than
+/// what one group of writes dirties over a large table (a page of each index
+/// a row touches, and its keys are random): the rest is spilled to the log
+/// and written again, over and over, before the commit. Pages are held only
+/// as they are used.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+
 /// The write connection: WAL, and every commit synced to disk before it returns.
 fn open_writer(path: &Path, busy: Duration) -> Result<rusqlite::Connection, Error> {
     let conn = rusqlite::Connection::open(path)?;
@@ -427,6 +436,7 @@ fn open_writer(path: &Path, busy: Duration) -> Result<rusqlite::Connection, Erro
     // A write-ahead log that grew while a long read (a watch's snapshot) kept
     // it from being reset is cut back to this once it can be.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     Ok(conn)
 }
 

@@ -91,7 +91,7 @@ fn live() -> String {
 }
 
 /// The live connection holding an identity (the unique index over live identities).
-fn live_by_identity_sql() -> String {
+pub(super) fn live_by_identity_sql() -> String {
     format!(
         "SELECT {CONNECTION_COLUMNS} FROM connections WHERE identity = ?1 AND {}",
         live()
@@ -133,7 +133,9 @@ pub(crate) fn live_by_identity(
     c: &rusqlite::Connection,
     identity: &str,
 ) -> Result<Option<Connection>, Error> {
-    let mut stmt = c.prepare_cached(&live_by_identity_sql())?;
+    // Asked once per created or reported item: the text is built once.
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let mut stmt = c.prepare_cached(SQL.get_or_init(live_by_identity_sql))?;
     Ok(stmt.query_row([identity], connection_from_row).optional()?)
 }
 
@@ -212,23 +214,32 @@ impl Filter {
         self.show_deleted || self.states.iter().any(|s| lifecycle::is_tombstone(*s))
     }
 
-    fn to_sql(&self, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
-        fn any_of(col: &str, items: Vec<Value>, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
-            if items.is_empty() {
-                return;
-            }
-            let marks = vec!["?"; items.len()].join(", ");
-            clauses.push(format!("{col} IN ({marks})"));
-            args.extend(items);
-        }
+    /// Whether the counts kept by (owner, kind, state) and by label answer
+    /// this filter: it asks only for states, kinds, owners and one label at most.
+    fn counted(&self) -> bool {
+        self.types.is_empty()
+            && self.ids.is_empty()
+            && self.search.is_empty()
+            && self.labels.len() <= 1
+    }
+
+    /// The kind, state and owner part of the filter, over any table with those columns.
+    fn columns_to_sql(&self, walk: Walk, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
+        // A unary `+` keeps SQLite from using an index on the column.
+        let (kind, state) = match walk {
+            Walk::Any => ("kind", "state"),
+            Walk::Order => ("+kind", "+state"),
+            Walk::State => ("+kind", "state"),
+            Walk::Kind => ("kind", "+state"),
+        };
         any_of(
-            "kind",
+            kind,
             self.kinds.iter().cloned().map(Value::Text).collect(),
             clauses,
             args,
         );
         any_of(
-            "state",
+            state,
             self.states
                 .iter()
                 .map(|s| Value::Integer(s.number().into()))
@@ -236,6 +247,27 @@ impl Filter {
             clauses,
             args,
         );
+        if !self.includes_deleted() {
+            clauses.push(format!("{state} NOT IN ({})", tombstones()));
+        }
+        if let Some(owners) = &self.owners {
+            if owners.is_empty() {
+                clauses.push("0".into());
+            }
+            any_of(
+                "owner",
+                owners.iter().cloned().map(Value::Text).collect(),
+                clauses,
+                args,
+            );
+        }
+    }
+
+    /// The filter as SQL. Which of the indexes on `state` and `kind` a
+    /// query may walk is its caller's choice ([`Walk`]): left to itself, the
+    /// planner takes `state IN (a, b)` over an index and sorts every match.
+    fn to_sql(&self, walk: Walk, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
+        self.columns_to_sql(walk, clauses, args);
         any_of(
             "type",
             self.types.iter().cloned().map(Value::Text).collect(),
@@ -251,20 +283,6 @@ impl Filter {
             clauses,
             args,
         );
-        if !self.includes_deleted() {
-            clauses.push(format!("state NOT IN ({})", tombstones()));
-        }
-        if let Some(owners) = &self.owners {
-            if owners.is_empty() {
-                clauses.push("0".into());
-            }
-            any_of(
-                "owner",
-                owners.iter().cloned().map(Value::Text).collect(),
-                clauses,
-                args,
-            );
-        }
         if !self.search.is_empty() {
             let escaped = self
                 .search
@@ -289,6 +307,61 @@ impl Filter {
             args.push(Value::Text(v.clone()));
         }
     }
+}
+
+/// Which index a query walks besides its order's own (and the id, url or
+/// identity ones the planner picks by itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Walk {
+    /// Whichever the planner likes (for the small count tables).
+    Any,
+    /// The order's index (`connections_by_create`, ...), or a scan.
+    Order,
+    /// `connections_by_state`: the one state asked for, in creation order.
+    State,
+    /// `connections_by_kind`: the one kind asked for, in creation order.
+    Kind,
+}
+
+/// The index a page in creation order walks: that of its one state or its
+/// one kind, which hold the matching rows in that order, so a page of a
+/// rare state reads about a page of rows rather than a page's worth of the
+/// rarity. Given both, the one with fewer connections (by the counts).
+/// Other orders, and several states or kinds, walk the order's index.
+fn walk(c: &rusqlite::Connection, q: &ListQuery) -> Result<Walk, Error> {
+    let f = &q.filter;
+    if q.order.field != OrderField::CreateTime {
+        return Ok(Walk::Order);
+    }
+    Ok(match (&f.states[..], &f.kinds[..]) {
+        ([_], [_]) => {
+            let mut stmt = c.prepare_cached(
+                "SELECT (SELECT total(n) FROM connection_counts WHERE state = ?1), \
+                        (SELECT total(n) FROM connection_counts WHERE kind = ?2)",
+            )?;
+            let (by_state, by_kind): (f64, f64) = stmt
+                .query_row(params![f.states[0].number(), f.kinds[0]], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            if by_state <= by_kind {
+                Walk::State
+            } else {
+                Walk::Kind
+            }
+        }
+        ([_], _) => Walk::State,
+        (_, [_]) => Walk::Kind,
+        _ => Walk::Order,
+    })
+}
+
+fn any_of(col: &str, items: Vec<Value>, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
+    if items.is_empty() {
+        return;
+    }
+    let marks = vec!["?"; items.len()].join(", ");
+    clauses.push(format!("{col} IN ({marks})"));
+    args.extend(items);
 }
 
 fn where_clause(clauses: &[String]) -> String {
@@ -366,9 +439,35 @@ pub(crate) struct Page {
 /// exactly once, whatever is written meanwhile.
 pub(crate) fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Error> {
     let (revision, _) = revisions(c)?;
+    let (sql, args) = list_sql(c, q)?;
+    let mut stmt = c.prepare_cached(&sql)?;
+    let mut connections = stmt
+        .query_map(params_from_iter(args), connection_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = if connections.len() > q.page_size {
+        connections.truncate(q.page_size);
+        connections.last().map(|last| Cursor {
+            key: q.order.key_of(last),
+            id: last.id.to_string(),
+        })
+    } else {
+        None
+    };
+    Ok(Page {
+        connections,
+        next,
+        revision,
+    })
+}
+
+/// A page's query and its arguments.
+pub(super) fn list_sql(
+    c: &rusqlite::Connection,
+    q: &ListQuery,
+) -> Result<(String, Vec<Value>), Error> {
     let mut clauses = Vec::new();
     let mut args = Vec::new();
-    q.filter.to_sql(&mut clauses, &mut args);
+    q.filter.to_sql(walk(c, q)?, &mut clauses, &mut args);
     let col = q.order.column();
     let (cmp, dir) = if q.order.descending {
         ("<", "DESC")
@@ -388,24 +487,7 @@ pub(crate) fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Erro
         where_clause(&clauses),
         q.page_size + 1
     );
-    let mut stmt = c.prepare_cached(&sql)?;
-    let mut connections = stmt
-        .query_map(params_from_iter(args), connection_from_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    let next = if connections.len() > q.page_size {
-        connections.truncate(q.page_size);
-        connections.last().map(|last| Cursor {
-            key: q.order.key_of(last),
-            id: last.id.to_string(),
-        })
-    } else {
-        None
-    };
-    Ok(Page {
-        connections,
-        next,
-        revision,
-    })
+    Ok((sql, args))
 }
 
 /// Where a snapshot page ends: the sort key of its last row.
@@ -429,7 +511,7 @@ pub(crate) fn snapshot_page(
     let max_rows = max_rows.max(1);
     let mut clauses = Vec::new();
     let mut args = Vec::new();
-    filter.to_sql(&mut clauses, &mut args);
+    filter.to_sql(Walk::Order, &mut clauses, &mut args);
     if let Some(a) = after {
         clauses.push("(create_time, id) > (?, ?)".into());
         args.push(Value::Integer(a.create_time));
@@ -467,14 +549,43 @@ pub(crate) fn count(
     c: &rusqlite::Connection,
     filter: &Filter,
 ) -> Result<(Vec<(State, i64)>, Revision), Error> {
+    count_by(c, filter, filter.counted())
+}
+
+/// [`count`], from the kept counts (`kept`, when they answer the filter) or
+/// by reading the rows.
+pub(super) fn count_by(
+    c: &rusqlite::Connection,
+    filter: &Filter,
+    kept: bool,
+) -> Result<(Vec<(State, i64)>, Revision), Error> {
     let (revision, _) = revisions(c)?;
     let mut clauses = Vec::new();
     let mut args = Vec::new();
-    filter.to_sql(&mut clauses, &mut args);
-    let sql = format!(
-        "SELECT state, count(*) FROM connections {} GROUP BY state",
-        where_clause(&clauses)
-    );
+    let sql = if kept {
+        // Sums of the counts the triggers of schema version 5 keep: a few
+        // rows per (owner, kind, state), whatever the number of connections.
+        let table = match filter.labels.iter().next() {
+            Some((key, value)) => {
+                clauses.push("key = ? AND value = ?".into());
+                args.push(Value::Text(key.clone()));
+                args.push(Value::Text(value.clone()));
+                "label_counts"
+            }
+            None => "connection_counts",
+        };
+        filter.columns_to_sql(Walk::Any, &mut clauses, &mut args);
+        format!(
+            "SELECT state, sum(n) FROM {table} {} GROUP BY state",
+            where_clause(&clauses)
+        )
+    } else {
+        filter.to_sql(Walk::Order, &mut clauses, &mut args);
+        format!(
+            "SELECT state, count(*) FROM connections {} GROUP BY state",
+            where_clause(&clauses)
+        )
+    };
     let mut stmt = c.prepare_cached(&sql)?;
     let found: BTreeMap<i32, i64> = stmt
         .query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -663,7 +774,7 @@ pub(crate) fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connectio
         .collect::<Vec<_>>()
         .join(", ");
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE managed = 1 AND state IN ({states})"
+        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE managed = 1 AND +state IN ({states})"
     ))?;
     let rows = stmt.query_map([], connection_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)

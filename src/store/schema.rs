@@ -172,6 +172,80 @@ const MIGRATIONS: &[Step] = &[
     // 4: identities derived by the rule before urls differing only by an
     // empty query, a fragment or trailing slashes derived one identity.
     Step::Rust(rederive_identities),
+    // 5: counts kept as the rows change, so counting reads a few aggregate
+    // rows instead of every connection. `connection_counts` holds how many
+    // connections each (owner, kind, state) has; `label_counts` the same per
+    // label (key, value). The triggers keep them in the transaction of every
+    // insert, delete and change of those columns (a change of anything else
+    // fires nothing); a row that falls to zero goes. Both start from the rows
+    // already stored. `connections_by_state`/`_kind` find a state's or a
+    // kind's connections in creation order, for pages filtered to a rare one.
+    Step::Sql(
+        r#"
+    CREATE TABLE connection_counts (
+        owner TEXT NOT NULL,
+        kind  TEXT NOT NULL,
+        state INTEGER NOT NULL,
+        n     INTEGER NOT NULL CHECK (n > 0),
+        PRIMARY KEY (owner, kind, state)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE label_counts (
+        key   TEXT NOT NULL,
+        value TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        kind  TEXT NOT NULL,
+        state INTEGER NOT NULL,
+        n     INTEGER NOT NULL CHECK (n > 0),
+        PRIMARY KEY (key, value, owner, kind, state)
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO connection_counts (owner, kind, state, n)
+        SELECT owner, kind, state, count(*) FROM connections GROUP BY owner, kind, state;
+    INSERT INTO label_counts (key, value, owner, kind, state, n)
+        SELECT j.key, j.value, c.owner, c.kind, c.state, count(*)
+        FROM connections AS c, json_each(c.labels) AS j
+        GROUP BY j.key, j.value, c.owner, c.kind, c.state;
+
+    CREATE TRIGGER connections_count_insert AFTER INSERT ON connections BEGIN
+        INSERT INTO connection_counts (owner, kind, state, n)
+            VALUES (NEW.owner, NEW.kind, NEW.state, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, NEW.owner, NEW.kind, NEW.state, 1 FROM json_each(NEW.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER connections_count_delete AFTER DELETE ON connections BEGIN
+        DELETE FROM connection_counts
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state) AND n = 1;
+        UPDATE connection_counts SET n = n - 1
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state);
+        DELETE FROM label_counts WHERE n = 1 AND (key, value, owner, kind, state) IN
+            (SELECT key, value, OLD.owner, OLD.kind, OLD.state FROM json_each(OLD.labels));
+        UPDATE label_counts SET n = n - 1 WHERE (key, value, owner, kind, state) IN
+            (SELECT key, value, OLD.owner, OLD.kind, OLD.state FROM json_each(OLD.labels));
+    END;
+    CREATE TRIGGER connections_count_update AFTER UPDATE OF owner, kind, state, labels ON connections
+        WHEN OLD.owner IS NOT NEW.owner OR OLD.kind IS NOT NEW.kind
+            OR OLD.state IS NOT NEW.state OR OLD.labels IS NOT NEW.labels BEGIN
+        DELETE FROM connection_counts
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state) AND n = 1;
+        UPDATE connection_counts SET n = n - 1
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state);
+        INSERT INTO connection_counts (owner, kind, state, n)
+            VALUES (NEW.owner, NEW.kind, NEW.state, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        DELETE FROM label_counts WHERE n = 1 AND (key, value, owner, kind, state) IN
+            (SELECT key, value, OLD.owner, OLD.kind, OLD.state FROM json_each(OLD.labels));
+        UPDATE label_counts SET n = n - 1 WHERE (key, value, owner, kind, state) IN
+            (SELECT key, value, OLD.owner, OLD.kind, OLD.state FROM json_each(OLD.labels));
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, NEW.owner, NEW.kind, NEW.state, 1 FROM json_each(NEW.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = n + 1;
+    END;
+
+    CREATE INDEX connections_by_state ON connections (state, create_time);
+    CREATE INDEX connections_by_kind ON connections (kind, create_time);
+    "#,
+    ),
 ];
 
 /// The schema version this build writes.
@@ -309,6 +383,46 @@ mod tests {
             |r| r.get(0),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn version_5_counts_the_connections_already_stored() {
+        let (_dir, mut conn) = version_2();
+        let mut ids = Vec::new();
+        for (i, state) in [
+            State::Discovered,
+            State::Ignored,
+            State::Deleted,
+            State::Discovered,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            ids.push(insert(&conn, "", "", state, i as i64));
+        }
+        conn.execute(
+            r#"UPDATE connections SET labels = '{"env":"a","shard":"s1"}', owner = 'o' WHERE id = ?1"#,
+            [&ids[0]],
+        )
+        .unwrap();
+        conn.execute(
+            r#"UPDATE connections SET labels = '{"env":"a"}', kind = 'http' WHERE id = ?1"#,
+            [&ids[1]],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let kept: i64 = conn
+            .query_row("SELECT sum(n) FROM connection_counts", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 4);
+        crate::store::counts_tests::assert_counts_kept(&conn);
+        // And from then on, the triggers keep them.
+        conn.execute(
+            r#"UPDATE connections SET labels = '{"env":"b"}', state = 7 WHERE id = ?1"#,
+            [&ids[0]],
+        )
+        .unwrap();
+        crate::store::counts_tests::assert_counts_kept(&conn);
     }
 
     #[test]

@@ -503,3 +503,160 @@ async fn a_rediscovered_connection_takes_the_url_it_was_found_at() {
         .expect("reachable where it was found");
     assert_eq!(registered.state, S::Registered as i32);
 }
+
+/// Every connection a list with these filters returns, page after page.
+async fn list_all(c: &mut Client, mut req: pb::ListConnectionsRequest) -> Vec<pb::Connection> {
+    let mut all = Vec::new();
+    req.page_size = 7;
+    loop {
+        let page = c.list_connections(req.clone()).await.unwrap().into_inner();
+        all.extend(page.connections);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+#[tokio::test]
+async fn counts_and_filtered_pages_follow_discovery_and_every_later_change() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let items: Vec<pb::Connection> = (0..60)
+        .map(|i| {
+            let kind = ["tcp", "http", "tcp", "grpc"][i % 4];
+            let mut item = found(kind, &format!("{kind}://host-{i}.example:{}", 1000 + i));
+            item.labels = [
+                ("env".to_string(), "bench".to_string()),
+                ("shard".to_string(), format!("s{}", i % 3)),
+            ]
+            .into();
+            item
+        })
+        .collect();
+    let results = report_ok(&mut c, items.clone()).await;
+    assert_eq!(outcomes(&results), [O::Created; 60]);
+    let ids = ids(&results);
+    // Reported again: unchanged, counted once.
+    assert_eq!(
+        outcomes(&report_ok(&mut c, items[..5].to_vec()).await),
+        [O::Unchanged; 5]
+    );
+    for id in ids.iter().step_by(9) {
+        moved(&mut c, id, S::Ignored).await;
+    }
+    for id in ids.iter().skip(1).step_by(10) {
+        c.delete_connection(pb::DeleteConnectionRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    for id in ids.iter().skip(2).step_by(10) {
+        c.update_connection(pb::UpdateConnectionRequest {
+            connection: Some(pb::Connection {
+                id: id.clone(),
+                labels: [("shard".to_string(), "moved".to_string())].into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["labels".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // An IGNORED one stays so when reported again.
+    assert_eq!(
+        outcomes(&report_ok(&mut c, vec![items[0].clone()]).await),
+        [O::SuppressedIgnored]
+    );
+
+    let everything = list_all(
+        &mut c,
+        pb::ListConnectionsRequest {
+            show_deleted: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(everything.len(), 60);
+    let label = |k: &str, v: &str| [(k.to_string(), v.to_string())].into();
+    let filters = [
+        pb::CountConnectionsRequest::default(),
+        pb::CountConnectionsRequest {
+            show_deleted: true,
+            ..Default::default()
+        },
+        pb::CountConnectionsRequest {
+            kinds: vec!["grpc".into()],
+            ..Default::default()
+        },
+        pb::CountConnectionsRequest {
+            states: vec![S::Ignored as i32],
+            ..Default::default()
+        },
+        pb::CountConnectionsRequest {
+            labels: label("shard", "s1"),
+            ..Default::default()
+        },
+        pb::CountConnectionsRequest {
+            labels: label("shard", "moved"),
+            kinds: vec!["tcp".into(), "http".into()],
+            show_deleted: true,
+            ..Default::default()
+        },
+        pb::CountConnectionsRequest {
+            labels: [
+                ("env".to_string(), "bench".to_string()),
+                ("shard".to_string(), "s0".to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        },
+    ];
+    let mut seen_nonzero = 0;
+    for f in filters {
+        let counts = c.count_connections(f.clone()).await.unwrap().into_inner();
+        let deleted = f.show_deleted || f.states.contains(&(S::Deleted as i32));
+        let matching: Vec<&pb::Connection> = everything
+            .iter()
+            .filter(|x| f.kinds.is_empty() || f.kinds.contains(&x.kind))
+            .filter(|x| f.states.is_empty() || f.states.contains(&x.state))
+            .filter(|x| deleted || x.state != S::Deleted as i32)
+            .filter(|x| f.labels.iter().all(|(k, v)| x.labels.get(k) == Some(v)))
+            .collect();
+        assert_eq!(counts.total, matching.len() as i64, "{f:?}");
+        for sc in &counts.counts {
+            let n = matching.iter().filter(|x| x.state == sc.state).count();
+            assert_eq!(sc.count, n as i64, "{f:?}, state {}", sc.state);
+        }
+        seen_nonzero += usize::from(counts.total > 0);
+
+        // A list with the same filter, in both directions, finds the same
+        // connections in creation order.
+        for order_by in ["", "create_time desc"] {
+            let listed = list_all(
+                &mut c,
+                pb::ListConnectionsRequest {
+                    kinds: f.kinds.clone(),
+                    states: f.states.clone(),
+                    labels: f.labels.clone(),
+                    show_deleted: f.show_deleted,
+                    order_by: order_by.into(),
+                    ..Default::default()
+                },
+            )
+            .await;
+            let mut expected: Vec<&str> = matching.iter().map(|x| x.id.as_str()).collect();
+            if !order_by.is_empty() {
+                expected.reverse();
+            }
+            let got: Vec<&str> = listed.iter().map(|x| x.id.as_str()).collect();
+            assert_eq!(got, expected, "{f:?} {order_by}");
+        }
+    }
+    assert_eq!(seen_nonzero, 7, "every filter matches something");
+}
