@@ -361,6 +361,7 @@ impl Tx<'_> {
             actor: draft.actor,
             time: self.now,
             connection: conn.clone(),
+            cache: Default::default(),
         };
         let blob = self.put_blob(&metadata)?;
         let snapshot = codec::encode_connection(&event.connection, blob.is_none())?;
