@@ -203,9 +203,13 @@ impl Watcher {
         let (current, compact) = self.store.read(|r| r.revisions()).await?;
         check_start(spec.after_revision, current, compact)?;
         let queue = Arc::new(Queue::new(self.budget.clone(), self.config.buffer));
+        // The watch's own token, cancelled with the server's: its stream and
+        // task look at it on every wake, and a shared token's lock would be
+        // taken by every watcher for every change.
+        let shutdown = self.shutdown.child_token();
         let stream = WatchStream {
             queue: queue.clone(),
-            shutdown: Box::pin(self.shutdown.clone().cancelled_owned()),
+            shutdown: Box::pin(shutdown.clone().cancelled_owned()),
             done: false,
             resume_after: spec.after_revision,
         };
@@ -215,7 +219,6 @@ impl Watcher {
             queue: queue.clone(),
             config: self.config.clone(),
         };
-        let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
             // Whatever ends the task, the stream hears how.
             let _end = EndGuard(queue.clone());

@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::pb::tether::v1 as pb;
 use crate::store::{EventFilter, ListQuery};
 use crate::watch::{Item, WatchSpec, Watcher};
+use futures::stream::FuturesUnordered;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
@@ -343,8 +344,13 @@ impl ConnectionService {
         // file stops admitting its caller (or changes what it may see), the
         // stream ends with that status.
         let access = self.access.clone();
-        let revoked =
-            Box::pin(async move { access.revoked(&principal, &via, auth::may_watch).await });
+        // Polled only when it was woken (not on every message): the access
+        // file's change signal is shared by every watch.
+        let revoked: FuturesUnordered<_> = [Box::pin(async move {
+            access.revoked(&principal, &via, auth::may_watch).await
+        })]
+        .into_iter()
+        .collect();
         let stream = futures::stream::unfold(
             (stream, revoked, false),
             |(mut stream, mut revoked, ended)| async move {
@@ -358,7 +364,7 @@ impl ConnectionService {
                         let ended = item.is_err();
                         Some((item, (stream, revoked, ended)))
                     }
-                    why = &mut revoked => {
+                    Some(why) = revoked.next() => {
                         Some((Err(auth::revoked_status(&why)), (stream, revoked, true)))
                     }
                 }
