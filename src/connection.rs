@@ -8,6 +8,7 @@ use crate::error::Error;
 use crate::lifecycle::{State, Trigger};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A connection's id: a UUID in its canonical lowercase hyphenated form.
@@ -248,12 +249,57 @@ pub(crate) struct Event {
     pub(crate) time: Micros,
     /// The connection after the change.
     pub(crate) connection: Connection,
+    /// What readers of a shared (`Arc`) event work out once for all of them;
+    /// `Default::default()` when the event is made.
+    pub(crate) cache: EventCache,
 }
 
 impl Event {
     /// About how many bytes the event takes; see [`Connection::approx_size`].
+    /// Worked out once per event.
     pub(crate) fn approx_size(&self) -> usize {
-        64 + self.reason.len() + self.actor.len() + self.connection.approx_size()
+        *self.cache.size.get_or_init(|| {
+            64 + self.reason.len() + self.actor.len() + self.connection.approx_size()
+        })
+    }
+
+    /// The event's bytes as the layer that sends it encodes them, made by
+    /// the first caller (with `encode`) and shared with every later one.
+    /// Opaque here: the format is the sender's business.
+    pub(crate) fn encoded(&self, encode: impl FnOnce(&Event) -> Vec<u8>) -> &[u8] {
+        self.cache
+            .encoded
+            .get_or_init(|| encode(self).into_boxed_slice())
+    }
+}
+
+/// Values derived from an [`Event`], filled lazily and at most once, so that
+/// the many watchers sharing one event do not each work them out (and hold
+/// them). Not part of the event's value: a clone starts empty and any two
+/// caches are equal.
+#[derive(Default)]
+pub(crate) struct EventCache {
+    size: OnceLock<usize>,
+    encoded: OnceLock<Box<[u8]>>,
+}
+
+impl Clone for EventCache {
+    fn clone(&self) -> Self {
+        EventCache::default()
+    }
+}
+
+impl PartialEq for EventCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for EventCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventCache")
+            .field("encoded", &self.encoded.get().map(|b| b.len()))
+            .finish_non_exhaustive()
     }
 }
 

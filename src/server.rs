@@ -29,6 +29,7 @@ use crate::service::credentials::CredentialService;
 use crate::service::definitions::DefinitionService;
 use crate::service::health::{HealthServer, HealthService};
 use crate::service::sizes::{HTTP2_MAX_HEADER_LIST, MAX_MESSAGE_BYTES, SizeLayer};
+use crate::service::watch_wire::WatchRoute;
 use crate::service::{ConnectionService, RequestIds};
 use crate::store::Store;
 use crate::transport::{self, Tls};
@@ -247,8 +248,13 @@ async fn serve(
     let credentials =
         CredentialService::new(credentials, limits.default_page_size, limits.max_page_size);
     let request_ids = RequestIds::new(server.secrets.subkey("tether request ids v1"));
-    let service =
-        ConnectionService::new(engine, watcher, limits, request_ids, server.access.clone());
+    let service = Arc::new(ConnectionService::new(
+        engine,
+        watcher,
+        limits,
+        request_ids,
+        server.access.clone(),
+    ));
     if !server.access.enabled() {
         tracing::warn!(
             "authentication is off (no --auth-file): every caller is the anonymous admin"
@@ -313,9 +319,13 @@ async fn serve(
         )
         .add_service(reflection_v1.max_decoding_message_size(MAX_MESSAGE_BYTES))
         .add_service(reflection_v1alpha.max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(
-            ConnectionServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        // The generated server, but for WatchConnections, which is served
+        // with each change encoded once for all its watchers.
+        .add_service(WatchRoute::new(
+            service.clone(),
+            ConnectionServiceServer::from_arc(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            MAX_MESSAGE_BYTES,
+        ))
         .add_service(
             DefinitionServiceServer::new(definitions).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )

@@ -8,6 +8,13 @@
 //! or other watchers, it catches up from the store instead, and only if the
 //! history it needs has been pruned does it end with `REVISION_COMPACTED`.
 //!
+//! Changes are shared, never copied: a live event is the store's own
+//! `Arc<Event>`, handed to every watcher it concerns; one replayed from the
+//! store is wrapped once. Each watcher adds only its view of the change
+//! ([`Change`]); whatever is derived from the event itself (its size, its
+//! encoding on the wire) is worked out once, by its first reader, and kept
+//! with the event ([`Event::encoded`]).
+//!
 //! A snapshot is read in pages from one read transaction ([`Store::snapshot`]),
 //! never whole. What a watcher holds between its task and its gRPC stream is
 //! counted against one budget shared by every watcher (`--watch-memory`):
@@ -16,11 +23,28 @@
 //! takes longer than `--watch-snapshot-timeout`) is ended with
 //! `WATCH_TOO_SLOW` and the revision to resume from; what it held is freed.
 //!
+//! A buffered change is charged to its watcher at the event's full size,
+//! although what the watcher itself holds is a pointer. The charge stands for
+//! what the watcher keeps alive: a watcher that stops taking pins every event
+//! in its buffer after the ring and the other watchers have moved on, so the
+//! events held by watchers stuck at different places are distinct, and only
+//! charging each its full size keeps the sum of all buffers within
+//! `--watch-memory`. Where watchers keep up, the same event is counted by
+//! several of them at once, so the budget overstates memory, never
+//! understates it; and a watcher that keeps up holds almost nothing, so its
+//! charge is brief. Memory itself grows per watcher by its queue of pointers,
+//! whatever the size of the events.
+//!
+//! Live events come in batches: one wake of the task takes every event the
+//! ring holds ready (up to [`LIVE_BATCH`]) and queues what concerns the
+//! watcher under one lock, with one wake of the stream.
+//!
 //! Every watch task observes the shutdown token and is tracked, so the server
 //! can wait for all of them to end.
 
 use crate::connection::Revision;
 use crate::connection::{Connection, Event, EventType};
+
 use crate::error::Error;
 use crate::lifecycle::{self, State};
 use crate::store::{EventFilter, Filter, Store};
@@ -30,6 +54,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -64,6 +89,9 @@ const MIN_SHARE: usize = 64 * 1024;
 /// read, one waiting, one being queued).
 const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
+/// Most live events a watch task takes from the ring per wake.
+const LIVE_BATCH: usize = 256;
+
 /// What a watch asks for.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct WatchSpec {
@@ -86,9 +114,10 @@ pub(crate) enum Change {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Item {
     /// A connection of the initial snapshot (its revision is its last change).
-    Snapshot(Connection),
-    /// A committed change as it concerns this watch.
-    Change(Change, Event),
+    Snapshot(Box<Connection>),
+    /// A committed change as it concerns this watch; the event is shared
+    /// with every other watcher it concerns.
+    Change(Change, Arc<Event>),
     /// Everything up to this revision has been sent; what follows is live.
     Synced(Revision),
     /// Nothing new; everything up to this revision has been sent.
@@ -174,9 +203,13 @@ impl Watcher {
         let (current, compact) = self.store.read(|r| r.revisions()).await?;
         check_start(spec.after_revision, current, compact)?;
         let queue = Arc::new(Queue::new(self.budget.clone(), self.config.buffer));
+        // The watch's own token, cancelled with the server's: its stream and
+        // task look at it on every wake, and a shared token's lock would be
+        // taken by every watcher for every change.
+        let shutdown = self.shutdown.child_token();
         let stream = WatchStream {
             queue: queue.clone(),
-            shutdown: Box::pin(self.shutdown.clone().cancelled_owned()),
+            shutdown: Box::pin(shutdown.clone().cancelled_owned()),
             done: false,
             resume_after: spec.after_revision,
         };
@@ -186,7 +219,6 @@ impl Watcher {
             queue: queue.clone(),
             config: self.config.clone(),
         };
-        let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
             // Whatever ends the task, the stream hears how.
             let _end = EndGuard(queue.clone());
@@ -250,6 +282,8 @@ struct Buffered {
     /// items are dropped and the stream ends at once.
     stalled: Option<String>,
     waker: Option<Waker>,
+    /// The task waits for room: the stream notifies `room` when it takes.
+    task_waiting: bool,
 }
 
 impl Buffered {
@@ -283,11 +317,13 @@ impl Queue {
         self.state.lock().expect("watch queue lock")
     }
 
-    /// Queues `item` once there is room for it, or gives up at `deadline`.
-    async fn push(&self, item: Item, deadline: Instant) -> Result<(), Stop> {
-        let bytes = item.approx_size();
-        let mut item = Some(item);
-        loop {
+    /// Queues `items`, in order, as room for them frees up, waking the
+    /// stream once per run queued under the lock; gives up when the watcher
+    /// takes nothing for `stall` while the buffer is full.
+    async fn push(&self, items: &mut VecDeque<Item>, stall: Duration) -> Result<(), Stop> {
+        // Each item gets `stall` from when the one before it got in.
+        let mut deadline = Instant::now() + stall;
+        while !items.is_empty() {
             {
                 let mut b = self.lock();
                 // Checked under the lock the stream's drop clears under: nothing
@@ -295,15 +331,27 @@ impl Queue {
                 if self.gone.is_cancelled() {
                     return Err(Stop::Gone);
                 }
-                let fits = b.items.is_empty()
-                    || (b.items.len() < self.capacity && b.bytes + bytes <= self.budget.share());
-                if fits {
+                let share = self.budget.share();
+                let before = b.items.len();
+                while let Some(item) = items.front() {
+                    let bytes = item.approx_size();
+                    let fits = b.items.is_empty()
+                        || (b.items.len() < self.capacity && b.bytes + bytes <= share);
+                    if !fits {
+                        break;
+                    }
+                    let item = items.pop_front().expect("looked at");
                     b.bytes += bytes;
-                    b.items
-                        .push_back((item.take().expect("pushed once"), bytes));
+                    b.items.push_back((item, bytes));
+                }
+                if b.items.len() > before {
                     b.wake();
+                    deadline = Instant::now() + stall;
+                }
+                if items.is_empty() {
                     return Ok(());
                 }
+                b.task_waiting = true;
             }
             // A permit stored by `notify_one` covers a take that happens
             // between the check above and this wait.
@@ -316,6 +364,7 @@ impl Queue {
                 ));
             }
         }
+        Ok(())
     }
 
     fn stall(&self, why: String) {
@@ -366,31 +415,36 @@ impl tokio_stream::Stream for WatchStream {
             self.done = true;
             return Poll::Ready(Some(Err(shutting_down())));
         }
-        let queue = self.queue.clone();
-        let mut b = queue.lock();
+        let this = &mut *self;
+        let mut b = this.queue.lock();
         if let Some(why) = b.stalled.take() {
             drop(b);
-            self.done = true;
+            this.done = true;
             return Poll::Ready(Some(Err(Error::WatchTooSlow {
                 message: why,
-                resume_after: self.resume_after,
+                resume_after: this.resume_after,
             })));
         }
         if let Some((item, bytes)) = b.items.pop_front() {
             b.bytes -= bytes;
+            let waiting = std::mem::take(&mut b.task_waiting);
             drop(b);
-            queue.room.notify_one();
+            if waiting {
+                this.queue.room.notify_one();
+            }
             if let Some(r) = item.resumable() {
-                self.resume_after = r;
+                this.resume_after = r;
             }
             return Poll::Ready(Some(Ok(item)));
         }
         if let Some(e) = b.end.take() {
             drop(b);
-            self.done = true;
+            this.done = true;
             return Poll::Ready(Some(Err(e)));
         }
-        b.waker = Some(cx.waker().clone());
+        if !b.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            b.waker = Some(cx.waker().clone());
+        }
         Poll::Pending
     }
 }
@@ -452,27 +506,46 @@ impl Task {
         self.send(Item::Synced(last)).await?;
         let interval = self.config.bookmark_interval;
         let mut idle_until = Instant::now() + interval;
+        let mut batch = VecDeque::new();
         loop {
             let sent = tokio::select! {
-                event = live.recv() => match event {
-                    // Already sent from the store while catching up.
-                    Ok(e) if e.revision <= last => false,
-                    Ok(e) => {
-                        last = e.revision;
-                        match classify(&self.spec.filter, &e) {
-                            Some(item) => {
-                                self.send(item).await?;
-                                true
+                first = live.recv() => {
+                    let mut next = Some(first);
+                    let mut taken = 0;
+                    let mut lagged = None;
+                    // This event and every one already waiting in the ring.
+                    while let Some(event) = next.take() {
+                        match event {
+                            // Already sent from the store while catching up.
+                            Ok(e) if e.revision <= last => {}
+                            Ok(e) => {
+                                last = e.revision;
+                                batch.extend(classify(&self.spec.filter, &e));
                             }
-                            None => false,
+                            Err(RecvError::Lagged(missed)) => {
+                                lagged = Some(missed);
+                                break;
+                            }
+                            Err(RecvError::Closed) => return Err(shutting_down().into()),
+                        }
+                        taken += 1;
+                        if taken < LIVE_BATCH {
+                            next = match live.try_recv() {
+                                Ok(e) => Some(Ok(e)),
+                                Err(TryRecvError::Empty) => None,
+                                Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                                Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                            };
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let mut sent = !batch.is_empty();
+                    self.queue.push(&mut batch, self.config.stall_timeout).await?;
+                    if let Some(missed) = lagged {
                         tracing::debug!(missed, last = last.get(), "watcher fell behind the live ring; replaying from the store");
                         last = self.catch_up(last).await?;
-                        true
+                        sent = true;
                     }
-                    Err(broadcast::error::RecvError::Closed) => return Err(shutting_down().into()),
+                    sent
                 },
                 _ = tokio::time::sleep_until(idle_until), if self.spec.progress_notify => {
                     self.send(Item::Bookmark(last)).await?;
@@ -502,9 +575,11 @@ impl Task {
             )
             .await?;
         while let Some(page) = snapshot.next_page().await {
-            for c in page? {
-                self.send(Item::Snapshot(c)).await?;
-            }
+            let mut items = page?
+                .into_iter()
+                .map(|c| Item::Snapshot(Box::new(c)))
+                .collect();
+            self.push(&mut items).await?;
         }
         Ok(snapshot.revision)
     }
@@ -541,21 +616,24 @@ impl Task {
             let Some(newest) = events.last().map(|e| e.revision) else {
                 return Ok(last);
             };
-            for e in events {
-                if let Some(item) = classify(&self.spec.filter, &e) {
-                    self.send(item).await?;
-                }
-            }
+            let mut items = events
+                .into_iter()
+                .filter_map(|e| classify(&self.spec.filter, &Arc::new(e)))
+                .collect();
+            self.push(&mut items).await?;
             last = newest;
         }
     }
 
     async fn send(&self, item: Item) -> Result<(), Stop> {
+        self.push(&mut VecDeque::from([item])).await
+    }
+
+    async fn push(&self, items: &mut VecDeque<Item>) -> Result<(), Stop> {
         if self.queue.gone.is_cancelled() {
             return Err(Stop::Gone);
         }
-        let deadline = Instant::now() + self.config.stall_timeout;
-        self.queue.push(item, deadline).await
+        self.queue.push(items, self.config.stall_timeout).await
     }
 }
 
@@ -570,7 +648,7 @@ fn visible(f: &Filter, c: &Connection, state: State) -> bool {
 }
 
 /// Entering the view is ADDED, leaving it REMOVED; outside it, nothing.
-fn classify(f: &Filter, e: &Event) -> Option<Item> {
+fn classify(f: &Filter, e: &Arc<Event>) -> Option<Item> {
     let before = e.type_ != EventType::Created && visible(f, &e.connection, e.from_state);
     let after = visible(f, &e.connection, e.to_state);
     let change = match (before, after) {
@@ -579,5 +657,5 @@ fn classify(f: &Filter, e: &Event) -> Option<Item> {
         (true, false) => Change::Removed,
         (false, false) => return None,
     };
-    Some(Item::Change(change, e.clone()))
+    Some(Item::Change(change, Arc::clone(e)))
 }

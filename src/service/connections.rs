@@ -17,7 +17,8 @@ use crate::engine::{Engine, TransitionRequest};
 use crate::error::Error;
 use crate::pb::tether::v1 as pb;
 use crate::store::{EventFilter, ListQuery};
-use crate::watch::{WatchSpec, Watcher};
+use crate::watch::{Item, WatchSpec, Watcher};
+use futures::stream::FuturesUnordered;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
@@ -73,8 +74,8 @@ impl ConnectionService {
     }
 }
 
-type WatchResponseStream =
-    Pin<Box<dyn Stream<Item = Result<pb::WatchConnectionsResponse, Status>> + Send>>;
+/// A watch stream of messages `T`.
+pub(crate) type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::connection_service_server::ConnectionService for ConnectionService {
@@ -298,12 +299,27 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         }))
     }
 
-    type WatchConnectionsStream = WatchResponseStream;
+    type WatchConnectionsStream = WatchStream<pb::WatchConnectionsResponse>;
 
+    /// Served by [`super::watch_wire::WatchRoute`], which sends the same
+    /// messages with each change encoded once; this is the same stream in
+    /// prost's own type, for a server mounted without that route.
     async fn watch_connections(
         &self,
         request: Request<pb::WatchConnectionsRequest>,
     ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
+        self.watch(request, convert::watch_item_to_pb).await
+    }
+}
+
+impl ConnectionService {
+    /// Opens a watch for the caller, within its scope and its open-watch
+    /// limit; `to_wire` turns each item into the message sent.
+    pub(crate) async fn watch<T: Send + 'static>(
+        &self,
+        request: Request<pb::WatchConnectionsRequest>,
+        to_wire: fn(Item) -> T,
+    ) -> Result<Response<WatchStream<T>>, Status> {
         let principal = auth::principal(&request)?;
         let via = auth::via(&request);
         let slot = self
@@ -322,14 +338,19 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         let stream = stream.map(move |item| {
             // The slot lives as long as the stream.
             let _slot = &slot;
-            item.map(convert::watch_item_to_pb).map_err(Status::from)
+            item.map(to_wire).map_err(Status::from)
         });
         // A watch outlives the check made when it opened: when the access
         // file stops admitting its caller (or changes what it may see), the
         // stream ends with that status.
         let access = self.access.clone();
-        let revoked =
-            Box::pin(async move { access.revoked(&principal, &via, auth::may_watch).await });
+        // Polled only when it was woken (not on every message): the access
+        // file's change signal is shared by every watch.
+        let revoked: FuturesUnordered<_> = [Box::pin(async move {
+            access.revoked(&principal, &via, auth::may_watch).await
+        })]
+        .into_iter()
+        .collect();
         let stream = futures::stream::unfold(
             (stream, revoked, false),
             |(mut stream, mut revoked, ended)| async move {
@@ -343,7 +364,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
                         let ended = item.is_err();
                         Some((item, (stream, revoked, ended)))
                     }
-                    why = &mut revoked => {
+                    Some(why) = revoked.next() => {
                         Some((Err(auth::revoked_status(&why)), (stream, revoked, true)))
                     }
                 }

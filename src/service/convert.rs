@@ -498,31 +498,47 @@ pub(crate) fn event_to_pb(e: &Event) -> pb::ConnectionEvent {
     }
 }
 
+/// A watch message as prost's own type; the stream sends the same bytes
+/// through [`super::watch_wire::WatchMessage`].
 pub(crate) fn watch_item_to_pb(item: Item) -> pb::WatchConnectionsResponse {
     use pb::WatchEventType as W;
-    let (t, revision, connection, event) = match item {
-        Item::Snapshot(c) => (W::Added, c.revision, Some(connection_to_pb(&c)), None),
+    let (t, revision, connection) = match item {
+        Item::Snapshot(c) => (W::Added, c.revision, Some(connection_to_pb(&c))),
         Item::Change(change, e) => {
-            let t = match change {
-                Change::Added => W::Added,
-                Change::Modified => W::Modified,
-                Change::Removed => W::Removed,
+            return pb::WatchConnectionsResponse {
+                r#type: change_to_pb(change) as i32,
+                ..change_to_pb_shared(&e)
             };
-            (
-                t,
-                e.revision,
-                Some(connection_to_pb(&e.connection)),
-                Some(event_to_pb(&e)),
-            )
         }
-        Item::Synced(r) => (W::Synced, r, None, None),
-        Item::Bookmark(r) => (W::Bookmark, r, None, None),
+        Item::Synced(r) => (W::Synced, r, None),
+        Item::Bookmark(r) => (W::Bookmark, r, None),
     };
     pb::WatchConnectionsResponse {
         r#type: t as i32,
         revision: revision.get(),
         connection,
-        event,
+        event: None,
+    }
+}
+
+/// How a change relates to one watcher's view: the only field of a change's
+/// watch message that differs between watchers.
+pub(crate) fn change_to_pb(change: Change) -> pb::WatchEventType {
+    match change {
+        Change::Added => pb::WatchEventType::Added,
+        Change::Modified => pb::WatchEventType::Modified,
+        Change::Removed => pb::WatchEventType::Removed,
+    }
+}
+
+/// The watch message of a change without its `type`: the fields every
+/// watcher of the change is sent alike.
+pub(crate) fn change_to_pb_shared(e: &Event) -> pb::WatchConnectionsResponse {
+    pb::WatchConnectionsResponse {
+        r#type: 0,
+        revision: e.revision.get(),
+        connection: Some(connection_to_pb(&e.connection)),
+        event: Some(event_to_pb(e)),
     }
 }
 

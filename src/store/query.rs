@@ -678,6 +678,7 @@ pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Ev
             actor: r.get(7)?,
             time: r.get(8)?,
             connection,
+            cache: Default::default(),
         })
     })?;
     let (mut events, mut bytes) = (Vec::new(), 0);

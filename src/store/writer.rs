@@ -374,6 +374,7 @@ impl Tx<'_> {
             actor: draft.actor,
             time: self.now,
             connection: conn.clone(),
+            cache: Default::default(),
         };
         self.sql
             .prepare_cached(

@@ -748,3 +748,126 @@ async fn next_or_status(
         .expect("a message within 10 s")
         .map(|m| m.expect("a watch never ends without a status"))
 }
+
+#[tokio::test]
+async fn watchers_share_a_change_but_each_gets_its_own_view_of_it() {
+    // Watchers on one HTTP/2 connection are sent one encoding of the change
+    // with their own type in front: each must decode to the same connection
+    // and event, as the server reports them elsewhere, under its own type.
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let x = create(&mut c, heavy(60 * 1024)).await;
+    moved(&mut c, &x.id, S::Registered).await;
+    use prost::Message as _;
+    let views = [
+        (vec![], W::Modified),
+        (vec![S::Registered as i32], W::Removed),
+        (vec![S::Ignored as i32], W::Added),
+        (vec![S::Connected as i32], W::Unspecified),
+    ];
+    let mut streams = Vec::new();
+    for (states, _) in &views {
+        let mut s = watch(
+            &mut c,
+            pb::WatchConnectionsRequest {
+                after_revision: 2,
+                states: states.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(kind(&next(&mut s).await), W::Synced);
+        streams.push(s);
+    }
+    let after = transition(&mut c, &x.id, S::Ignored).await.unwrap();
+    let event = events_of(&mut c, &x.id).await.pop().unwrap();
+    assert_eq!(event.revision, after.revision);
+    // A later change the CONNECTED view sees: as it is not sent the first
+    // change, this comes to it first.
+    let marker = create(&mut c, conn("tcp", "")).await;
+    moved(&mut c, &marker.id, S::Registered).await;
+    moved(&mut c, &marker.id, S::Connected).await;
+    for ((_, want), s) in views.iter().zip(&mut streams) {
+        let m = next(s).await;
+        if *want == W::Unspecified {
+            assert_ne!(id(&m), x.id, "a change outside the view is not sent");
+            continue;
+        }
+        assert_eq!((kind(&m), m.revision), (*want, after.revision));
+        assert_eq!(m.connection.as_ref(), Some(&after));
+        assert_eq!(m.event.as_ref(), Some(&event));
+        assert!(m.encoded_len() > 60 * 1024, "the whole connection came");
+    }
+}
+
+#[tokio::test]
+async fn bursts_from_many_writers_reach_every_watcher_once_in_order() {
+    // Writers on their own connections commit faster than one event per
+    // watcher wake: each watcher takes them in batches, and must still see
+    // every revision once, in order, with its filter applied per event.
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let mut all = Vec::new();
+    let mut http_only = Vec::new();
+    for _ in 0..5 {
+        let mut s = watch(&mut c, pb::WatchConnectionsRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(kind(&next(&mut s).await), W::Synced);
+        all.push(s);
+        let mut s = watch(
+            &mut c,
+            pb::WatchConnectionsRequest {
+                kinds: vec!["http".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(kind(&next(&mut s).await), W::Synced);
+        http_only.push(s);
+    }
+    let (writers, each) = (8, 50);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut c = app.new_client().await;
+        tasks.push(tokio::spawn(async move {
+            let mut made = Vec::new();
+            for _ in 0..each {
+                let kind = if w % 2 == 0 { "http" } else { "tcp" };
+                made.push((create(&mut c, conn(kind, "")).await, kind));
+            }
+            made
+        }));
+    }
+    let mut http_revisions = Vec::new();
+    for t in tasks {
+        for (made, kind) in t.await.unwrap() {
+            if kind == "http" {
+                http_revisions.push(made.revision);
+            }
+        }
+    }
+    http_revisions.sort();
+    let total = writers * each;
+    for s in &mut all {
+        let got: Vec<i64> = {
+            let mut got = Vec::new();
+            for _ in 0..total {
+                got.push(next(s).await.revision);
+            }
+            got
+        };
+        assert_eq!(got, (1..=total as i64).collect::<Vec<_>>());
+    }
+    for s in &mut http_only {
+        let mut got = Vec::new();
+        for _ in 0..http_revisions.len() {
+            let m = next(s).await;
+            assert_eq!(m.connection.unwrap().kind, "http");
+            got.push(m.revision);
+        }
+        assert_eq!(got, http_revisions);
+    }
+}
