@@ -246,6 +246,69 @@ const MIGRATIONS: &[Step] = &[
     CREATE INDEX connections_by_kind ON connections (kind, create_time);
     "#,
     ),
+    // 6: label counts change by one keyed upsert per label, as the labels
+    // list them, instead of matching the labels as a set (`IN (SELECT ...)`
+    // builds a temporary table on every change of state). A count may fall
+    // to zero for a moment; the trigger then deletes the rows at zero, which
+    // a partial index finds without a scan. Same rows, same meaning.
+    Step::Sql(
+        r#"
+    DROP TRIGGER connections_count_insert;
+    DROP TRIGGER connections_count_delete;
+    DROP TRIGGER connections_count_update;
+    CREATE TABLE label_counts_6 (
+        key   TEXT NOT NULL,
+        value TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        kind  TEXT NOT NULL,
+        state INTEGER NOT NULL,
+        n     INTEGER NOT NULL CHECK (n >= 0),
+        PRIMARY KEY (key, value, owner, kind, state)
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO label_counts_6 (key, value, owner, kind, state, n)
+        SELECT key, value, owner, kind, state, n FROM label_counts;
+    DROP TABLE label_counts;
+    ALTER TABLE label_counts_6 RENAME TO label_counts;
+    CREATE INDEX label_counts_emptied ON label_counts (n) WHERE n = 0;
+
+    CREATE TRIGGER connections_count_insert AFTER INSERT ON connections BEGIN
+        INSERT INTO connection_counts (owner, kind, state, n)
+            VALUES (NEW.owner, NEW.kind, NEW.state, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, NEW.owner, NEW.kind, NEW.state, 1 FROM json_each(NEW.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER connections_count_delete AFTER DELETE ON connections BEGIN
+        DELETE FROM connection_counts
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state) AND n = 1;
+        UPDATE connection_counts SET n = n - 1
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state);
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, OLD.owner, OLD.kind, OLD.state, 0 FROM json_each(OLD.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = max(n - 1, 0);
+        DELETE FROM label_counts WHERE n = 0;
+    END;
+    CREATE TRIGGER connections_count_update AFTER UPDATE OF owner, kind, state, labels ON connections
+        WHEN OLD.owner IS NOT NEW.owner OR OLD.kind IS NOT NEW.kind
+            OR OLD.state IS NOT NEW.state OR OLD.labels IS NOT NEW.labels BEGIN
+        DELETE FROM connection_counts
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state) AND n = 1;
+        UPDATE connection_counts SET n = n - 1
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state);
+        INSERT INTO connection_counts (owner, kind, state, n)
+            VALUES (NEW.owner, NEW.kind, NEW.state, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, OLD.owner, OLD.kind, OLD.state, 0 FROM json_each(OLD.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = max(n - 1, 0);
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, NEW.owner, NEW.kind, NEW.state, 1 FROM json_each(NEW.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        DELETE FROM label_counts WHERE n = 0;
+    END;
+    "#,
+    ),
 ];
 
 /// The schema version this build writes.

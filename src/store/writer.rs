@@ -890,13 +890,13 @@ fn check_quota(
 /// list) do not count, so a deletion lowers it at once, though the file does
 /// not shrink.
 pub(super) fn used_bytes(sql: &rusqlite::Connection) -> Result<u64, Error> {
-    let (pages, free, size): (i64, i64, i64) = sql.query_row(
-        "SELECT (SELECT page_count FROM pragma_page_count()), \
-                (SELECT freelist_count FROM pragma_freelist_count()), \
-                (SELECT page_size FROM pragma_page_size())",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
+    let (pages, free, size): (i64, i64, i64) = sql
+        .prepare_cached(
+            "SELECT (SELECT page_count FROM pragma_page_count()), \
+                    (SELECT freelist_count FROM pragma_freelist_count()), \
+                    (SELECT page_size FROM pragma_page_size())",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(u64::try_from((pages - free) * size).unwrap_or(0))
 }
 
