@@ -6,6 +6,12 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use tether::Config;
 
+/// Every change is allocated on one thread and freed on others (the writer,
+/// the handlers, each watch task); glibc's allocator serialises that on its
+/// arena locks, mimalloc frees to the owning thread without them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tether",
