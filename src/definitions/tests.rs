@@ -86,6 +86,64 @@ fn every_builtin_loads() {
     assert!(registry.get("postgres").is_none());
 }
 
+/// Every string a schema holds under `description`, and whether any value
+/// anywhere in it is null (what an unquoted comma in a flow map turns into).
+fn descriptions(schema: &Value, out: &mut Vec<String>) -> bool {
+    match schema {
+        Value::Null => true,
+        Value::Array(items) => items.iter().any(|v| descriptions(v, out)),
+        Value::Object(fields) => {
+            if let Some(Value::String(d)) = fields.get("description") {
+                out.push(d.clone());
+            }
+            fields.values().any(|v| descriptions(v, out))
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn every_builtin_description_reads_as_written() {
+    let registry = Registry::builtin();
+    let mut loaded = vec![];
+    for def in registry.list(None, None) {
+        loaded.push(def.description.clone());
+        for schema in [&def.metadata_schema, &def.credential_schema]
+            .into_iter()
+            .flatten()
+        {
+            assert!(
+                !descriptions(schema, &mut loaded),
+                "{}: a schema holds a null: {schema}",
+                def.kind
+            );
+        }
+    }
+    let mut written = 0;
+    for (model, text) in BUILTIN {
+        for line in text.lines() {
+            let Some((head, value)) = line.split_once("description: ") else {
+                continue;
+            };
+            let value = if head.contains('{') {
+                value.strip_suffix('}').unwrap_or(value)
+            } else {
+                value
+            };
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            written += 1;
+            assert!(
+                loaded.iter().any(|d| d == value),
+                "builtin:{model}: {value:?} does not load as written"
+            );
+        }
+    }
+    assert_eq!(written, 36, "every description line was read");
+}
+
 #[test]
 fn builtin_credential_schemas_accept_what_each_kind_uses() {
     let registry = Registry::builtin();
