@@ -46,6 +46,27 @@ pub fn key_path(key_file: Option<&std::path::Path>, db: &std::path::Path) -> Pat
     })
 }
 
+/// `--listen`: an IP address and port, or a host name and port resolved now.
+/// Of several addresses (`localhost` is often `::1` and `127.0.0.1`) the first
+/// IPv4 one, which is what most clients try first.
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    if !s.contains(':') {
+        return Err(format!("{s:?} has no port: give HOST:PORT or IP:PORT"));
+    }
+    let found: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(s)
+        .map_err(|e| format!("cannot resolve {s:?}: {e}"))?
+        .collect();
+    found
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -105,8 +126,9 @@ impl std::fmt::Debug for InjectedResolver {
 /// Settings of `tether serve`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
-    /// Address to serve gRPC on (port 0 picks a free port).
-    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:50051")]
+    /// Address to serve gRPC on: IP:PORT or HOST:PORT (port 0 picks a free
+    /// port; a host name is resolved once, at start, preferring IPv4).
+    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:50051", value_parser = listen_addr)]
     pub listen: SocketAddr,
 
     /// PEM certificate chain to serve TLS with (leaf first); needs --tls-key.
@@ -664,6 +686,25 @@ mod tests {
             ("18446744073709551616", "too large"),
         ] {
             let e = bytes(text).expect_err(text);
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn listen_takes_an_address_or_a_host_name() {
+        assert_eq!(
+            listen_addr("127.0.0.1:50051"),
+            Ok("127.0.0.1:50051".parse().unwrap())
+        );
+        assert_eq!(listen_addr("[::1]:0"), Ok("[::1]:0".parse().unwrap()));
+        let local = listen_addr("localhost:50051").expect("localhost resolves");
+        assert!(local.ip().is_loopback() && local.port() == 50051, "{local}");
+        for (text, says) in [
+            ("localhost", "no port"),
+            ("127.0.0.1", "no port"),
+            ("localhost:http2", "cannot resolve"),
+        ] {
+            let e = listen_addr(text).expect_err(text);
             assert!(e.contains(says), "{text}: {e}");
         }
     }

@@ -25,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the tether.v1.ConnectionService gRPC API.
+    /// Serve the gRPC API: tether.v1.ConnectionService, CredentialService and
+    /// DefinitionService, with grpc.health.v1 and server reflection.
     Serve(Box<Config>),
     /// Make a new bearer token and print it with the access-file entry that
     /// admits it (only the token's SHA-256 goes into the file).
@@ -140,18 +141,20 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The port first: a server that cannot listen creates no database, key
+    // or anything else.
     let listen = config.listen;
-    let server = match tether::server::Server::open(config).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            return ExitCode::FAILURE;
-        }
-    };
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(%listen, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match tether::server::Server::open(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
             return ExitCode::FAILURE;
         }
     };

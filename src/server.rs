@@ -284,10 +284,12 @@ async fn serve(
             stopping.cancel();
         }
     };
-    let addr = listener.local_addr().ok();
     let tls = server.tls.clone();
     let mode = tls.as_ref().map_or("plaintext", |t| t.mode());
-    tracing::info!(?addr, transport = mode, "serving");
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, transport = mode, "serving"),
+        Err(_) => tracing::info!(transport = mode, "serving"),
+    }
     let transport = config.transport_config();
     let incoming = transport::incoming(listener, &transport, tls.clone(), stopping.clone(), &tasks);
     if let Some(hangup) = server.hangup.take() {

@@ -136,6 +136,66 @@ async fn a_database_from_a_newer_version_is_refused() {
 }
 
 #[tokio::test]
+async fn a_port_in_use_is_refused_before_anything_is_created() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--listen", &listen, "--db", db.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("exits within 30 s")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "nothing created: {left:?}");
+}
+
+#[tokio::test]
+async fn serve_help_names_every_service() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--help"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    for service in [
+        "ConnectionService",
+        "CredentialService",
+        "DefinitionService",
+        "health",
+        "reflection",
+    ] {
+        assert!(help.contains(service), "{service} in {help}");
+    }
+}
+
+#[tokio::test]
+async fn listen_takes_a_host_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let mut p = Binary::serve(&["--listen", "localhost:0", "--db", db.to_str().unwrap()]).await;
+    assert!(p.addr().ip().is_loopback(), "{}", p.addr());
+    let serving = p.logged("transport=").await;
+    assert!(
+        serving.contains(&format!("addr={}", p.addr())),
+        "the address as it is, not an Option: {serving}"
+    );
+    let mut c = p.client().await;
+    c.list_connections(pb::ListConnectionsRequest::default())
+        .await
+        .expect("serves on the name's address");
+    p.signal("-TERM").await;
+    assert_eq!(p.wait().await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn sigterm_right_after_startup_is_still_graceful() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
