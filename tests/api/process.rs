@@ -196,6 +196,38 @@ async fn listen_takes_a_host_name() {
 }
 
 #[tokio::test]
+async fn logs_can_be_one_json_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let mut p = Binary::serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().unwrap(),
+        "--disable-monitor",
+        "--log-format",
+        "json",
+    ])
+    .await;
+    let json = |line: &str| -> serde_json::Value {
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let serving = json(&p.logged(r#""message":"serving""#).await);
+    assert_eq!(serving["level"], "INFO", "{serving}");
+    assert_eq!(serving["addr"], p.addr().to_string(), "{serving}");
+
+    let mut c = p.client().await;
+    let made = create(&mut c, conn("http", "")).await;
+    let after = moved(&mut c, &made.id, S::Ignored).await;
+    let logged = json(&p.logged(r#""message":"transition""#).await);
+    assert_eq!(logged["id"], made.id.as_str(), "{logged}");
+    assert_eq!(logged["to"], "IGNORED", "{logged}");
+    assert_eq!(logged["revision"], after.revision, "{logged}");
+    p.signal("-TERM").await;
+    assert_eq!(p.wait().await.code(), Some(0));
+}
+
+#[tokio::test]
 async fn sigterm_right_after_startup_is_still_graceful() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
