@@ -113,3 +113,85 @@ def test_health_check_is_serving(grpcurl, server):
         grpcurl, server, "grpc.health.v1.Health/Check", data={"service": "no.such.Service"}
     )
     assert out.returncode == 64 + 5, (out.returncode, out.stderr)  # NOT_FOUND
+
+
+def readme_api_commands():
+    """Every command of the README's API examples, as argument lists."""
+    import pathlib
+    import shlex
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("\n## API\n", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("\n```", 1)[0]
+    commands, pending = [], ""
+    for line in block.splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line + "\n"
+        if pending.rstrip().endswith("\\"):
+            continue
+        try:
+            args = shlex.split(pending.replace("\\\n", " "))
+        except ValueError:  # a quoted JSON body continues on the next line
+            continue
+        commands.append(args)
+        pending = ""
+    assert not pending, f"unfinished command in the README: {pending}"
+    return commands
+
+
+def test_readme_api_commands_are_accepted(grpcurl, server):
+    """Each example runs as written (with real ids): grpcurl accepts its JSON and
+    finds its method, and the server answers; an error status is fine (the
+    examples' etags and states are placeholders), a request grpcurl cannot
+    even send is not."""
+    made = call(
+        grpcurl,
+        server,
+        f"{SERVICE}/CreateConnection",
+        {"connection": {"kind": "tcp", "url": f"tcp://{server.addr}"}, "skip_verification": True},
+    )
+    cred = call(
+        grpcurl,
+        server,
+        "tether.v1.CredentialService/CreateCredential",
+        {
+            "name": "readme",
+            "type": "prometheus",
+            "secret": {"token": "t"},
+            "allowed_hosts": ["prometheus.example.com"],
+        },
+    )
+    commands = readme_api_commands()
+    assert len(commands) >= 15, commands
+    for args in commands:
+        assert args[0] == "grpcurl", args
+        args = [
+            {
+                "localhost:50051": server.addr,
+            }.get(a, a)
+            for a in args
+        ]
+        args = [
+            re.sub(r'"(ID|ID1|ID2)"', f'"{made["id"]}"', a).replace('"CRED"', f'"{cred["id"]}"')
+            for a in args
+        ]
+        out = subprocess.run(
+            [grpcurl, "-max-time", "3", *args[1:]], capture_output=True, text=True, timeout=30
+        )
+        shown = " ".join(args)
+        assert "Error invoking method" not in out.stderr, f"{shown}\n{out.stderr}"
+        if args[-1].rsplit("/", 1)[-1] in PLACEHOLDER_DEPENDENT:
+            assert out.returncode == 0 or "ERROR:\n  Code: " in out.stderr, f"{shown}\n{out.stderr}"
+        else:
+            assert out.returncode == 0, f"{shown}\n{out.stderr}"
+
+
+# README examples whose etag, target state or endless stream make an error
+# answer (or the deadline) the expected outcome when run in sequence.
+PLACEHOLDER_DEPENDENT = {
+    "UpdateConnection",
+    "TransitionConnection",
+    "BatchTransitionConnections",
+    "WatchConnections",
+}
