@@ -19,14 +19,7 @@ async fn backup(args: &[&str]) -> std::process::Output {
 async fn a_backup_taken_under_load_restores_every_acknowledged_change() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("live/tether.db");
-    let p = Binary::serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        db.to_str().unwrap(),
-        "--disable-monitor",
-    ])
-    .await;
+    let p = Binary::serve_db(&db, &[]).await;
     let c = p.client().await;
     let acked = Arc::new(Mutex::new(Vec::new()));
     let stop = tokio_util::sync::CancellationToken::new();

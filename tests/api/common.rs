@@ -931,6 +931,15 @@ impl Binary {
     }
 
     /// Starts `tether serve ARGS` and waits for the address it prints once it listens.
+    /// `tether serve` on a free loopback port over `db`, without background
+    /// probing, with `extra` flags added.
+    pub async fn serve_db(db: &std::path::Path, extra: &[&str]) -> Binary {
+        let db = db.to_str().expect("a UTF-8 path");
+        let mut args = vec!["--listen", "127.0.0.1:0", "--db", db, "--disable-monitor"];
+        args.extend_from_slice(extra);
+        Binary::serve(&args).await
+    }
+
     pub async fn serve(args: &[&str]) -> Binary {
         Binary::serve_with_env(args, &[]).await
     }

@@ -199,16 +199,7 @@ async fn listen_takes_a_host_name() {
 async fn logs_can_be_one_json_object_per_line() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
-    let mut p = Binary::serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        db.to_str().unwrap(),
-        "--disable-monitor",
-        "--log-format",
-        "json",
-    ])
-    .await;
+    let mut p = Binary::serve_db(&db, &["--log-format", "json"]).await;
     let json = |line: &str| -> serde_json::Value {
         serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
     };

@@ -306,19 +306,17 @@ async fn reload_test(interval: &str, hangup: bool) {
     let (a, b) = (TestCa::new("ca a"), TestCa::new("ca b"));
     let (cert, key) = a.server().write(dir.path(), "server");
     let db = dir.path().join("t.db");
-    let mut p = Binary::serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        db.to_str().unwrap(),
-        "--disable-monitor",
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-        "--reload-interval",
-        interval,
-    ])
+    let mut p = Binary::serve_db(
+        &db,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--reload-interval",
+            interval,
+        ],
+    )
     .await;
     assert!(serves_with(p.addr(), &a).await);
     assert!(!serves_with(p.addr(), &b).await);
@@ -453,19 +451,17 @@ async fn a_refused_client_certificate_is_audited() {
     let pki = ServerPki::new();
     let db = pki.dir.path().join("t.db");
     let ca_file = pki.ca_file();
-    let mut p = Binary::serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        db.to_str().unwrap(),
-        "--disable-monitor",
-        "--tls-cert",
-        pki.cert.to_str().unwrap(),
-        "--tls-key",
-        pki.key.to_str().unwrap(),
-        "--tls-client-ca",
-        ca_file.to_str().unwrap(),
-    ])
+    let mut p = Binary::serve_db(
+        &db,
+        &[
+            "--tls-cert",
+            pki.cert.to_str().unwrap(),
+            "--tls-key",
+            pki.key.to_str().unwrap(),
+            "--tls-client-ca",
+            ca_file.to_str().unwrap(),
+        ],
+    )
     .await;
     let stranger = TestCa::new("another ca").client("mallory");
     let refused = tls_health(p.addr(), client_tls(&pki.ca, Some(&stranger))).await;
