@@ -67,7 +67,7 @@ fn listen_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
-fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+pub(crate) fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod backup;
+pub mod cli;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod credentials;

@@ -1,5 +1,6 @@
 //! The `tether` binary: flags and environment to [`Config`], logging, the
-//! listening socket, and a run until SIGINT or SIGTERM. Nothing else.
+//! listening socket, and a run until SIGINT or SIGTERM; the client commands
+//! (`tether::cli`), `token`, `backup` and shell completion. Nothing else.
 
 use clap::{Parser, Subcommand};
 use std::io::{IsTerminal, Write};
@@ -60,6 +61,13 @@ enum Command {
     Token(TokenArgs),
     /// Copy a live database consistently to a new file, while it serves.
     Backup(tether::backup::BackupArgs),
+    #[command(flatten)]
+    Client(Box<tether::cli::Command>),
+    /// Print a completion script for a shell: `source <(tether completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(clap::Args)]
@@ -152,6 +160,12 @@ async fn main() -> ExitCode {
         Command::Serve(config) => *config,
         Command::Token(args) => return make_token(args),
         Command::Backup(args) => return backup(args),
+        Command::Client(command) => return tether::cli::run(*command).await,
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "tether", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
     };
     // Signal handlers first: a SIGTERM from here on is a graceful shutdown,
     // never the default "terminate at once".

@@ -5,6 +5,7 @@ mod access;
 mod audit;
 mod backup;
 mod blobs;
+mod cli;
 mod common;
 mod connections;
 mod credentials;
