@@ -49,6 +49,9 @@ pub enum Command {
     /// Credentials: list, create, delete (secrets are never shown).
     #[command(subcommand)]
     Credentials(Credentials),
+    /// This client's version, and the server's: its version, since when it
+    /// serves, and who you are to it.
+    Version(Version),
 }
 
 /// Filters shared by list, count and watch.
@@ -301,6 +304,12 @@ pub struct Definitions {
     common: Common,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct Version {
+    #[command(flatten)]
+    common: Common,
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum Credentials {
     /// List credentials (never their secrets).
@@ -415,6 +424,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         Command::Credentials(Credentials::List(a)) => credential_list(a).await,
         Command::Credentials(Credentials::Create(a)) => credential_create(a).await,
         Command::Credentials(Credentials::Delete(a)) => credential_delete(a).await,
+        Command::Version(a) => version(a).await,
     }
 }
 
@@ -1004,6 +1014,25 @@ async fn credential_delete(a: CredentialDelete) -> Result<(), Failure> {
             "tether.v1.DeleteCredentialResponse",
             &pb::DeleteCredentialResponse {},
         );
+    }
+    Ok(())
+}
+
+async fn version(a: Version) -> Result<(), Failure> {
+    let mut api = a.common.client.connect().await?;
+    let info = api
+        .connections
+        .get_server_info(a.common.client.request(pb::GetServerInfoRequest {}))
+        .await?
+        .into_inner();
+    match a.common.output {
+        Output::Table => {
+            println!("client: {}", env!("CARGO_PKG_VERSION"));
+            println!("server: {}", info.version);
+            println!("serving since: {}", render::time(info.start_time.as_ref()));
+            println!("you are: {} ({})", info.principal, info.roles.join(", "));
+        }
+        o => render::print_message(o, "tether.v1.ServerInfo", &info),
     }
     Ok(())
 }

@@ -47,7 +47,7 @@ pub(crate) fn need(path: &str) -> Option<Need> {
         ) => Need::AnyRole,
         ("tether.v1.DefinitionService", "ListDefinitions" | "GetDefinition") => Need::AnyRole,
         ("tether.v1.ConnectionService", m) => match m {
-            "DescribeLifecycle" => Need::AnyRole,
+            "DescribeLifecycle" | "GetServerInfo" => Need::AnyRole,
             "GetConnection"
             | "ListConnections"
             | "CountConnections"

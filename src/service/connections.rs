@@ -32,6 +32,8 @@ pub(crate) struct ConnectionService {
     watches: WatchSlots,
     /// To end a watch whose caller's access is revoked.
     access: Arc<Access>,
+    /// When this service was made, as `GetServerInfo` answers.
+    started: std::time::SystemTime,
 }
 
 impl ConnectionService {
@@ -49,6 +51,7 @@ impl ConnectionService {
             request_ids,
             watches: WatchSlots::default(),
             access,
+            started: std::time::SystemTime::now(),
         }
     }
 
@@ -281,6 +284,23 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         _request: Request<pb::DescribeLifecycleRequest>,
     ) -> Result<Response<pb::DescribeLifecycleResponse>, Status> {
         Ok(Response::new(convert::lifecycle_to_pb()))
+    }
+
+    async fn get_server_info(
+        &self,
+        request: Request<pb::GetServerInfoRequest>,
+    ) -> Result<Response<pb::ServerInfo>, Status> {
+        let principal = auth::principal(&request)?;
+        Ok(Response::new(pb::ServerInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            start_time: Some(prost_types::Timestamp::from(self.started)),
+            principal: principal.name.clone(),
+            roles: principal
+                .roles
+                .iter()
+                .map(|r| r.name().to_owned())
+                .collect(),
+        }))
     }
 
     async fn report_discovered(

@@ -620,3 +620,23 @@ async fn completion_scripts_name_every_command() {
     let bad = run_in(&mut command("127.0.0.1:1", &["completion", "tcsh"])).await;
     assert_eq!(bad.code, 2);
 }
+
+#[tokio::test]
+async fn version_names_the_client_the_server_and_the_caller() {
+    let app = App::start().await;
+    let table = cli(&app, &["version"]).await;
+    let lines: Vec<&str> = table.ok().lines().collect();
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(lines[0], format!("client: {version}"));
+    assert_eq!(lines[1], format!("server: {version}"));
+    assert_eq!(lines[3], "you are: anonymous (admin)");
+    let json = cli(&app, &["version", "-o", "json"]).await.json();
+    assert_eq!(json["version"], version);
+    assert_eq!(json["roles"], serde_json::json!(["admin"]));
+    let started = json["startTime"].as_str().expect("a start time");
+    assert!(
+        lines[2].starts_with("serving since: ") && started.starts_with(&lines[2][15..34]),
+        "{started} vs {}",
+        lines[2]
+    );
+}
