@@ -15,7 +15,8 @@ use std::time::Duration;
 pub struct Common {
     #[command(flatten)]
     pub client: ClientOpts,
-    /// How to print answers: a table for people, or the proto3 JSON mapping as JSON or YAML.
+    /// How to print answers: a table for people, the proto3 JSON mapping as
+    /// JSON or YAML, or only the ids.
     #[arg(short, long, env = "TETHER_OUTPUT", value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -409,6 +410,23 @@ fn opt(s: Option<String>) -> String {
 
 /// Runs `command` to its end.
 pub async fn run(command: Command) -> Result<(), Failure> {
+    let output = match &command {
+        Command::Count(Count { common, .. })
+        | Command::Events(Events { common, .. })
+        | Command::Lifecycle(Lifecycle { common })
+        | Command::Definitions(Definitions { common, .. })
+        | Command::Version(Version { common })
+        | Command::Credentials(Credentials::Delete(CredentialDelete { common, .. })) => {
+            Some(common.output)
+        }
+        _ => None,
+    };
+    if output == Some(Output::Id) {
+        return Err(Failure::Usage(
+            "-o id prints the ids of connections or credentials; this command prints neither"
+                .into(),
+        ));
+    }
     match command {
         Command::Get(a) => get(a).await,
         Command::List(a) => list(a).await,
@@ -432,6 +450,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
 fn print_connection(output: Output, c: &pb::Connection) {
     match output {
         Output::Table => table(render::CONNECTION_HEADERS, vec![connection_row(c)]),
+        Output::Id => println!("{}", c.id),
         _ => render::print_message(output, "tether.v1.Connection", c),
     }
 }
@@ -483,6 +502,7 @@ async fn list(a: List) -> Result<(), Failure> {
             render::CONNECTION_HEADERS,
             all.connections.iter().map(connection_row).collect(),
         ),
+        Output::Id => all.connections.iter().for_each(|c| println!("{}", c.id)),
         o => render::print_message(o, "tether.v1.ListConnectionsResponse", &all),
     }
     Ok(())
@@ -777,6 +797,11 @@ async fn watch(a: Watch) -> Result<(), Failure> {
                 let m = m?;
                 match a.common.output {
                     Output::Table => println!("{}", watch_line(&m)),
+                    Output::Id => {
+                        if let Some(c) = &m.connection {
+                            println!("{}", c.id);
+                        }
+                    }
                     o => render::print_streamed(o, "tether.v1.WatchConnectionsResponse", &m),
                 }
                 let synced = m.r#type == pb::WatchEventType::Synced as i32;
@@ -965,6 +990,7 @@ async fn credential_list(a: CredentialList) -> Result<(), Failure> {
             CREDENTIAL_HEADERS,
             all.credentials.iter().map(credential_row).collect(),
         ),
+        Output::Id => all.credentials.iter().for_each(|c| println!("{}", c.id)),
         o => render::print_message(o, "tether.v1.ListCredentialsResponse", &all),
     }
     Ok(())
@@ -992,6 +1018,7 @@ async fn credential_create(a: CredentialCreate) -> Result<(), Failure> {
         .into_inner();
     match a.common.output {
         Output::Table => table(CREDENTIAL_HEADERS, vec![credential_row(&c)]),
+        Output::Id => println!("{}", c.id),
         o => render::print_message(o, "tether.v1.Credential", &c),
     }
     Ok(())

@@ -16,6 +16,9 @@ pub enum Output {
     Json,
     /// The same mapping as YAML; a watch prints one document per change.
     Yaml,
+    /// Only the ids of the connections or credentials, one per line, for
+    /// scripts: `ID=$(tether create ... -o id)`.
+    Id,
 }
 
 /// The descriptors of every message the API speaks.
@@ -55,7 +58,7 @@ pub fn parse_json<M: prost::Message + Default>(
 pub fn print_message<M: prost::Message>(output: Output, name: &str, message: &M) {
     let value = json_value(name, message);
     match output {
-        Output::Json | Output::Table => {
+        Output::Json | Output::Table | Output::Id => {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&value).expect("JSON values print")
@@ -72,7 +75,7 @@ pub fn print_message<M: prost::Message>(output: Output, name: &str, message: &M)
 pub fn print_streamed<M: prost::Message>(output: Output, name: &str, message: &M) {
     let value = json_value(name, message);
     match output {
-        Output::Json | Output::Table => {
+        Output::Json | Output::Table | Output::Id => {
             println!(
                 "{}",
                 serde_json::to_string(&value).expect("JSON values print")

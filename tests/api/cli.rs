@@ -535,7 +535,7 @@ async fn watch_resumes_after_a_revision_and_stops_after_a_limit() {
         .await;
         ids.push(c.json()["id"].as_str().unwrap().to_owned());
     }
-    // After revision 1: the creates at 2 and 3, no snapshot, no SYNCED.
+    // After revision 1: the creates at 2 and 3, no snapshot.
     let resumed = cli(&app, &["watch", "--rev", "1", "--limit", "2", "-o", "json"]).await;
     let got: Vec<serde_json::Value> = resumed
         .ok()
@@ -639,4 +639,45 @@ async fn version_names_the_client_the_server_and_the_caller() {
         "{started} vs {}",
         lines[2]
     );
+}
+
+#[tokio::test]
+async fn output_id_prints_only_ids_for_scripts() {
+    let app = App::start().await;
+    let created = cli(
+        &app,
+        &[
+            "create",
+            "--kind",
+            "tcp",
+            "--url",
+            "tcp://127.0.0.1:9",
+            "-o",
+            "id",
+        ],
+    )
+    .await;
+    let id = created.ok().trim().to_owned();
+    assert_eq!(created.stdout, format!("{id}\n"));
+    let got = cli(&app, &["get", &id, "-o", "json"]).await.json();
+    assert_eq!(got["id"], id.as_str());
+    let other = cli(
+        &app,
+        &[
+            "create",
+            "--kind",
+            "tcp",
+            "--url",
+            "tcp://127.0.0.1:8",
+            "-o",
+            "id",
+        ],
+    )
+    .await;
+    let listed = cli(&app, &["list", "-o", "id"]).await;
+    let ids: Vec<&str> = listed.ok().lines().collect();
+    assert_eq!(ids, [id.as_str(), other.ok().trim()]);
+    let refused = cli(&app, &["count", "-o", "id"]).await;
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stdout.is_empty());
 }
