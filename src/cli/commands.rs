@@ -101,7 +101,7 @@ pub struct List {
     #[arg(long)]
     order_by: Option<String>,
     /// Stop after this many connections.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
     #[command(flatten)]
     common: Common,
@@ -261,7 +261,7 @@ pub struct Events {
     #[arg(long, default_value_t = 0)]
     after: i64,
     /// Stop after this many events.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
     #[command(flatten)]
     common: Common,
@@ -282,8 +282,8 @@ pub struct Watch {
     #[arg(long)]
     progress: bool,
     /// Stop after this many changes (SYNCED and BOOKMARKs do not count).
-    #[arg(long)]
-    limit: Option<u64>,
+    #[arg(long, value_parser = at_least_one)]
+    limit: Option<usize>,
     #[command(flatten)]
     common: Common,
 }
@@ -370,6 +370,13 @@ pub fn parse_state(s: &str) -> Result<i32, String> {
             ))
         }
         Some(st) => Ok(st as i32),
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?}: a limit is a whole number of at least 1")),
     }
 }
 
@@ -766,7 +773,7 @@ async fn watch(a: Watch) -> Result<(), Failure> {
     // a snapshot nothing is wholly seen until SYNCED, so a break there
     // starts the snapshot over.
     let mut resume = a.rev;
-    let mut changes = 0u64;
+    let mut changes = 0usize;
     let mut backoff = Duration::from_millis(100);
     let mut connected_once = false;
     if a.common.output == Output::Table {
