@@ -12,10 +12,10 @@ use crate::lifecycle::{self, Rereported, Trigger};
 use crate::store::{EventDraft, Tx};
 
 /// Reported connections committed per writer job: a report of this many is
-/// one transaction, and the writer is never held longer than one group.
-/// Larger is slower, not faster: each statement a job runs truncates the
-/// in-memory savepoint journal by walking it from its start, so the cost per
-/// item grows with the group (2,000 loaded a million 15 % slower than 500).
+/// one transaction of its own ([`Store::write_alone`]), and the writer is
+/// never held longer than one group.
+///
+/// [`Store::write_alone`]: crate::store::Store::write_alone
 pub(crate) const DISCOVERY_GROUP: usize = 500;
 
 /// A reported item once what needs no database is checked: the connection
@@ -55,7 +55,7 @@ impl Engine {
             let kinds = self.kinds.clone();
             let done = self
                 .store
-                .write(move |tx| {
+                .write_alone(move |tx| {
                     group
                         .into_iter()
                         .map(|item| match item {

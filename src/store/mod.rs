@@ -194,7 +194,22 @@ impl Store {
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
     {
-        self.queue(f, false, true).await
+        self.queue(f, Kind::Shared).await
+    }
+
+    /// [`Store::write`] for a long job (a discovery group of hundreds of
+    /// connections): it commits in a transaction of its own instead of a
+    /// savepoint of a shared one. SQLite truncates a savepoint's in-memory
+    /// journal by walking it from its start at the end of every statement
+    /// inside it, so a long job in a savepoint costs more per statement the
+    /// more it has written; alone, each statement's journal starts empty.
+    /// All or nothing, as a savepoint is.
+    pub(crate) async fn write_alone<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.queue(f, Kind::Alone).await
     }
 
     /// [`Store::write`] for a change nobody is told about and that may be
@@ -208,7 +223,7 @@ impl Store {
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
     {
-        self.queue(f, false, false).await
+        self.queue(f, Kind::Volatile).await
     }
 
     /// [`Store::write`] for a job that frees space (deleting a connection or a
@@ -219,10 +234,10 @@ impl Store {
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
     {
-        self.queue(f, true, true).await
+        self.queue(f, Kind::Freeing).await
     }
 
-    async fn queue<T, F>(&self, f: F, frees_space: bool, durable: bool) -> Result<T, Error>
+    async fn queue<T, F>(&self, f: F, kind: Kind) -> Result<T, Error>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
@@ -230,8 +245,9 @@ impl Store {
         let (reply, answer) = oneshot::channel();
         let job = writer::TypedJob {
             f: Some(f),
-            frees_space,
-            durable,
+            frees_space: kind == Kind::Freeing,
+            durable: kind != Kind::Volatile,
+            alone: kind == Kind::Alone,
             result: None,
             reply,
         };
@@ -250,7 +266,18 @@ impl Store {
         }
         answer.await.map_err(|_| shutting_down())?
     }
+}
 
+/// How a queued write commits: which of [`Store::write`] and its kin queued it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Shared,
+    Alone,
+    Volatile,
+    Freeing,
+}
+
+impl Store {
     /// Runs `f` on a read connection, inside one read transaction so that
     /// everything it reads is one consistent snapshot.
     pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, Error>

@@ -2,10 +2,12 @@
 //! changes in groups, one transaction (and one fsync) per group.
 //!
 //! Each queued job runs inside its own savepoint, so a job that fails rolls back
-//! alone while the rest of the group commits. Replies and watch events leave
-//! only after COMMIT returns: nothing uncommitted is ever acknowledged or
-//! published. Pruning of old history happens here too, so revisions and the
-//! compaction mark only ever move under this one owner.
+//! alone while the rest of the group commits; a job queued to run alone (a
+//! long one) is a group, and a transaction, of its own, with no savepoint.
+//! Replies and watch events leave only after COMMIT returns: nothing
+//! uncommitted is ever acknowledged or published. Pruning of old history
+//! happens here too, so revisions and the compaction mark only ever move
+//! under this one owner.
 
 use super::query::StoredCredential;
 use super::{Inner, codec};
@@ -58,6 +60,8 @@ pub(super) trait Job: Send {
     fn frees_space(&self) -> bool;
     /// Whether the job's change must be on disk before it is answered.
     fn durable(&self) -> bool;
+    /// Whether the job runs in a transaction of its own, without a savepoint.
+    fn alone(&self) -> bool;
     /// Answers the job with `e` without running it.
     fn refuse(&mut self, e: Error);
     /// Delivers the answer once the group's fate is known.
@@ -68,6 +72,7 @@ pub(super) struct TypedJob<F, T> {
     pub(crate) f: Option<F>,
     pub(crate) frees_space: bool,
     pub(crate) durable: bool,
+    pub(crate) alone: bool,
     pub(crate) result: Option<Result<T, Error>>,
     pub(crate) reply: oneshot::Sender<Result<T, Error>>,
 }
@@ -98,6 +103,10 @@ where
 
     fn durable(&self) -> bool {
         self.durable
+    }
+
+    fn alone(&self) -> bool {
+        self.alone
     }
 
     fn refuse(&mut self, e: Error) {
@@ -568,9 +577,16 @@ pub(super) struct Writer {
 impl Writer {
     pub(crate) fn run(mut self, rx: Receiver<Msg>) {
         let mut next_prune = Instant::now();
+        // A job to run alone that arrived while a group was being gathered:
+        // it starts the next group.
+        let mut held: Option<Box<dyn Job>> = None;
         loop {
             let wait = next_prune.saturating_duration_since(Instant::now());
-            let first = match rx.recv_timeout(wait) {
+            let received = match held.take() {
+                Some(j) => Ok(Msg::Job(j)),
+                None => rx.recv_timeout(wait),
+            };
+            let first = match received {
                 Ok(Msg::Job(j)) => j,
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
@@ -579,10 +595,15 @@ impl Writer {
                     continue;
                 }
             };
+            let alone = first.alone();
             let mut jobs = vec![first];
             let mut stop = false;
-            while jobs.len() < self.config.max_group {
+            while !alone && jobs.len() < self.config.max_group {
                 match rx.try_recv() {
+                    Ok(Msg::Job(j)) if j.alone() => {
+                        held = Some(j);
+                        break;
+                    }
                     Ok(Msg::Job(j)) => jobs.push(j),
                     Ok(Msg::Stop) => {
                         stop = true;
@@ -688,11 +709,31 @@ impl Writer {
             seen: RefCell::new(None),
             durable,
         };
+        // A job alone is the whole transaction: it needs no savepoint.
+        let alone = matches!(jobs, [job] if job.alone());
+        let mut rolled_back = false;
         for job in jobs.iter_mut() {
             if let Some(e) = &refusal
                 && !job.frees_space()
             {
                 job.refuse(e.clone());
+                continue;
+            }
+            if alone {
+                let kept =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(&mut tx)))
+                        .unwrap_or_else(|_| {
+                            tracing::error!("a write job panicked; its changes were rolled back");
+                            false
+                        });
+                // A job that went on after SQLite rolled its transaction
+                // back (on some faults) must not be answered as done.
+                if kept && tx.sql.is_autocommit() {
+                    job.refuse(Error::Internal(
+                        "the transaction was rolled back under a write job".into(),
+                    ));
+                }
+                rolled_back = !kept || tx.sql.is_autocommit();
                 continue;
             }
             tx.sql.prepare_cached("SAVEPOINT job")?.execute([])?;
@@ -722,6 +763,24 @@ impl Writer {
             }
         }
         let (revision, events) = (tx.revision, tx.events);
+        if rolled_back {
+            // The job failed: nothing of it stays, and it answers with its own
+            // error. SQLite rolls the transaction back itself on some faults
+            // (a full disk); then the job's storage error says why.
+            let done = if sql.is_autocommit() {
+                Ok(())
+            } else {
+                sql.rollback()
+            };
+            if let Err(e) = done {
+                let job = jobs.first().expect("the job alone");
+                return Err(job
+                    .error()
+                    .filter(Error::is_storage_fault)
+                    .unwrap_or_else(|| e.into()));
+            }
+            return Ok(Vec::new());
+        }
         let mut compact = self.compact;
         if revision != self.revision {
             sql.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'revision'")?
@@ -1086,6 +1145,57 @@ mod tests {
             })
             .await
             .unwrap()
+    }
+
+    /// How many `requests` rows the store holds.
+    async fn rows(store: &Store) -> i64 {
+        store
+            .read(|c| {
+                Ok(c.sql()
+                    .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))?)
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_job_alone_commits_in_its_own_transaction_and_fails_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db"), config()).unwrap();
+        // Alone, no savepoint is open: releasing the one a shared job runs
+        // in fails.
+        let savepoint_open = store
+            .write_alone(|tx| Ok(tx.sql.execute_batch("RELEASE job").is_ok()))
+            .await
+            .unwrap();
+        assert!(!savepoint_open, "a job alone runs in no savepoint");
+
+        // A failing job alone leaves nothing behind and answers its own error.
+        let failed = store
+            .write_alone(|tx| {
+                fill(tx, 3)?;
+                Err::<(), _>(Error::invalid("x", "refused half-way"))
+            })
+            .await;
+        assert!(
+            matches!(failed, Err(Error::InvalidArgument { .. })),
+            "{failed:?}"
+        );
+        assert_eq!(rows(&store).await, 0);
+
+        // Alone and shared jobs queued together all commit.
+        let (a, b, c) = tokio::join!(
+            store.write(|tx| fill(tx, 1)),
+            store.write_alone(|tx| fill(tx, 2)),
+            store.write(|tx| fill(tx, 1)),
+        );
+        a.unwrap();
+        b.unwrap();
+        c.unwrap();
+        assert_eq!(rows(&store).await, 4);
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
