@@ -1,0 +1,685 @@
+"""The deployment files in deploy/ hold together and run: the Containerfile
+(parsed: it cannot be built here, as base images cannot be pulled), the
+Kubernetes manifests (parsed, checked against Kubernetes' own schemas offline,
+and cross-checked: ports, probes, volumes, the Secret) and the systemd unit
+(`systemd-analyze verify` and `security` where systemd is installed). Every
+flag and environment variable they set is one `tether serve --help` lists,
+and the real binary is started with exactly the settings of each StatefulSet
+and of the unit, paths moved into a temp dir and addresses to loopback, then
+asked for its health and a call with a token from the access file they name.
+"""
+
+import base64
+import copy
+import fnmatch
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from conftest import CALL_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT, tether_bin
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+KUBE = DEPLOY / "kubernetes"
+SYSTEMD = DEPLOY / "systemd"
+STATEFULSETS = ["statefulset.yaml", "statefulset-tls.yaml"]
+# Settings of work merged separately (the admin HTTP listener): the files may
+# name them before the binary knows them, and they are checked once it does.
+NOT_YET = {"--admin-listen", "TETHER_ADMIN_LISTEN"}
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+
+
+# --- what the binary accepts ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def serve_help():
+    """The flags and environment variables `tether serve --help` lists."""
+    out = subprocess.run(
+        [tether_bin(), "serve", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.stdout))
+    envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", out.stdout))
+    # The key itself has no flag; the help of --secret-key-file names it.
+    if "TETHER_SECRET_KEY," in out.stdout:
+        envs.add("TETHER_SECRET_KEY")
+    assert {"--listen", "--db", "--secret-key-file"} <= flags, out.stdout
+    assert {"TETHER_LISTEN", "TETHER_DB", "TETHER_LOG_FORMAT"} <= envs, out.stdout
+    return flags, envs
+
+
+def assert_known(names, known, what):
+    unknown = sorted(n for n in names if n not in known and n not in NOT_YET)
+    assert not unknown, f"{what} names settings `tether serve --help` does not list: {unknown}"
+
+
+# --- the Containerfile --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def containerfile():
+    from dockerfile_parse import DockerfileParser
+
+    parser = DockerfileParser(fileobj=open(DEPLOY / "Containerfile", "rb"))
+    return parser.structure
+
+
+def stages(structure):
+    """The instructions of each stage, in order: [[(INSTRUCTION, value), ...], ...]."""
+    out = []
+    for ins in structure:
+        if ins["instruction"] == "FROM":
+            out.append([])
+        if ins["instruction"] != "COMMENT":
+            out[-1].append((ins["instruction"], ins["value"]))
+    return out
+
+
+def env_of(stage):
+    env = {}
+    for ins, value in stage:
+        if ins == "ENV":
+            env.update(dict(kv.split("=", 1) for kv in shlex.split(value)))
+    return env
+
+
+def test_the_containerfile_builds_from_source_and_runs_unprivileged(containerfile):
+    build, runtime = stages(containerfile)
+    assert re.match(r"\S*rust:\S*bookworm\S* AS build$", build[0][1]), build[0]
+    runs = " ".join(v for i, v in build if i == "RUN")
+    assert "cargo build --release --locked" in runs
+    # The runtime has the builder's Debian release, so its glibc.
+    assert "debian12" in runtime[0][1] or "bookworm" in runtime[0][1], runtime[0]
+
+    (user,) = [v for i, v in runtime if i == "USER"]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, f"USER {user}: numeric and not root"
+    (entrypoint,) = [v for i, v in runtime if i == "ENTRYPOINT"]
+    binary = yaml.safe_load(entrypoint)[0]
+    copies = [v for i, v in runtime if i == "COPY"]
+    assert any(c.split()[-1] == binary for c in copies), (binary, copies)
+
+    env = env_of(runtime)
+    (volume,) = [yaml.safe_load(v) for i, v in runtime if i == "VOLUME"]
+    assert env["TETHER_DB"].startswith(volume[0] + "/"), (env, volume)
+    # The volume's folder is the server user's own.
+    assert any(
+        c.split()[-1] == volume[0] and f"--chown={uid}:" in c for c in copies
+    ), copies
+    exposed = {p for i, v in runtime if i == "EXPOSE" for p in v.split()}
+    assert env["TETHER_LISTEN"].rsplit(":", 1)[1] in exposed, (env, exposed)
+
+
+def test_the_container_context_leaves_out_build_output_but_keeps_the_sources():
+    patterns = [
+        line.strip().lstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(
+            fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.replace("**/", ""))
+            for pat in patterns
+            for p in prefixes
+        )
+
+    for path in ["target/debug/tether", ".venv/bin/python", ".git/HEAD",
+                 "tests/node/node_modules/x.js"]:
+        assert ignored(path), f"{path} would go into the build context"
+    for path in ["Cargo.toml", "Cargo.lock", "build.rs", "src/main.rs",
+                 "proto/tether/v1/connection.proto", "models/kubernetes.yaml"]:
+        assert (ROOT / path).exists(), path
+        assert not ignored(path), f"{path} is needed by the build but ignored"
+
+
+def test_the_binary_needs_no_library_beyond_what_the_runtime_image_has():
+    """distroless/cc has glibc and libgcc only: SQLite must be bundled and
+    TLS rustls, as the Containerfile's comment says."""
+    ldd = shutil.which("ldd")
+    if not ldd:
+        pytest.skip("no ldd on this machine")
+    out = subprocess.run([ldd, tether_bin()], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    libs = {line.split()[0].rsplit("/", 1)[-1] for line in out.stdout.splitlines() if line.strip()}
+    allowed = re.compile(
+        r"linux-vdso\.so\.1|ld-linux.*\.so\.\d|lib(c|m|dl|rt|pthread|gcc_s|util)\.so\.\d+"
+    )
+    extra = sorted(lib for lib in libs if not allowed.fullmatch(lib))
+    assert not extra, f"the binary links libraries the runtime image lacks: {extra}"
+
+
+# --- the Kubernetes manifests -------------------------------------------------
+
+
+def manifests(name):
+    return [d for d in yaml.safe_load_all((KUBE / name).read_text()) if d is not None]
+
+
+def the(docs, kind):
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def test_every_file_in_deploy_says_what_it_is_for():
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# "), f"{path.relative_to(ROOT)} opens without a # comment"
+
+
+def test_the_manifests_are_valid_kubernetes_objects():
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    seen = []
+    for path in sorted(KUBE.glob("*.yaml")):
+        for doc in manifests(path.name):
+            assert "namespace" not in doc["metadata"], f"{path.name}: namespace-free"
+            seen.append((path.name, doc["apiVersion"], doc["kind"]))
+            if doc["kind"] == "ServiceMonitor":
+                continue  # a CRD: no schema ships with Kubernetes; checked below
+            # strict: a misspelt or misplaced field fails too.
+            kubernetes_validate.validate(doc, version, strict=True)
+    assert sorted(seen) == [
+        ("secret.example.yaml", "v1", "Secret"),
+        ("servicemonitor.yaml", "monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("statefulset-tls.yaml", "apps/v1", "StatefulSet"),
+        ("statefulset-tls.yaml", "v1", "Service"),
+        ("statefulset.yaml", "apps/v1", "StatefulSet"),
+        ("statefulset.yaml", "v1", "Service"),
+    ]
+    # The validator does refuse what is wrong.
+    bad = copy.deepcopy(the(manifests("statefulset.yaml"), "StatefulSet"))
+    bad["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["prot"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, version, strict=True)
+
+
+def container(sts):
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_values(c):
+    return {e["name"]: e.get("value") for e in c["env"]}
+
+
+def port_number(c, name):
+    (p,) = [p["containerPort"] for p in c["ports"] if p["name"] == name]
+    return p
+
+
+@pytest.mark.parametrize("name", STATEFULSETS)
+def test_the_statefulset_holds_together(name, serve_help, containerfile):
+    flags, envs = serve_help
+    docs = manifests(name)
+    sts, svc = the(docs, "StatefulSet"), the(docs, "Service")
+    spec, pod = sts["spec"], sts["spec"]["template"]["spec"]
+    c = container(sts)
+    env = env_values(c)
+
+    # SQLite has one writer: one pod, ever.
+    assert spec["replicas"] == 1
+    assert spec["serviceName"] == svc["metadata"]["name"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert svc["spec"]["selector"].items() <= labels.items()
+    for port in svc["spec"]["ports"]:
+        port_number(c, port["targetPort"])
+
+    # Settings only through `tether serve`'s own flags and variables.
+    assert c["args"][0] == "serve"
+    assert_known([a.split("=")[0] for a in c["args"][1:] if a.startswith("--")], flags, name)
+    assert_known(env, envs, name)
+    assert pod["enableServiceLinks"] is False
+
+    # gRPC and admin ports agree with the listeners.
+    assert int(env["TETHER_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "grpc")
+    assert int(env["TETHER_ADMIN_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "admin")
+    probes = [c[p] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+    if "TETHER_TLS_CERT" in env:
+        # Kubelet's gRPC probes cannot speak TLS: HTTP on the admin listener.
+        assert [p["httpGet"]["path"] for p in probes] == ["/healthz", "/readyz", "/healthz"]
+        assert {p["httpGet"]["port"] for p in probes} == {"admin"}
+        assert "TETHER_INSECURE" not in env
+    else:
+        assert all(p["grpc"]["port"] == port_number(c, "grpc") for p in probes), probes
+        assert "service" not in str(probes)
+
+    # The database on the claim, inside the image's volume, as the image's user.
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    claims = {t["metadata"]["name"] for t in spec["volumeClaimTemplates"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(mounts.values()) <= claims | volumes.keys()
+    db_mounts = [m for m in mounts if env["TETHER_DB"].startswith(m + "/")]
+    assert [mounts[m] for m in db_mounts] == ["data"] and "data" in claims
+    runtime = stages(containerfile)[-1]
+    (volume,) = [yaml.safe_load(v) for i, v in runtime if i == "VOLUME"]
+    assert db_mounts == volume
+    (user,) = [v for i, v in runtime if i == "USER"]
+    security = pod["securityContext"]
+    assert f"{security['runAsUser']}:{security['runAsGroup']}" == user
+    assert security["fsGroup"] == security["runAsGroup"] and security["runAsNonRoot"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # Every file setting names a file a volume provides.
+    for key in ("TETHER_AUTH_FILE", "TETHER_TLS_CERT", "TETHER_TLS_KEY"):
+        if key in env:
+            (mount,) = [m for m in mounts if env[key].startswith(m + "/")]
+            source = volumes[mounts[mount]]["secret"]
+            assert source["defaultMode"] & 0o022 == 0, "the server refuses a writable access file"
+
+    # The key from the Secret, which secret.example.yaml shows the shape of.
+    secret = the(manifests("secret.example.yaml"), "Secret")
+    ref = next(e for e in c["env"] if e["name"] == "TETHER_SECRET_KEY")["valueFrom"]
+    assert ref["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    assert ref["secretKeyRef"]["key"] in secret["stringData"]
+    access = volumes[mounts["/etc/tether/access"]]["secret"]
+    assert access["secretName"] == secret["metadata"]["name"]
+    assert {i["key"] for i in access["items"]} <= secret["stringData"].keys()
+
+
+def test_the_tls_statefulset_differs_only_in_tls_and_probes():
+    plain, tls = (the(manifests(n), "StatefulSet") for n in STATEFULSETS)
+    for sts in (plain, tls):
+        c = container(sts)
+        for key in ("env", "startupProbe", "readinessProbe", "livenessProbe", "volumeMounts"):
+            c.pop(key)
+        sts["spec"]["template"]["spec"].pop("volumes")
+    assert plain == tls
+
+
+def test_the_service_monitor_scrapes_the_admin_port():
+    monitor = the(manifests("servicemonitor.yaml"), "ServiceMonitor")
+    for name in STATEFULSETS:
+        svc = the(manifests(name), "Service")
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+
+
+def test_the_example_secret_is_refused_as_is(tmp_path):
+    """Its placeholders are no key: applied unchanged, it starts no server
+    with a key that everyone has read."""
+    secret = the(manifests("secret.example.yaml"), "Secret")
+    env = clean_env()
+    env["TETHER_SECRET_KEY"] = secret["stringData"]["secret-key"]
+    out = subprocess.run(
+        [tether_bin(), "serve", "--listen", "127.0.0.1:0", "--db", tmp_path / "t.db"],
+        capture_output=True, text=True, env=env, timeout=START_TIMEOUT,
+    )
+    assert out.returncode != 0 and "32 bytes" in out.stderr, out.stdout + out.stderr
+
+
+# --- running the binary as each file configures it -----------------------------
+
+
+class Process:
+    """A `tether` started with a whole argv and environment of a test's choice."""
+
+    def __init__(self, argv, env, log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+        )
+        # The address line, read by a thread so that the wait is bounded.
+        lines: queue.Queue = queue.Queue()
+
+        def read():
+            for line in self.proc.stdout:
+                lines.put(line)
+            lines.put("")
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        prefix = "tether listening on "
+        deadline = time.monotonic() + START_TIMEOUT
+        line = None
+        while line is None or not (line == "" or line.startswith(prefix)):
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                line = ""
+        if not line.startswith(prefix):
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"tether printed no address:\n{self.log()}")
+        self.addr = line[len(prefix) :].strip()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"tether did not exit within {STOP_TIMEOUT}s of SIGTERM\n{self.log()}")
+        finally:
+            self._reader.join(timeout=STOP_TIMEOUT)
+            self.proc.stdout.close()
+            self._log.close()
+
+
+def clean_env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+
+
+def make_token(principal: str, role: str) -> tuple[str, str]:
+    """A token and its access-file line, from `tether token`."""
+    out = subprocess.run(
+        [tether_bin(), "token", "--principal", principal, "--role", role],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    token, entry = out.stdout.splitlines()[:2]
+    return token, entry
+
+
+def serving(channel) -> bytes:
+    check = channel.unary_unary(HEALTH_CHECK, request_serializer=None, response_deserializer=None)
+    return check(b"", timeout=CALL_TIMEOUT)
+
+
+def assert_serves_with_token(pb, channel, token):
+    """Health answers anyone; a call needs the token the access file admits."""
+    assert serving(channel) == SERVING
+    stub = pb.grpc.ConnectionServiceStub(channel)
+    request = pb.service.ListConnectionsRequest()
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ListConnections(request, timeout=CALL_TIMEOUT)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stub.ListConnections(
+        request, timeout=CALL_TIMEOUT, metadata=[("authorization", f"Bearer {token}")]
+    )
+
+
+def tls_files(ca, folder: Path, cert_name: str, key_name: str, mode: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.cert_chain_pems[0].write_to_path(folder / cert_name)
+    cert.private_key_pem.write_to_path(folder / key_name)
+    for name in (cert_name, key_name):
+        os.chmod(folder / name, mode)
+
+
+def open_channel(addr, ca=None):
+    if ca is None:
+        return grpc.insecure_channel(addr)
+    creds = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+    return grpc.secure_channel(
+        addr, creds, options=[("grpc.ssl_target_name_override", "localhost")]
+    )
+
+
+@pytest.mark.parametrize("name", STATEFULSETS)
+def test_the_server_runs_as_the_statefulset_configures_it(name, pb, tmp_path, serve_help):
+    """Each volume becomes a folder (a Secret's items files with its mode),
+    the Secret's key an environment variable as Kubernetes passes it, the
+    listeners loopback; everything else is the manifest's, unchanged."""
+    import trustme
+
+    _, envs = serve_help
+    sts = the(manifests(name), "StatefulSet")
+    c, pod = container(sts), sts["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    token, entry = make_token("alice", "operator")
+    secrets = {
+        "tether": {
+            "secret-key": base64.b64encode(os.urandom(32)).decode(),
+            "access.yaml": f"tokens:\n{entry}\n",
+        },
+    }
+    ca = trustme.CA()
+
+    where = {}
+    for mount in c["volumeMounts"]:
+        folder = tmp_path / "volumes" / mount["name"]
+        folder.mkdir(parents=True)
+        where[mount["mountPath"]] = folder
+        source = volumes.get(mount["name"], {}).get("secret")
+        if source is None:
+            os.chmod(folder, 0o2770)  # a claim's root with fsGroup
+        elif source["secretName"] == "tether-tls":
+            tls_files(ca, folder, "tls.crt", "tls.key", source["defaultMode"])
+        else:
+            data = secrets[source["secretName"]]
+            for item in source.get("items") or [{"key": k, "path": k} for k in data]:
+                (folder / item["path"]).write_text(data[item["key"]])
+                os.chmod(folder / item["path"], source["defaultMode"])
+
+    def moved(value: str) -> str:
+        for mount_path, folder in where.items():
+            if value.startswith(mount_path + "/"):
+                return str(folder) + value[len(mount_path) :]
+        return value
+
+    env = clean_env()
+    for e in c["env"]:
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets[ref["name"]][ref["key"]]
+        else:
+            env[e["name"]] = moved(e["value"])
+    env["TETHER_LISTEN"] = "127.0.0.1:0"
+    if "TETHER_ADMIN_LISTEN" in envs:
+        env["TETHER_ADMIN_LISTEN"] = "127.0.0.1:0"
+    else:
+        env.pop("TETHER_ADMIN_LISTEN")
+    server = Process([tether_bin(), *c["args"]], env, tmp_path / "tether.log")
+    try:
+        with open_channel(server.addr, ca if "TETHER_TLS_CERT" in env else None) as ch:
+            assert_serves_with_token(pb, ch, token)
+        db = Path(env["TETHER_DB"])
+        assert db.exists(), server.log()
+        # The key came from the Secret: no key file was made beside the database.
+        assert not (db.parent / "tether.key").exists()
+        assert oct(db.parent.stat().st_mode & 0o777) == "0o700"
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+
+
+# --- the systemd unit ------------------------------------------------------------
+
+
+def unit_file(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file's sections, each key with its values in order."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def unit():
+    return unit_file(SYSTEMD / "tether.service")
+
+
+def test_the_unit_runs_serve_with_known_settings_and_a_sandbox(unit, serve_help):
+    flags, envs = serve_help
+    service = unit["Service"]
+    (exec_start,) = service["ExecStart"]
+    argv = shlex.split(exec_start)
+    assert argv[:2] == ["/usr/local/bin/tether", "serve"]
+    assert_known([a.split("=")[0] for a in argv[2:] if a.startswith("--")], flags, "ExecStart")
+    assert argv[argv.index("--db") + 1].startswith("%S/tether/")
+    assert service["StateDirectory"] == ["tether"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["User"] == ["tether"]
+    sysusers = (SYSTEMD / "tether.sysusers").read_text().splitlines()
+    assert any(line.split()[:2] == ["u", "tether"] for line in sysusers)
+    (env_path,) = service["EnvironmentFile"]
+    assert env_path.lstrip("-") == "/etc/tether/tether.env"
+    settings = env_file(SYSTEMD / "tether.env")
+    commented = re.findall(r"^#(TETHER_[A-Z0-9_]+)=", (SYSTEMD / "tether.env").read_text(), re.M)
+    assert_known([*settings, *commented], envs, "tether.env")
+    for key, want in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "MemoryDenyWriteExecute": "yes",
+        "LockPersonality": "yes",
+        "RestrictNamespaces": "yes",
+    }.items():
+        assert service[key] == [want], key
+    assert service["SystemCallFilter"][0] == "@system-service"
+
+
+def systemd_analyze():
+    path = shutil.which("systemd-analyze")
+    if not path:
+        pytest.skip("systemd-analyze is not installed here (systemd is not needed to run tether)")
+    return path
+
+
+def unit_for_here(tmp_path) -> Path:
+    """The unit with ExecStart's binary at this build's path: verify checks
+    that the program exists."""
+    text = (SYSTEMD / "tether.service").read_text()
+    copy_ = tmp_path / "tether.service"
+    copy_.write_text(text.replace("/usr/local/bin/tether", str(tether_bin())))
+    return copy_
+
+
+def test_the_unit_passes_systemd_analyze_verify(tmp_path):
+    analyze = systemd_analyze()
+    out = subprocess.run(
+        [analyze, "verify", unit_for_here(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and not out.stderr.strip(), out.stdout + out.stderr
+
+
+def test_the_units_sandbox_rates_ok_in_systemd_analyze_security(tmp_path):
+    analyze = systemd_analyze()
+    out = subprocess.run(
+        [analyze, "security", "--offline=yes", "--threshold=20", "--no-pager",
+         unit_for_here(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    if "--offline" in out.stderr and "unrecognized" in out.stderr:
+        pytest.skip(f"this systemd-analyze cannot rate a unit file offline: {out.stderr}")
+    # Exposure 0.0 (best) to 10.0; 2.0 and below is what systemd calls OK.
+    assert out.returncode == 0, out.stdout + out.stderr
+    level = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", out.stdout)
+    assert level, out.stdout
+    assert float(level.group(1)) <= 2.0, out.stdout
+
+
+def test_the_server_runs_as_the_unit_configures_it_and_reloads_on_sighup(pb, tmp_path, unit):
+    """ExecStart's arguments (%S the state root) and the example environment
+    file's settings (/etc/tether moved into a temp dir, the listener to
+    loopback): TLS and an access file. ExecReload's SIGHUP makes a token
+    added to the access file work."""
+    import trustme
+
+    state, etc = tmp_path / "state", tmp_path / "etc"
+    (state / "tether").mkdir(parents=True, mode=0o700)  # StateDirectory, 0700
+    (exec_start,) = unit["Service"]["ExecStart"]
+    argv = [a.replace("%S", str(state)) for a in shlex.split(exec_start)]
+    argv[0] = str(tether_bin())
+    env = clean_env()
+    for key, value in env_file(SYSTEMD / "tether.env").items():
+        env[key] = value.replace("/etc/tether", str(etc))
+    env["TETHER_LISTEN"] = "127.0.0.1:0"
+
+    ca = trustme.CA()
+    cert, key = Path(env["TETHER_TLS_CERT"]), Path(env["TETHER_TLS_KEY"])
+    assert cert.parent == key.parent
+    tls_files(ca, cert.parent, cert.name, key.name, 0o640)
+    token, entry = make_token("alice", "operator")
+    access = Path(env["TETHER_AUTH_FILE"])
+    access.write_text(f"tokens:\n{entry}\n")
+    os.chmod(access, 0o640)
+
+    server = Process(argv, env, tmp_path / "tether.log")
+    try:
+        with open_channel(server.addr, ca) as ch:
+            assert_serves_with_token(pb, ch, token)
+            # The database and the key it made are in the state directory.
+            assert (state / "tether" / "tether.db").exists()
+            assert (state / "tether" / "tether.key").stat().st_mode & 0o777 == 0o600
+
+            later, later_entry = make_token("bob", "viewer")
+            access.write_text(f"tokens:\n{entry}\n{later_entry}\n")
+            (reload,) = unit["Service"]["ExecReload"]
+            reload_argv = shlex.split(reload.replace("$MAINPID", str(server.proc.pid)))
+            subprocess.run(reload_argv, check=True, timeout=10)
+            stub = pb.grpc.ConnectionServiceStub(ch)
+            deadline = time.monotonic() + CALL_TIMEOUT
+            while True:
+                try:
+                    stub.ListConnections(
+                        pb.service.ListConnectionsRequest(), timeout=CALL_TIMEOUT,
+                        metadata=[("authorization", f"Bearer {later}")],
+                    )
+                    break
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNAUTHENTICATED or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            assert "SIGHUP" in server.log()
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+
+
+# --- the README ------------------------------------------------------------------
+
+
+def test_the_readme_deploying_section_names_files_that_exist():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Deploying\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"deploy/[\w./-]+\w", section))
+    assert named, "the Deploying section names no deploy/ file"
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, missing
+    shipped = {str(p.relative_to(ROOT)) for p in DEPLOY.rglob("*") if p.is_file()}
+    assert shipped <= named, f"files the README does not mention: {sorted(shipped - named)}"
