@@ -1,12 +1,14 @@
 """The README's client examples run as pasted and print what the README says
 they print: the Python one (with the README's protoc command making its
-stubs) and the Rust one (`examples/client.rs`, which must be the README's
-text exactly), each against a fresh server started as the README starts it.
-The Node example is run by tests/node/readme.test.js."""
+stubs), the Go one (with the README's protoc command, built offline against
+Debian's Go packages) and the Rust one (`examples/client.rs`, which must be
+the README's text exactly), each against a fresh server started as the README
+starts it. The Node example is run by tests/node/readme.test.js."""
 
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,5 +82,56 @@ def test_the_rust_example_is_the_readmes_and_runs(readme_server):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env["TETHER_ENDPOINT"] = readme_server.addr
     ran = subprocess.run([example], capture_output=True, text=True, env=env, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert lines_of(ran.stdout) == expected_output(text)
+
+
+# Where Debian's golang-*-dev packages put their sources (a GOPATH).
+DEBIAN_GOCODE = Path("/usr/share/gocode")
+GO_TOOLS = ("go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc")
+
+
+def test_the_go_example_runs_as_pasted(readme_server, tmp_path):
+    """The README's protoc command and main.go, built in GOPATH mode against
+    Debian's grpc-go and genproto: no Go module proxy is reachable, so its
+    `go mod init` and `go mod tidy` lines are the ones not run."""
+    missing = [tool for tool in GO_TOOLS if not shutil.which(tool)]
+    if missing or not (DEBIAN_GOCODE / "src/google.golang.org/grpc").is_dir():
+        pytest.fail(
+            f"Go tools missing ({', '.join(missing) or DEBIAN_GOCODE}): scripts/test installs "
+            "golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc "
+            "golang-google-grpc-dev golang-google-genproto-dev"
+        )
+    text = section("Go")
+    (setup,) = blocks(text, "sh")
+    (code,) = blocks(text, "go")
+    commands = setup.replace("\\\n", " ").splitlines()
+    (mkdir,) = [c for c in commands if c.startswith("mkdir ")]
+    (module,) = [c.split()[-1] for c in commands if c.startswith("go mod init ")]
+    (protoc,) = [c for c in commands if c.startswith("protoc ")]
+    # The module's folder, as GOPATH mode finds it; ../proto beside it, as
+    # the README's `mkdir` in the repository's root has it.
+    gopath = tmp_path / "gopath"
+    work = gopath / "src" / module
+    work.mkdir(parents=True)
+    (work.parent / "proto").symlink_to(ROOT / "proto")
+    assert mkdir.split()[-1] in setup.split("cd ", 1)[1]
+    made = subprocess.run(["bash", "-c", protoc], cwd=work, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    (work / "main.go").write_text(code.replace(README_ADDR, readme_server.addr))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TETHER_", "GO"))}
+    env.update(
+        GO111MODULE="off",
+        GOPATH=f"{gopath}:{DEBIAN_GOCODE}",
+        GOCACHE=str(ROOT / "target" / "go-build"),
+        GOPROXY="off",
+        GOFLAGS="",
+    )
+    built = subprocess.run(
+        ["go", "build", "-o", str(tmp_path / "client"), "."],
+        cwd=work, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    ran = subprocess.run([tmp_path / "client"], capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert lines_of(ran.stdout) == expected_output(text)
