@@ -96,11 +96,15 @@ def test_the_go_example_runs_as_pasted(readme_server, tmp_path):
     Debian's grpc-go and genproto: no Go module proxy is reachable, so its
     `go mod init` and `go mod tidy` lines are the ones not run."""
     missing = [tool for tool in GO_TOOLS if not shutil.which(tool)]
-    if missing or not (DEBIAN_GOCODE / "src/google.golang.org/grpc").is_dir():
+    golang_protobuf = DEBIAN_GOCODE / "src/github.com/golang/protobuf/proto/proto.go"
+    if not golang_protobuf.exists() or "ProtoPackageIsVersion4" not in golang_protobuf.read_text():
+        missing.append("golang/protobuf 1.5")
+    if not (DEBIAN_GOCODE / "src/google.golang.org/grpc").is_dir():
+        missing.append("grpc-go")
+    if missing:
         pytest.fail(
-            f"Go tools missing ({', '.join(missing) or DEBIAN_GOCODE}): scripts/test installs "
-            "golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc "
-            "golang-google-grpc-dev golang-google-genproto-dev"
+            f"missing for the Go example: {', '.join(missing)}; scripts/test installs them "
+            "(its go_packages, from Debian)"
         )
     text = section("Go")
     (setup,) = blocks(text, "sh")
