@@ -5,8 +5,11 @@
 //! learns of new and changed connections from the store's published events,
 //! so it never polls the database; it runs at most `concurrency` probes at
 //! once and spreads them with jitter, so 10,000 connections are watched
-//! without bursts or unbounded tasks. It decides nothing about state: the
-//! engine applies results, and discards one that a newer change overtook.
+//! without bursts or unbounded tasks. Due times fall on 100 ms ticks: the
+//! connections due in one tick are read in one go, and their results are
+//! written in one go, so a probe costs a share of a transaction rather than
+//! one. It decides nothing about state: the engine applies results, and
+//! discards one that a newer change overtook.
 //!
 //! Probes of DISCOVERED connections (the lifecycle's
 //! [`probed_once`](lifecycle::probed_once)), which a discovery report of thousands
@@ -145,6 +148,14 @@ impl Monitor {
         let mut schedule = Schedule::default();
         // A failed (re)load is retried: the schedule must not stay empty.
         let mut resync_at = (!self.resync(&mut schedule, true).await).then(retry_soon);
+        // Probe results go to one task that applies whatever has gathered
+        // in one write (see `apply_results`).
+        let (results, gathered) = tokio::sync::mpsc::unbounded_channel();
+        let applier = tokio::spawn(apply_results(
+            self.engine.clone(),
+            gathered,
+            self.config.failure_threshold,
+        ));
         // A probe's task ends with the connection as the probe left it, when
         // that is known (it usually is: the writer returns it).
         let mut running: JoinSet<(ConnectionId, Option<Connection>)> = JoinSet::new();
@@ -155,51 +166,37 @@ impl Monitor {
                     resync_at = (!self.resync(&mut schedule, false).await).then(retry_soon);
                 }
                 Some(due) = schedule.queue.next(), if running.len() < self.config.concurrency => {
-                    let id = due.into_inner();
-                    schedule.keys.remove(&id);
-                    let c = match self.engine_get(&id).await {
-                        Ok(Some(c)) if monitored(&c) => c,
-                        Ok(_) => continue,
+                    // Everything due in the same tick, read in one go.
+                    let mut ids = vec![due.into_inner()];
+                    while running.len() + ids.len() < self.config.concurrency {
+                        match futures::FutureExt::now_or_never(schedule.queue.next()) {
+                            Some(Some(due)) => ids.push(due.into_inner()),
+                            _ => break,
+                        }
+                    }
+                    for id in &ids {
+                        schedule.keys.remove(id);
+                    }
+                    let read = ids.clone();
+                    let rows = match self
+                        .store
+                        .read(move |c| read.iter().map(|id| c.get(id)).collect::<Result<Vec<_>, _>>())
+                        .await
+                    {
+                        Ok(rows) => rows,
                         Err(e) => {
-                            // Keep it: a read failing now says nothing about the peer.
-                            tracing::warn!(%id, error = %e, "cannot read a connection to probe");
-                            schedule.put(id, self.config.interval);
+                            // Keep them: a read failing now says nothing about the peers.
+                            tracing::warn!(connections = ids.len(), error = %e, "cannot read connections to probe");
+                            for id in ids {
+                                schedule.put(id, self.config.interval);
+                            }
                             continue;
                         }
                     };
-                    if lifecycle::probed_once(c.state)
-                        && let Err(wait) = self.discovery.admit()
-                    {
-                            // Delayed, never dropped: it keeps its place in line.
-                            schedule.put(id, wait.max(Duration::from_millis(1)));
-                            continue;
+                    for (id, row) in ids.into_iter().zip(rows) {
+                        let Some(c) = row.filter(monitored) else { continue };
+                        self.start_probe(&mut schedule, &mut running, &results, id, c);
                     }
-                    schedule.running.insert(id.clone());
-                    let (engine, checker, threshold) =
-                        (self.engine.clone(), self.checker.clone(), self.config.failure_threshold);
-                    running.spawn(async move {
-                        // A panic in a probe must not lose the connection's place.
-                        let probe = std::panic::AssertUnwindSafe(async {
-                            let result = checker.check(&c).await;
-                            match engine.apply_probe(&c, result, threshold).await {
-                                Ok(after) => after,
-                                // The writer logs the quota alarm once, not per result.
-                                Err(e @ Error::QuotaExceeded { .. }) => {
-                                    tracing::debug!(id = %c.id, error = %e, "probe result not applied");
-                                    None
-                                }
-                                Err(e) => {
-                                    tracing::warn!(id = %c.id, error = %e, "probe result not applied");
-                                    None
-                                }
-                            }
-                        });
-                        let after = futures::FutureExt::catch_unwind(probe).await.unwrap_or_else(|_| {
-                            tracing::error!(id = %c.id, "a probe panicked");
-                            None
-                        });
-                        (c.id, after)
-                    });
                 }
                 Some(done) = running.join_next() => {
                     let Ok((id, after)) = done else { continue };
@@ -232,6 +229,58 @@ impl Monitor {
             }
         }
         running.shutdown().await;
+        applier.abort();
+    }
+
+    /// Starts probing `c` (read just now), unless discovered connections are
+    /// over their rate: then it waits its turn.
+    fn start_probe(
+        &self,
+        schedule: &mut Schedule,
+        running: &mut JoinSet<(ConnectionId, Option<Connection>)>,
+        results: &Results,
+        id: ConnectionId,
+        c: Connection,
+    ) {
+        if lifecycle::probed_once(c.state)
+            && let Err(wait) = self.discovery.admit()
+        {
+            // Delayed, never dropped: it keeps its place in line.
+            schedule.put(id, wait.max(Duration::from_millis(1)));
+            return;
+        }
+        schedule.running.insert(id);
+        let (checker, results) = (self.checker.clone(), results.clone());
+        running.spawn(async move {
+            // A panic in a probe must not lose the connection's place.
+            let probe = std::panic::AssertUnwindSafe(async {
+                let result = checker.check(&c).await;
+                let (answer, applied) = tokio::sync::oneshot::channel();
+                if results.send((c.clone(), result, answer)).is_err() {
+                    return None;
+                }
+                match applied.await {
+                    Ok(Ok(after)) => after,
+                    // The writer logs the quota alarm once, not per result.
+                    Ok(Err(e @ Error::QuotaExceeded { .. })) => {
+                        tracing::debug!(id = %c.id, error = %e, "probe result not applied");
+                        None
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(id = %c.id, error = %e, "probe result not applied");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            });
+            let after = futures::FutureExt::catch_unwind(probe)
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!(id = %c.id, "a probe panicked");
+                    None
+                });
+            (c.id, after)
+        });
     }
 
     async fn engine_get(&self, id: &ConnectionId) -> Result<Option<Connection>, crate::Error> {
@@ -288,6 +337,39 @@ impl Monitor {
     }
 }
 
+/// A probe result on its way to be applied, and where its answer goes.
+type ProbeResult = (
+    Connection,
+    Option<crate::probe::Observation>,
+    tokio::sync::oneshot::Sender<Result<Option<Connection>, Error>>,
+);
+type Results = tokio::sync::mpsc::UnboundedSender<ProbeResult>;
+
+/// Most results applied in one write.
+const MOST_RESULTS_PER_WRITE: usize = 256;
+
+/// Applies probe results as they come, each write taking all that gathered
+/// while the last one ran: probes due in the same tick finish together, so
+/// their results share one transaction instead of one each.
+async fn apply_results(
+    engine: Engine,
+    mut gathered: tokio::sync::mpsc::UnboundedReceiver<ProbeResult>,
+    failure_threshold: u32,
+) {
+    let mut batch = Vec::with_capacity(MOST_RESULTS_PER_WRITE);
+    while gathered.recv_many(&mut batch, MOST_RESULTS_PER_WRITE).await > 0 {
+        let (results, answers): (Vec<_>, Vec<_>) = batch
+            .drain(..)
+            .map(|(c, result, answer)| ((c, result), answer))
+            .unzip();
+        let applied = engine.apply_probes(results, failure_threshold).await;
+        for (answer, applied) in answers.into_iter().zip(applied) {
+            // The probe's task may be gone (shutting down): nothing to tell.
+            let _ = answer.send(applied);
+        }
+    }
+}
+
 fn retry_soon() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(1)
 }
@@ -300,9 +382,14 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Probes fall due on ticks this far apart: those due within one tick start
+/// together, are read in one go and have their results written in one go.
+const TICK: Duration = Duration::from_millis(100);
+
 /// Who is due when, and who is being probed now.
-#[derive(Default)]
 struct Schedule {
+    /// Where ticks are counted from.
+    epoch: tokio::time::Instant,
     queue: DelayQueue<ConnectionId>,
     keys: HashMap<ConnectionId, delay_queue::Key>,
     running: HashSet<ConnectionId>,
@@ -310,12 +397,28 @@ struct Schedule {
     changed: HashSet<ConnectionId>,
 }
 
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            epoch: tokio::time::Instant::now(),
+            queue: DelayQueue::new(),
+            keys: HashMap::new(),
+            running: HashSet::new(),
+            changed: HashSet::new(),
+        }
+    }
+}
+
 impl Schedule {
+    /// Due `delay` from now, rounded up to the next tick.
     fn put(&mut self, id: ConnectionId, delay: Duration) {
+        let since = (tokio::time::Instant::now() + delay).duration_since(self.epoch);
+        let ticks = since.as_nanos().div_ceil(TICK.as_nanos());
+        let at = self.epoch + TICK * u32::try_from(ticks).unwrap_or(u32::MAX);
         match self.keys.get(&id) {
-            Some(key) => self.queue.reset(key, delay),
+            Some(key) => self.queue.reset_at(key, at),
             None => {
-                let key = self.queue.insert(id.clone(), delay);
+                let key = self.queue.insert_at(id.clone(), at);
                 self.keys.insert(id, key);
             }
         }

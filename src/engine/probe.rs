@@ -18,164 +18,120 @@ impl Engine {
     /// connection changed in what was checked since the probe started, or is
     /// no longer monitored: a user request always wins over an older probe.
     /// The connection as it is afterwards, or `None` when the result was dropped.
+    /// (The monitor applies results in batches, [`Engine::apply_probes`].)
+    #[cfg(test)]
     pub(crate) async fn apply_probe(
         &self,
         probed: &Connection,
         result: Option<probe::Observation>,
         failure_threshold: u32,
     ) -> Result<Option<Connection>, Error> {
-        // A kind with no check passes verification (the lifecycle's rule).
-        let (verdict, latency) = match result {
-            Some(r) => (r.verdict, r.latency),
-            None => (
-                Verdict::Reachable("no check is defined for this connection".into()),
-                std::time::Duration::ZERO,
-            ),
-        };
-        // Read outside the writer; the snapshot check below makes sure it is
-        // still the same disconnection when the result commits.
-        // Needed only when a disconnected connection passes its check.
-        let disconnected_from = match finding(&verdict) {
-            Some(f) if lifecycle::needs_disconnected_from(probed.state, f) => {
-                self.disconnected_from(probed).await?
-            }
-            _ => None,
-        };
-        // Most results move nothing: they are kept without waiting for the
-        // disk. One that must move the connection comes back and is applied
-        // again in a synced group (a move is an event watchers see).
-        let mut durable = false;
-        loop {
-            let applied = self
-                .write_probe(
+        self.apply_probes(vec![(probed.clone(), result)], failure_threshold)
+            .await
+            .pop()
+            .expect("one answer per result")
+    }
+
+    /// Applies what background probes saw, as `apply_probe` does
+    /// for one, with one answer each, in order. The results that move nothing (most of them) are kept in one
+    /// write job rather than one each, so a monitor that probes thousands of
+    /// connections pays for one transaction per batch, not per probe.
+    pub(crate) async fn apply_probes(
+        &self,
+        results: Vec<(Connection, Option<probe::Observation>)>,
+        failure_threshold: u32,
+    ) -> Vec<Result<Option<Connection>, Error>> {
+        let mut items = Vec::with_capacity(results.len());
+        let mut answers: Vec<Option<Result<Option<Connection>, Error>>> =
+            (0..results.len()).map(|_| None).collect();
+        for (i, (probed, result)) in results.into_iter().enumerate() {
+            // A kind with no check passes verification (the lifecycle's rule).
+            let (verdict, latency) = match result {
+                Some(r) => (r.verdict, r.latency),
+                None => (
+                    Verdict::Reachable("no check is defined for this connection".into()),
+                    std::time::Duration::ZERO,
+                ),
+            };
+            // Read outside the writer; the snapshot check makes sure it is
+            // still the same disconnection when the result commits.
+            // Needed only when a disconnected connection passes its check.
+            let disconnected_from = match finding(&verdict) {
+                Some(f) if lifecycle::needs_disconnected_from(probed.state, f) => {
+                    match self.disconnected_from(&probed).await {
+                        Ok(from) => from,
+                        Err(e) => {
+                            answers[i] = Some(Err(e));
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            items.push((
+                i,
+                ProbeItem {
                     probed,
-                    &verdict,
+                    verdict,
                     latency,
                     disconnected_from,
-                    failure_threshold,
-                    durable,
-                )
-                .await?;
-            match applied {
-                Applied::Kept(c) => return Ok(c.map(|c| *c)),
-                Applied::Moved(moves) => {
-                    for (c, from) in &moves {
-                        super::transition::log_move(c, *from, Trigger::System);
-                    }
-                    return Ok(moves.into_iter().last().map(|(c, _)| c));
+                },
+            ));
+        }
+        // Most results move nothing: they are kept without waiting for the
+        // disk, all in one job. One that must move the connection comes back
+        // and is applied again, alone, in a synced group (a move is an event
+        // watchers see).
+        let kinds = self.kinds.clone();
+        let batch: Vec<ProbeItem> = items.iter().map(|(_, item)| item.clone()).collect();
+        let kept = self
+            .store
+            .write_volatile(move |tx| {
+                batch
+                    .iter()
+                    .map(|item| write_probe(tx, &kinds, item, failure_threshold))
+                    .collect::<Result<Vec<_>, Error>>()
+            })
+            .await;
+        match kept {
+            Ok(applied) => {
+                for ((i, item), applied) in items.into_iter().zip(applied) {
+                    let answer = match applied {
+                        Applied::NeedsSync => self.apply_synced(&item, failure_threshold).await,
+                        other => Ok(other.answer()),
+                    };
+                    answers[i] = Some(answer);
                 }
-                Applied::NeedsSync if !durable => durable = true,
-                Applied::NeedsSync => {
-                    return Err(Error::Internal(
-                        "a synced probe group was not synced".into(),
-                    ));
+            }
+            Err(e) => {
+                for (i, _) in items {
+                    answers[i] = Some(Err(e.clone()));
                 }
             }
         }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every result answered"))
+            .collect()
     }
 
-    /// One attempt at [`Engine::apply_probe`]'s write, synced or not.
-    async fn write_probe(
+    /// Applies one result that moves its connection, in a synced group.
+    async fn apply_synced(
         &self,
-        probed: &Connection,
-        verdict: &Verdict,
-        latency: std::time::Duration,
-        disconnected_from: Option<State>,
+        item: &ProbeItem,
         failure_threshold: u32,
-        durable: bool,
-    ) -> Result<Applied, Error> {
-        let snapshot = Verified::of(probed);
-        let verdict = verdict.clone();
-        let id = probed.id.clone();
+    ) -> Result<Option<Connection>, Error> {
         let kinds = self.kinds.clone();
-        let job = move |tx: &mut crate::store::Tx<'_>| {
-            let Some(row) = tx.get(&id)? else {
-                return Ok(Applied::Kept(None));
-            };
-            if Verified::of(&row) != snapshot
-                || !lifecycle::monitored(row.managed, row.state, row.state_trigger)
-            {
-                return Ok(Applied::Kept(None));
-            }
-            let outcome = match &verdict {
-                Verdict::Reachable(_) => ProbeOutcome::Reachable,
-                Verdict::Unreachable(_) => ProbeOutcome::Unreachable,
-                Verdict::CredentialsRejected(_) => ProbeOutcome::CredentialsRejected,
-                // Nothing was learnt about the peer: record nothing, try again later.
-                Verdict::NotChecked(_) => return Ok(Applied::Kept(Some(Box::new(row)))),
-            };
-            // Failures count within the current state only: a state change
-            // (a user reconnecting, say) starts the count again.
-            let failures = match outcome {
-                ProbeOutcome::Reachable => 0,
-                _ => {
-                    row.last_probe
-                        .as_ref()
-                        .filter(|p| p.time >= row.state_time)
-                        .map_or(0, |p| p.consecutive_failures)
-                        + 1
-                }
-            };
-            let detail = verdict.detail().to_owned();
-            let steps = lifecycle::after_probe(Probed {
-                state: row.state,
-                finding: match outcome {
-                    ProbeOutcome::Reachable => Finding::Reachable,
-                    ProbeOutcome::Unreachable => Finding::Unreachable,
-                    ProbeOutcome::CredentialsRejected => Finding::CredentialsRejected,
-                },
-                threshold_reached: failures >= failure_threshold as i32,
-                auto_connects: kinds.auto_connects(&row.kind),
-                disconnected_from,
-            });
-            if !steps.is_empty() && !tx.durable() {
-                return Ok(Applied::NeedsSync);
-            }
-            let probe = ProbeResult {
-                time: tx.now(),
-                outcome,
-                latency_ms: latency.as_millis() as i64,
-                message: detail.clone(),
-                consecutive_failures: failures,
-            };
-            tx.set_probe(&id, &probe)?;
-            let reason = match outcome {
-                ProbeOutcome::Reachable => detail,
-                _ if lifecycle::counts_failures(row.state) => {
-                    format!("{failures} failed probes in a row; last: {detail}")
-                }
-                ProbeOutcome::Unreachable => format!("unreachable: {detail}"),
-                ProbeOutcome::CredentialsRejected => format!("credentials rejected: {detail}"),
-            };
-            if steps.is_empty() {
-                let mut row = row;
-                row.last_probe = Some(probe);
-                return Ok(Applied::Kept(Some(Box::new(row))));
-            }
-            let mut moves = Vec::new();
-            for &target in steps {
-                let (c, from) = apply_move(
-                    tx,
-                    &kinds,
-                    Move {
-                        id: id.clone(),
-                        target,
-                        trigger: Trigger::System,
-                        reason: reason.clone(),
-                        actor: SYSTEM_ACTOR.into(),
-                        etag: None,
-                        verified: None,
-                    },
-                    None,
-                )?;
-                moves.push((c, from));
-            }
-            Ok(Applied::Moved(moves))
-        };
-        if durable {
-            self.store.write(job).await
-        } else {
-            self.store.write_volatile(job).await
+        let job_item = item.clone();
+        let applied = self
+            .store
+            .write(move |tx| write_probe(tx, &kinds, &job_item, failure_threshold))
+            .await?;
+        match applied {
+            Applied::NeedsSync => Err(Error::Internal(
+                "a synced probe group was not synced".into(),
+            )),
+            other => Ok(other.answer()),
         }
     }
 
@@ -218,6 +174,110 @@ impl Engine {
     }
 }
 
+/// One probe result on its way to the writer.
+#[derive(Clone)]
+struct ProbeItem {
+    probed: Connection,
+    verdict: Verdict,
+    latency: std::time::Duration,
+    disconnected_from: Option<State>,
+}
+
+/// One attempt at applying a probe result, in a synced group or not: keeps
+/// it on the row and makes the moves it calls for, unless the connection
+/// changed in what was checked or is no longer monitored.
+fn write_probe(
+    tx: &mut crate::store::Tx<'_>,
+    kinds: &crate::kinds::Kinds,
+    item: &ProbeItem,
+    failure_threshold: u32,
+) -> Result<Applied, Error> {
+    let id = &item.probed.id;
+    let Some(row) = tx.get(id)? else {
+        return Ok(Applied::Kept(None));
+    };
+    if Verified::of(&row) != Verified::of(&item.probed)
+        || !lifecycle::monitored(row.managed, row.state, row.state_trigger)
+    {
+        return Ok(Applied::Kept(None));
+    }
+    let verdict = &item.verdict;
+    let outcome = match verdict {
+        Verdict::Reachable(_) => ProbeOutcome::Reachable,
+        Verdict::Unreachable(_) => ProbeOutcome::Unreachable,
+        Verdict::CredentialsRejected(_) => ProbeOutcome::CredentialsRejected,
+        // Nothing was learnt about the peer: record nothing, try again later.
+        Verdict::NotChecked(_) => return Ok(Applied::Kept(Some(Box::new(row)))),
+    };
+    // Failures count within the current state only: a state change
+    // (a user reconnecting, say) starts the count again.
+    let failures = match outcome {
+        ProbeOutcome::Reachable => 0,
+        _ => {
+            row.last_probe
+                .as_ref()
+                .filter(|p| p.time >= row.state_time)
+                .map_or(0, |p| p.consecutive_failures)
+                + 1
+        }
+    };
+    let detail = verdict.detail().to_owned();
+    let steps = lifecycle::after_probe(Probed {
+        state: row.state,
+        finding: match outcome {
+            ProbeOutcome::Reachable => Finding::Reachable,
+            ProbeOutcome::Unreachable => Finding::Unreachable,
+            ProbeOutcome::CredentialsRejected => Finding::CredentialsRejected,
+        },
+        threshold_reached: failures >= failure_threshold as i32,
+        auto_connects: kinds.auto_connects(&row.kind),
+        disconnected_from: item.disconnected_from,
+    });
+    if !steps.is_empty() && !tx.durable() {
+        return Ok(Applied::NeedsSync);
+    }
+    let probe = ProbeResult {
+        time: tx.now(),
+        outcome,
+        latency_ms: item.latency.as_millis() as i64,
+        message: detail.clone(),
+        consecutive_failures: failures,
+    };
+    tx.set_probe(id, &probe)?;
+    let reason = match outcome {
+        ProbeOutcome::Reachable => detail,
+        _ if lifecycle::counts_failures(row.state) => {
+            format!("{failures} failed probes in a row; last: {detail}")
+        }
+        ProbeOutcome::Unreachable => format!("unreachable: {detail}"),
+        ProbeOutcome::CredentialsRejected => format!("credentials rejected: {detail}"),
+    };
+    if steps.is_empty() {
+        let mut row = row;
+        row.last_probe = Some(probe);
+        return Ok(Applied::Kept(Some(Box::new(row))));
+    }
+    let mut moves = Vec::new();
+    for &target in steps {
+        let (c, from) = apply_move(
+            tx,
+            kinds,
+            Move {
+                id: id.clone(),
+                target,
+                trigger: Trigger::System,
+                reason: reason.clone(),
+                actor: SYSTEM_ACTOR.into(),
+                etag: None,
+                verified: None,
+            },
+            None,
+        )?;
+        moves.push((c, from));
+    }
+    Ok(Applied::Moved(moves))
+}
+
 /// What one attempt to apply a probe result did.
 enum Applied {
     /// Kept the result (or dropped it: `None`); nothing moved.
@@ -227,6 +287,23 @@ enum Applied {
     Moved(Vec<(Connection, State)>),
     /// It must move the connection, which only a synced group may do.
     NeedsSync,
+}
+
+impl Applied {
+    /// The connection as the result left it (logging each move), or `None`
+    /// when the result was dropped. Not for [`Applied::NeedsSync`].
+    fn answer(self) -> Option<Connection> {
+        match self {
+            Applied::Kept(c) => c.map(|c| *c),
+            Applied::Moved(moves) => {
+                for (c, from) in &moves {
+                    super::transition::log_move(c, *from, Trigger::System);
+                }
+                moves.into_iter().last().map(|(c, _)| c)
+            }
+            Applied::NeedsSync => None,
+        }
+    }
 }
 
 /// What a verdict found; `None`: the check could not run, nothing was learnt.

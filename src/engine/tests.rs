@@ -133,3 +133,58 @@ async fn failures_count_to_the_threshold_and_a_success_resets_them() {
     // Only the move was an event; the probe results alone were not.
     assert_eq!(cur.revision, c.revision.next());
 }
+
+#[tokio::test]
+async fn a_batch_of_results_answers_each_in_order_and_moves_only_what_it_must() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&dir);
+    let stays = create(&e, State::Connected).await;
+    let discovered = create(&e, State::Discovered).await;
+    let overtaken = create(&e, State::Discovered).await;
+    user_move(&e, &overtaken.id, State::Ignored).await;
+    let answers = e
+        .apply_probes(
+            vec![
+                (stays.clone(), seen(Verdict::Reachable("HTTP 200".into()))),
+                // Found: moves to REGISTERED, in a synced write of its own.
+                (
+                    discovered.clone(),
+                    seen(Verdict::Reachable("HTTP 200".into())),
+                ),
+                (
+                    overtaken.clone(),
+                    seen(Verdict::Reachable("HTTP 200".into())),
+                ),
+                (stays.clone(), seen(Verdict::NotChecked("no permit".into()))),
+            ],
+            3,
+        )
+        .await;
+    let answers: Vec<_> = answers
+        .into_iter()
+        .map(|a| a.unwrap().map(|c| (c.id, c.state)))
+        .collect();
+    assert_eq!(
+        answers,
+        vec![
+            Some((stays.id.clone(), State::Connected)),
+            Some((discovered.id.clone(), State::Registered)),
+            None,
+            Some((stays.id.clone(), State::Connected)),
+        ]
+    );
+    let kept = e.get(stays.id.clone(), &Scope::All).await.unwrap();
+    assert_eq!(
+        kept.revision, stays.revision,
+        "keeping a result is no change"
+    );
+    assert_eq!(
+        kept.last_probe.map(|p| p.message),
+        Some("HTTP 200".to_string())
+    );
+    let moved = e.get(discovered.id.clone(), &Scope::All).await.unwrap();
+    assert_eq!(moved.state, State::Registered);
+    assert_eq!(moved.state_trigger, Trigger::System);
+    let dropped = e.get(overtaken.id.clone(), &Scope::All).await.unwrap();
+    assert_eq!(dropped.last_probe, None);
+}
