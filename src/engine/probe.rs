@@ -60,7 +60,14 @@ impl Engine {
                 Applied::Kept(c) => return Ok(c.map(|c| *c)),
                 Applied::Moved(moves) => {
                     for (c, from) in &moves {
-                        super::transition::log_move(c, *from, Trigger::System);
+                        super::transition::log_move(
+                            &self.metrics,
+                            c,
+                            *from,
+                            Trigger::System,
+                            SYSTEM_ACTOR,
+                            "probe",
+                        );
                     }
                     return Ok(moves.into_iter().last().map(|(c, _)| c));
                 }

@@ -59,6 +59,8 @@ pub(crate) struct TransitionRequest {
     pub(crate) request: Option<RequestKey>,
     pub(crate) actor: String,
     pub(crate) scope: Scope,
+    /// The call that asked for it (`TransitionConnection`, ...), for the log.
+    pub(crate) method: &'static str,
 }
 
 /// The fields an update replaces; `None` leaves a field as it is.

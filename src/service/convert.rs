@@ -42,6 +42,11 @@ pub(crate) fn transition_from_pb(
         request,
         actor: principal.name.clone(),
         scope: principal.scope.clone(),
+        method: if field.is_empty() {
+            "TransitionConnection"
+        } else {
+            "BatchTransitionConnections"
+        },
     })
 }
 
@@ -111,6 +116,7 @@ pub(crate) fn delete_from_pb(
         request,
         actor: principal.name.clone(),
         scope: principal.scope.clone(),
+        method: "DeleteConnection",
     })
 }
 
