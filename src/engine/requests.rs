@@ -59,7 +59,7 @@ pub(crate) struct TransitionRequest {
     pub(crate) request: Option<RequestKey>,
     pub(crate) actor: String,
     pub(crate) scope: Scope,
-    /// The call that asked for it (`TransitionConnection`, ...), for the log.
+    /// The gRPC method that asked for it, as the change's log line names it.
     pub(crate) method: &'static str,
 }
 

@@ -342,8 +342,8 @@ pub(super) fn log_move(
 ) {
     metrics.transition(trigger, Outcome::Accepted);
     tracing::info!(
-        principal,
-        method,
+        principal = %principal,
+        method = %method,
         id = %c.id,
         from = %from,
         to = %c.state,

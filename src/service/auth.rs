@@ -162,9 +162,9 @@ fn observed(
     metrics.rpc(method, code, took);
     tracing::debug!(
         target: "tether::request",
-        principal = principal.unwrap_or("-"),
-        method,
-        code,
+        principal = %principal.unwrap_or("-"),
+        method = %method,
+        code = %code,
         latency_ms = took.as_micros() as f64 / 1000.0,
         "request"
     );

@@ -100,9 +100,9 @@ fn log_report(principal: &str, source: &str, results: &[Discovered]) {
         }
     }
     tracing::info!(
-        principal,
-        method = "ReportDiscovered",
-        source,
+        principal = %principal,
+        method = %"tether.v1.ConnectionService/ReportDiscovered",
+        source = %source,
         count = results.len(),
         created,
         rediscovered,
@@ -132,7 +132,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         // Logged here, after the write returned: never on the writer thread.
         tracing::info!(
             principal = %principal.name,
-            method = "CreateConnection",
+            method = %"tether.v1.ConnectionService/CreateConnection",
             id = %c.id,
             kind = %c.kind,
             state = %c.state,
@@ -222,7 +222,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
         let c = self.engine.update(update).await?;
         tracing::info!(
             principal = %principal.name,
-            method = "UpdateConnection",
+            method = %"tether.v1.ConnectionService/UpdateConnection",
             id = %c.id,
             revision = c.revision.get(),
             "connection updated"

@@ -43,9 +43,9 @@ pub(crate) fn transition_from_pb(
         actor: principal.name.clone(),
         scope: principal.scope.clone(),
         method: if field.is_empty() {
-            "TransitionConnection"
+            "tether.v1.ConnectionService/TransitionConnection"
         } else {
-            "BatchTransitionConnections"
+            "tether.v1.ConnectionService/BatchTransitionConnections"
         },
     })
 }
@@ -116,7 +116,7 @@ pub(crate) fn delete_from_pb(
         request,
         actor: principal.name.clone(),
         scope: principal.scope.clone(),
-        method: "DeleteConnection",
+        method: "tether.v1.ConnectionService/DeleteConnection",
     })
 }
 

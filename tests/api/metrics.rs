@@ -335,6 +335,10 @@ async fn each_request_logs_a_debug_line_and_each_change_an_info_line() {
     let c = create(&mut client, conn("tcp", "tcp://127.0.0.1:9")).await;
     let line = json_line(&mut server, "connection created", "CreateConnection").await;
     assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(
+        line["method"], "tether.v1.ConnectionService/CreateConnection",
+        "{line}"
+    );
     assert_eq!(line["principal"], "anonymous", "{line}");
     assert_eq!(line["id"], c.id.as_str(), "{line}");
     assert_eq!(line["revision"], c.revision, "{line}");
