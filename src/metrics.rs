@@ -282,7 +282,7 @@ impl Metrics {
         );
         let storage = Family::<FileLabels, Gauge>::default();
         registry.register(
-            "storage_file_bytes",
+            "storage_bytes",
             "Size of the database file (db) and of its write-ahead log (wal)",
             storage.clone(),
         );
@@ -458,7 +458,7 @@ mod tests {
             r#"tether_commit_duration_seconds_count{sync="full"} 1"#,
             r#"tether_connections{state="CONNECTED",kind="tcp"} 4"#,
             r#"tether_connections{state="DISCOVERED",kind="tcp"} 0"#,
-            r#"tether_storage_file_bytes{file="db"} 4096"#,
+            r#"tether_storage_bytes{file="db"} 4096"#,
             "tether_storage_used_bytes 2048",
             "tether_storage_quota_bytes 1048576",
             "tether_revision 9",

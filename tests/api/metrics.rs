@@ -161,7 +161,7 @@ async fn metrics_move_by_exactly_what_the_api_did() {
     }
     assert_eq!(counts.total, 3);
     assert_eq!(value(&after, "tether_revision"), counts.revision as f64);
-    assert!(value(&after, r#"tether_storage_file_bytes{file="db"}"#) > 0.0);
+    assert!(value(&after, r#"tether_storage_bytes{file="db"}"#) > 0.0);
     assert!(value(&after, "tether_storage_used_bytes") > 0.0);
     assert_eq!(
         value(&after, "tether_storage_quota_bytes"),
