@@ -131,6 +131,13 @@ pub struct Config {
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:50051", value_parser = listen_addr)]
     pub listen: SocketAddr,
 
+    /// Address of the admin HTTP listener (Prometheus /metrics, /healthz,
+    /// /readyz): IP:PORT or HOST:PORT, as --listen. Off unless given. It has
+    /// no authentication and serves no secret: bind it where only the
+    /// scraper reaches it.
+    #[arg(long, env = "TETHER_ADMIN_LISTEN", value_name = "ADDR", value_parser = listen_addr)]
+    pub admin_listen: Option<SocketAddr>,
+
     /// PEM certificate chain to serve TLS with (leaf first); needs --tls-key.
     /// Reloaded when the file changes or on SIGHUP.
     #[arg(

@@ -8,6 +8,7 @@
 //! `docs/ARCHITECTURE.md` has the codemap and the invariants.
 
 pub mod access;
+pub(crate) mod admin;
 pub mod backup;
 pub mod cli;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod error;
 pub(crate) mod files;
 pub(crate) mod kinds;
 pub(crate) mod lifecycle;
+pub(crate) mod metrics;
 pub(crate) mod monitor;
 pub mod pb;
 pub mod probe;

@@ -186,17 +186,37 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let server = match tether::server::Server::open(config).await {
+    // The admin port too, when asked for: same rule.
+    let admin = match config.admin_listen {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(admin_listen = %addr, error = %e, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let mut server = match tether::server::Server::open(config).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(admin) = admin {
+        server = server.with_admin(admin);
+    }
     if let Ok(addr) = listener.local_addr() {
         // One line on stdout, once the database is open and the port bound,
         // for scripts and tests that start us on port 0.
         println!("tether listening on {addr}");
+        // And a second for the admin port. A reader that took only the
+        // first line may have closed the pipe: that is no failure.
+        if let Some(admin) = admin_addr {
+            let _ = writeln!(std::io::stdout(), "tether admin listening on {admin}");
+        }
         let _ = std::io::stdout().flush();
     }
     match server.serve(listener, signal.recv()).await {

@@ -21,9 +21,11 @@ use crate::engine::Engine;
 use crate::error::Error;
 use crate::kinds::Kinds;
 use crate::lifecycle;
+use crate::metrics::ProbeOutcome;
 // The checker lives in `probe`; re-exported so the server wiring's import
 // of it from here keeps compiling.
 pub(crate) use crate::probe::Checker;
+use crate::probe::Verdict;
 use crate::store::Store;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
@@ -251,10 +253,14 @@ impl Monitor {
         }
         schedule.running.insert(id);
         let (checker, results) = (self.checker.clone(), results.clone());
+        let metrics = self.store.metrics();
         running.spawn(async move {
             // A panic in a probe must not lose the connection's place.
             let probe = std::panic::AssertUnwindSafe(async {
                 let result = checker.check(&c).await;
+                if let Some(seen) = &result {
+                    metrics.probe(probe_outcome(&seen.verdict), seen.latency);
+                }
                 let (answer, applied) = tokio::sync::oneshot::channel();
                 if results.send((c.clone(), result, answer)).is_err() {
                     return None;
@@ -428,6 +434,16 @@ impl Schedule {
         if let Some(key) = self.keys.remove(id) {
             self.queue.remove(&key);
         }
+    }
+}
+
+/// What a probe's verdict counts as in the metrics.
+fn probe_outcome(v: &Verdict) -> ProbeOutcome {
+    match v {
+        Verdict::Reachable(_) => ProbeOutcome::Reachable,
+        Verdict::Unreachable(_) => ProbeOutcome::Unreachable,
+        Verdict::CredentialsRejected(_) => ProbeOutcome::CredentialsRejected,
+        Verdict::NotChecked(_) => ProbeOutcome::NotChecked,
     }
 }
 

@@ -10,6 +10,7 @@
 //! only after all of that.
 
 use crate::access::Access;
+use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::definitions::Registry;
@@ -54,6 +55,8 @@ pub struct Server {
     /// the access file, and without them it is logged and ignored. Taken by
     /// `serve`.
     hangup: Option<tokio::signal::unix::Signal>,
+    /// The admin listener (`--admin-listen`), bound by the caller.
+    admin: Option<TcpListener>,
 }
 
 impl Server {
@@ -122,7 +125,16 @@ impl Server {
             access: Arc::new(access),
             tls,
             hangup: Some(hangup),
+            admin: None,
         })
+    }
+
+    /// Serves the admin paths (`/metrics`, `/healthz`, `/readyz`) on
+    /// `listener` too, from the start of [`Server::serve`] until the store
+    /// is closed.
+    pub fn with_admin(mut self, listener: TcpListener) -> Server {
+        self.admin = Some(listener);
+        self
     }
 
     /// Serves the API on `listener` until `shutdown` completes, then shuts down in order.
@@ -131,12 +143,25 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
-        let result = serve(&mut self, listener, shutdown).await;
+        let stopping = CancellationToken::new();
+        let admin_closed = CancellationToken::new();
+        let admin = self.admin.take().map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            }
+            let admin = Arc::new(Admin::new(self.store.clone(), stopping.clone()));
+            tokio::spawn(admin::serve(listener, admin, admin_closed.clone()))
+        });
+        let result = serve(&mut self, listener, shutdown, stopping).await;
         // Commit whatever is queued, then stop the writer and release the database.
         let store = self.store;
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .map_err(|e| Error::Internal(format!("closing the store: {e}")))?;
+        let closed = tokio::task::spawn_blocking(move || store.close()).await;
+        // The admin listener answers (/readyz: 503) until the store is closed.
+        admin_closed.cancel();
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
+        closed.map_err(|e| Error::Internal(format!("closing the store: {e}")))?;
         tracing::info!("stopped");
         result
     }
@@ -210,9 +235,11 @@ async fn serve(
     server: &mut Server,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    stopping: CancellationToken,
 ) -> Result<(), Error> {
     let config = &server.config;
     let store = server.store.clone();
+    let metrics = store.metrics();
     let kinds = Kinds::new(server.registry.clone(), config.allow_unknown_kinds);
     let credentials = Credentials::new(store.clone(), server.secrets.clone(), kinds.clone());
     let prober = Prober::new(
@@ -224,7 +251,6 @@ async fn serve(
     .map_err(|e| Error::Internal(format!("cannot build the http client: {e}")))?;
     let checker = Arc::new(Checker::new(prober, kinds.clone(), credentials.clone()));
     let engine = Engine::new(store.clone(), checker.clone(), kinds.clone());
-    let stopping = CancellationToken::new();
     let storage_fault = store.storage_fault();
     let tasks = TaskTracker::new();
     if !config.disable_monitor {
@@ -260,7 +286,7 @@ async fn serve(
             "authentication is off (no --auth-file): every caller is the anonymous admin"
         );
     }
-    let gate = AuthLayer::new(Gate::new(server.access.clone(), config.rate_limit));
+    let gate = AuthLayer::new(Gate::new(server.access.clone(), config.rate_limit, metrics));
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()

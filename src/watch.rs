@@ -47,6 +47,7 @@ use crate::connection::{Connection, Event, EventType};
 
 use crate::error::Error;
 use crate::lifecycle::{self, State};
+use crate::metrics::Metrics;
 use crate::store::{EventFilter, Filter, Store};
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -150,13 +151,16 @@ impl Item {
 struct Budget {
     limit: usize,
     watchers: AtomicUsize,
+    /// Where the open watchers and their lag are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl Budget {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, metrics: Arc<Metrics>) -> Self {
         Budget {
             limit,
             watchers: AtomicUsize::new(0),
+            metrics,
         }
     }
 
@@ -184,10 +188,10 @@ impl Watcher {
         config: WatchConfig,
     ) -> Self {
         Watcher {
+            budget: Arc::new(Budget::new(config.memory, store.metrics())),
             store,
             shutdown,
             tracker,
-            budget: Arc::new(Budget::new(config.memory)),
             config,
         }
     }
@@ -304,6 +308,7 @@ impl Buffered {
 impl Queue {
     fn new(budget: Arc<Budget>, capacity: usize) -> Self {
         budget.watchers.fetch_add(1, Ordering::Relaxed);
+        budget.metrics.watch_opened();
         Queue {
             state: Mutex::new(Buffered::default()),
             room: Notify::new(),
@@ -457,6 +462,7 @@ impl Drop for WatchStream {
         drop(b);
         self.queue.room.notify_one();
         self.queue.budget.watchers.fetch_sub(1, Ordering::Relaxed);
+        self.queue.budget.metrics.watch_closed();
     }
 }
 
@@ -537,6 +543,12 @@ impl Task {
                                 Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
                             };
                         }
+                    }
+                    // What is still in the ring for this watcher: its lag.
+                    // One atomic, no lock.
+                    match lagged {
+                        None => self.queue.budget.metrics.watcher_lag(live.len()),
+                        Some(missed) => self.queue.budget.metrics.watcher_fell_behind(missed),
                     }
                     let mut sent = !batch.is_empty();
                     self.queue.push(&mut batch, self.config.stall_timeout).await?;

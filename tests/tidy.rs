@@ -127,7 +127,7 @@ fn grpc_types_stay_in_the_service_and_server_layers() {
 /// above it picks each connection's check and secret.
 const LAYERS: &[&[&str]] = &[
     &["lifecycle", "pb"],
-    &["connection", "error", "files"],
+    &["connection", "error", "files", "metrics"],
     &["probe"],
     &["kinds", "definitions", "secrets", "reload"],
     &["access", "store"],
@@ -136,7 +136,7 @@ const LAYERS: &[&[&str]] = &[
     &["engine"],
     &["watch", "monitor"],
     &["transport", "config"],
-    &["service"],
+    &["service", "admin"],
     &["server", "backup", "cli", "lib", "main"],
 ];
 

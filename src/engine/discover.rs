@@ -9,6 +9,7 @@ use crate::connection::{Connection, EventType};
 use crate::error::Error;
 use crate::kinds::Kinds;
 use crate::lifecycle::{self, Rereported, Trigger};
+use crate::metrics::Outcome;
 use crate::store::{EventDraft, Tx};
 
 /// Reported connections committed per writer job: a report of this many is
@@ -65,6 +66,15 @@ impl Engine {
                         .collect::<Result<Vec<_>, Error>>()
                 })
                 .await?;
+            // A connection found again moves NOT_FOUND -> DISCOVERED.
+            let found_again = done
+                .iter()
+                .filter(|d| matches!(d, Discovered::Rediscovered(_)))
+                .count();
+            if found_again > 0 {
+                self.metrics
+                    .transitions_by(Trigger::System, Outcome::Accepted, found_again as u64);
+            }
             out.extend(done);
         }
         Ok(out)

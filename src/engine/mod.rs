@@ -41,6 +41,7 @@ use crate::error::Error;
 use crate::kinds::Kinds;
 use crate::lifecycle::Finding;
 use crate::lifecycle::Refusal;
+use crate::metrics::Metrics;
 use crate::probe::{Verdict, Verifier};
 use crate::store::Store;
 use std::sync::Arc;
@@ -53,11 +54,13 @@ pub(crate) struct Engine {
     store: Store,
     verifier: Arc<dyn Verifier>,
     kinds: Kinds,
+    metrics: Arc<Metrics>,
 }
 
 impl Engine {
     pub(crate) fn new(store: Store, verifier: Arc<dyn Verifier>, kinds: Kinds) -> Self {
         Engine {
+            metrics: store.metrics(),
             store,
             verifier,
             kinds,

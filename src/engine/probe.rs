@@ -98,7 +98,7 @@ impl Engine {
                 for ((i, item), applied) in items.into_iter().zip(applied) {
                     let answer = match applied {
                         Applied::NeedsSync => self.apply_synced(&item, failure_threshold).await,
-                        other => Ok(other.answer()),
+                        other => Ok(other.answer(&self.metrics)),
                     };
                     answers[i] = Some(answer);
                 }
@@ -131,7 +131,7 @@ impl Engine {
             Applied::NeedsSync => Err(Error::Internal(
                 "a synced probe group was not synced".into(),
             )),
-            other => Ok(other.answer()),
+            other => Ok(other.answer(&self.metrics)),
         }
     }
 
@@ -292,12 +292,19 @@ enum Applied {
 impl Applied {
     /// The connection as the result left it (logging each move), or `None`
     /// when the result was dropped. Not for [`Applied::NeedsSync`].
-    fn answer(self) -> Option<Connection> {
+    fn answer(self, metrics: &crate::metrics::Metrics) -> Option<Connection> {
         match self {
             Applied::Kept(c) => c.map(|c| *c),
             Applied::Moved(moves) => {
                 for (c, from) in &moves {
-                    super::transition::log_move(c, *from, Trigger::System);
+                    super::transition::log_move(
+                        metrics,
+                        c,
+                        *from,
+                        Trigger::System,
+                        SYSTEM_ACTOR,
+                        "probe",
+                    );
                 }
                 moves.into_iter().last().map(|(c, _)| c)
             }

@@ -59,6 +59,8 @@ pub(crate) struct TransitionRequest {
     pub(crate) request: Option<RequestKey>,
     pub(crate) actor: String,
     pub(crate) scope: Scope,
+    /// The gRPC method that asked for it, as the change's log line names it.
+    pub(crate) method: &'static str,
 }
 
 /// The fields an update replaces; `None` leaves a field as it is.

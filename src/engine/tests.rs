@@ -70,6 +70,7 @@ async fn user_move(e: &Engine, id: &ConnectionId, target: State) {
         request: None,
         actor: "test".into(),
         scope: Scope::All,
+        method: "test",
     })
     .await
     .unwrap();

@@ -12,6 +12,7 @@ use crate::connection::{Connection, ConnectionId, EventType};
 use crate::error::Error;
 use crate::kinds::Kinds;
 use crate::lifecycle::{self, State, Trigger};
+use crate::metrics::{Metrics, Outcome};
 use crate::probe::Verdict;
 use crate::store::{EventDraft, Tx};
 use std::collections::BTreeMap;
@@ -19,6 +20,15 @@ use std::collections::BTreeMap;
 impl Engine {
     /// Moves a connection along one USER edge (DELETED included).
     pub(crate) async fn transition(&self, r: TransitionRequest) -> Result<Connection, Error> {
+        let answer = self.try_transition(r).await;
+        // A committed move is counted where it is logged (`log_move`).
+        if let Err(e) = &answer {
+            self.metrics.transition(Trigger::User, outcome_of(e));
+        }
+        answer
+    }
+
+    async fn try_transition(&self, r: TransitionRequest) -> Result<Connection, Error> {
         // A move that verifies nothing goes straight to the writer, which
         // checks the scope, etag, no-op, retry and lifecycle table against
         // the row as it is then: a read before it would only repeat them.
@@ -54,7 +64,9 @@ impl Engine {
                 }
                 Some(Verdict::NotChecked(detail)) => return Err(not_checked(detail)),
                 Some(verdict) => {
-                    return self.fail_verification(current, verdict, r.request).await;
+                    return self
+                        .fail_verification(current, verdict, r.request, r.method)
+                        .await;
                 }
             }
         }
@@ -77,6 +89,7 @@ impl Engine {
         };
         let key = r.request;
         let scope = r.scope;
+        let (actor, method) = (m.actor.clone(), r.method);
         let kinds = self.kinds.clone();
         // A deletion frees space (the tombstone keeps no metadata, and
         // earlier events lose theirs), so it runs over the storage quota too.
@@ -101,7 +114,7 @@ impl Engine {
             self.store.write(job).await?
         };
         if let (Ok(c), Some(from)) = (&answer, from) {
-            log_move(c, from, trigger);
+            log_move(&self.metrics, c, from, trigger, &actor, method);
         }
         answer
     }
@@ -149,6 +162,7 @@ impl Engine {
         current: Connection,
         verdict: Verdict,
         key: Option<RequestKey>,
+        method: &'static str,
     ) -> Result<Connection, Error> {
         let (err, finding, detail) = failed(&current, verdict);
         let Some(fallback) = lifecycle::after_failed_attempt(current.state, finding) else {
@@ -181,7 +195,14 @@ impl Engine {
         if let (_, Some((c, from))) = &answer
             && *from != c.state
         {
-            log_move(c, *from, Trigger::System);
+            log_move(
+                &self.metrics,
+                c,
+                *from,
+                Trigger::System,
+                SYSTEM_ACTOR,
+                method,
+            );
         }
         answer.0
     }
@@ -308,10 +329,38 @@ pub(super) fn apply_move(
     Ok((c, from_state))
 }
 
-/// The log line of a committed move, written by the task that asked for it,
-/// off the writer thread.
-pub(super) fn log_move(c: &Connection, from: State, trigger: Trigger) {
-    tracing::info!(id = %c.id, from = %from, to = %c.state, trigger = %trigger, revision = c.revision.get(), "transition");
+/// The log line of a committed move, and its count, written by the task
+/// that asked for it, off the writer thread. `principal` made it (`tether`
+/// for the server's own), by `method` (the gRPC method, or `probe`).
+pub(super) fn log_move(
+    metrics: &Metrics,
+    c: &Connection,
+    from: State,
+    trigger: Trigger,
+    principal: &str,
+    method: &str,
+) {
+    metrics.transition(trigger, Outcome::Accepted);
+    tracing::info!(
+        principal = %principal,
+        method = %method,
+        id = %c.id,
+        from = %from,
+        to = %c.state,
+        trigger = %trigger,
+        revision = c.revision.get(),
+        "transition"
+    );
+}
+
+/// How a move that was not made came out, for the metrics.
+fn outcome_of(e: &Error) -> Outcome {
+    match e {
+        Error::InvalidTransition { .. } => Outcome::Refused,
+        Error::Unreachable { .. } | Error::CredentialsRejected { .. } => Outcome::Unverified,
+        Error::EtagMismatch { .. } | Error::Conflict { .. } => Outcome::Conflict,
+        _ => Outcome::Failed,
+    }
 }
 
 /// Sets the state a verification error reports the connection in.

@@ -5,12 +5,17 @@
 //! that does not is answered here and written to the audit log (principal,
 //! method, peer, why; never a token).
 //!
+//! Every call, admitted or refused, is timed to its response headers and
+//! counted in the metrics by method and gRPC code, and logged at debug
+//! (`tether::request`: principal, method, code, latency).
+//!
 //! Deny by default: a method missing from [`need`] is refused to all but
 //! admins. Which objects
 //! a principal may see is not decided here but by its scope, which handlers
 //! pass to the engine.
 
 use crate::access::{Access, Principal, Revoked, Role, Via, check_principal_name};
+use crate::metrics::Metrics;
 use crate::pb::ERROR_DOMAIN;
 use crate::transport::Peer;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -18,6 +23,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 use tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -70,6 +76,100 @@ pub(crate) fn need(path: &str) -> Option<Need> {
     })
 }
 
+/// Every method [`need`] knows, by path. A call's metrics name its method
+/// by one of these (without the leading `/`), or `unknown`: a client must
+/// not be able to make up label values.
+const METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/tether.v1.DefinitionService/ListDefinitions",
+    "/tether.v1.DefinitionService/GetDefinition",
+    "/tether.v1.ConnectionService/DescribeLifecycle",
+    "/tether.v1.ConnectionService/GetServerInfo",
+    "/tether.v1.ConnectionService/GetConnection",
+    "/tether.v1.ConnectionService/ListConnections",
+    "/tether.v1.ConnectionService/CountConnections",
+    "/tether.v1.ConnectionService/ListConnectionEvents",
+    "/tether.v1.ConnectionService/WatchConnections",
+    "/tether.v1.ConnectionService/CreateConnection",
+    "/tether.v1.ConnectionService/UpdateConnection",
+    "/tether.v1.ConnectionService/TransitionConnection",
+    "/tether.v1.ConnectionService/BatchTransitionConnections",
+    "/tether.v1.ConnectionService/DeleteConnection",
+    "/tether.v1.ConnectionService/ReportDiscovered",
+    "/tether.v1.CredentialService/ListCredentials",
+    "/tether.v1.CredentialService/CreateCredential",
+    "/tether.v1.CredentialService/DeleteCredential",
+];
+
+/// The method a call's metrics and request log name: its path without the
+/// leading `/` if [`need`] knows it, else `unknown`.
+fn method_label(path: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| **m == path)
+        .map_or("unknown", |m| &m[1..])
+}
+
+/// The names of the gRPC codes, by number, as metrics and logs show them.
+const CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The gRPC code of a response, from its headers: an error answered before
+/// any message is "trailers-only", its `grpc-status` in the headers. Without
+/// one the call succeeded so far: a unary call is OK; a stream has opened
+/// (it may still end with an error, which this does not see).
+fn response_code(headers: &http::HeaderMap) -> &'static str {
+    match headers.get("grpc-status") {
+        None => CODES[0],
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .and_then(|n| CODES.get(n).copied())
+            .unwrap_or("UNKNOWN"),
+    }
+}
+
+/// Counts a call in the metrics and writes its request log line (debug).
+fn observed(
+    metrics: &Metrics,
+    method: &'static str,
+    principal: Option<&str>,
+    code: &'static str,
+    started: Instant,
+) {
+    let took = started.elapsed();
+    metrics.rpc(method, code, took);
+    tracing::debug!(
+        target: "tether::request",
+        principal = %principal.unwrap_or("-"),
+        method = %method,
+        code = %code,
+        latency_ms = took.as_micros() as f64 / 1000.0,
+        "request"
+    );
+}
+
 /// Whether `p` may call a method that needs `need`.
 pub(crate) fn allows(p: &Principal, need: Need) -> bool {
     match need {
@@ -86,6 +186,7 @@ pub(crate) struct Gate {
     /// Calls admitted, to trim the limiter's table every [`TRIM_EVERY`].
     calls: std::sync::atomic::AtomicU64,
     audit: AuditLog,
+    metrics: Arc<Metrics>,
 }
 
 /// How often (in calls) the rate limiter forgets idle principals.
@@ -134,12 +235,13 @@ impl AuditLog {
 
 impl Gate {
     /// `rate`: calls per second per principal (bursts of as many), 0 for no limit.
-    pub(crate) fn new(access: Arc<Access>, rate: u32) -> Gate {
+    pub(crate) fn new(access: Arc<Access>, rate: u32, metrics: Arc<Metrics>) -> Gate {
         Gate {
             access,
             rate: NonZeroU32::new(rate).map(|r| RateLimiter::keyed(Quota::per_second(r))),
             calls: std::sync::atomic::AtomicU64::new(0),
             audit: AuditLog::new(),
+            metrics,
         }
     }
 
@@ -316,13 +418,14 @@ impl<S, B, R> tower::Service<http::Request<B>> for AuthService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: Send + 'static,
-    R: Default,
+    R: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = futures::future::Either<
-        S::Future,
+        futures::future::BoxFuture<'static, Result<http::Response<R>, S::Error>>,
         futures::future::Ready<Result<http::Response<R>, S::Error>>,
     >;
 
@@ -331,18 +434,45 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
         let peer = request.extensions().get::<Peer>().cloned();
         let path = request.uri().path().to_owned();
+        let method = method_label(&path);
         match self.gate.admit(&path, request.headers(), peer.as_ref()) {
             Ok(principal) => {
+                let mut caller = None;
                 if let Some((p, via)) = principal {
-                    request.extensions_mut().insert(Arc::new(p));
+                    let p = Arc::new(p);
+                    caller = Some(p.clone());
+                    request.extensions_mut().insert(p);
                     request.extensions_mut().insert(via);
                 }
-                futures::future::Either::Left(self.inner.call(request))
+                let answer = self.inner.call(request);
+                let gate = self.gate.clone();
+                futures::future::Either::Left(Box::pin(async move {
+                    let answer = answer.await;
+                    let code = match &answer {
+                        Ok(response) => response_code(response.headers()),
+                        Err(_) => "UNKNOWN",
+                    };
+                    let name = caller.as_ref().map(|p| p.name.as_str());
+                    observed(&gate.metrics, method, name, code, started);
+                    answer
+                }))
             }
             Err(refusal) => {
                 self.gate.audit.refused(&refusal, &path, peer.as_ref());
+                let code = CODES
+                    .get(refusal.code as usize)
+                    .copied()
+                    .unwrap_or("UNKNOWN");
+                observed(
+                    &self.gate.metrics,
+                    method,
+                    refusal.principal.as_deref(),
+                    code,
+                    started,
+                );
                 futures::future::Either::Right(futures::future::ready(Ok(refusal
                     .status()
                     .into_http())))
@@ -402,6 +532,27 @@ mod tests {
             need("/tether.v1.ConnectionService/ReportDiscovered"),
             Some(Need::OneOf(&[Role::Discovery]))
         );
+    }
+
+    #[test]
+    fn every_method_named_in_the_metrics_is_one_the_gate_knows() {
+        for m in METHODS {
+            assert!(need(m).is_some(), "{m}");
+            assert_eq!(method_label(m), &m[1..]);
+        }
+        assert_eq!(
+            method_label("/tether.v1.ConnectionService/Made_Up"),
+            "unknown"
+        );
+        assert_eq!(CODES[tonic::Code::NotFound as usize], "NOT_FOUND");
+        assert_eq!(
+            CODES[tonic::Code::Unauthenticated as usize],
+            "UNAUTHENTICATED"
+        );
+        let mut h = http::HeaderMap::new();
+        assert_eq!(response_code(&h), "OK");
+        h.insert("grpc-status", http::HeaderValue::from_static("5"));
+        assert_eq!(response_code(&h), "NOT_FOUND");
     }
 
     #[test]

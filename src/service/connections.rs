@@ -13,7 +13,7 @@ use crate::access::{Access, Principal};
 use crate::config::ApiLimits;
 use crate::connection::Revision;
 use crate::connection::{Connection, ConnectionId};
-use crate::engine::{Engine, TransitionRequest};
+use crate::engine::{Discovered, Engine, TransitionRequest};
 use crate::error::Error;
 use crate::pb::tether::v1 as pb;
 use crate::store::{EventFilter, ListQuery};
@@ -77,6 +77,42 @@ impl ConnectionService {
     }
 }
 
+/// One info line per discovery report, not one per connection: how many
+/// it created, found again, left as they were or rejected, and the latest
+/// revision it wrote (0 if none).
+fn log_report(principal: &str, source: &str, results: &[Discovered]) {
+    let (mut created, mut rediscovered, mut unchanged, mut rejected) = (0, 0, 0, 0);
+    let mut revision = 0;
+    for r in results {
+        match r {
+            Discovered::Created(c) => {
+                created += 1;
+                revision = revision.max(c.revision.get());
+            }
+            Discovered::Rediscovered(c) => {
+                rediscovered += 1;
+                revision = revision.max(c.revision.get());
+            }
+            Discovered::Unchanged(_) | Discovered::SuppressedIgnored(_) | Discovered::Hidden => {
+                unchanged += 1
+            }
+            Discovered::Rejected(_) => rejected += 1,
+        }
+    }
+    tracing::info!(
+        principal = %principal,
+        method = %"tether.v1.ConnectionService/ReportDiscovered",
+        source = %source,
+        count = results.len(),
+        created,
+        rediscovered,
+        unchanged,
+        rejected,
+        revision,
+        "discovery report"
+    );
+}
+
 /// A watch stream of messages `T`.
 pub(crate) type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -93,6 +129,16 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             .key(&principal, &r.request_id, &r, "request_id")?;
         let create = convert::create_from_pb(r, key, &principal)?;
         let c = self.engine.create(create).await?;
+        // Logged here, after the write returned: never on the writer thread.
+        tracing::info!(
+            principal = %principal.name,
+            method = %"tether.v1.ConnectionService/CreateConnection",
+            id = %c.id,
+            kind = %c.kind,
+            state = %c.state,
+            revision = c.revision.get(),
+            "connection created"
+        );
         Ok(Response::new(connection_to_pb(&c)))
     }
 
@@ -174,6 +220,13 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             .key(&principal, &r.request_id, &r, "request_id")?;
         let update = convert::update_from_pb(r, key, &principal)?;
         let c = self.engine.update(update).await?;
+        tracing::info!(
+            principal = %principal.name,
+            method = %"tether.v1.ConnectionService/UpdateConnection",
+            id = %c.id,
+            revision = c.revision.get(),
+            "connection updated"
+        );
         Ok(Response::new(connection_to_pb(&c)))
     }
 
@@ -314,6 +367,7 @@ impl pb::connection_service_server::ConnectionService for ConnectionService {
             self.limits.max_discovery_report,
         )?;
         let results = self.engine.report_discovered(&reporter, items).await?;
+        log_report(&principal.name, &reporter.source, &results);
         Ok(Response::new(pb::ReportDiscoveredResponse {
             results: results.into_iter().map(convert::discovered_to_pb).collect(),
         }))

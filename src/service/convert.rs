@@ -42,6 +42,11 @@ pub(crate) fn transition_from_pb(
         request,
         actor: principal.name.clone(),
         scope: principal.scope.clone(),
+        method: if field.is_empty() {
+            "tether.v1.ConnectionService/TransitionConnection"
+        } else {
+            "tether.v1.ConnectionService/BatchTransitionConnections"
+        },
     })
 }
 
@@ -111,6 +116,7 @@ pub(crate) fn delete_from_pb(
         request,
         actor: principal.name.clone(),
         scope: principal.scope.clone(),
+        method: "tether.v1.ConnectionService/DeleteConnection",
     })
 }
 

@@ -45,11 +45,17 @@ impl HealthService {
 }
 
 fn status_of(stopping: &CancellationToken, fault: &watch::Receiver<bool>) -> ServingStatus {
-    if stopping.is_cancelled() || *fault.borrow() {
-        ServingStatus::NotServing
-    } else {
+    if serving(stopping, fault) {
         ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
     }
+}
+
+/// Whether the server is SERVING: shutdown has not begun and the store can
+/// commit. The admin listener's `/readyz` asks the same.
+pub(crate) fn serving(stopping: &CancellationToken, fault: &watch::Receiver<bool>) -> bool {
+    !stopping.is_cancelled() && !*fault.borrow()
 }
 
 fn reply(status: ServingStatus) -> HealthCheckResponse {

@@ -39,6 +39,7 @@ pub(crate) use writer::{EventDraft, Tx, WriterConfig};
 use crate::connection::Revision;
 use crate::connection::{Connection, Event};
 use crate::error::Error;
+use crate::metrics::{Metrics, Scraped};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -83,6 +84,8 @@ pub(crate) struct Inner {
     config: StoreConfig,
     /// The (device, inode) of the database file as opened.
     file: (u64, u64),
+    /// What the writer and the queue record; shared with the layers above.
+    metrics: Arc<Metrics>,
 }
 
 impl Inner {
@@ -158,6 +161,7 @@ impl Store {
             snapshot_permits: Arc::new(Semaphore::new(config.read_pool.max(1))),
             hub,
             fault: tokio::sync::watch::Sender::new(false),
+            metrics: Arc::new(Metrics::new(config.writer.storage_quota)),
             config: config.clone(),
             file,
         });
@@ -254,14 +258,20 @@ impl Store {
         {
             let sender = self.inner.sender.lock().expect("writer sender lock");
             let sender = sender.as_ref().ok_or_else(shutting_down)?;
+            // Counted before it is sent, so the writer never takes it first.
+            let metrics = &self.inner.metrics;
+            metrics.queued();
             // Never block the caller: a full queue means the writer is behind.
             sender
                 .try_send(writer::Msg::Job(Box::new(job)))
-                .map_err(|e| match e {
-                    mpsc::TrySendError::Full(_) => {
-                        Error::Overloaded("too many changes queued; retry".into())
+                .map_err(|e| {
+                    metrics.dequeued();
+                    match e {
+                        mpsc::TrySendError::Full(_) => {
+                            Error::Overloaded("too many changes queued; retry".into())
+                        }
+                        mpsc::TrySendError::Disconnected(_) => shutting_down(),
                     }
-                    mpsc::TrySendError::Disconnected(_) => shutting_down(),
                 })?;
         }
         answer.await.map_err(|_| shutting_down())?
@@ -384,6 +394,32 @@ impl Store {
     /// fail and commit.
     pub(crate) fn storage_fault(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.fault.subscribe()
+    }
+
+    /// The metrics the store and the layers above it record.
+    pub(crate) fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
+    /// What a metrics scrape reads from the database: the kept counts by
+    /// kind and state, the revision, the space in use (one read, a few
+    /// rows), and the sizes of the database file and its write-ahead log.
+    pub(crate) async fn scrape(&self) -> Result<Scraped, Error> {
+        let (connections, revision, used_bytes) = self
+            .read(|r| {
+                let (revision, _) = r.revisions()?;
+                Ok((r.counts_by_kind()?, revision.get(), r.used_bytes()?))
+            })
+            .await?;
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let wal = PathBuf::from(format!("{}-wal", self.inner.path.display()));
+        Ok(Scraped {
+            connections,
+            revision,
+            db_file_bytes: size(&self.inner.path),
+            wal_file_bytes: size(&wal),
+            used_bytes,
+        })
     }
 
     /// Receives every committed event from now on, in revision order.

@@ -598,6 +598,29 @@ pub(super) fn count_by(
     Ok((counts, revision))
 }
 
+/// Connections by (kind, state), tombstones included, from the kept counts.
+pub(crate) fn counts_by_kind(c: &rusqlite::Connection) -> Result<Vec<(String, State, i64)>, Error> {
+    let mut stmt = c.prepare_cached(
+        "SELECT kind, state, sum(n) FROM connection_counts GROUP BY kind, state ORDER BY kind, state",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i32>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (kind, state, n) = row?;
+        let state = State::from_number(state).ok_or_else(|| {
+            Error::Internal(format!("unknown state {state} in connection_counts"))
+        })?;
+        out.push((kind, state, n));
+    }
+    Ok(out)
+}
+
 /// Which events a history page or a watch replay reads.
 pub(crate) struct EventFilter {
     pub(crate) connection_id: Option<ConnectionId>,

@@ -48,6 +48,17 @@ impl<'a> Read<'a> {
         query::count(self.sql, filter)
     }
 
+    /// Connections by (kind, state), tombstones included: the kept counts
+    /// summed over owners, a few rows whatever the number of connections.
+    pub(crate) fn counts_by_kind(&self) -> Result<Vec<(String, State, i64)>, Error> {
+        query::counts_by_kind(self.sql)
+    }
+
+    /// The space the database's pages in use take (what the quota measures).
+    pub(crate) fn used_bytes(&self) -> Result<u64, Error> {
+        super::writer::used_bytes(self.sql)
+    }
+
     pub(crate) fn events(&self, f: &EventFilter) -> Result<Vec<Event>, Error> {
         query::events(self.sql, f)
     }

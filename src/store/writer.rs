@@ -582,12 +582,19 @@ impl Writer {
         let mut held: Option<Box<dyn Job>> = None;
         loop {
             let wait = next_prune.saturating_duration_since(Instant::now());
+            // A job held back was counted out of the queue when it was received.
+            let was_held = held.is_some();
             let received = match held.take() {
                 Some(j) => Ok(Msg::Job(j)),
                 None => rx.recv_timeout(wait),
             };
             let first = match received {
-                Ok(Msg::Job(j)) => j,
+                Ok(Msg::Job(j)) => {
+                    if !was_held {
+                        self.inner.metrics.dequeued();
+                    }
+                    j
+                }
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
                     self.prune_by_time();
@@ -601,10 +608,14 @@ impl Writer {
             while !alone && jobs.len() < self.config.max_group {
                 match rx.try_recv() {
                     Ok(Msg::Job(j)) if j.alone() => {
+                        self.inner.metrics.dequeued();
                         held = Some(j);
                         break;
                     }
-                    Ok(Msg::Job(j)) => jobs.push(j),
+                    Ok(Msg::Job(j)) => {
+                        self.inner.metrics.dequeued();
+                        jobs.push(j);
+                    }
                     Ok(Msg::Stop) => {
                         stop = true;
                         break;
@@ -809,7 +820,12 @@ impl Writer {
                 }
             }
         }
+        let started = Instant::now();
         sql.commit()?;
+        // Once per group, on this thread only: an uncontended lock.
+        self.inner
+            .metrics
+            .committed(jobs.len(), durable, started.elapsed());
         self.revision = revision;
         self.compact = compact;
         Ok(events)

@@ -25,6 +25,8 @@ pub struct App {
     pub client: Client,
     pub channel: Channel,
     pub dir: Arc<tempfile::TempDir>,
+    /// The admin listener's address, when it was started with one.
+    pub admin: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), tether::Error>>>,
 }
@@ -57,7 +59,13 @@ impl App {
 
     /// Starts a server on the database in `dir` (a restart when one ran there before).
     pub async fn start_in(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Config)) -> App {
-        App::launch(dir, tweak, None).await
+        App::launch(dir, tweak, None, false).await
+    }
+
+    /// Starts a server with an admin listener on 127.0.0.1:0 too (`App::admin`).
+    pub async fn start_admin(tweak: impl FnOnce(&mut Config)) -> App {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        App::launch(dir, tweak, None, true).await
     }
 
     /// Starts a server with TLS settings in `tweak` and a client that connects
@@ -67,23 +75,38 @@ impl App {
         tls: tonic::transport::ClientTlsConfig,
     ) -> App {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
-        App::launch(dir, tweak, Some(tls)).await
+        App::launch(dir, tweak, Some(tls), false).await
     }
 
     async fn launch(
         dir: Arc<tempfile::TempDir>,
         tweak: impl FnOnce(&mut Config),
         tls: Option<tonic::transport::ClientTlsConfig>,
+        with_admin: bool,
     ) -> App {
         let mut config = test_config();
         config.db = Some(dir.path().join("tether.db"));
         tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let admin_listener = match with_admin {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
+            false => None,
+        };
+        let admin = admin_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(tether::server::run(config, listener, async move {
+        let stopped = async move {
             let _ = stopped.await;
-        }));
+        };
+        let handle = tokio::spawn(async move {
+            let mut server = tether::server::Server::open(config).await?;
+            if let Some(l) = admin_listener {
+                server = server.with_admin(l);
+            }
+            server.serve(listener, stopped).await
+        });
         let endpoint = match tls {
             None => Channel::from_shared(format!("http://{addr}")).expect("uri"),
             Some(tls) => Channel::from_shared(format!("https://{addr}"))
@@ -97,6 +120,7 @@ impl App {
             client: ConnectionServiceClient::new(channel.clone()),
             channel,
             dir,
+            admin,
             stop: Some(stop),
             handle: Some(handle),
         }
@@ -883,6 +907,8 @@ pub struct Binary {
     child: tokio::process::Child,
     /// The port it listens on.
     port: u16,
+    /// The admin listener's address, when it was started with `--admin-listen`.
+    pub admin: Option<SocketAddr>,
     stderr: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
@@ -948,23 +974,38 @@ impl Binary {
         use tokio::io::AsyncBufReadExt;
         let (mut child, stderr) = Binary::start_with_env(args, env);
         let stdout = child.stdout.take().unwrap();
+        let mut stdout = tokio::io::BufReader::new(stdout);
         let mut line = String::new();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::io::BufReader::new(stdout).read_line(&mut line),
-        )
-        .await
-        .expect("tether prints its address within 30 s")
-        .expect("read stdout");
+        tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
+            .await
+            .expect("tether prints its address within 30 s")
+            .expect("read stdout");
         let addr: SocketAddr = line
             .trim()
             .strip_prefix("tether listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap();
+        // With an admin listener, a second line gives its address.
+        let mut admin = None;
+        if args.contains(&"--admin-listen") {
+            let mut line = String::new();
+            tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
+                .await
+                .expect("tether prints its admin address")
+                .expect("read stdout");
+            admin = Some(
+                line.trim()
+                    .strip_prefix("tether admin listening on ")
+                    .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                    .parse()
+                    .unwrap(),
+            );
+        }
         Binary {
             child,
             port: addr.port(),
+            admin,
             stderr,
         }
     }

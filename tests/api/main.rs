@@ -16,6 +16,7 @@ mod diskfull;
 mod egress;
 mod faults;
 mod lifecycle;
+mod metrics;
 mod monitor;
 mod process;
 mod quota;

@@ -154,6 +154,22 @@ class Server:
             pytest.fail(f"unexpected first stdout line {line!r}\n{self.log()}")
         return line[len(prefix) :].strip()
 
+    def admin_address(self) -> str:
+        """The admin listener's address: the second stdout line, printed
+        right after the first when the server runs with --admin-listen."""
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(
+            target=lambda: lines.put(self.proc.stdout.readline()), daemon=True
+        ).start()
+        try:
+            line = lines.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            pytest.fail(f"tether printed no admin address within {START_TIMEOUT}s\n{self.log()}")
+        prefix = "tether admin listening on "
+        if not line.startswith(prefix):
+            pytest.fail(f"unexpected second stdout line {line!r}\n{self.log()}")
+        return line[len(prefix) :].strip()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
