@@ -1,5 +1,6 @@
 //! Every setting of the server, each with a flag and an environment variable,
-//! and the defaults a fresh install runs with.
+//! and the defaults a fresh install runs with; the `--config` file that sets
+//! them too.
 
 use crate::error::Error;
 use crate::monitor::MonitorConfig;
@@ -123,9 +124,95 @@ impl std::fmt::Debug for InjectedResolver {
     }
 }
 
+/// The command line `args` (program name first) with the settings of
+/// `serve --config FILE` (or `TETHER_CONFIG`) added as the flags they name,
+/// except those the command line or the environment already set: flags win
+/// over variables, variables over the file, the file over the defaults.
+/// Anything else, `args` unchanged (clap then reports what is wrong with them).
+/// An error says what in the file is wrong: a key that is no flag of
+/// `serve`, or a value of the wrong shape; a value of the right shape that
+/// the flag refuses is reported by clap, naming the flag.
+pub fn with_config_file(
+    cli: clap::Command,
+    args: Vec<std::ffi::OsString>,
+) -> Result<Vec<std::ffi::OsString>, String> {
+    use clap::parser::ValueSource;
+    let Ok(matches) = cli.clone().try_get_matches_from(&args) else {
+        return Ok(args);
+    };
+    let Some(("serve", given)) = matches.subcommand() else {
+        return Ok(args);
+    };
+    let Some(path) = given.get_one::<PathBuf>("config") else {
+        return Ok(args);
+    };
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--config {shown}: {e}"))?;
+    let settings: serde_norway::Mapping = match serde_norway::from_str(&text) {
+        Ok(serde_norway::Value::Mapping(m)) => m,
+        Ok(serde_norway::Value::Null) => serde_norway::Mapping::new(),
+        Ok(_) => return Err(format!("--config {shown}: not a map of settings")),
+        Err(e) => return Err(format!("--config {shown}: {e}")),
+    };
+    let serve = cli
+        .find_subcommand("serve")
+        .expect("the serve command")
+        .clone();
+    let mut added = Vec::new();
+    for (key, value) in settings {
+        let Some(key) = key.as_str() else {
+            return Err(format!("--config {shown}: a key is not a string: {key:?}"));
+        };
+        let arg = serve
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key) && key != "config")
+            .ok_or_else(|| format!("--config {shown}: {key:?} is not a setting of tether serve"))?;
+        if matches!(
+            given.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let wrong = |want: &str| format!("--config {shown}: {key}: {want}");
+        if !arg.get_action().takes_values() {
+            match value {
+                serde_norway::Value::Bool(true) => added.push(format!("--{key}").into()),
+                serde_norway::Value::Bool(false) => {}
+                _ => return Err(wrong("true or false")),
+            }
+            continue;
+        }
+        let many = matches!(arg.get_action(), clap::ArgAction::Append);
+        let values = match value {
+            serde_norway::Value::Sequence(items) if many => items,
+            serde_norway::Value::Sequence(_) => return Err(wrong("one value, not a list")),
+            one => vec![one],
+        };
+        for v in values {
+            let v = match v {
+                serde_norway::Value::String(s) => s,
+                serde_norway::Value::Number(n) => n.to_string(),
+                serde_norway::Value::Bool(b) => b.to_string(),
+                _ => return Err(wrong("a string, number or true/false")),
+            };
+            added.push(format!("--{key}={v}").into());
+        }
+    }
+    let mut args = args;
+    args.extend(added);
+    Ok(args)
+}
+
 /// Settings of `tether serve`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
+    /// A YAML file of settings: each key a flag's long name without the
+    /// dashes (`probe-interval: 45s`), a list for a repeatable flag, true for
+    /// a switch. Flags and TETHER_* variables take precedence over it. Read
+    /// at start only (SIGHUP does not re-read it).
+    #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address to serve gRPC on: IP:PORT or HOST:PORT (port 0 picks a free
     /// port; a host name is resolved once, at start, preferring IPv4).
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:50051", value_parser = listen_addr)]

@@ -154,7 +154,16 @@ fn make_token(args: TokenArgs) -> ExitCode {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::CommandFactory;
+    let args = match tether::config::with_config_file(Cli::command(), std::env::args_os().collect())
+    {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
     let config = match cli.command {
         Command::Serve(config) => *config,
@@ -162,7 +171,6 @@ async fn main() -> ExitCode {
         Command::Backup(args) => return backup(args),
         Command::Client(command) => return tether::cli::run(*command).await,
         Command::Completion { shell } => {
-            use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "tether", &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }

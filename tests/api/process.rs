@@ -274,3 +274,106 @@ async fn settings_that_would_spin_or_flood_are_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_config_file_sets_what_flags_and_the_environment_leave_unset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (from_file, from_env) = (dir.path().join("file.db"), dir.path().join("env.db"));
+    let file = dir.path().join("tether.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "# settings of tether serve\nlisten: 127.0.0.1:1\ndb: {}\ndisable-monitor: true\n\
+             probe-interval: 45s\negress-allow: [127.0.0.0/8, \"::1\"]\n",
+            from_file.display()
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    // The flag wins over the file's listen; the file gives the database.
+    let p = Binary::serve(&["--config", file, "--listen", "127.0.0.1:0"]).await;
+    assert_ne!(p.addr().port(), 1, "--listen on the command line wins");
+    let mut c = p.client().await;
+    create(&mut c, conn("http", "")).await;
+    p.signal("-TERM").await;
+    assert_eq!(p.wait().await.code(), Some(0));
+    assert!(from_file.exists(), "the database is where the file says");
+    // A variable wins over the file too; TETHER_CONFIG names the file.
+    let p = Binary::serve_with_env(
+        &["--listen", "127.0.0.1:0"],
+        &[
+            ("TETHER_CONFIG", file),
+            ("TETHER_DB", from_env.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let mut c = p.client().await;
+    create(&mut c, conn("http", "")).await;
+    p.signal("-TERM").await;
+    assert_eq!(p.wait().await.code(), Some(0));
+    assert!(from_env.exists(), "TETHER_DB wins over the file");
+}
+
+#[tokio::test]
+async fn a_config_file_with_a_mistake_is_refused_before_anything_is_created() {
+    for (content, said) in [
+        (
+            "listen: 127.0.0.1:0\nlisen: 127.0.0.1:0\n",
+            r#""lisen" is not a setting"#,
+        ),
+        (
+            "listen: [127.0.0.1:0, 127.0.0.1:0]\n",
+            "listen: one value, not a list",
+        ),
+        (
+            "disable-monitor: yes please\n",
+            "disable-monitor: true or false",
+        ),
+        ("probe-interval: soon\n", "--probe-interval"),
+        ("- listen\n", "not a map of settings"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tether.yaml");
+        std::fs::write(&file, content).unwrap();
+        let db = dir.path().join("t.db");
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["serve", "--config", file.to_str().unwrap()])
+            .args(["--db", db.to_str().unwrap()])
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), out)
+            .await
+            .expect("exits within 30 s")
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{content}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(said), "{content}: {stderr}");
+        assert!(!db.exists(), "{content}: nothing created");
+    }
+}
+
+#[tokio::test]
+async fn the_readme_config_file_names_only_settings_of_serve() {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("# /etc/tether/tether.yaml\n")
+        .expect("the README's example config file");
+    let block = &readme[start..start + readme[start..].find("```").unwrap()];
+    let help = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let keys: Vec<&str> = block
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(k, _)| k))
+        .filter(|k| !k.starts_with('#'))
+        .collect();
+    assert!(keys.len() >= 5, "{keys:?}");
+    for key in keys {
+        assert!(
+            help.contains(&format!("--{key} ")),
+            "{key} is no flag of serve"
+        );
+    }
+}
