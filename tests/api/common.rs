@@ -947,6 +947,18 @@ impl Binary {
         (child, rx)
     }
 
+    /// Runs `tether ARGS` to its exit (at most 30 s) and returns what it did.
+    pub async fn run(args: &[&str]) -> std::process::Output {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .output();
+        tokio::time::timeout(Duration::from_secs(30), out)
+            .await
+            .expect("exits within 30 s")
+            .expect("run tether")
+    }
+
     pub fn start(
         args: &[&str],
     ) -> (

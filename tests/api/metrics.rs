@@ -6,7 +6,6 @@
 use crate::common::*;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 use tether::pb::tether::v1 as pb;
 use tokio_stream::StreamExt;
 
@@ -260,15 +259,17 @@ async fn a_busy_admin_port_is_refused_before_anything_is_created() {
     let busy = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", &busy])
-        .args(["--db", db.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .expect("exits within 30 s")
-        .unwrap();
+    let db = db.to_str().unwrap();
+    let out = Binary::run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        &busy,
+        "--db",
+        db,
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

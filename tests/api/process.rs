@@ -141,14 +141,7 @@ async fn a_port_in_use_is_refused_before_anything_is_created() {
     let listen = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["serve", "--listen", &listen, "--db", db.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .expect("exits within 30 s")
-        .unwrap();
+    let out = Binary::run(&["serve", "--listen", &listen, "--db", db.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot listen"), "{stderr}");
@@ -336,14 +329,8 @@ async fn a_config_file_with_a_mistake_is_refused_before_anything_is_created() {
         let file = dir.path().join("tether.yaml");
         std::fs::write(&file, content).unwrap();
         let db = dir.path().join("t.db");
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["serve", "--config", file.to_str().unwrap()])
-            .args(["--db", db.to_str().unwrap()])
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(30), out)
-            .await
-            .expect("exits within 30 s")
-            .unwrap();
+        let (f, d) = (file.to_str().unwrap(), db.to_str().unwrap());
+        let out = Binary::run(&["serve", "--config", f, "--db", d]).await;
         assert_eq!(out.status.code(), Some(2), "{content}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(said), "{content}: {stderr}");
@@ -358,11 +345,7 @@ async fn the_readme_config_file_names_only_settings_of_serve() {
         .find("# /etc/tether/tether.yaml\n")
         .expect("the README's example config file");
     let block = &readme[start..start + readme[start..].find("```").unwrap()];
-    let help = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["serve", "--help"])
-        .output()
-        .await
-        .unwrap();
+    let help = Binary::run(&["serve", "--help"]).await;
     let help = String::from_utf8(help.stdout).unwrap();
     let keys: Vec<&str> = block
         .lines()
