@@ -216,8 +216,10 @@ async fn open_secrets(config: &Config, store: &Store) -> Result<SecretBox, Error
                 None => SecretBox::load_or_create(&path, None)?,
             };
             let (nonce, sealed) = secrets.seal(KEY_CHECK, &serde_json::Map::new())?;
+            // One small row, once: a database over its quota must still
+            // start, or nobody could free space in it.
             store
-                .write(move |tx| tx.set_key_check(&nonce, &sealed))
+                .write_freeing(move |tx| tx.set_key_check(&nonce, &sealed))
                 .await?;
             Ok(secrets)
         }

@@ -232,7 +232,9 @@ impl Store {
 
     /// [`Store::write`] for a job that frees space (deleting a connection or a
     /// credential): it runs over the storage quota too, since freeing space
-    /// is how a database gets back under it.
+    /// is how a database gets back under it. Also for the key check a
+    /// database gets at its first start: a server that cannot start cannot
+    /// free space either.
     pub(crate) async fn write_freeing<T, F>(&self, f: F) -> Result<T, Error>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, Error> + Send + 'static,

@@ -252,3 +252,32 @@ async fn the_quota_alarm_is_logged_once_not_per_refused_write() {
     assert!(warnings.is_empty(), "{warnings:#?}");
     p.stop().await;
 }
+
+/// A database without its key check (one from before there was one, or one
+/// never given a credential) gets it at start, even over its quota: a server
+/// that could not start could not have space freed either.
+#[tokio::test]
+async fn a_database_over_its_quota_still_starts_and_gets_its_key_check() {
+    let app = App::start_with(|cfg| cfg.storage_quota = QUOTA).await;
+    let mut c = app.client.clone();
+    let (created, _) = fill(&mut c).await;
+    let dir = app.dir.clone();
+    app.stop().await.unwrap();
+    let db = rusqlite::Connection::open(dir.path().join("tether.db")).unwrap();
+    db.execute_batch("DELETE FROM key_check").unwrap();
+    drop(db);
+
+    let app = App::start_in(dir.clone(), |cfg| cfg.storage_quota = QUOTA).await;
+    let mut c = app.client.clone();
+    quota_exceeded(try_create(&mut c, conn("tcp", "")).await);
+    assert_eq!(
+        get(&mut c, &created[0].id).await.metadata,
+        created[0].metadata
+    );
+    app.stop().await.unwrap();
+    let db = rusqlite::Connection::open(dir.path().join("tether.db")).unwrap();
+    let checks: i64 = db
+        .query_row("SELECT count(*) FROM key_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(checks, 1, "the key check was written at start");
+}
