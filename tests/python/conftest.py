@@ -136,38 +136,33 @@ class Server:
         self.addr = self._read_address()
 
     def _read_address(self) -> str:
-        # readline() blocks, so it runs in a thread and the wait is bounded.
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(
-            target=lambda: lines.put(self.proc.stdout.readline()), daemon=True
-        ).start()
-        try:
-            line = lines.get(timeout=START_TIMEOUT)
-        except queue.Empty:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"tether printed no address within {START_TIMEOUT}s\n{self.log()}")
-        prefix = "tether listening on "
-        if not line.startswith(prefix):
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"unexpected first stdout line {line!r}\n{self.log()}")
-        return line[len(prefix) :].strip()
+        return self._stdout_line("tether listening on ", "first", kill=True)
 
     def admin_address(self) -> str:
         """The admin listener's address: the second stdout line, printed
         right after the first when the server runs with --admin-listen."""
+        return self._stdout_line("tether admin listening on ", "second", kill=False)
+
+    def _stdout_line(self, prefix: str, which: str, kill: bool) -> str:
+        """The next stdout line, which must start with `prefix`; what follows it.
+        readline() blocks, so it runs in a thread and the wait is bounded."""
         lines: queue.Queue = queue.Queue()
         threading.Thread(
             target=lambda: lines.put(self.proc.stdout.readline()), daemon=True
         ).start()
+
+        def fail(why: str):
+            if kill:
+                self.proc.kill()
+                self.proc.wait()
+            pytest.fail(f"{why}\n{self.log()}")
+
         try:
             line = lines.get(timeout=START_TIMEOUT)
         except queue.Empty:
-            pytest.fail(f"tether printed no admin address within {START_TIMEOUT}s\n{self.log()}")
-        prefix = "tether admin listening on "
+            fail(f"tether printed no {which} stdout line within {START_TIMEOUT}s")
         if not line.startswith(prefix):
-            pytest.fail(f"unexpected second stdout line {line!r}\n{self.log()}")
+            fail(f"unexpected {which} stdout line {line!r}")
         return line[len(prefix) :].strip()
 
     def log(self) -> str:
