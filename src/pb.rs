@@ -1,7 +1,8 @@
 //! The code generated from `proto/` by `build.rs`: messages, the
 //! `tether.v1.ConnectionService` client and server, and the descriptor set
 //! served by reflection; and the codec they use, which is prost's with one
-//! change: a request that does not decode is the client's error.
+//! change: a request that does not decode is the client's error; and the
+//! names of gRPC's status codes as its spec spells them.
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod tether {
@@ -70,5 +71,29 @@ impl<U: prost::Message + Default> tonic::codec::Decoder for StrictDecoder<U> {
 
     fn buffer_settings(&self) -> tonic::codec::BufferSettings {
         self.0.buffer_settings()
+    }
+}
+
+/// A code as the gRPC spec spells it: `FAILED_PRECONDITION`.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }

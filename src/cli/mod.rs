@@ -91,7 +91,11 @@ pub fn report(failure: Failure) -> ExitCode {
         }
         Failure::Status(status) => {
             use tonic_types::StatusExt;
-            eprintln!("error: {}: {}", code_name(status.code()), status.message());
+            eprintln!(
+                "error: {}: {}",
+                crate::pb::code_name(status.code()),
+                status.message()
+            );
             if let Some(info) = status.get_details_error_info() {
                 eprintln!("  reason: {}", info.reason);
                 let mut fields: Vec<_> = info.metadata.iter().collect();
@@ -111,30 +115,6 @@ pub fn report(failure: Failure) -> ExitCode {
             }
             ExitCode::from(exit_code(status.code()))
         }
-    }
-}
-
-/// A code as the gRPC spec spells it: `FAILED_PRECONDITION`.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -16,7 +16,7 @@
 
 use crate::access::{Access, Principal, Revoked, Role, Via, check_principal_name};
 use crate::metrics::Metrics;
-use crate::pb::ERROR_DOMAIN;
+use crate::pb::{ERROR_DOMAIN, code_name};
 use crate::transport::Peer;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
@@ -113,41 +113,20 @@ fn method_label(path: &str) -> &'static str {
         .map_or("unknown", |m| &m[1..])
 }
 
-/// The names of the gRPC codes, by number, as metrics and logs show them.
-const CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
 /// The gRPC code of a response, from its headers: an error answered before
 /// any message is "trailers-only", its `grpc-status` in the headers. Without
 /// one the call succeeded so far: a unary call is OK; a stream has opened
 /// (it may still end with an error, which this does not see).
 fn response_code(headers: &http::HeaderMap) -> &'static str {
-    match headers.get("grpc-status") {
-        None => CODES[0],
+    let code = match headers.get("grpc-status") {
+        None => tonic::Code::Ok,
         Some(v) => v
             .to_str()
             .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-            .and_then(|n| CODES.get(n).copied())
-            .unwrap_or("UNKNOWN"),
-    }
+            .and_then(|s| s.parse::<i32>().ok())
+            .map_or(tonic::Code::Unknown, tonic::Code::from_i32),
+    };
+    code_name(code)
 }
 
 /// Counts a call in the metrics and writes its request log line (debug).
@@ -462,10 +441,7 @@ where
             }
             Err(refusal) => {
                 self.gate.audit.refused(&refusal, &path, peer.as_ref());
-                let code = CODES
-                    .get(refusal.code as usize)
-                    .copied()
-                    .unwrap_or("UNKNOWN");
+                let code = code_name(refusal.code);
                 observed(
                     &self.gate.metrics,
                     method,
@@ -544,11 +520,8 @@ mod tests {
             method_label("/tether.v1.ConnectionService/Made_Up"),
             "unknown"
         );
-        assert_eq!(CODES[tonic::Code::NotFound as usize], "NOT_FOUND");
-        assert_eq!(
-            CODES[tonic::Code::Unauthenticated as usize],
-            "UNAUTHENTICATED"
-        );
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(tonic::Code::Unauthenticated), "UNAUTHENTICATED");
         let mut h = http::HeaderMap::new();
         assert_eq!(response_code(&h), "OK");
         h.insert("grpc-status", http::HeaderValue::from_static("5"));
