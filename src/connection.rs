@@ -11,16 +11,17 @@ use std::fmt;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// A connection's id: a UUID in its canonical lowercase hyphenated form.
+/// A connection's id: a UUID, shown in its canonical lowercase hyphenated
+/// form. Its bytes sort as that text does.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct ConnectionId(String);
+pub(crate) struct ConnectionId(uuid::Uuid);
 
 impl ConnectionId {
     /// A fresh id: a UUIDv7, whose leading bits are the time it was made,
     /// so new rows go at the end of the primary key and of every index that
     /// starts with the id, instead of on a random page of each.
     pub(crate) fn generate() -> Self {
-        ConnectionId(uuid::Uuid::now_v7().to_string())
+        ConnectionId(uuid::Uuid::now_v7())
     }
 
     /// Parses a client-supplied id; `field` names it in the error.
@@ -29,23 +30,23 @@ impl ConnectionId {
             return Err(Error::invalid(field, "is required"));
         }
         uuid::Uuid::try_parse(s)
-            .map(|u| ConnectionId(u.to_string()))
+            .map(ConnectionId)
             .map_err(|_| Error::invalid(field, format!("{s:?} is not a UUID")))
     }
 
-    /// Wraps an id read back from the store, which only ever holds parsed ids.
-    pub(crate) fn from_trusted(s: String) -> Self {
-        ConnectionId(s)
+    /// The id of these 16 bytes (as the store keeps it).
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        uuid::Uuid::from_slice(bytes).ok().map(ConnectionId)
     }
 
-    pub(crate) fn as_str(&self) -> &str {
-        &self.0
+    pub(crate) fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
     }
 }
 
 impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        self.0.as_hyphenated().fmt(f)
     }
 }
 
@@ -178,7 +179,7 @@ impl Connection {
             &self.state_reason,
         ];
         FIXED
-            + self.id.as_str().len()
+            + uuid::fmt::Hyphenated::LENGTH
             + text.iter().map(|s| s.len()).sum::<usize>()
             + self
                 .labels
@@ -481,15 +482,18 @@ mod tests {
     #[test]
     fn new_ids_sort_in_the_order_they_were_made() {
         let ids: Vec<ConnectionId> = (0..10_000).map(|_| ConnectionId::generate()).collect();
-        assert!(ids.windows(2).all(|w| w[0].as_str() < w[1].as_str()));
+        assert!(ids.windows(2).all(|w| w[0].to_string() < w[1].to_string()));
         // And each is one a client could have sent.
-        assert_eq!(ConnectionId::parse(ids[0].as_str(), "id").unwrap(), ids[0]);
+        assert_eq!(
+            ConnectionId::parse(&ids[0].to_string(), "id").unwrap(),
+            ids[0]
+        );
     }
 
     #[test]
     fn ids_are_canonical_uuids() {
         let id = ConnectionId::parse("6F9619FF-8B86-D011-B42D-00C04FC964FF", "id").unwrap();
-        assert_eq!(id.as_str(), "6f9619ff-8b86-d011-b42d-00c04fc964ff");
+        assert_eq!(id.to_string(), "6f9619ff-8b86-d011-b42d-00c04fc964ff");
         assert!(ConnectionId::parse("nope", "id").is_err());
         assert!(ConnectionId::parse("", "id").is_err());
     }

@@ -94,7 +94,8 @@ impl Query {
             q.number(s.number().into());
         }
         q.texts(types.iter().map(String::as_str));
-        q.texts(ids.iter().map(|i| i.as_str()));
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        q.texts(ids.iter().map(String::as_str));
         q.text(search);
         q.number(labels.len() as i64);
         for (k, v) in labels {

@@ -1,6 +1,6 @@
 //! The stored format of what rows keep as JSON: a connection's snapshot in
 //! an event, a `request_id`'s answer, a connection's last probe, its labels
-//! and metadata.
+//! and metadata; and of a connection id in a column: its UUID's 16 bytes.
 //!
 //! These row types are the format on disk, kept apart from the domain types
 //! so that renaming a domain field never silently changes what old databases
@@ -51,7 +51,7 @@ impl<'a> ConnectionDoc<'a> {
     /// `c` as stored; without its metadata when that is kept as a blob.
     fn of(c: &'a Connection, with_metadata: bool) -> Self {
         ConnectionDoc {
-            id: c.id.as_str().into(),
+            id: c.id.to_string().into(),
             kind: c.kind.as_str().into(),
             type_: c.type_.as_str().into(),
             sub_type: c.sub_type.as_str().into(),
@@ -79,9 +79,9 @@ impl<'a> ConnectionDoc<'a> {
         }
     }
 
-    fn into_connection(self) -> Connection {
-        Connection {
-            id: ConnectionId::from_trusted(self.id.into_owned()),
+    fn into_connection(self) -> Result<Connection, Error> {
+        Ok(Connection {
+            id: ConnectionId::parse(&self.id, "id").map_err(|e| corrupt("connection", e))?,
             kind: self.kind.into_owned(),
             type_: self.type_.into_owned(),
             sub_type: self.sub_type.into_owned(),
@@ -102,7 +102,7 @@ impl<'a> ConnectionDoc<'a> {
             create_time: self.create_time,
             update_time: self.update_time,
             last_probe: self.last_probe.map(ProbeDoc::into_probe),
-        }
+        })
     }
 }
 
@@ -402,7 +402,7 @@ impl From<ErrorDoc> for Error {
     }
 }
 
-fn corrupt(what: &str, e: serde_json::Error) -> Error {
+fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Internal(format!("stored {what} does not decode: {e}"))
 }
 
@@ -418,8 +418,8 @@ pub(in crate::store) fn encode_connection(
 
 pub(in crate::store) fn decode_connection(json: &str) -> Result<Connection, Error> {
     serde_json::from_str::<ConnectionDoc>(json)
-        .map(ConnectionDoc::into_connection)
-        .map_err(|e| corrupt("connection", e))
+        .map_err(|e| corrupt("connection", e))?
+        .into_connection()
 }
 
 /// A stored answer; an `Ok` one without its metadata when that is a blob.
@@ -436,7 +436,7 @@ pub(in crate::store) fn encode_answer(
 
 pub(in crate::store) fn decode_answer(json: &str) -> Result<Result<Connection, Error>, Error> {
     match serde_json::from_str::<AnswerDoc>(json).map_err(|e| corrupt("answer", e))? {
-        AnswerDoc::Ok(c) => Ok(Ok(c.into_connection())),
+        AnswerDoc::Ok(c) => Ok(Ok(c.into_connection()?)),
         AnswerDoc::Err(e) => Ok(Err(e.into())),
     }
 }
@@ -495,13 +495,33 @@ pub(in crate::store) fn scrubbed(root: &str) -> String {
 /// The JSON path of the connection in a stored answer that holds one.
 pub(in crate::store) const ANSWER_CONNECTION: &str = "$.Ok";
 
+/// A connection id is stored as its UUID's 16 bytes (schema version 7),
+/// which sort as its canonical text does: indexes order ids as before.
+impl rusqlite::ToSql for ConnectionId {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(rusqlite::types::ToSqlOutput::Borrowed(
+            rusqlite::types::ValueRef::Blob(self.as_bytes()),
+        ))
+    }
+}
+
+impl rusqlite::types::FromSql for ConnectionId {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let bytes = value.as_blob()?;
+        ConnectionId::from_bytes(bytes).ok_or(rusqlite::types::FromSqlError::InvalidBlobSize {
+            expected_size: 16,
+            blob_size: bytes.len(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn connection() -> Connection {
         Connection {
-            id: ConnectionId::from_trusted("7f1c2a8e-0b6d-4a49-9d0e-3f5b8c1a2e47".into()),
+            id: ConnectionId::parse("7f1c2a8e-0b6d-4a49-9d0e-3f5b8c1a2e47", "id").unwrap(),
             kind: "prometheus".into(),
             type_: "metrics".into(),
             sub_type: "".into(),

@@ -149,6 +149,7 @@ impl Store {
         schema::migrate(&mut conn)?;
         check::after_migrate(&conn, path)?;
         let (revision, compact) = query::revisions(&conn)?;
+        let last_create = query::last_create_time(&conn)?;
         let (hub, _) = broadcast::channel(config.publish_buffer.max(1));
         let (sender, rx) = mpsc::sync_channel(config.write_queue.max(1));
         let inner = Arc::new(Inner {
@@ -169,6 +170,7 @@ impl Store {
             conn,
             revision,
             compact,
+            last_create,
             config: config.writer,
             inner: inner.clone(),
             file,

@@ -11,9 +11,12 @@ use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, Row, params, params_from_iter};
 use std::collections::BTreeMap;
 
-const CONNECTION_COLUMNS: &str = "id, kind, type, sub_type, name, description, url, identity, \
+pub(super) const CONNECTION_COLUMNS: &str = "id, kind, type, sub_type, name, description, url, identity, \
      metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
      state_time, revision, create_time, update_time, last_probe";
+
+/// How many columns [`CONNECTION_COLUMNS`] names.
+const CONNECTION_COLUMN_COUNT: usize = 21;
 
 /// [`CONNECTION_COLUMNS`] of the table aliased `row`.
 const ROW_COLUMNS: &str = "row.id, row.kind, row.type, row.sub_type, row.name, row.description, \
@@ -26,7 +29,7 @@ fn connection_from_row(r: &Row<'_>) -> rusqlite::Result<Connection> {
 }
 
 /// The connection whose [`CONNECTION_COLUMNS`] start at column `at` of `r`.
-fn connection_at(r: &Row<'_>, at: usize) -> rusqlite::Result<Connection> {
+pub(super) fn connection_at(r: &Row<'_>, at: usize) -> rusqlite::Result<Connection> {
     let bad = |i: usize, what: &str| {
         rusqlite::Error::FromSqlConversionFailure(
             i,
@@ -37,7 +40,7 @@ fn connection_at(r: &Row<'_>, at: usize) -> rusqlite::Result<Connection> {
     let metadata: String = r.get(at + 8)?;
     let labels: String = r.get(at + 9)?;
     Ok(Connection {
-        id: ConnectionId::from_trusted(r.get(at)?),
+        id: r.get(at)?,
         kind: r.get(at + 1)?,
         type_: r.get(at + 2)?,
         sub_type: r.get(at + 3)?,
@@ -103,7 +106,7 @@ pub(super) fn live_by_identity_sql() -> String {
 fn credential_user_sql() -> String {
     format!(
         "SELECT id FROM connections WHERE credential_id = ?1 AND credential_id <> '' \
-         AND {} AND id <> ?2 LIMIT 1",
+         AND {} AND id IS NOT ?2 LIMIT 1",
         live()
     )
 }
@@ -117,6 +120,18 @@ pub(crate) fn revisions(c: &rusqlite::Connection) -> Result<(Revision, Revision)
     Ok(stmt.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?)
 }
 
+/// The create_time of the connection made last (0 when there is none):
+/// the latest of all, since creation order is `(create_time, id)` order.
+pub(crate) fn last_create_time(c: &rusqlite::Connection) -> Result<Micros, Error> {
+    Ok(c.query_row(
+        "SELECT create_time FROM connections ORDER BY seq DESC LIMIT 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()?
+    .unwrap_or(0))
+}
+
 pub(crate) fn get(
     c: &rusqlite::Connection,
     id: &ConnectionId,
@@ -124,9 +139,7 @@ pub(crate) fn get(
     let mut stmt = c.prepare_cached(&format!(
         "SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = ?1"
     ))?;
-    Ok(stmt
-        .query_row([id.as_str()], connection_from_row)
-        .optional()?)
+    Ok(stmt.query_row([id], connection_from_row).optional()?)
 }
 
 pub(crate) fn live_by_identity(
@@ -274,15 +287,7 @@ impl Filter {
             clauses,
             args,
         );
-        any_of(
-            "id",
-            self.ids
-                .iter()
-                .map(|i| Value::Text(i.to_string()))
-                .collect(),
-            clauses,
-            args,
-        );
+        any_of("id", self.ids.iter().map(id_value).collect(), clauses, args);
         if !self.search.is_empty() {
             let escaped = self
                 .search
@@ -315,7 +320,8 @@ impl Filter {
 enum Walk {
     /// Whichever the planner likes (for the small count tables).
     Any,
-    /// The order's index (`connections_by_create`, ...), or a scan.
+    /// The order's own: the table in creation order (`seq`), or the
+    /// index of the name or the update time.
     Order,
     /// `connections_by_state`: the one state asked for, in creation order.
     State,
@@ -468,33 +474,69 @@ pub(super) fn list_sql(
     let mut clauses = Vec::new();
     let mut args = Vec::new();
     q.filter.to_sql(walk(c, q)?, &mut clauses, &mut args);
-    let col = q.order.column();
     let (cmp, dir) = if q.order.descending {
         ("<", "DESC")
     } else {
         (">", "ASC")
     };
-    if let Some(cur) = &q.after {
-        clauses.push(format!("({col}, id) {cmp} (?, ?)"));
-        args.push(match &cur.key {
-            CursorKey::Int(i) => Value::Integer(*i),
-            CursorKey::Text(s) => Value::Text(s.clone()),
-        });
-        args.push(Value::Text(cur.id.clone()));
-    }
-    let sql = format!(
-        "SELECT {CONNECTION_COLUMNS} FROM connections {} ORDER BY {col} {dir}, id {dir} LIMIT {}",
-        where_clause(&clauses),
-        q.page_size + 1
-    );
+    let after = match &q.after {
+        Some(cur) => Some((
+            match &cur.key {
+                CursorKey::Int(i) => Value::Integer(*i),
+                CursorKey::Text(s) => Value::Text(s.clone()),
+            },
+            id_value(&ConnectionId::parse(&cur.id, "page_token")?),
+        )),
+        None => None,
+    };
+    let sql = if q.order.field == OrderField::CreateTime {
+        // `seq` numbers the rows in `(create_time, id)` order (see schema
+        // version 7): the page walks the table, or the index of its one
+        // state or kind, whose entries end with `seq`. The cursor's row
+        // gives the place to go on from; one deleted since (a pruned
+        // tombstone) is placed by its sort key, reading the rows before it.
+        if let Some((key, id)) = after {
+            let bound = if q.order.descending {
+                "max(seq) + 1"
+            } else {
+                "min(seq) - 1"
+            };
+            clauses.push(format!(
+                "seq {cmp} coalesce((SELECT seq FROM connections WHERE id = ?), \
+                 (SELECT {bound} FROM connections WHERE (create_time, id) {cmp} (?, ?)))"
+            ));
+            args.extend([id.clone(), key, id]);
+        }
+        format!(
+            "SELECT {CONNECTION_COLUMNS} FROM connections {} ORDER BY seq {dir} LIMIT {}",
+            where_clause(&clauses),
+            q.page_size + 1
+        )
+    } else {
+        let col = q.order.column();
+        if let Some((key, id)) = after {
+            clauses.push(format!("({col}, id) {cmp} (?, ?)"));
+            args.extend([key, id]);
+        }
+        format!(
+            "SELECT {CONNECTION_COLUMNS} FROM connections {} ORDER BY {col} {dir}, id {dir} LIMIT {}",
+            where_clause(&clauses),
+            q.page_size + 1
+        )
+    };
     Ok((sql, args))
+}
+
+/// An id as a value bound to a query built as a list of values.
+fn id_value(id: &ConnectionId) -> Value {
+    Value::Blob(id.as_bytes().to_vec())
 }
 
 /// Where a snapshot page ends: the sort key of its last row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SnapshotCursor {
-    create_time: Micros,
-    id: String,
+    /// The row's place in creation order (see schema version 7).
+    seq: i64,
 }
 
 /// One page of the matching connections in creation order, after `after`:
@@ -513,34 +555,33 @@ pub(crate) fn snapshot_page(
     let mut args = Vec::new();
     filter.to_sql(Walk::Order, &mut clauses, &mut args);
     if let Some(a) = after {
-        clauses.push("(create_time, id) > (?, ?)".into());
-        args.push(Value::Integer(a.create_time));
-        args.push(Value::Text(a.id.clone()));
+        clauses.push("seq > ?".into());
+        args.push(Value::Integer(a.seq));
     }
     let sql = format!(
-        "SELECT {CONNECTION_COLUMNS} FROM connections {} ORDER BY create_time, id LIMIT {}",
+        "SELECT {CONNECTION_COLUMNS}, seq FROM connections {} ORDER BY seq LIMIT {}",
         where_clause(&clauses),
         max_rows + 1
     );
     let mut stmt = c.prepare_cached(&sql)?;
-    let mut rows = stmt.query_map(params_from_iter(args), connection_from_row)?;
-    let (mut page, mut bytes, mut more) = (Vec::new(), 0, false);
+    let mut rows = stmt.query_map(params_from_iter(args), |r| {
+        Ok((
+            connection_from_row(r)?,
+            r.get::<_, i64>(CONNECTION_COLUMN_COUNT)?,
+        ))
+    })?;
+    let (mut page, mut bytes, mut more, mut last_seq) = (Vec::new(), 0, false, 0);
     for row in rows.by_ref() {
         if page.len() == max_rows || (!page.is_empty() && bytes >= max_bytes) {
             more = true;
             break;
         }
-        let row = row?;
+        let (row, seq) = row?;
         bytes += row.approx_size();
         page.push(row);
+        last_seq = seq;
     }
-    let next = more.then(|| {
-        let last = page.last().expect("a page that stops early has rows");
-        SnapshotCursor {
-            create_time: last.create_time,
-            id: last.id.as_str().to_owned(),
-        }
-    });
+    let next = more.then_some(SnapshotCursor { seq: last_seq });
     Ok((page, next))
 }
 
@@ -655,7 +696,7 @@ pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Ev
     let mut args = vec![Value::Integer(f.after_revision.get())];
     if let Some(id) = &f.connection_id {
         sql.push_str(" AND events.connection_id = ?");
-        args.push(Value::Text(id.to_string()));
+        args.push(id_value(id));
     }
     if let Some(owners) = &f.owners {
         // Owners never change, so the connection's row decides for its whole history.
@@ -692,7 +733,7 @@ pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Ev
         };
         Ok(Event {
             revision: r.get(0)?,
-            connection_id: ConnectionId::from_trusted(r.get(1)?),
+            connection_id: r.get(1)?,
             type_: EventType::from_number(r.get(2)?).ok_or_else(|| bad(2))?,
             from_state: State::from_number(r.get(3)?).ok_or_else(|| bad(3))?,
             to_state: State::from_number(r.get(4)?).ok_or_else(|| bad(4))?,
@@ -783,11 +824,9 @@ pub(crate) fn credential_user(
     except: Option<&ConnectionId>,
 ) -> Result<Option<ConnectionId>, Error> {
     let mut stmt = c.prepare_cached(&credential_user_sql())?;
-    let except = except.map(|e| e.to_string()).unwrap_or_default();
     Ok(stmt
-        .query_row(params![id, except], |r| r.get::<_, String>(0))
-        .optional()?
-        .map(ConnectionId::from_trusted))
+        .query_row(params![id, except], |r| r.get::<_, ConnectionId>(0))
+        .optional()?)
 }
 
 /// Every connection the monitor may have to probe: managed and in a state
@@ -843,5 +882,68 @@ mod tests {
                 "{sql}: {plan:?}"
             );
         }
+    }
+
+    /// Creation order is `seq` order. A page token's row places the next
+    /// page; a token whose row this database does not have (one issued by
+    /// a restored copy) is placed by its `(create_time, id)`, both ways.
+    #[test]
+    fn a_page_in_creation_order_goes_on_after_its_cursor_even_without_its_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let mut ids: Vec<ConnectionId> = (0..7).map(|_| ConnectionId::generate()).collect();
+        ids.sort();
+        // Made in pairs at one time each; the ids in between are never stored.
+        let stored: Vec<(i64, &ConnectionId)> =
+            vec![(10, &ids[0]), (10, &ids[2]), (20, &ids[3]), (20, &ids[5])];
+        for (at, id) in &stored {
+            conn.execute(
+                "INSERT INTO connections (id, kind, type, sub_type, name, description, url, \
+                 identity, metadata, labels, managed, credential_id, owner, state, state_reason, \
+                 state_trigger, state_time, revision, create_time, update_time, last_probe) \
+                 VALUES (?1, 'tcp', '', '', 'n', '', '', hex(?1), '{}', '{}', 0, '', '', 1, '', \
+                 1, ?2, 1, ?2, ?2, NULL)",
+                params![id, at],
+            )
+            .unwrap();
+        }
+        let page = |after: (i64, &ConnectionId), descending: bool| -> Vec<ConnectionId> {
+            let q = ListQuery {
+                filter: Filter::default(),
+                order: Order {
+                    field: OrderField::CreateTime,
+                    descending,
+                },
+                page_size: 10,
+                after: Some(Cursor {
+                    key: CursorKey::Int(after.0),
+                    id: after.1.to_string(),
+                }),
+            };
+            list(&conn, &q)
+                .unwrap()
+                .connections
+                .into_iter()
+                .map(|c| c.id)
+                .collect()
+        };
+        let ids_of = |rows: &[(i64, &ConnectionId)]| -> Vec<ConnectionId> {
+            rows.iter().map(|(_, id)| (*id).clone()).collect()
+        };
+        // A stored row: the rows after it.
+        assert_eq!(page((10, &ids[2]), false), ids_of(&stored[2..]));
+        assert_eq!(page((20, &ids[3]), true), ids_of(&[stored[1], stored[0]]));
+        // Rows not stored, between and around the stored ones.
+        assert_eq!(page((10, &ids[1]), false), ids_of(&stored[1..]));
+        assert_eq!(page((10, &ids[1]), true), ids_of(&stored[..1]));
+        assert_eq!(page((20, &ids[4]), false), ids_of(&stored[3..]));
+        assert_eq!(
+            page((20, &ids[4]), true),
+            ids_of(&[stored[2], stored[1], stored[0]])
+        );
+        assert_eq!(page((30, &ids[6]), false), Vec::new());
+        assert_eq!(page((5, &ids[6]), true), Vec::new());
+        assert_eq!(page((5, &ids[6]), false), ids_of(&stored));
     }
 }

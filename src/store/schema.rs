@@ -14,6 +14,103 @@ enum Step {
     Rust(fn(&Transaction<'_>) -> Result<(), Error>),
 }
 
+/// The triggers that keep `blobs.refs` for `events` (schema version 3).
+macro_rules! events_blob_triggers {
+    () => {
+        r#"
+    CREATE TRIGGER events_blob_insert AFTER INSERT ON events WHEN NEW.metadata_blob IS NOT NULL BEGIN
+        SELECT RAISE(ABORT, 'events.metadata_blob names no blob')
+            WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+    END;
+    CREATE TRIGGER events_blob_delete AFTER DELETE ON events WHEN OLD.metadata_blob IS NOT NULL BEGIN
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    CREATE TRIGGER events_blob_update AFTER UPDATE OF metadata_blob ON events
+        WHEN OLD.metadata_blob IS NOT NEW.metadata_blob BEGIN
+        SELECT RAISE(ABORT, 'events.metadata_blob names no blob')
+            WHERE NEW.metadata_blob IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+"#
+    };
+}
+
+/// The triggers that keep `blobs.refs` for `requests` (schema version 3).
+macro_rules! requests_blob_triggers {
+    () => {
+        r#"
+    CREATE TRIGGER requests_blob_insert AFTER INSERT ON requests WHEN NEW.metadata_blob IS NOT NULL BEGIN
+        SELECT RAISE(ABORT, 'requests.metadata_blob names no blob')
+            WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+    END;
+    CREATE TRIGGER requests_blob_delete AFTER DELETE ON requests WHEN OLD.metadata_blob IS NOT NULL BEGIN
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+    CREATE TRIGGER requests_blob_update AFTER UPDATE OF metadata_blob ON requests
+        WHEN OLD.metadata_blob IS NOT NEW.metadata_blob BEGIN
+        SELECT RAISE(ABORT, 'requests.metadata_blob names no blob')
+            WHERE NEW.metadata_blob IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
+        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
+        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
+        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
+    END;
+"#
+    };
+}
+
+/// The triggers that keep `connection_counts` and `label_counts` (schema
+/// version 6).
+macro_rules! count_triggers {
+    () => {
+        r#"
+    CREATE TRIGGER connections_count_insert AFTER INSERT ON connections BEGIN
+        INSERT INTO connection_counts (owner, kind, state, n)
+            VALUES (NEW.owner, NEW.kind, NEW.state, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, NEW.owner, NEW.kind, NEW.state, 1 FROM json_each(NEW.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER connections_count_delete AFTER DELETE ON connections BEGIN
+        DELETE FROM connection_counts
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state) AND n = 1;
+        UPDATE connection_counts SET n = n - 1
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state);
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, OLD.owner, OLD.kind, OLD.state, 0 FROM json_each(OLD.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = max(n - 1, 0);
+        DELETE FROM label_counts WHERE n = 0;
+    END;
+    CREATE TRIGGER connections_count_update AFTER UPDATE OF owner, kind, state, labels ON connections
+        WHEN OLD.owner IS NOT NEW.owner OR OLD.kind IS NOT NEW.kind
+            OR OLD.state IS NOT NEW.state OR OLD.labels IS NOT NEW.labels BEGIN
+        DELETE FROM connection_counts
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state) AND n = 1;
+        UPDATE connection_counts SET n = n - 1
+            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state);
+        INSERT INTO connection_counts (owner, kind, state, n)
+            VALUES (NEW.owner, NEW.kind, NEW.state, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, OLD.owner, OLD.kind, OLD.state, 0 FROM json_each(OLD.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = max(n - 1, 0);
+        INSERT INTO label_counts (key, value, owner, kind, state, n)
+            SELECT key, value, NEW.owner, NEW.kind, NEW.state, 1 FROM json_each(NEW.labels) WHERE 1
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        DELETE FROM label_counts WHERE n = 0;
+    END;
+"#
+    };
+}
+
 /// Each entry moves the schema one version up; never edit one that has shipped.
 const MIGRATIONS: &[Step] = &[
     // 1: connections, their events, the store-wide counters, idempotent requests.
@@ -120,7 +217,7 @@ const MIGRATIONS: &[Step] = &[
     // `refs` counts the rows naming a blob, kept by these triggers on every
     // insert, delete and rewrite of those rows, and a blob goes with its last
     // reference. Rows stored before keep their metadata inline.
-    Step::Sql(
+    Step::Sql(concat!(
         r#"
     -- `refs` before `body`: it stays on the row's first page, so counting a
     -- reference rewrites that page only, not the body's overflow pages.
@@ -131,44 +228,10 @@ const MIGRATIONS: &[Step] = &[
     ) STRICT;
     ALTER TABLE events ADD COLUMN metadata_blob BLOB;
     ALTER TABLE requests ADD COLUMN metadata_blob BLOB;
-    CREATE TRIGGER events_blob_insert AFTER INSERT ON events WHEN NEW.metadata_blob IS NOT NULL BEGIN
-        SELECT RAISE(ABORT, 'events.metadata_blob names no blob')
-            WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
-        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
-    END;
-    CREATE TRIGGER events_blob_delete AFTER DELETE ON events WHEN OLD.metadata_blob IS NOT NULL BEGIN
-        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
-        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
-    END;
-    CREATE TRIGGER events_blob_update AFTER UPDATE OF metadata_blob ON events
-        WHEN OLD.metadata_blob IS NOT NEW.metadata_blob BEGIN
-        SELECT RAISE(ABORT, 'events.metadata_blob names no blob')
-            WHERE NEW.metadata_blob IS NOT NULL
-            AND NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
-        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
-        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
-        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
-    END;
-    CREATE TRIGGER requests_blob_insert AFTER INSERT ON requests WHEN NEW.metadata_blob IS NOT NULL BEGIN
-        SELECT RAISE(ABORT, 'requests.metadata_blob names no blob')
-            WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
-        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
-    END;
-    CREATE TRIGGER requests_blob_delete AFTER DELETE ON requests WHEN OLD.metadata_blob IS NOT NULL BEGIN
-        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
-        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
-    END;
-    CREATE TRIGGER requests_blob_update AFTER UPDATE OF metadata_blob ON requests
-        WHEN OLD.metadata_blob IS NOT NEW.metadata_blob BEGIN
-        SELECT RAISE(ABORT, 'requests.metadata_blob names no blob')
-            WHERE NEW.metadata_blob IS NOT NULL
-            AND NOT EXISTS (SELECT 1 FROM blobs WHERE hash = NEW.metadata_blob);
-        UPDATE blobs SET refs = refs + 1 WHERE hash = NEW.metadata_blob;
-        UPDATE blobs SET refs = refs - 1 WHERE hash = OLD.metadata_blob;
-        DELETE FROM blobs WHERE hash = OLD.metadata_blob AND refs = 0;
-    END;
-    "#,
-    ),
+"#,
+        events_blob_triggers!(),
+        requests_blob_triggers!()
+    )),
     // 4: identities derived by the rule before urls differing only by an
     // empty query, a fragment or trailing slashes derived one identity.
     Step::Rust(rederive_identities),
@@ -251,7 +314,7 @@ const MIGRATIONS: &[Step] = &[
     // builds a temporary table on every change of state). A count may fall
     // to zero for a moment; the trigger then deletes the rows at zero, which
     // a partial index finds without a scan. Same rows, same meaning.
-    Step::Sql(
+    Step::Sql(concat!(
         r#"
     DROP TRIGGER connections_count_insert;
     DROP TRIGGER connections_count_delete;
@@ -271,44 +334,109 @@ const MIGRATIONS: &[Step] = &[
     ALTER TABLE label_counts_6 RENAME TO label_counts;
     CREATE INDEX label_counts_emptied ON label_counts (n) WHERE n = 0;
 
-    CREATE TRIGGER connections_count_insert AFTER INSERT ON connections BEGIN
-        INSERT INTO connection_counts (owner, kind, state, n)
-            VALUES (NEW.owner, NEW.kind, NEW.state, 1)
-            ON CONFLICT DO UPDATE SET n = n + 1;
-        INSERT INTO label_counts (key, value, owner, kind, state, n)
-            SELECT key, value, NEW.owner, NEW.kind, NEW.state, 1 FROM json_each(NEW.labels) WHERE 1
-            ON CONFLICT DO UPDATE SET n = n + 1;
-    END;
-    CREATE TRIGGER connections_count_delete AFTER DELETE ON connections BEGIN
-        DELETE FROM connection_counts
-            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state) AND n = 1;
-        UPDATE connection_counts SET n = n - 1
-            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state);
-        INSERT INTO label_counts (key, value, owner, kind, state, n)
-            SELECT key, value, OLD.owner, OLD.kind, OLD.state, 0 FROM json_each(OLD.labels) WHERE 1
-            ON CONFLICT DO UPDATE SET n = max(n - 1, 0);
-        DELETE FROM label_counts WHERE n = 0;
-    END;
-    CREATE TRIGGER connections_count_update AFTER UPDATE OF owner, kind, state, labels ON connections
-        WHEN OLD.owner IS NOT NEW.owner OR OLD.kind IS NOT NEW.kind
-            OR OLD.state IS NOT NEW.state OR OLD.labels IS NOT NEW.labels BEGIN
-        DELETE FROM connection_counts
-            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state) AND n = 1;
-        UPDATE connection_counts SET n = n - 1
-            WHERE (owner, kind, state) = (OLD.owner, OLD.kind, OLD.state);
-        INSERT INTO connection_counts (owner, kind, state, n)
-            VALUES (NEW.owner, NEW.kind, NEW.state, 1)
-            ON CONFLICT DO UPDATE SET n = n + 1;
-        INSERT INTO label_counts (key, value, owner, kind, state, n)
-            SELECT key, value, OLD.owner, OLD.kind, OLD.state, 0 FROM json_each(OLD.labels) WHERE 1
-            ON CONFLICT DO UPDATE SET n = max(n - 1, 0);
-        INSERT INTO label_counts (key, value, owner, kind, state, n)
-            SELECT key, value, NEW.owner, NEW.kind, NEW.state, 1 FROM json_each(NEW.labels) WHERE 1
-            ON CONFLICT DO UPDATE SET n = n + 1;
-        DELETE FROM label_counts WHERE n = 0;
-    END;
-    "#,
-    ),
+"#,
+        count_triggers!()
+    )),
+    // 7: a smaller file. Ids are kept as their UUID's 16 bytes instead of
+    // 36 characters, in the rows, the events, the stored answers and every
+    // index over them. `seq` (the rowid) numbers connections in creation
+    // order, which is `(create_time, id)` order: the rows are copied in that
+    // order here, and the writer gives each new connection a create_time
+    // later than every stored one (see `Tx::record`). So a page in creation
+    // order walks the table itself, and the indexes of one state or one kind
+    // hold just that column (SQLite ends each index entry with the rowid):
+    // `connections_by_create` goes. Events are pruned by time in revision
+    // order, not through `events_by_time`, which goes too. The same rows and
+    // meaning otherwise; the counts, triggers and blob references carry over.
+    Step::Sql(concat!(
+        r#"
+    CREATE TABLE connections_7 (
+        seq           INTEGER PRIMARY KEY,
+        id            BLOB NOT NULL UNIQUE CHECK (length(id) = 16),
+        kind          TEXT NOT NULL,
+        type          TEXT NOT NULL,
+        sub_type      TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        description   TEXT NOT NULL,
+        url           TEXT NOT NULL,
+        identity      TEXT NOT NULL,
+        metadata      TEXT NOT NULL,
+        labels        TEXT NOT NULL,
+        managed       INTEGER NOT NULL,
+        credential_id TEXT NOT NULL,
+        owner         TEXT NOT NULL,
+        state         INTEGER NOT NULL,
+        state_reason  TEXT NOT NULL,
+        state_trigger INTEGER NOT NULL,
+        state_time    INTEGER NOT NULL,
+        revision      INTEGER NOT NULL,
+        create_time   INTEGER NOT NULL,
+        update_time   INTEGER NOT NULL,
+        last_probe    TEXT
+    ) STRICT;
+    INSERT INTO connections_7 (id, kind, type, sub_type, name, description, url, identity,
+        metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger,
+        state_time, revision, create_time, update_time, last_probe)
+        SELECT unhex(replace(id, '-', '')), kind, type, sub_type, name, description, url,
+            identity, metadata, labels, managed, credential_id, owner, state, state_reason,
+            state_trigger, state_time, revision, create_time, update_time, last_probe
+        FROM connections ORDER BY create_time, id;
+
+    CREATE TABLE events_7 (
+        revision      INTEGER PRIMARY KEY,
+        connection_id BLOB NOT NULL CHECK (length(connection_id) = 16),
+        type          INTEGER NOT NULL,
+        from_state    INTEGER NOT NULL,
+        to_state      INTEGER NOT NULL,
+        trigger       INTEGER NOT NULL,
+        reason        TEXT NOT NULL,
+        actor         TEXT NOT NULL,
+        time          INTEGER NOT NULL,
+        snapshot      TEXT NOT NULL,
+        metadata_blob BLOB
+    ) STRICT;
+    INSERT INTO events_7 (revision, connection_id, type, from_state, to_state, trigger, reason,
+        actor, time, snapshot, metadata_blob)
+        SELECT revision, unhex(replace(connection_id, '-', '')), type, from_state, to_state,
+            trigger, reason, actor, time, snapshot, metadata_blob
+        FROM events;
+
+    CREATE TABLE requests_7 (
+        request_id    TEXT PRIMARY KEY,
+        fingerprint   INTEGER NOT NULL,
+        connection_id BLOB NOT NULL,
+        answer        TEXT NOT NULL,
+        time          INTEGER NOT NULL,
+        metadata_blob BLOB
+    ) STRICT;
+    INSERT INTO requests_7 (request_id, fingerprint, connection_id, answer, time, metadata_blob)
+        SELECT request_id, fingerprint, unhex(replace(connection_id, '-', '')), answer, time,
+            metadata_blob
+        FROM requests;
+
+    -- Dropping a table drops its indexes and triggers without firing any:
+    -- the blob references and the counts stand as they were.
+    DROP TABLE connections;
+    DROP TABLE events;
+    DROP TABLE requests;
+    ALTER TABLE connections_7 RENAME TO connections;
+    ALTER TABLE events_7 RENAME TO events;
+    ALTER TABLE requests_7 RENAME TO requests;
+
+    CREATE UNIQUE INDEX connections_live_identity ON connections (identity) WHERE state <> 7;
+    CREATE INDEX connections_by_update ON connections (update_time, id);
+    CREATE INDEX connections_by_name ON connections (name, id);
+    CREATE INDEX connections_by_state ON connections (state);
+    CREATE INDEX connections_by_kind ON connections (kind);
+    CREATE INDEX connections_by_credential ON connections (credential_id) WHERE credential_id <> '';
+    CREATE INDEX events_by_connection ON events (connection_id, revision);
+    CREATE INDEX requests_by_time ON requests (time);
+    CREATE INDEX requests_by_connection ON requests (connection_id);
+"#,
+        events_blob_triggers!(),
+        requests_blob_triggers!(),
+        count_triggers!()
+    )),
 ];
 
 /// The schema version this build writes.
@@ -316,6 +444,11 @@ pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the database up to [`VERSION`], or refuses one that is newer.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<(), Error> {
+    migrate_to(conn, VERSION)
+}
+
+/// Brings the database up to schema version `target`.
+fn migrate_to(conn: &mut Connection, target: i64) -> Result<(), Error> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current > VERSION {
         return Err(Error::Internal(format!(
@@ -323,7 +456,12 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), Error> {
              run a newer tether or restore a backup"
         )));
     }
-    for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, step) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target as usize)
+        .skip(current as usize)
+    {
         let tx = conn.transaction()?;
         match step {
             Step::Sql(sql) => tx.execute_batch(sql)?,
@@ -366,7 +504,7 @@ fn rederive_identities(tx: &Transaction<'_>) -> Result<(), Error> {
         if identity != format!("{kind}:{url}") {
             continue;
         }
-        let derived = derive_identity(&kind, &url, &ConnectionId::from_trusted(id.clone()));
+        let derived = derive_identity(&kind, &url, &ConnectionId::parse(&id, "id")?);
         if derived == identity {
             continue;
         }
@@ -439,9 +577,11 @@ mod tests {
         id
     }
 
+    /// The identity of connection `id`, stored as text (before schema
+    /// version 7) or as bytes.
     fn identity(conn: &Connection, id: &str) -> String {
         conn.query_row(
-            "SELECT identity FROM connections WHERE id = ?1",
+            "SELECT identity FROM connections WHERE id IN (?1, unhex(replace(?1, '-', '')))",
             [id],
             |r| r.get(0),
         )
@@ -473,7 +613,7 @@ mod tests {
             [&ids[1]],
         )
         .unwrap();
-        migrate(&mut conn).unwrap();
+        migrate_to(&mut conn, 6).unwrap();
         let kept: i64 = conn
             .query_row("SELECT sum(n) FROM connection_counts", [], |r| r.get(0))
             .unwrap();
@@ -485,6 +625,18 @@ mod tests {
             [&ids[0]],
         )
         .unwrap();
+        crate::store::counts_tests::assert_counts_kept(&conn);
+        // Version 7 rebuilds the table: the counts stand, and its triggers
+        // keep them again.
+        migrate(&mut conn).unwrap();
+        crate::store::counts_tests::assert_counts_kept(&conn);
+        let changed = conn
+            .execute(
+                r#"UPDATE connections SET labels = '{"env":"c"}', state = 2 WHERE id = ?1"#,
+                [ConnectionId::parse(&ids[1], "id").unwrap()],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
         crate::store::counts_tests::assert_counts_kept(&conn);
     }
 
@@ -522,8 +674,15 @@ mod tests {
             8,
         );
         // An event of an older tether, with its metadata inline.
-        let stored = query::get(&conn, &ConnectionId::from_trusted(a.clone()))
-            .unwrap()
+        let stored = conn
+            .query_row(
+                &format!(
+                    "SELECT unhex(replace(id, '-', '')), {} FROM connections WHERE id = ?1",
+                    query::CONNECTION_COLUMNS.trim_start_matches("id, ")
+                ),
+                [&a],
+                |r| query::connection_at(r, 0),
+            )
             .unwrap();
         conn.execute(
             "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
@@ -562,7 +721,9 @@ mod tests {
         let after: Vec<(String, i64)> = conn
             .prepare("SELECT id, revision FROM connections ORDER BY id")
             .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, ConnectionId>(0)?.to_string(), r.get(1)?))
+            })
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
@@ -584,9 +745,120 @@ mod tests {
 
         // Run once: b's old-style identity is not looked at again, even once
         // the identity it would take is free.
-        conn.execute("UPDATE connections SET state = 7 WHERE id = ?1", [&a])
-            .unwrap();
+        conn.execute(
+            "UPDATE connections SET state = 7 WHERE id = ?1",
+            [ConnectionId::parse(&a, "id").unwrap()],
+        )
+        .unwrap();
         migrate(&mut conn).unwrap();
         assert_eq!(identity(&conn, &b), old("tcp://a:1?"));
+    }
+
+    #[test]
+    fn version_7_keeps_every_row_with_binary_ids_in_creation_order() {
+        let (_dir, mut conn) = version_2();
+        migrate_to(&mut conn, 6).unwrap();
+        // Three connections made at one time, stored out of id order, and
+        // one made earlier but stored last.
+        let mut ids: Vec<String> = (0..4)
+            .map(|_| ConnectionId::generate().to_string())
+            .collect();
+        ids.sort();
+        for (id, at) in [(&ids[2], 5), (&ids[0], 5), (&ids[1], 5), (&ids[3], 1)] {
+            conn.execute(
+                "INSERT INTO connections (id, kind, type, sub_type, name, description, url, \
+                 identity, metadata, labels, managed, credential_id, owner, state, state_reason, \
+                 state_trigger, state_time, revision, create_time, update_time, last_probe) \
+                 VALUES (?1, 'tcp', '', '', 'n', '', '', ?1, '{}', '{\"env\":\"a\"}', 0, '', \
+                 'o', 1, '', 1, ?2, 1, ?2, ?2, NULL)",
+                params![id, at],
+            )
+            .unwrap();
+        }
+        // A blob named by an event and a stored answer: two references.
+        conn.execute(
+            "INSERT INTO blobs (hash, refs, body) VALUES (x'01', 0, '{\"tag\":\"b\"}')",
+            [],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
+             reason, actor, time, snapshot, metadata_blob) \
+             VALUES (1, ?1, 1, 1, 1, 1, 'r', 't', 1, '', x'01')",
+            [&ids[0]],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO requests (request_id, fingerprint, connection_id, answer, time, \
+             metadata_blob) VALUES ('q', 1, ?1, '{}', 1, x'01')",
+            [&ids[0]],
+        )
+        .unwrap();
+        conn.execute("UPDATE meta SET value = 1 WHERE key = 'revision'", [])
+            .unwrap();
+
+        migrate(&mut conn).unwrap();
+        let in_order: Vec<String> = conn
+            .prepare("SELECT id FROM connections ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok(r.get::<_, ConnectionId>(0)?.to_string()))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            in_order,
+            [&ids[3], &ids[0], &ids[1], &ids[2]].map(String::as_str)
+        );
+        assert_eq!(query::last_create_time(&conn).unwrap(), 5);
+        let text_ids: i64 = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM connections WHERE typeof(id) <> 'blob') \
+                 + (SELECT count(*) FROM events WHERE typeof(connection_id) <> 'blob') \
+                 + (SELECT count(*) FROM requests WHERE typeof(connection_id) <> 'blob')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(text_ids, 0);
+        // The event reads back, joined to its row by the id's bytes.
+        let first = ConnectionId::parse(&ids[0], "id").unwrap();
+        let events = query::events(
+            &conn,
+            &query::EventFilter {
+                connection_id: Some(first.clone()),
+                after_revision: crate::connection::Revision::ZERO,
+                limit: 10,
+                owners: None,
+                max_bytes: usize::MAX,
+            },
+        )
+        .unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].connection.id, first);
+        // The references stand, and the triggers count them again.
+        let refs = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT refs FROM blobs WHERE hash = x'01'", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        assert_eq!(refs(&conn), 2);
+        conn.execute("DELETE FROM requests", []).unwrap();
+        assert_eq!(refs(&conn), 1);
+        crate::store::counts_tests::assert_counts_kept(&conn);
+        let dropped: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_schema WHERE name IN \
+                 ('connections_by_create', 'events_by_time', 'connections_7', 'events_7', 'requests_7')",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(dropped.is_empty(), "{dropped:?}");
+        // An id that is not 16 bytes is refused.
+        let wrong = conn.execute("UPDATE connections SET id = x'00' WHERE seq = 1", []);
+        assert!(wrong.is_err());
     }
 }

@@ -148,6 +148,8 @@ pub(crate) struct Tx<'a> {
     seen: RefCell<Option<Connection>>,
     /// Whether this group waits for the disk before it answers.
     durable: bool,
+    /// The latest create_time stored: a new connection's is later.
+    last_create: Micros,
 }
 
 impl Tx<'_> {
@@ -215,7 +217,7 @@ impl Tx<'_> {
             .execute(params![
                 request_id,
                 fingerprint,
-                connection.as_str(),
+                connection,
                 json,
                 self.now,
                 blob.as_ref().map(|h| &h[..]),
@@ -247,7 +249,7 @@ impl Tx<'_> {
         self.seen.take();
         self.sql
             .prepare_cached("UPDATE connections SET last_probe = ?2 WHERE id = ?1")?
-            .execute(params![id.as_str(), codec::encode_probe(probe)?])?;
+            .execute(params![id, codec::encode_probe(probe)?])?;
         Ok(())
     }
 
@@ -314,7 +316,7 @@ impl Tx<'_> {
                 "UPDATE events SET snapshot = json_set(snapshot, {cleared}), metadata_blob = NULL \
                  WHERE connection_id = ?1 AND snapshot <> ''"
             ))?
-            .execute([id.as_str()])?;
+            .execute([id])?;
         let (ok, cleared_answer) = (
             codec::ANSWER_CONNECTION,
             codec::scrubbed(codec::ANSWER_CONNECTION),
@@ -325,7 +327,7 @@ impl Tx<'_> {
                  metadata_blob = NULL \
                  WHERE connection_id = ?1 AND json_type(answer, '{ok}') IS NOT NULL"
             ))?
-            .execute([id.as_str()])?;
+            .execute([id])?;
         Ok(())
     }
 
@@ -359,11 +361,16 @@ impl Tx<'_> {
         self.revision = self.revision.next();
         conn.revision = self.revision;
         conn.update_time = self.now;
-        if created {
-            conn.create_time = self.now;
-        }
         if draft.from_state != conn.state || created {
             conn.state_time = self.now;
+        }
+        if created {
+            // Later than every stored connection's, however many are made in
+            // this group or however the clock moved: creation order (`seq`)
+            // stays `(create_time, id)` order (see schema version 7).
+            let at = self.now.max(self.last_create + 1);
+            (conn.create_time, conn.update_time, conn.state_time) = (at, at, at);
+            self.last_create = at;
         }
         match &before {
             None => self.insert_row(conn)?,
@@ -393,7 +400,7 @@ impl Tx<'_> {
             )?
             .execute(params![
                 event.revision,
-                event.connection_id.as_str(),
+                event.connection_id,
                 event.type_.number(),
                 event.from_state.number(),
                 event.to_state.number(),
@@ -420,7 +427,7 @@ impl Tx<'_> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
             )?
             .execute(params![
-                conn.id.as_str(),
+                conn.id,
                 conn.kind,
                 conn.type_,
                 conn.sub_type,
@@ -506,9 +513,8 @@ impl Tx<'_> {
             "UPDATE connections SET {} WHERE id = ?1",
             assignments.join(", ")
         );
-        let id = conn.id.as_str();
         let mut values: Vec<&dyn ToSql> = Vec::with_capacity(set.len() + 1);
-        values.push(&id);
+        values.push(&conn.id);
         values.extend(set.iter().map(|(_, v)| *v));
         let changed = self.sql.prepare_cached(&sql)?.execute(&values[..])?;
         if changed != 1 {
@@ -560,6 +566,8 @@ pub(super) struct Writer {
     pub(crate) conn: rusqlite::Connection,
     pub(crate) revision: Revision,
     pub(crate) compact: Revision,
+    /// The latest create_time stored ([`Tx::record`] keeps it).
+    pub(crate) last_create: Micros,
     pub(crate) config: WriterConfig,
     pub(crate) inner: Arc<Inner>,
     /// The (device, inode) of the database file as opened.
@@ -719,6 +727,7 @@ impl Writer {
             now: now_micros(),
             seen: RefCell::new(None),
             durable,
+            last_create: self.last_create,
         };
         // A job alone is the whole transaction: it needs no savepoint.
         let alone = matches!(jobs, [job] if job.alone());
@@ -774,6 +783,8 @@ impl Writer {
             }
         }
         let (revision, events) = (tx.revision, tx.events);
+        // Kept whatever the group's fate: a later create_time is as good.
+        self.last_create = tx.last_create;
         if rolled_back {
             // The job failed: nothing of it stays, and it answers with its own
             // error. SQLite rolls the transaction back itself on some faults
@@ -807,8 +818,8 @@ impl Writer {
             // A connection's event kept below the mark because it was its
             // latest is not its latest any more once it has a newer one.
             if compact > Revision::ZERO {
-                let mut touched: Vec<&str> =
-                    events.iter().map(|e| e.connection_id.as_str()).collect();
+                let mut touched: Vec<&ConnectionId> =
+                    events.iter().map(|e| &e.connection_id).collect();
                 touched.sort_unstable();
                 touched.dedup();
                 let mut stmt = sql.prepare_cached(
@@ -871,10 +882,17 @@ impl Writer {
             let sql = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Events are pruned in revision order while they are older than
+            // the window: the newest to go is the one before the first that
+            // is not, read from the compaction mark up (what is read is what
+            // goes). A clock set back keeps more, never less.
             let newest_old: Option<Revision> = sql
                 .query_row(
-                    "SELECT max(revision) FROM events WHERE time < ?1",
-                    [cutoff],
+                    "SELECT coalesce( \
+                         (SELECT revision - 1 FROM events WHERE revision > ?1 AND time >= ?2 \
+                          ORDER BY revision LIMIT 1), \
+                         (SELECT max(revision) FROM events))",
+                    params![self.compact, cutoff],
                     |r| r.get(0),
                 )
                 .optional()?
@@ -1017,7 +1035,7 @@ mod tests {
         for i in 0..n {
             tx.sql.execute(
                 "INSERT INTO requests (request_id, fingerprint, connection_id, answer, time) \
-                 VALUES (?1, 0, 'c', ?2, 0)",
+                 VALUES (?1, 0, x'00', ?2, 0)",
                 params![format!("{:?}-{i}", tx.now), blob],
             )?;
         }

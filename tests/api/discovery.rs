@@ -660,3 +660,57 @@ async fn counts_and_filtered_pages_follow_discovery_and_every_later_change() {
     }
     assert_eq!(seen_nonzero, 7, "every filter matches something");
 }
+
+/// Connections made together (one report, or creates in one commit group)
+/// each get a create_time of their own, later than every earlier one, so
+/// creation order is create_time order and pages in it never tie.
+#[tokio::test]
+async fn connections_made_together_get_create_times_of_their_own_in_creation_order() {
+    let app = App::start().await;
+    let mut c = app.client.clone();
+    let items: Vec<pb::Connection> = (0..50)
+        .map(|i| found("tcp", &format!("tcp://made-{i}.example:{}", 2000 + i)))
+        .collect();
+    let reported = ids(&report_ok(&mut c, items).await);
+    let creates = (0..40).map(|i| {
+        let mut c = app.client.clone();
+        async move { create(&mut c, conn("tcp", &format!("tcp://one-{i}.example:1"))).await }
+    });
+    let created = futures::future::join_all(creates).await;
+
+    let listed = list_all(&mut c, pb::ListConnectionsRequest::default()).await;
+    assert_eq!(listed.len(), 90);
+    let times: Vec<(i64, i32)> = listed
+        .iter()
+        .map(|x| {
+            let t = x.create_time.unwrap();
+            (t.seconds, t.nanos)
+        })
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+    // The report's connections come first, in the order it listed them.
+    let first: Vec<&str> = listed[..50].iter().map(|x| x.id.as_str()).collect();
+    assert_eq!(
+        first,
+        reported.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let rest: HashSet<&str> = listed[50..].iter().map(|x| x.id.as_str()).collect();
+    assert_eq!(rest, created.iter().map(|x| x.id.as_str()).collect());
+    // Each create answered with the create_time it is listed with.
+    for made in &created {
+        let row = listed.iter().find(|x| x.id == made.id).unwrap();
+        assert_eq!(row.create_time, made.create_time);
+        assert_eq!(row.update_time, made.create_time);
+    }
+    // Newest first is the same order reversed.
+    let mut newest_first = list_all(
+        &mut c,
+        pb::ListConnectionsRequest {
+            order_by: "create_time desc".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    newest_first.reverse();
+    assert_eq!(newest_first, listed);
+}

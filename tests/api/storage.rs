@@ -52,13 +52,15 @@ async fn storage_faults_are_internal_without_sql_text() {
     let mut c = app.client.clone();
     let x = create(&mut c, conn("http", "")).await;
     let fine = create(&mut c, conn("http", "")).await;
-    // Corrupt one row behind the server's back.
+    // Corrupt one row behind the server's back (ids are kept as 16 bytes).
     let db = rusqlite::Connection::open(app.db_path()).unwrap();
-    db.execute(
-        "UPDATE connections SET metadata = 'not json' WHERE id = ?1",
-        [&x.id],
-    )
-    .unwrap();
+    let changed = db
+        .execute(
+            "UPDATE connections SET metadata = 'not json' WHERE id = unhex(replace(?1, '-', ''))",
+            [&x.id],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
     drop(db);
     let status = c
         .get_connection(pb::GetConnectionRequest { id: x.id.clone() })
@@ -169,7 +171,11 @@ async fn after_a_clean_stop_the_database_file_alone_holds_every_change() {
     std::fs::copy(&db, copy.path().join("copy.db")).unwrap();
     let copied = rusqlite::Connection::open(copy.path().join("copy.db")).unwrap();
     let ids: Vec<String> = copied
-        .prepare("SELECT id FROM connections ORDER BY create_time")
+        .prepare(
+            "SELECT lower(substr(hex(id), 1, 8) || '-' || substr(hex(id), 9, 4) || '-' || \
+             substr(hex(id), 13, 4) || '-' || substr(hex(id), 17, 4) || '-' || substr(hex(id), 21)) \
+             FROM connections ORDER BY create_time",
+        )
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
