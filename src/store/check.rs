@@ -125,15 +125,19 @@ pub(super) fn after_migrate(conn: &Connection, path: &Path) -> Result<(), Error>
     else {
         return Err(refuse(path, "the revision counters are missing"));
     };
-    let newest = |sql: &str| -> Result<i64, Error> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
-    let events = newest("SELECT coalesce(max(revision), 0) FROM events")?;
-    let rows = newest("SELECT coalesce(max(revision), 0) FROM connections")?;
-    if events > revision || rows > revision {
+    // Every row's revision is that of its connection's latest event, which
+    // retention never prunes: the newest event bounds them all, and is found
+    // without reading every row (which would cost a tenth of a second a
+    // million connections).
+    let events: i64 = conn.query_row("SELECT coalesce(max(revision), 0) FROM events", [], |r| {
+        r.get(0)
+    })?;
+    if events > revision {
         return Err(refuse(
             path,
             format!(
-                "the store revision {revision} is behind its rows (newest event {events}, \
-                 newest connection {rows}); revisions would be reused"
+                "the store revision {revision} is behind its rows (newest event {events}); \
+                 revisions would be reused"
             ),
         ));
     }
