@@ -23,6 +23,15 @@ mod codec;
 #[cfg(test)]
 mod counts_tests;
 mod error;
+#[cfg(feature = "postgres")]
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "being built: only its tests use it until it serves"
+    )
+)]
+mod pg;
 mod query;
 mod read;
 mod schema;

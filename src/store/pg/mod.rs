@@ -1,0 +1,26 @@
+//! The PostgreSQL backend, being built behind the `postgres` feature: so far
+//! the connection and the schema with its migrations ([`schema`]). Nothing
+//! serves from it yet; docs/ARCHITECTURE.md ("PostgreSQL") has the design the
+//! rest follows.
+
+#[cfg(test)]
+mod cluster;
+pub(crate) mod schema;
+
+use crate::error::Error;
+
+/// A connection to the database at `url` (`postgres://user@host:port/db`).
+pub(crate) fn connect(url: &str) -> Result<postgres::Client, Error> {
+    postgres::Client::connect(url, postgres::NoTls).map_err(error)
+}
+
+/// PostgreSQL's errors as the store's: one it cannot reach is storage that
+/// is unavailable; any other, an internal error with PostgreSQL's words.
+pub(crate) fn error(e: postgres::Error) -> Error {
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
+        Error::StorageUnavailable(format!("PostgreSQL: {e}"))
+    } else {
+        Error::Internal(format!("PostgreSQL: {e}"))
+    }
+}
