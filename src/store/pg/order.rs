@@ -1,0 +1,234 @@
+//! One store-wide revision in commit order across replicas, and the tail
+//! that reads the committed events in that order on every replica.
+//!
+//! A sequence would not do: a transaction that took N+1 can commit before
+//! the one that took N, and a reader that saw N+1 would never look back for
+//! N. Instead each writer group starts by taking the `revision` row of
+//! `meta` ([`begin_group`]), a row lock held until the group commits: groups
+//! of all replicas commit one at a time, each numbering its events from the
+//! revision the one before it committed. So whatever a reader sees is every
+//! revision up to some N, never a later one without an earlier one, and the
+//! tail ([`Tail`]) reads them in order after the last it returned. `NOTIFY`
+//! in the group ([`end_group`], delivered at COMMIT) wakes the tails at
+//! once; each also reads on a timer, so a lost notification only delays.
+
+use crate::connection::Revision;
+use crate::error::Error;
+use postgres::fallible_iterator::FallibleIterator;
+use std::time::Duration;
+
+/// The channel every group notifies and every tail listens on.
+const CHANNEL: &str = "tether_events";
+
+/// Starts a writer group in `tx`: waits for the groups of other replicas
+/// that are committing, and returns the revision the last of them left.
+/// The group's events take the revisions after it.
+pub(crate) fn begin_group(tx: &mut postgres::Transaction<'_>) -> Result<Revision, Error> {
+    let row = tx
+        .query_one(
+            "UPDATE meta SET value = value WHERE key = 'revision' RETURNING value",
+            &[],
+        )
+        .map_err(super::error)?;
+    Ok(Revision::new(row.get(0)))
+}
+
+/// Ends a writer group that took the revisions up to `revision`: records it
+/// and wakes the tails, both taking effect when `tx` commits.
+pub(crate) fn end_group(
+    tx: &mut postgres::Transaction<'_>,
+    revision: Revision,
+) -> Result<(), Error> {
+    tx.execute(
+        "UPDATE meta SET value = $1 WHERE key = 'revision'",
+        &[&revision.get()],
+    )
+    .map_err(super::error)?;
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&CHANNEL, &revision.to_string()],
+    )
+    .map_err(super::error)?;
+    Ok(())
+}
+
+/// Reads committed events in revision order on one replica, after the last
+/// it returned.
+pub(crate) struct Tail {
+    client: postgres::Client,
+    after: Revision,
+}
+
+impl Tail {
+    /// A tail on its own connection, listening, that starts after `after`.
+    pub(crate) fn open(url: &str, after: Revision) -> Result<Tail, Error> {
+        let mut client = super::connect(url)?;
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .map_err(super::error)?;
+        Ok(Tail { client, after })
+    }
+
+    /// The revisions committed after the last returned (at most `limit`, in
+    /// order), with their connections' ids. When there are none yet, waits
+    /// up to `wait` for a group to commit, and reads again.
+    pub(crate) fn next(
+        &mut self,
+        wait: Duration,
+        limit: i64,
+    ) -> Result<Vec<(Revision, uuid::Uuid)>, Error> {
+        let mut found = self.read(limit)?;
+        if found.is_empty() {
+            // Woken by a commit, or not: read again either way.
+            let woken = self
+                .client
+                .notifications()
+                .timeout_iter(wait)
+                .next()
+                .map_err(super::error)?;
+            if woken.is_some() {
+                // Take every notification already here: one read answers them all.
+                let mut pending = self.client.notifications();
+                while pending.iter().next().map_err(super::error)?.is_some() {}
+            }
+            found = self.read(limit)?;
+        }
+        if let Some((last, _)) = found.last() {
+            self.after = *last;
+        }
+        Ok(found)
+    }
+
+    fn read(&mut self, limit: i64) -> Result<Vec<(Revision, uuid::Uuid)>, Error> {
+        let rows = self
+            .client
+            .query(
+                "SELECT revision, connection_id FROM events WHERE revision > $1 \
+                 ORDER BY revision LIMIT $2",
+                &[&self.after.get(), &limit],
+            )
+            .map_err(super::error)?;
+        Ok(rows
+            .iter()
+            .map(|r| (Revision::new(r.get(0)), r.get(1)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::pg::cluster::Cluster;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Three replicas commit groups of one to three events at once while a
+    /// tail on each reads: every tail reads every revision exactly once, in
+    /// order, and never a later one before an earlier one.
+    #[test]
+    fn tails_on_every_replica_read_every_revision_once_in_commit_order() {
+        const REPLICAS: usize = 3;
+        const GROUPS: usize = 60;
+        let url = Cluster::shared().database();
+        super::super::schema::migrate(&mut super::super::connect(&url).unwrap()).unwrap();
+        let done = AtomicBool::new(false);
+        let total = std::thread::scope(|s| {
+            let tails: Vec<_> = (0..REPLICAS)
+                .map(|_| {
+                    let mut tail = Tail::open(&url, Revision::ZERO).unwrap();
+                    let done = &done;
+                    s.spawn(move || {
+                        let mut seen = Vec::new();
+                        loop {
+                            let finished = done.load(Ordering::SeqCst);
+                            let batch = tail.next(Duration::from_millis(50), 7).unwrap();
+                            if batch.is_empty() && finished {
+                                return seen;
+                            }
+                            seen.extend(batch.into_iter().map(|(r, _)| r.get()));
+                        }
+                    })
+                })
+                .collect();
+            let writers: Vec<_> = (0..REPLICAS)
+                .map(|w| {
+                    let url = &url;
+                    s.spawn(move || {
+                        let mut client = super::super::connect(url).unwrap();
+                        let mut events = 0;
+                        for g in 0..GROUPS {
+                            let mut tx = client.transaction().unwrap();
+                            let mut revision = begin_group(&mut tx).unwrap();
+                            for _ in 0..=(g + w) % 3 {
+                                revision = revision.next();
+                                tx.execute(
+                                    "INSERT INTO events (revision, connection_id, type, \
+                                     from_state, to_state, trigger, reason, actor, time, snapshot) \
+                                     VALUES ($1, gen_random_uuid(), 1, 1, 1, 1, '', '', 0, '')",
+                                    &[&revision.get()],
+                                )
+                                .unwrap();
+                                events += 1;
+                            }
+                            end_group(&mut tx, revision).unwrap();
+                            tx.commit().unwrap();
+                        }
+                        events
+                    })
+                })
+                .collect();
+            // The tails stop once every writer has stopped, even by a panic.
+            let ended: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
+            done.store(true, Ordering::SeqCst);
+            let total: i64 = ended
+                .into_iter()
+                .map(|e| e.unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .sum();
+            let expected: Vec<i64> = (1..=total).collect();
+            for tail in tails {
+                assert_eq!(tail.join().unwrap(), expected);
+            }
+            total
+        });
+        let mut client = super::super::connect(&url).unwrap();
+        let revision: i64 = client
+            .query_one("SELECT value FROM meta WHERE key = 'revision'", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(revision, total);
+    }
+
+    /// A group that rolls back takes no revision: the next one commits the
+    /// revision it would have taken.
+    #[test]
+    fn a_group_that_rolls_back_leaves_no_gap() {
+        let url = Cluster::shared().database();
+        let mut client = super::super::connect(&url).unwrap();
+        super::super::schema::migrate(&mut client).unwrap();
+        let mut tail = Tail::open(&url, Revision::ZERO).unwrap();
+        for keep in [false, true] {
+            let mut tx = client.transaction().unwrap();
+            let revision = begin_group(&mut tx).unwrap().next();
+            assert_eq!(revision, Revision::new(1));
+            tx.execute(
+                "INSERT INTO events (revision, connection_id, type, from_state, to_state, \
+                 trigger, reason, actor, time, snapshot) \
+                 VALUES ($1, gen_random_uuid(), 1, 1, 1, 1, '', '', 0, '')",
+                &[&revision.get()],
+            )
+            .unwrap();
+            end_group(&mut tx, revision).unwrap();
+            if keep {
+                tx.commit().unwrap();
+            } else {
+                tx.rollback().unwrap();
+            }
+        }
+        let read: Vec<i64> = tail
+            .next(Duration::from_secs(5), 10)
+            .unwrap()
+            .into_iter()
+            .map(|(r, _)| r.get())
+            .collect();
+        assert_eq!(read, [1]);
+    }
+}
