@@ -476,20 +476,34 @@ pub(in crate::store) fn decode_hosts(json: &str) -> Result<Vec<String>, Error> {
     serde_json::from_str(json).map_err(|e| corrupt("allowed hosts", e))
 }
 
+/// What a deletion clears in the stored copies of a connection (event
+/// snapshots, stored answers): each field and the JSON it becomes.
+const SCRUBBED: [(&str, &str); 4] = [
+    ("credential_id", r#""""#),
+    ("description", r#""""#),
+    ("metadata", "{}"),
+    ("labels", "{}"),
+];
+
 /// The `json_set` arguments that clear, in a stored connection at JSON path
 /// `root` (`$` for an event snapshot, `$.Ok` for an answer), what a deletion
 /// removes: its credential, description, metadata and labels.
 pub(in crate::store) fn scrubbed(root: &str) -> String {
-    [
-        ("credential_id", "''"),
-        ("description", "''"),
-        ("metadata", "json('{}')"),
-        ("labels", "json('{}')"),
-    ]
-    .iter()
-    .map(|(field, empty)| format!("'{root}.{field}', {empty}"))
-    .collect::<Vec<_>>()
-    .join(", ")
+    SCRUBBED
+        .iter()
+        .map(|(field, empty)| format!("'{root}.{field}', json('{empty}')"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The same as a JSON object to merge into a stored connection.
+#[cfg(feature = "postgres")]
+pub(in crate::store) fn scrub_patch() -> String {
+    let fields: Vec<String> = SCRUBBED
+        .iter()
+        .map(|(field, empty)| format!(r#""{field}": {empty}"#))
+        .collect();
+    format!("{{{}}}", fields.join(", "))
 }
 
 /// The JSON path of the connection in a stored answer that holds one.
@@ -612,9 +626,24 @@ mod tests {
         }
         assert_eq!(
             scrubbed("$"),
-            "'$.credential_id', '', '$.description', '', \
+            "'$.credential_id', json('\"\"'), '$.description', json('\"\"'), \
              '$.metadata', json('{}'), '$.labels', json('{}')"
         );
+        // And what they become: the same in SQLite's json_set and as a patch.
+        let sql = rusqlite::Connection::open_in_memory().unwrap();
+        let cleared: String = sql
+            .query_row(
+                &format!("SELECT json_set(?1, {})", scrubbed("$")),
+                [&json],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let cleared = decode_connection(&cleared).unwrap();
+        assert_eq!(
+            (cleared.credential_id.as_str(), cleared.description.as_str()),
+            ("", "")
+        );
+        assert!(cleared.metadata.is_empty() && cleared.labels.is_empty());
         let answer = encode_answer(&Ok(connection()), true).unwrap();
         assert!(answer.starts_with(&format!(r#"{{"{}":"#, &ANSWER_CONNECTION[2..])));
     }

@@ -230,11 +230,9 @@ impl Tx<'_> {
     /// The row that names the hash counts as a reference (the schema's
     /// triggers keep the count), and a blob goes with its last reference.
     fn put_blob(&self, metadata: &str) -> Result<Option<[u8; 32]>, Error> {
-        use sha2::Digest;
-        if metadata.len() <= BLOB_THRESHOLD {
+        let Some(hash) = blob_hash(metadata) else {
             return Ok(None);
-        }
-        let hash: [u8; 32] = sha2::Sha256::digest(metadata.as_bytes()).into();
+        };
         self.sql
             .prepare_cached(
                 "INSERT INTO blobs (hash, refs, body) VALUES (?1, 0, ?2) \
@@ -455,55 +453,7 @@ impl Tx<'_> {
     /// Writes the columns of `conn` that differ from `before`, and only
     /// those: an index none of whose columns changed is not touched.
     fn update_row(&self, before: &Connection, conn: &Connection) -> Result<(), Error> {
-        let metadata;
-        let labels;
-        let last_probe;
-        let (state, trigger) = (conn.state.number(), conn.state_trigger.number());
-        let mut set: Vec<(&str, &dyn ToSql)> = Vec::with_capacity(21);
-        macro_rules! column {
-            ($name:literal, $field:ident) => {
-                if before.$field != conn.$field {
-                    set.push(($name, &conn.$field));
-                }
-            };
-        }
-        column!("kind", kind);
-        column!("type", type_);
-        column!("sub_type", sub_type);
-        column!("name", name);
-        column!("description", description);
-        column!("url", url);
-        column!("identity", identity);
-        if before.metadata != conn.metadata {
-            metadata = codec::encode_metadata(&conn.metadata)?;
-            set.push(("metadata", &metadata));
-        }
-        if before.labels != conn.labels {
-            labels = codec::encode_labels(&conn.labels)?;
-            set.push(("labels", &labels));
-        }
-        column!("managed", managed);
-        column!("credential_id", credential_id);
-        column!("owner", owner);
-        if before.state != conn.state {
-            set.push(("state", &state));
-        }
-        column!("state_reason", state_reason);
-        if before.state_trigger != conn.state_trigger {
-            set.push(("state_trigger", &trigger));
-        }
-        column!("state_time", state_time);
-        column!("revision", revision);
-        column!("create_time", create_time);
-        column!("update_time", update_time);
-        if before.last_probe != conn.last_probe {
-            last_probe = conn
-                .last_probe
-                .as_ref()
-                .map(codec::encode_probe)
-                .transpose()?;
-            set.push(("last_probe", &last_probe));
-        }
+        let set = changed_columns(before, conn)?;
         let assignments: Vec<String> = set
             .iter()
             .enumerate()
@@ -515,7 +465,7 @@ impl Tx<'_> {
         );
         let mut values: Vec<&dyn ToSql> = Vec::with_capacity(set.len() + 1);
         values.push(&conn.id);
-        values.extend(set.iter().map(|(_, v)| *v));
+        values.extend(set.iter().map(|(_, v)| v as &dyn ToSql));
         let changed = self.sql.prepare_cached(&sql)?.execute(&values[..])?;
         if changed != 1 {
             return Err(Error::Internal(format!(
@@ -557,9 +507,105 @@ impl Tx<'_> {
     }
 }
 
+/// A value of a `connections` column, as [`changed_columns`] gives it.
+pub(super) enum Column<'a> {
+    Text(&'a str),
+    Int(i64),
+    /// A state or trigger number.
+    Small(i32),
+    Bool(bool),
+    /// JSON text, or `NULL`.
+    Json(Option<String>),
+}
+
+impl ToSql for Column<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Column::Text(t) => t.to_sql(),
+            Column::Int(i) => i.to_sql(),
+            Column::Small(i) => i.to_sql(),
+            Column::Bool(b) => b.to_sql(),
+            Column::Json(j) => j.to_sql(),
+        }
+    }
+}
+
+/// The columns of `conn` whose values differ from `before`'s, with the new
+/// values: what an update of the row writes, whichever the database.
+pub(super) fn changed_columns<'a>(
+    before: &Connection,
+    conn: &'a Connection,
+) -> Result<Vec<(&'static str, Column<'a>)>, Error> {
+    let mut set = Vec::with_capacity(21);
+    macro_rules! column {
+        ($name:literal, $field:ident, $value:expr) => {
+            if before.$field != conn.$field {
+                set.push(($name, $value));
+            }
+        };
+    }
+    column!("kind", kind, Column::Text(&conn.kind));
+    column!("type", type_, Column::Text(&conn.type_));
+    column!("sub_type", sub_type, Column::Text(&conn.sub_type));
+    column!("name", name, Column::Text(&conn.name));
+    column!("description", description, Column::Text(&conn.description));
+    column!("url", url, Column::Text(&conn.url));
+    column!("identity", identity, Column::Text(&conn.identity));
+    column!(
+        "metadata",
+        metadata,
+        Column::Json(Some(codec::encode_metadata(&conn.metadata)?))
+    );
+    column!(
+        "labels",
+        labels,
+        Column::Json(Some(codec::encode_labels(&conn.labels)?))
+    );
+    column!("managed", managed, Column::Bool(conn.managed));
+    column!(
+        "credential_id",
+        credential_id,
+        Column::Text(&conn.credential_id)
+    );
+    column!("owner", owner, Column::Text(&conn.owner));
+    column!("state", state, Column::Small(conn.state.number()));
+    column!(
+        "state_reason",
+        state_reason,
+        Column::Text(&conn.state_reason)
+    );
+    column!(
+        "state_trigger",
+        state_trigger,
+        Column::Small(conn.state_trigger.number())
+    );
+    column!("state_time", state_time, Column::Int(conn.state_time));
+    column!("revision", revision, Column::Int(conn.revision.get()));
+    column!("create_time", create_time, Column::Int(conn.create_time));
+    column!("update_time", update_time, Column::Int(conn.update_time));
+    column!(
+        "last_probe",
+        last_probe,
+        Column::Json(
+            conn.last_probe
+                .as_ref()
+                .map(codec::encode_probe)
+                .transpose()?
+        )
+    );
+    Ok(set)
+}
+
 /// Metadata larger than this (as JSON, in bytes) is stored once as a blob
 /// rather than copied into every event snapshot and stored answer.
 pub(super) const BLOB_THRESHOLD: usize = 512;
+
+/// The key of `metadata` (as JSON) in `blobs`, its SHA-256, when it is large
+/// enough to be kept there ([`BLOB_THRESHOLD`]).
+pub(super) fn blob_hash(metadata: &str) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    (metadata.len() > BLOB_THRESHOLD).then(|| sha2::Sha256::digest(metadata.as_bytes()).into())
+}
 
 /// The writer's own state: the connection, the counters it alone moves.
 pub(super) struct Writer {
