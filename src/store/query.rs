@@ -103,20 +103,72 @@ pub(super) fn live_by_identity_sql() -> String {
 
 /// A live connection other than ?2 using credential ?1 (the index over
 /// connections with a credential).
-fn credential_user_sql() -> String {
+pub(super) fn credential_user_sql(d: Dialect) -> String {
+    let is_not = match d {
+        Dialect::Sqlite => "IS NOT",
+        Dialect::Postgres => "IS DISTINCT FROM",
+    };
     format!(
         "SELECT id FROM connections WHERE credential_id = ?1 AND credential_id <> '' \
-         AND {} AND id IS NOT ?2 LIMIT 1",
+         AND {} AND id {is_not} ?2 LIMIT 1",
         live()
     )
 }
 
+/// The SQL a query is built in: the builders below serve both backends,
+/// spelling what differs (placeholders are `?` for both: the PostgreSQL
+/// side numbers them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// A condition no row meets.
+    fn none(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "0",
+            Dialect::Postgres => "false",
+        }
+    }
+}
+
+/// A value bound to a query built as text and a list of values, typed as
+/// its column is (PostgreSQL binds each by its exact type).
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Arg {
+    /// An `integer` column: a state.
+    Int4(i32),
+    /// A `bigint`: a time, a revision, a `seq`, a limit.
+    Int8(i64),
+    Text(String),
+    /// A connection id: 16 bytes in SQLite, a `uuid` in PostgreSQL.
+    Id(ConnectionId),
+}
+
+impl From<Arg> for Value {
+    fn from(a: Arg) -> Value {
+        match a {
+            Arg::Int4(i) => Value::Integer(i.into()),
+            Arg::Int8(i) => Value::Integer(i),
+            Arg::Text(t) => Value::Text(t),
+            Arg::Id(id) => Value::Blob(id.as_bytes().to_vec()),
+        }
+    }
+}
+
+/// Arguments as SQLite binds them.
+fn values(args: Vec<Arg>) -> impl Iterator<Item = Value> {
+    args.into_iter().map(Value::from)
+}
+
+pub(super) const REVISIONS_SQL: &str = "SELECT (SELECT value FROM meta WHERE key = 'revision'), \
+     (SELECT value FROM meta WHERE key = 'compact_revision')";
+
 /// The store-wide revision and the compaction mark (events at or below it are gone).
 pub(crate) fn revisions(c: &rusqlite::Connection) -> Result<(Revision, Revision), Error> {
-    let mut stmt = c.prepare_cached(
-        "SELECT (SELECT value FROM meta WHERE key = 'revision'), \
-                (SELECT value FROM meta WHERE key = 'compact_revision')",
-    )?;
+    let mut stmt = c.prepare_cached(REVISIONS_SQL)?;
     Ok(stmt.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?)
 }
 
@@ -132,13 +184,16 @@ pub(crate) fn last_create_time(c: &rusqlite::Connection) -> Result<Micros, Error
     .unwrap_or(0))
 }
 
+/// The connection with id ?1.
+pub(super) fn get_sql() -> String {
+    format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = ?1")
+}
+
 pub(crate) fn get(
     c: &rusqlite::Connection,
     id: &ConnectionId,
 ) -> Result<Option<Connection>, Error> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = ?1"
-    ))?;
+    let mut stmt = c.prepare_cached(&get_sql())?;
     Ok(stmt.query_row([id], connection_from_row).optional()?)
 }
 
@@ -155,16 +210,18 @@ pub(crate) fn live_by_identity(
 /// A stored `request_id` answer: the fingerprint of its request, and what it answered.
 pub(crate) type StoredAnswer = (i64, Result<Connection, Error>);
 
+/// The answer stored for request ?1: fingerprint, answer, whether it names
+/// a metadata blob, and that blob.
+pub(super) const REQUEST_ANSWER_SQL: &str = "SELECT fingerprint, answer, metadata_blob IS NOT NULL, \
+     (SELECT body FROM blobs WHERE hash = requests.metadata_blob) \
+     FROM requests WHERE request_id = ?1";
+
 /// The stored answer to `request_id`.
 pub(crate) fn request_answer(
     c: &rusqlite::Connection,
     request_id: &str,
 ) -> Result<Option<StoredAnswer>, Error> {
-    let mut stmt = c.prepare_cached(
-        "SELECT fingerprint, answer, metadata_blob IS NOT NULL, \
-         (SELECT body FROM blobs WHERE hash = requests.metadata_blob) \
-         FROM requests WHERE request_id = ?1",
-    )?;
+    let mut stmt = c.prepare_cached(REQUEST_ANSWER_SQL)?;
     let Some((fingerprint, answer, named, body)) = stmt
         .query_row([request_id], |r| {
             Ok((r.get(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?))
@@ -182,7 +239,7 @@ pub(crate) fn request_answer(
 
 /// Puts back the metadata an event snapshot or stored answer left out because
 /// it names a blob (`named`) holding it (`body`).
-fn put_back_metadata(
+pub(super) fn put_back_metadata(
     conn: &mut Connection,
     named: bool,
     body: Option<String>,
@@ -229,7 +286,7 @@ impl Filter {
 
     /// Whether the counts kept by (owner, kind, state) and by label answer
     /// this filter: it asks only for states, kinds, owners and one label at most.
-    fn counted(&self) -> bool {
+    pub(super) fn counted(&self) -> bool {
         self.types.is_empty()
             && self.ids.is_empty()
             && self.search.is_empty()
@@ -237,8 +294,21 @@ impl Filter {
     }
 
     /// The kind, state and owner part of the filter, over any table with those columns.
-    fn columns_to_sql(&self, walk: Walk, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
+    fn columns_to_sql(
+        &self,
+        walk: Walk,
+        d: Dialect,
+        clauses: &mut Vec<String>,
+        args: &mut Vec<Arg>,
+    ) {
         // A unary `+` keeps SQLite from using an index on the column.
+        // PostgreSQL has no such hint (nor a unary `+` for text): its
+        // planner picks by itself.
+        let walk = if d == Dialect::Postgres {
+            Walk::Any
+        } else {
+            walk
+        };
         let (kind, state) = match walk {
             Walk::Any => ("kind", "state"),
             Walk::Order => ("+kind", "+state"),
@@ -247,16 +317,13 @@ impl Filter {
         };
         any_of(
             kind,
-            self.kinds.iter().cloned().map(Value::Text).collect(),
+            self.kinds.iter().cloned().map(Arg::Text).collect(),
             clauses,
             args,
         );
         any_of(
             state,
-            self.states
-                .iter()
-                .map(|s| Value::Integer(s.number().into()))
-                .collect(),
+            self.states.iter().map(|s| Arg::Int4(s.number())).collect(),
             clauses,
             args,
         );
@@ -265,11 +332,11 @@ impl Filter {
         }
         if let Some(owners) = &self.owners {
             if owners.is_empty() {
-                clauses.push("0".into());
+                clauses.push(d.none().into());
             }
             any_of(
                 "owner",
-                owners.iter().cloned().map(Value::Text).collect(),
+                owners.iter().cloned().map(Arg::Text).collect(),
                 clauses,
                 args,
             );
@@ -279,15 +346,20 @@ impl Filter {
     /// The filter as SQL. Which of the indexes on `state` and `kind` a
     /// query may walk is its caller's choice ([`Walk`]): left to itself, the
     /// planner takes `state IN (a, b)` over an index and sorts every match.
-    fn to_sql(&self, walk: Walk, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
-        self.columns_to_sql(walk, clauses, args);
+    fn to_sql(&self, walk: Walk, d: Dialect, clauses: &mut Vec<String>, args: &mut Vec<Arg>) {
+        self.columns_to_sql(walk, d, clauses, args);
         any_of(
             "type",
-            self.types.iter().cloned().map(Value::Text).collect(),
+            self.types.iter().cloned().map(Arg::Text).collect(),
             clauses,
             args,
         );
-        any_of("id", self.ids.iter().map(id_value).collect(), clauses, args);
+        any_of(
+            "id",
+            self.ids.iter().cloned().map(Arg::Id).collect(),
+            clauses,
+            args,
+        );
         if !self.search.is_empty() {
             let escaped = self
                 .search
@@ -295,21 +367,34 @@ impl Filter {
                 .replace('%', "\\%")
                 .replace('_', "\\_");
             let cols = ["name", "description", "url", "identity", "kind"];
+            // SQLite's LIKE ignores (ASCII) case; PostgreSQL's ILIKE does.
+            let like = match d {
+                Dialect::Sqlite => "LIKE",
+                Dialect::Postgres => "ILIKE",
+            };
             let any = cols
                 .iter()
-                .map(|c| format!("{c} LIKE ? ESCAPE '\\'"))
+                .map(|c| format!("{c} {like} ? ESCAPE '\\'"))
                 .collect::<Vec<_>>()
                 .join(" OR ");
             clauses.push(format!("({any})"));
             for _ in cols {
-                args.push(Value::Text(format!("%{escaped}%")));
+                args.push(Arg::Text(format!("%{escaped}%")));
             }
         }
         for (k, v) in &self.labels {
-            // Keys are validated (letters, digits, - _ . /), so quoting is safe.
-            clauses.push("json_extract(labels, ?) = ?".into());
-            args.push(Value::Text(format!("$.\"{k}\"")));
-            args.push(Value::Text(v.clone()));
+            match d {
+                Dialect::Sqlite => {
+                    // Keys are validated (letters, digits, - _ . /), so quoting is safe.
+                    clauses.push("json_extract(labels, ?) = ?".into());
+                    args.push(Arg::Text(format!("$.\"{k}\"")));
+                }
+                Dialect::Postgres => {
+                    clauses.push("(labels::jsonb ->> ?) = ?".into());
+                    args.push(Arg::Text(k.clone()));
+                }
+            }
+            args.push(Arg::Text(v.clone()));
         }
     }
 }
@@ -317,7 +402,7 @@ impl Filter {
 /// Which index a query walks besides its order's own (and the id, url or
 /// identity ones the planner picks by itself).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Walk {
+pub(super) enum Walk {
     /// Whichever the planner likes (for the small count tables).
     Any,
     /// The order's own: the table in creation order (`seq`), or the
@@ -361,7 +446,7 @@ fn walk(c: &rusqlite::Connection, q: &ListQuery) -> Result<Walk, Error> {
     })
 }
 
-fn any_of(col: &str, items: Vec<Value>, clauses: &mut Vec<String>, args: &mut Vec<Value>) {
+fn any_of(col: &str, items: Vec<Arg>, clauses: &mut Vec<String>, args: &mut Vec<Arg>) {
     if items.is_empty() {
         return;
     }
@@ -447,9 +532,15 @@ pub(crate) fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Erro
     let (revision, _) = revisions(c)?;
     let (sql, args) = list_sql(c, q)?;
     let mut stmt = c.prepare_cached(&sql)?;
-    let mut connections = stmt
+    let connections = stmt
         .query_map(params_from_iter(args), connection_from_row)?
         .collect::<Result<Vec<_>, _>>()?;
+    Ok(page_of(q, connections, revision))
+}
+
+/// The page of the rows a [`page_sql`] query read (one more than the page
+/// size when more follow).
+pub(super) fn page_of(q: &ListQuery, mut connections: Vec<Connection>, revision: Revision) -> Page {
     let next = if connections.len() > q.page_size {
         connections.truncate(q.page_size);
         connections.last().map(|last| Cursor {
@@ -459,11 +550,11 @@ pub(crate) fn list(c: &rusqlite::Connection, q: &ListQuery) -> Result<Page, Erro
     } else {
         None
     };
-    Ok(Page {
+    Page {
         connections,
         next,
         revision,
-    })
+    }
 }
 
 /// A page's query and its arguments.
@@ -471,9 +562,15 @@ pub(super) fn list_sql(
     c: &rusqlite::Connection,
     q: &ListQuery,
 ) -> Result<(String, Vec<Value>), Error> {
+    let (sql, args) = page_sql(q, walk(c, q)?, Dialect::Sqlite)?;
+    Ok((sql, values(args).collect()))
+}
+
+/// A page's query in dialect `d`, walking `walk`, and its arguments.
+pub(super) fn page_sql(q: &ListQuery, walk: Walk, d: Dialect) -> Result<(String, Vec<Arg>), Error> {
     let mut clauses = Vec::new();
     let mut args = Vec::new();
-    q.filter.to_sql(walk(c, q)?, &mut clauses, &mut args);
+    q.filter.to_sql(walk, d, &mut clauses, &mut args);
     let (cmp, dir) = if q.order.descending {
         ("<", "DESC")
     } else {
@@ -482,10 +579,10 @@ pub(super) fn list_sql(
     let after = match &q.after {
         Some(cur) => Some((
             match &cur.key {
-                CursorKey::Int(i) => Value::Integer(*i),
-                CursorKey::Text(s) => Value::Text(s.clone()),
+                CursorKey::Int(i) => Arg::Int8(*i),
+                CursorKey::Text(s) => Arg::Text(s.clone()),
             },
-            id_value(&ConnectionId::parse(&cur.id, "page_token")?),
+            Arg::Id(ConnectionId::parse(&cur.id, "page_token")?),
         )),
         None => None,
     };
@@ -527,11 +624,6 @@ pub(super) fn list_sql(
     Ok((sql, args))
 }
 
-/// An id as a value bound to a query built as a list of values.
-fn id_value(id: &ConnectionId) -> Value {
-    Value::Blob(id.as_bytes().to_vec())
-}
-
 /// Where a snapshot page ends: the sort key of its last row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SnapshotCursor {
@@ -553,10 +645,10 @@ pub(crate) fn snapshot_page(
     let max_rows = max_rows.max(1);
     let mut clauses = Vec::new();
     let mut args = Vec::new();
-    filter.to_sql(Walk::Order, &mut clauses, &mut args);
+    filter.to_sql(Walk::Order, Dialect::Sqlite, &mut clauses, &mut args);
     if let Some(a) = after {
         clauses.push("seq > ?".into());
-        args.push(Value::Integer(a.seq));
+        args.push(Arg::Int8(a.seq));
     }
     let sql = format!(
         "SELECT {CONNECTION_COLUMNS}, seq FROM connections {} ORDER BY seq LIMIT {}",
@@ -564,7 +656,7 @@ pub(crate) fn snapshot_page(
         max_rows + 1
     );
     let mut stmt = c.prepare_cached(&sql)?;
-    let mut rows = stmt.query_map(params_from_iter(args), |r| {
+    let mut rows = stmt.query_map(params_from_iter(values(args)), |r| {
         Ok((
             connection_from_row(r)?,
             r.get::<_, i64>(CONNECTION_COLUMN_COUNT)?,
@@ -601,49 +693,79 @@ pub(super) fn count_by(
     kept: bool,
 ) -> Result<(Vec<(State, i64)>, Revision), Error> {
     let (revision, _) = revisions(c)?;
+    let (sql, args) = count_sql(filter, kept, Dialect::Sqlite);
+    let mut stmt = c.prepare_cached(&sql)?;
+    let found: BTreeMap<i32, i64> = stmt
+        .query_map(params_from_iter(values(args)), |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok((counts_of(filter, &found), revision))
+}
+
+/// [`count_by`]'s query in dialect `d`: `(state, number)` rows.
+pub(super) fn count_sql(filter: &Filter, kept: bool, d: Dialect) -> (String, Vec<Arg>) {
     let mut clauses = Vec::new();
     let mut args = Vec::new();
-    let sql = if kept {
+    if kept {
         // Sums of the counts the triggers of schema version 5 keep: a few
         // rows per (owner, kind, state), whatever the number of connections.
         let table = match filter.labels.iter().next() {
             Some((key, value)) => {
                 clauses.push("key = ? AND value = ?".into());
-                args.push(Value::Text(key.clone()));
-                args.push(Value::Text(value.clone()));
+                args.push(Arg::Text(key.clone()));
+                args.push(Arg::Text(value.clone()));
                 "label_counts"
             }
             None => "connection_counts",
         };
-        filter.columns_to_sql(Walk::Any, &mut clauses, &mut args);
-        format!(
-            "SELECT state, sum(n) FROM {table} {} GROUP BY state",
+        filter.columns_to_sql(Walk::Any, d, &mut clauses, &mut args);
+        let sum = sum_n(d);
+        let sql = format!(
+            "SELECT state, {sum} FROM {table} {} GROUP BY state",
             where_clause(&clauses)
-        )
+        );
+        (sql, args)
     } else {
-        filter.to_sql(Walk::Order, &mut clauses, &mut args);
-        format!(
+        filter.to_sql(Walk::Order, d, &mut clauses, &mut args);
+        let sql = format!(
             "SELECT state, count(*) FROM connections {} GROUP BY state",
             where_clause(&clauses)
-        )
-    };
-    let mut stmt = c.prepare_cached(&sql)?;
-    let found: BTreeMap<i32, i64> = stmt
-        .query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let counts = State::ALL
+        );
+        (sql, args)
+    }
+}
+
+/// The sum of the kept counts `n`, an integer (PostgreSQL's sum of
+/// `bigint` is `numeric`).
+fn sum_n(d: Dialect) -> &'static str {
+    match d {
+        Dialect::Sqlite => "sum(n)",
+        Dialect::Postgres => "sum(n)::bigint",
+    }
+}
+
+/// The counts per state a filter shows (tombstones only if it includes
+/// them), from the numbers `found` per state number.
+pub(super) fn counts_of(filter: &Filter, found: &BTreeMap<i32, i64>) -> Vec<(State, i64)> {
+    State::ALL
         .into_iter()
         .filter(|s| !lifecycle::is_tombstone(*s) || filter.includes_deleted())
         .map(|s| (s, found.get(&s.number()).copied().unwrap_or(0)))
-        .collect();
-    Ok((counts, revision))
+        .collect()
+}
+
+/// Kept counts summed by (kind, state).
+pub(super) fn counts_by_kind_sql(d: Dialect) -> String {
+    format!(
+        "SELECT kind, state, {} FROM connection_counts GROUP BY kind, state ORDER BY kind, state",
+        sum_n(d)
+    )
 }
 
 /// Connections by (kind, state), tombstones included, from the kept counts.
 pub(crate) fn counts_by_kind(c: &rusqlite::Connection) -> Result<Vec<(String, State, i64)>, Error> {
-    let mut stmt = c.prepare_cached(
-        "SELECT kind, state, sum(n) FROM connection_counts GROUP BY kind, state ORDER BY kind, state",
-    )?;
+    let mut stmt = c.prepare_cached(&counts_by_kind_sql(Dialect::Sqlite))?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
@@ -681,10 +803,10 @@ impl Filter {
     }
 }
 
-/// Events above `after_revision` in revision order, at most `limit` of them.
-pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, Error> {
-    // An event whose snapshot is `''` is its connection's latest: the row is
-    // its snapshot (see `Tx::record`).
+/// [`events`]' query in dialect `d`: the event's columns (0 to 8), its
+/// snapshot (9), whether it names a metadata blob (10) and that blob (11),
+/// then the connection's row (from 12) when the snapshot is `''`.
+pub(super) fn events_sql(f: &EventFilter, d: Dialect) -> (String, Vec<Arg>) {
     let mut sql = format!(
         "SELECT events.revision, events.connection_id, events.type, events.from_state, \
          events.to_state, events.trigger, events.reason, events.actor, events.time, events.snapshot, \
@@ -693,23 +815,35 @@ pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Ev
          WHERE events.revision > ?",
         ROW_COLUMNS
     );
-    let mut args = vec![Value::Integer(f.after_revision.get())];
+    let mut args = vec![Arg::Int8(f.after_revision.get())];
     if let Some(id) = &f.connection_id {
         sql.push_str(" AND events.connection_id = ?");
-        args.push(id_value(id));
+        args.push(Arg::Id(id.clone()));
     }
     if let Some(owners) = &f.owners {
         // Owners never change, so the connection's row decides for its whole history.
-        let marks = vec!["?"; owners.len()].join(", ");
-        sql.push_str(&format!(
-            " AND events.connection_id IN (SELECT id FROM connections WHERE owner IN ({marks}))"
-        ));
-        args.extend(owners.iter().cloned().map(Value::Text));
+        if owners.is_empty() {
+            sql.push_str(&format!(" AND {}", d.none()));
+        } else {
+            let marks = vec!["?"; owners.len()].join(", ");
+            sql.push_str(&format!(
+                " AND events.connection_id IN (SELECT id FROM connections WHERE owner IN ({marks}))"
+            ));
+            args.extend(owners.iter().cloned().map(Arg::Text));
+        }
     }
     sql.push_str(" ORDER BY events.revision LIMIT ?");
-    args.push(Value::Integer(f.limit as i64));
+    args.push(Arg::Int8(f.limit as i64));
+    (sql, args)
+}
+
+/// Events above `after_revision` in revision order, at most `limit` of them.
+pub(crate) fn events(c: &rusqlite::Connection, f: &EventFilter) -> Result<Vec<Event>, Error> {
+    // An event whose snapshot is `''` is its connection's latest: the row is
+    // its snapshot (see `Tx::record`).
+    let (sql, args) = events_sql(f, Dialect::Sqlite);
     let mut stmt = c.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params_from_iter(args), |r| {
+    let rows = stmt.query_map(params_from_iter(values(args)), |r| {
         let bad = |i: usize| {
             rusqlite::Error::FromSqlConversionFailure(
                 i,
@@ -771,7 +905,8 @@ pub(crate) struct StoredCredential {
     pub(crate) allowed_hosts: Vec<String>,
 }
 
-const CREDENTIAL_COLUMNS: &str = "id, name, type, owner, nonce, sealed, create_time, allowed_hosts";
+pub(super) const CREDENTIAL_COLUMNS: &str =
+    "id, name, type, owner, nonce, sealed, create_time, allowed_hosts";
 
 fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
     Ok(StoredCredential {
@@ -788,14 +923,31 @@ fn credential_from_row(r: &Row<'_>) -> rusqlite::Result<StoredCredential> {
     })
 }
 
+/// The credential with id ?1.
+pub(super) fn credential_sql() -> String {
+    format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1")
+}
+
 pub(crate) fn credential(
     c: &rusqlite::Connection,
     id: &str,
 ) -> Result<Option<StoredCredential>, Error> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1"
-    ))?;
+    let mut stmt = c.prepare_cached(&credential_sql())?;
     Ok(stmt.query_row([id], credential_from_row).optional()?)
+}
+
+/// Credentials after `(create_time, id)` (?1, ?2) in that order, at most ?3,
+/// of the owners in the JSON array ?4 (NULL: every owner).
+pub(super) fn credentials_sql(d: Dialect) -> String {
+    let (owners, each) = match d {
+        Dialect::Sqlite => ("?4", "json_each(?4)"),
+        Dialect::Postgres => ("?4::text", "json_array_elements_text(?4::json)"),
+    };
+    format!(
+        "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE (create_time, id) > (?1, ?2) \
+         AND ({owners} IS NULL OR owner IN (SELECT value FROM {each})) \
+         ORDER BY create_time, id LIMIT ?3"
+    )
 }
 
 /// Credentials of `owners` (`None`: every owner) in creation order after
@@ -808,11 +960,7 @@ pub(crate) fn credentials(
 ) -> Result<Vec<StoredCredential>, Error> {
     let (t, id) = after.unwrap_or((i64::MIN, String::new()));
     let owners = owners.map(serde_json::to_string).transpose()?;
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE (create_time, id) > (?1, ?2) \
-         AND (?4 IS NULL OR owner IN (SELECT value FROM json_each(?4))) \
-         ORDER BY create_time, id LIMIT ?3"
-    ))?;
+    let mut stmt = c.prepare_cached(&credentials_sql(Dialect::Sqlite))?;
     let rows = stmt.query_map(params![t, id, limit as i64, owners], credential_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
@@ -823,22 +971,32 @@ pub(crate) fn credential_user(
     id: &str,
     except: Option<&ConnectionId>,
 ) -> Result<Option<ConnectionId>, Error> {
-    let mut stmt = c.prepare_cached(&credential_user_sql())?;
+    let mut stmt = c.prepare_cached(&credential_user_sql(Dialect::Sqlite))?;
     Ok(stmt
         .query_row(params![id, except], |r| r.get::<_, ConnectionId>(0))
         .optional()?)
 }
 
-/// Every connection the monitor may have to probe: managed and in a state
-/// [`lifecycle::probed`] answers yes for under some trigger.
-pub(crate) fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connection>, Error> {
+/// [`probe_candidates`]' query in dialect `d`.
+pub(super) fn probe_candidates_sql(d: Dialect) -> String {
     let states = lifecycle::maybe_probed()
         .map(|s| s.number().to_string())
         .collect::<Vec<_>>()
         .join(", ");
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE managed = 1 AND +state IN ({states})"
-    ))?;
+    // In SQLite a `+` keeps the planner off the index on state.
+    let (managed, state) = match d {
+        Dialect::Sqlite => ("managed = 1", "+state"),
+        Dialect::Postgres => ("managed", "state"),
+    };
+    format!(
+        "SELECT {CONNECTION_COLUMNS} FROM connections WHERE {managed} AND {state} IN ({states})"
+    )
+}
+
+/// Every connection the monitor may have to probe: managed and in a state
+/// [`lifecycle::probed`] answers yes for under some trigger.
+pub(crate) fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connection>, Error> {
+    let mut stmt = c.prepare_cached(&probe_candidates_sql(Dialect::Sqlite))?;
     let rows = stmt.query_map([], connection_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
@@ -846,9 +1004,11 @@ pub(crate) fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connectio
 /// A sealed value: (nonce, ciphertext).
 pub(crate) type Sealed = (Vec<u8>, Vec<u8>);
 
+pub(super) const KEY_CHECK_SQL: &str = "SELECT nonce, sealed FROM key_check WHERE id = 1";
+
 /// The sealed key check, if the database has one.
 pub(crate) fn key_check(c: &rusqlite::Connection) -> Result<Option<Sealed>, Error> {
-    let mut stmt = c.prepare_cached("SELECT nonce, sealed FROM key_check WHERE id = 1")?;
+    let mut stmt = c.prepare_cached(KEY_CHECK_SQL)?;
     Ok(stmt
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?)
@@ -867,7 +1027,10 @@ mod tests {
         super::super::schema::migrate(&mut conn).unwrap();
         for (sql, index) in [
             (live_by_identity_sql(), "connections_live_identity"),
-            (credential_user_sql(), "connections_by_credential"),
+            (
+                credential_user_sql(Dialect::Sqlite),
+                "connections_by_credential",
+            ),
         ] {
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let args = vec!["x"; stmt.parameter_count()];

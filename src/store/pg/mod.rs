@@ -1,12 +1,14 @@
 //! The PostgreSQL backend, being built behind the `postgres` feature: so far
-//! the connection, the schema with its migrations ([`schema`]), and the
+//! the connection, the schema with its migrations ([`schema`]), the
 //! revision in commit order across replicas with the tail that reads it
-//! ([`order`]), and the writes a writer job makes ([`write`]). Nothing serves from it yet; docs/ARCHITECTURE.md
+//! ([`order`]), the reads ([`query`]) and the writes a writer job makes
+//! ([`write`]). Nothing serves from it yet; docs/ARCHITECTURE.md
 //! ("PostgreSQL") has the design the rest follows.
 
 #[cfg(test)]
 mod cluster;
 pub(crate) mod order;
+pub(crate) mod query;
 pub(crate) mod schema;
 pub(crate) mod write;
 
