@@ -135,10 +135,35 @@ pub(crate) struct EventDraft {
     pub(crate) actor: String,
 }
 
+/// The transaction a group runs in, in whichever database.
+pub(super) enum Sql<'a> {
+    Lite(&'a rusqlite::Transaction<'a>),
+    #[cfg(feature = "postgres")]
+    /// A connection in a transaction its writer began (`BEGIN`).
+    Pg(&'a RefCell<postgres::Client>),
+}
+
+/// Runs `$lite` on SQLite's transaction or `$pg` on PostgreSQL's.
+macro_rules! on {
+    ($sql:expr, $lite:ident => $on_lite:expr, $pg:ident => $on_pg:expr) => {{
+        // Without the `postgres` feature there is one arm.
+        #[allow(clippy::infallible_destructuring_match)]
+        let out = match $sql {
+            Sql::Lite($lite) => $on_lite,
+            #[cfg(feature = "postgres")]
+            Sql::Pg(tx) => {
+                let $pg = &mut *tx.borrow_mut();
+                $on_pg
+            }
+        };
+        out
+    }};
+}
+
 /// The write transaction as jobs see it: reads of the current rows and the one
 /// way to change them, [`Tx::record`].
 pub(crate) struct Tx<'a> {
-    sql: &'a rusqlite::Transaction<'a>,
+    sql: Sql<'a>,
     revision: Revision,
     events: Vec<Event>,
     now: Micros,
@@ -152,7 +177,55 @@ pub(crate) struct Tx<'a> {
     last_create: Micros,
 }
 
-impl Tx<'_> {
+impl<'a> Tx<'a> {
+    /// A group's transaction on PostgreSQL: `client` is in a transaction its
+    /// writer began, after the revisions up to `revision`.
+    #[cfg(feature = "postgres")]
+    pub(super) fn on_pg(
+        client: &'a RefCell<postgres::Client>,
+        revision: Revision,
+        durable: bool,
+        last_create: Micros,
+    ) -> Tx<'a> {
+        Tx {
+            sql: Sql::Pg(client),
+            revision,
+            events: Vec::new(),
+            now: now_micros(),
+            seen: RefCell::new(None),
+            durable,
+            last_create,
+        }
+    }
+
+    /// Where the next job starts: what [`Tx::back_to`] returns to when it fails.
+    pub(super) fn mark(&self) -> (Revision, usize) {
+        self.seen.take();
+        (self.revision, self.events.len())
+    }
+
+    /// Forgets what a failed job recorded since `mark`.
+    pub(super) fn back_to(&mut self, mark: (Revision, usize)) {
+        self.revision = mark.0;
+        self.events.truncate(mark.1);
+    }
+
+    /// The group's last revision, its events and the latest create_time.
+    #[cfg(feature = "postgres")]
+    pub(super) fn finish(self) -> (Revision, Vec<Event>, Micros) {
+        (self.revision, self.events, self.last_create)
+    }
+
+    /// SQLite's transaction, for tests that look under the store's API.
+    #[cfg(test)]
+    pub(super) fn lite(&self) -> &rusqlite::Transaction<'a> {
+        match self.sql {
+            Sql::Lite(sql) => sql,
+            #[cfg(feature = "postgres")]
+            Sql::Pg(_) => panic!("a SQLite transaction"),
+        }
+    }
+
     /// The time this group commits at.
     pub(crate) fn now(&self) -> Micros {
         self.now
@@ -166,7 +239,7 @@ impl Tx<'_> {
     }
 
     pub(crate) fn get(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
-        let found = super::query::get(self.sql, id)?;
+        let found = self.read_row(id)?;
         *self.seen.borrow_mut() = found.clone();
         Ok(found)
     }
@@ -176,13 +249,19 @@ impl Tx<'_> {
     fn before(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
         match self.seen.borrow_mut().take() {
             Some(c) if c.id == *id => Ok(Some(c)),
-            _ => super::query::get(self.sql, id),
+            _ => self.read_row(id),
         }
+    }
+
+    fn read_row(&self, id: &ConnectionId) -> Result<Option<Connection>, Error> {
+        on!(&self.sql, sql => super::query::get(sql, id), pg => super::pg::query::get(pg, id))
     }
 
     /// The live (not deleted) connection holding `identity`, if any.
     pub(crate) fn live_by_identity(&self, identity: &str) -> Result<Option<Connection>, Error> {
-        super::query::live_by_identity(self.sql, identity)
+        on!(&self.sql,
+            sql => super::query::live_by_identity(sql, identity),
+            pg => super::pg::query::live_by_identity(pg, identity))
     }
 
     /// The stored answer to `request_id`, and its request's fingerprint.
@@ -190,7 +269,9 @@ impl Tx<'_> {
         &self,
         request_id: &str,
     ) -> Result<Option<super::query::StoredAnswer>, Error> {
-        super::query::request_answer(self.sql, request_id)
+        on!(&self.sql,
+            sql => super::query::request_answer(sql, request_id),
+            pg => super::pg::query::request_answer(pg, request_id))
     }
 
     /// Stores the answer to `request_id`, which concerns `connection`, in the
@@ -203,25 +284,27 @@ impl Tx<'_> {
         connection: &ConnectionId,
         answer: &Result<Connection, Error>,
     ) -> Result<(), Error> {
+        let sql = on!(&self.sql, sql => sql, pg => {
+            return super::pg::write::remember(pg, request_id, fingerprint, connection, answer, self.now);
+        });
         let blob = match answer {
             Ok(c) => self.put_blob(&codec::encode_metadata(&c.metadata)?)?,
             Err(_) => None,
         };
         let json = codec::encode_answer(answer, blob.is_none())?;
-        self.sql
-            .prepare_cached(
-                "INSERT INTO requests \
+        sql.prepare_cached(
+            "INSERT INTO requests \
                  (request_id, fingerprint, connection_id, answer, time, metadata_blob) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                request_id,
-                fingerprint,
-                connection,
-                json,
-                self.now,
-                blob.as_ref().map(|h| &h[..]),
-            ])?;
+        )?
+        .execute(params![
+            request_id,
+            fingerprint,
+            connection,
+            json,
+            self.now,
+            blob.as_ref().map(|h| &h[..]),
+        ])?;
         Ok(())
     }
 
@@ -230,66 +313,70 @@ impl Tx<'_> {
     /// The row that names the hash counts as a reference (the schema's
     /// triggers keep the count), and a blob goes with its last reference.
     fn put_blob(&self, metadata: &str) -> Result<Option<[u8; 32]>, Error> {
+        let sql = on!(&self.sql, sql => sql, pg => return super::pg::write::put_blob(pg, metadata));
         let Some(hash) = blob_hash(metadata) else {
             return Ok(None);
         };
-        self.sql
-            .prepare_cached(
-                "INSERT INTO blobs (hash, refs, body) VALUES (?1, 0, ?2) \
+        sql.prepare_cached(
+            "INSERT INTO blobs (hash, refs, body) VALUES (?1, 0, ?2) \
                  ON CONFLICT (hash) DO NOTHING",
-            )?
-            .execute(params![&hash[..], metadata])?;
+        )?
+        .execute(params![&hash[..], metadata])?;
         Ok(Some(hash))
     }
 
     /// Keeps a check's result on the connection without a new revision or event.
     pub(crate) fn set_probe(&self, id: &ConnectionId, probe: &ProbeResult) -> Result<(), Error> {
         self.seen.take();
-        self.sql
-            .prepare_cached("UPDATE connections SET last_probe = ?2 WHERE id = ?1")?
+        let sql =
+            on!(&self.sql, sql => sql, pg => return super::pg::write::set_probe(pg, id, probe));
+        sql.prepare_cached("UPDATE connections SET last_probe = ?2 WHERE id = ?1")?
             .execute(params![id, codec::encode_probe(probe)?])?;
         Ok(())
     }
 
     /// Records the sealed key check (once per database).
     pub(crate) fn set_key_check(&self, nonce: &[u8], sealed: &[u8]) -> Result<(), Error> {
-        self.sql
-            .prepare_cached("INSERT INTO key_check (id, nonce, sealed) VALUES (1, ?1, ?2)")?
+        let sql = on!(&self.sql, sql => sql, pg => return super::pg::write::set_key_check(pg, nonce, sealed));
+        sql.prepare_cached("INSERT INTO key_check (id, nonce, sealed) VALUES (1, ?1, ?2)")?
             .execute(params![nonce, sealed])?;
         Ok(())
     }
 
     pub(crate) fn insert_credential(&self, c: &StoredCredential) -> Result<(), Error> {
-        self.sql
-            .prepare_cached(
-                "INSERT INTO credentials \
+        let sql = on!(&self.sql, sql => sql, pg => return super::pg::write::insert_credential(pg, c, self.now));
+        sql.prepare_cached(
+            "INSERT INTO credentials \
                  (id, name, type, owner, nonce, sealed, create_time, allowed_hosts) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                c.id,
-                c.name,
-                c.type_,
-                c.owner,
-                c.nonce,
-                c.sealed,
-                self.now,
-                codec::encode_hosts(&c.allowed_hosts)?
-            ])?;
+        )?
+        .execute(params![
+            c.id,
+            c.name,
+            c.type_,
+            c.owner,
+            c.nonce,
+            c.sealed,
+            self.now,
+            codec::encode_hosts(&c.allowed_hosts)?
+        ])?;
         Ok(())
     }
 
     /// Deletes a credential; whether it existed.
     pub(crate) fn delete_credential(&self, id: &str) -> Result<bool, Error> {
-        Ok(self
-            .sql
+        let sql =
+            on!(&self.sql, sql => sql, pg => return super::pg::write::delete_credential(pg, id));
+        Ok(sql
             .prepare_cached("DELETE FROM credentials WHERE id = ?1")?
             .execute([id])?
             == 1)
     }
 
     pub(crate) fn credential(&self, id: &str) -> Result<Option<StoredCredential>, Error> {
-        super::query::credential(self.sql, id)
+        on!(&self.sql,
+            sql => super::query::credential(sql, id),
+            pg => super::pg::query::credential(pg, id))
     }
 
     /// A live connection other than `except` that uses credential `id`, if any.
@@ -298,7 +385,9 @@ impl Tx<'_> {
         id: &str,
         except: Option<&ConnectionId>,
     ) -> Result<Option<ConnectionId>, Error> {
-        super::query::credential_user(self.sql, id, except)
+        on!(&self.sql,
+            sql => super::query::credential_user(sql, id, except),
+            pg => super::pg::query::credential_user(pg, id, except))
     }
 
     /// Removes a deleted connection's credentials and collected data from
@@ -306,26 +395,25 @@ impl Tx<'_> {
     /// Runs after the tombstone is recorded, so the snapshot that recording
     /// froze into the previous event is scrubbed too.
     pub(crate) fn scrub(&self, id: &ConnectionId) -> Result<(), Error> {
+        let sql = on!(&self.sql, sql => sql, pg => return super::pg::write::scrub(pg, id));
         let cleared = codec::scrubbed("$");
         // Clearing `metadata_blob` drops the row's reference to the
         // metadata's blob (and the blob with its last one).
-        self.sql
-            .prepare_cached(&format!(
-                "UPDATE events SET snapshot = json_set(snapshot, {cleared}), metadata_blob = NULL \
+        sql.prepare_cached(&format!(
+            "UPDATE events SET snapshot = json_set(snapshot, {cleared}), metadata_blob = NULL \
                  WHERE connection_id = ?1 AND snapshot <> ''"
-            ))?
-            .execute([id])?;
+        ))?
+        .execute([id])?;
         let (ok, cleared_answer) = (
             codec::ANSWER_CONNECTION,
             codec::scrubbed(codec::ANSWER_CONNECTION),
         );
-        self.sql
-            .prepare_cached(&format!(
-                "UPDATE requests SET answer = json_set(answer, {cleared_answer}), \
+        sql.prepare_cached(&format!(
+            "UPDATE requests SET answer = json_set(answer, {cleared_answer}), \
                  metadata_blob = NULL \
                  WHERE connection_id = ?1 AND json_type(answer, '{ok}') IS NOT NULL"
-            ))?
-            .execute([id])?;
+        ))?
+        .execute([id])?;
         Ok(())
     }
 
@@ -390,35 +478,41 @@ impl Tx<'_> {
             connection: conn.clone(),
             cache: Default::default(),
         };
-        self.sql
-            .prepare_cached(
-                "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
-                 reason, actor, time, snapshot, metadata_blob) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '', NULL)",
-            )?
-            .execute(params![
-                event.revision,
-                event.connection_id,
-                event.type_.number(),
-                event.from_state.number(),
-                event.to_state.number(),
-                event.trigger.number(),
-                event.reason,
-                event.actor,
-                event.time,
-            ])?;
+        self.insert_event(&event)?;
         self.events.push(event);
         Ok(())
     }
 
+    fn insert_event(&self, event: &Event) -> Result<(), Error> {
+        let sql =
+            on!(&self.sql, sql => sql, pg => return super::pg::write::insert_event(pg, event));
+        sql.prepare_cached(
+            "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
+                 reason, actor, time, snapshot, metadata_blob) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, '', NULL)",
+        )?
+        .execute(params![
+            event.revision,
+            event.connection_id,
+            event.type_.number(),
+            event.from_state.number(),
+            event.to_state.number(),
+            event.trigger.number(),
+            event.reason,
+            event.actor,
+            event.time,
+        ])?;
+        Ok(())
+    }
+
     fn insert_row(&self, conn: &Connection) -> Result<(), Error> {
+        let sql = on!(&self.sql, sql => sql, pg => return super::pg::write::insert_row(pg, conn));
         let last_probe = conn
             .last_probe
             .as_ref()
             .map(codec::encode_probe)
             .transpose()?;
-        self.sql
-            .prepare_cached(
+        sql.prepare_cached(
                 "INSERT INTO connections (id, kind, type, sub_type, name, description, url, identity, \
                  metadata, labels, managed, credential_id, owner, state, state_reason, state_trigger, \
                  state_time, revision, create_time, update_time, last_probe) \
@@ -453,20 +547,22 @@ impl Tx<'_> {
     /// Writes the columns of `conn` that differ from `before`, and only
     /// those: an index none of whose columns changed is not touched.
     fn update_row(&self, before: &Connection, conn: &Connection) -> Result<(), Error> {
+        let lite =
+            on!(&self.sql, sql => sql, pg => return super::pg::write::update_row(pg, before, conn));
         let set = changed_columns(before, conn)?;
         let assignments: Vec<String> = set
             .iter()
             .enumerate()
             .map(|(i, (name, _))| format!("{name} = ?{}", i + 2))
             .collect();
-        let sql = format!(
+        let update = format!(
             "UPDATE connections SET {} WHERE id = ?1",
             assignments.join(", ")
         );
         let mut values: Vec<&dyn ToSql> = Vec::with_capacity(set.len() + 1);
         values.push(&conn.id);
         values.extend(set.iter().map(|(_, v)| v as &dyn ToSql));
-        let changed = self.sql.prepare_cached(&sql)?.execute(&values[..])?;
+        let changed = lite.prepare_cached(&update)?.execute(&values[..])?;
         if changed != 1 {
             return Err(Error::Internal(format!(
                 "connection {} row not written",
@@ -480,13 +576,14 @@ impl Tx<'_> {
     /// row) the row as it was before this change, as its own snapshot.
     /// Events stored with a snapshot of their own are left alone.
     fn freeze_snapshot(&self, before: &Connection) -> Result<(), Error> {
+        let sql =
+            on!(&self.sql, sql => sql, pg => return super::pg::write::freeze_snapshot(pg, before));
         let metadata = codec::encode_metadata(&before.metadata)?;
         let revision = before.revision;
         if metadata.len() > BLOB_THRESHOLD {
             // A blob is stored only for an event that will name it: one
             // nothing names would never go.
-            let open: bool = self
-                .sql
+            let open: bool = sql
                 .prepare_cached(
                     "SELECT EXISTS (SELECT 1 FROM events WHERE revision = ?1 AND snapshot = '')",
                 )?
@@ -497,12 +594,11 @@ impl Tx<'_> {
         }
         let blob = self.put_blob(&metadata)?;
         let snapshot = codec::encode_connection(before, blob.is_none())?;
-        self.sql
-            .prepare_cached(
-                "UPDATE events SET snapshot = ?2, metadata_blob = ?3 \
+        sql.prepare_cached(
+            "UPDATE events SET snapshot = ?2, metadata_blob = ?3 \
                  WHERE revision = ?1 AND snapshot = ''",
-            )?
-            .execute(params![revision, snapshot, blob.as_ref().map(|h| &h[..])])?;
+        )?
+        .execute(params![revision, snapshot, blob.as_ref().map(|h| &h[..])])?;
         Ok(())
     }
 }
@@ -636,47 +732,15 @@ impl Writer {
         let mut held: Option<Box<dyn Job>> = None;
         loop {
             let wait = next_prune.saturating_duration_since(Instant::now());
-            // A job held back was counted out of the queue when it was received.
-            let was_held = held.is_some();
-            let received = match held.take() {
-                Some(j) => Ok(Msg::Job(j)),
-                None => rx.recv_timeout(wait),
-            };
-            let first = match received {
-                Ok(Msg::Job(j)) => {
-                    if !was_held {
-                        self.inner.metrics.dequeued();
-                    }
-                    j
-                }
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
+            let (jobs, stop) = match next_group(&rx, &mut held, wait, &self.config, &self.inner) {
+                Gathered::Jobs(jobs, stop) => (jobs, stop),
+                Gathered::Stop => break,
+                Gathered::Timeout => {
                     self.prune_by_time();
                     next_prune = Instant::now() + self.config.prune_interval;
                     continue;
                 }
             };
-            let alone = first.alone();
-            let mut jobs = vec![first];
-            let mut stop = false;
-            while !alone && jobs.len() < self.config.max_group {
-                match rx.try_recv() {
-                    Ok(Msg::Job(j)) if j.alone() => {
-                        self.inner.metrics.dequeued();
-                        held = Some(j);
-                        break;
-                    }
-                    Ok(Msg::Job(j)) => {
-                        self.inner.metrics.dequeued();
-                        jobs.push(j);
-                    }
-                    Ok(Msg::Stop) => {
-                        stop = true;
-                        break;
-                    }
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
-            }
             self.commit_group(jobs);
             if Instant::now() >= next_prune {
                 self.prune_by_time();
@@ -767,7 +831,7 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let refusal = check_quota(&sql, self.config.storage_quota, &mut self.over_quota)?;
         let mut tx = Tx {
-            sql: &sql,
+            sql: Sql::Lite(&sql),
             revision: self.revision,
             events: Vec::new(),
             now: now_micros(),
@@ -786,36 +850,24 @@ impl Writer {
                 continue;
             }
             if alone {
-                let kept =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(&mut tx)))
-                        .unwrap_or_else(|_| {
-                            tracing::error!("a write job panicked; its changes were rolled back");
-                            false
-                        });
+                let kept = run_caught(job, &mut tx);
                 // A job that went on after SQLite rolled its transaction
                 // back (on some faults) must not be answered as done.
-                if kept && tx.sql.is_autocommit() {
+                if kept && sql.is_autocommit() {
                     job.refuse(Error::Internal(
                         "the transaction was rolled back under a write job".into(),
                     ));
                 }
-                rolled_back = !kept || tx.sql.is_autocommit();
+                rolled_back = !kept || sql.is_autocommit();
                 continue;
             }
-            tx.sql.prepare_cached("SAVEPOINT job")?.execute([])?;
-            tx.seen.take();
-            let (revision, n_events) = (tx.revision, tx.events.len());
-            // A panicking job is a bug; it must not take the writer (and with
-            // it every later write) down. It rolls back like a failed job.
-            let kept = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(&mut tx)))
-                .unwrap_or_else(|_| {
-                    tracing::error!("a write job panicked; its changes were rolled back");
-                    false
-                });
+            sql.prepare_cached("SAVEPOINT job")?.execute([])?;
+            let mark = tx.mark();
+            let kept = run_caught(job, &mut tx);
             if kept {
-                tx.sql.prepare_cached("RELEASE job")?.execute([])?;
+                sql.prepare_cached("RELEASE job")?.execute([])?;
             } else {
-                if let Err(e) = tx.sql.execute_batch("ROLLBACK TO job; RELEASE job") {
+                if let Err(e) = sql.execute_batch("ROLLBACK TO job; RELEASE job") {
                     // SQLite rolls the whole transaction back itself on some
                     // faults (a full disk): the group is lost, and the job's
                     // own storage error says why better than the savepoint.
@@ -824,8 +876,7 @@ impl Writer {
                         .filter(Error::is_storage_fault)
                         .unwrap_or_else(|| e.into()));
                 }
-                tx.revision = revision;
-                tx.events.truncate(n_events);
+                tx.back_to(mark);
             }
         }
         let (revision, events) = (tx.revision, tx.events);
@@ -972,6 +1023,77 @@ impl Writer {
     }
 }
 
+/// Runs `job`; whether its changes stay. A panicking job is a bug; it must
+/// not take the writer (and with it every later write) down: it rolls back
+/// like a failed job.
+pub(super) fn run_caught(job: &mut Box<dyn Job>, tx: &mut Tx<'_>) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(tx))).unwrap_or_else(|_| {
+        tracing::error!("a write job panicked; its changes were rolled back");
+        false
+    })
+}
+
+/// What a writer takes from its queue next.
+pub(super) enum Gathered {
+    /// A group to commit, and whether a stop came after it.
+    Jobs(Vec<Box<dyn Job>>, bool),
+    /// Nothing came within the wait.
+    Timeout,
+    /// The store is closing.
+    Stop,
+}
+
+/// The next group: the first job to come within `wait` (or the one `held`
+/// back), and every job already queued behind it, up to the group size. A
+/// job to run alone is a group of its own: one that comes while a group is
+/// gathered is held back to start the next.
+pub(super) fn next_group(
+    rx: &Receiver<Msg>,
+    held: &mut Option<Box<dyn Job>>,
+    wait: Duration,
+    config: &WriterConfig,
+    inner: &Inner,
+) -> Gathered {
+    // A job held back was counted out of the queue when it was received.
+    let was_held = held.is_some();
+    let received = match held.take() {
+        Some(j) => Ok(Msg::Job(j)),
+        None => rx.recv_timeout(wait),
+    };
+    let first = match received {
+        Ok(Msg::Job(j)) => {
+            if !was_held {
+                inner.metrics.dequeued();
+            }
+            j
+        }
+        Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return Gathered::Stop,
+        Err(RecvTimeoutError::Timeout) => return Gathered::Timeout,
+    };
+    let alone = first.alone();
+    let mut jobs = vec![first];
+    let mut stop = false;
+    while !alone && jobs.len() < config.max_group {
+        match rx.try_recv() {
+            Ok(Msg::Job(j)) if j.alone() => {
+                inner.metrics.dequeued();
+                *held = Some(j);
+                break;
+            }
+            Ok(Msg::Job(j)) => {
+                inner.metrics.dequeued();
+                jobs.push(j);
+            }
+            Ok(Msg::Stop) => {
+                stop = true;
+                break;
+            }
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+        }
+    }
+    Gathered::Jobs(jobs, stop)
+}
+
 /// Drops the events in revisions `(above, through]`, except each connection's
 /// latest: retention never prunes that, so a tombstone always shows who
 /// deleted it, when and why. Every event at or below the compaction mark is
@@ -1071,7 +1193,7 @@ mod tests {
     /// A real SQLITE_FULL: the writer connection's `max_page_count` caps the
     /// file, which is the only way to fill a "disk" here without root mounts.
     fn cap(tx: &Tx<'_>, pages: i64) -> Result<(), Error> {
-        tx.sql
+        tx.lite()
             .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
         Ok(())
     }
@@ -1079,7 +1201,7 @@ mod tests {
     fn fill(tx: &Tx<'_>, n: usize) -> Result<(), Error> {
         let blob = "x".repeat(64 * 1024);
         for i in 0..n {
-            tx.sql.execute(
+            tx.lite().execute(
                 "INSERT INTO requests (request_id, fingerprint, connection_id, answer, time) \
                  VALUES (?1, 0, x'00', ?2, 0)",
                 params![format!("{:?}-{i}", tx.now), blob],
@@ -1245,7 +1367,7 @@ mod tests {
         // Alone, no savepoint is open: releasing the one a shared job runs
         // in fails.
         let savepoint_open = store
-            .write_alone(|tx| Ok(tx.sql.execute_batch("RELEASE job").is_ok()))
+            .write_alone(|tx| Ok(tx.lite().execute_batch("RELEASE job").is_ok()))
             .await
             .unwrap();
         assert!(!savepoint_open, "a job alone runs in no savepoint");
@@ -1283,7 +1405,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("t.db"), config()).unwrap();
         fn level(tx: &mut Tx<'_>) -> Result<(bool, i64), Error> {
-            let sync = tx.sql.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+            let sync = tx
+                .lite()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
             Ok((tx.durable(), sync))
         }
         assert_eq!(store.write_volatile(level).await.unwrap(), (false, 1));
@@ -1395,7 +1519,7 @@ mod tests {
 
         // Pruning drops the references of what it deletes.
         store
-            .write(|tx| prune_range(tx.sql, Revision::ZERO, Revision::new(2)))
+            .write(|tx| prune_range(tx.lite(), Revision::ZERO, Revision::new(2)))
             .await
             .unwrap();
         assert_eq!(blob_refs(&store).await, refs(&[("m1", 1), ("m2", 1)]));
@@ -1435,7 +1559,7 @@ mod tests {
         store
             .write(|tx| {
                 Ok(tx
-                    .sql
+                    .lite()
                     .execute("DELETE FROM requests WHERE request_id = 'r2'", [])?)
             })
             .await
@@ -1463,7 +1587,7 @@ mod tests {
         // A row cannot name a blob that is not there.
         let named = store
             .write(|tx| {
-                Ok(tx.sql.execute(
+                Ok(tx.lite().execute(
                     "UPDATE events SET metadata_blob = x'00' WHERE revision = \
                      (SELECT max(revision) FROM events)",
                     [],

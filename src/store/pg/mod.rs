@@ -11,6 +11,7 @@ pub(crate) mod order;
 pub(crate) mod query;
 pub(crate) mod schema;
 pub(crate) mod write;
+pub(crate) mod writer;
 
 use crate::error::Error;
 

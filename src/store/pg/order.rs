@@ -23,7 +23,7 @@ const CHANNEL: &str = "tether_events";
 /// Starts a writer group in `tx`: waits for the groups of other replicas
 /// that are committing, and returns the revision the last of them left.
 /// The group's events take the revisions after it.
-pub(crate) fn begin_group(tx: &mut postgres::Transaction<'_>) -> Result<Revision, Error> {
+pub(crate) fn begin_group(tx: &mut impl postgres::GenericClient) -> Result<Revision, Error> {
     let row = tx
         .query_one(
             "UPDATE meta SET value = value WHERE key = 'revision' RETURNING value",
@@ -36,7 +36,7 @@ pub(crate) fn begin_group(tx: &mut postgres::Transaction<'_>) -> Result<Revision
 /// Ends a writer group that took the revisions up to `revision`: records it
 /// and wakes the tails, both taking effect when `tx` commits.
 pub(crate) fn end_group(
-    tx: &mut postgres::Transaction<'_>,
+    tx: &mut impl postgres::GenericClient,
     revision: Revision,
 ) -> Result<(), Error> {
     tx.execute(

@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::store::codec;
 use crate::store::query::StoredCredential;
 use crate::store::writer::{Column, blob_hash, changed_columns};
-use postgres::Transaction;
+use postgres::GenericClient;
 use postgres::types::ToSql;
 
 fn uuid(id: &ConnectionId) -> uuid::Uuid {
@@ -23,7 +23,7 @@ fn uuid(id: &ConnectionId) -> uuid::Uuid {
 }
 
 /// Inserts a new connection's row.
-pub(crate) fn insert_row(tx: &mut Transaction<'_>, conn: &Connection) -> Result<(), Error> {
+pub(crate) fn insert_row(tx: &mut impl GenericClient, conn: &Connection) -> Result<(), Error> {
     let last_probe = conn
         .last_probe
         .as_ref()
@@ -65,7 +65,7 @@ pub(crate) fn insert_row(tx: &mut Transaction<'_>, conn: &Connection) -> Result<
 
 /// Writes the columns of `conn` that differ from `before`, and only those.
 pub(crate) fn update_row(
-    tx: &mut Transaction<'_>,
+    tx: &mut impl GenericClient,
     before: &Connection,
     conn: &Connection,
 ) -> Result<(), Error> {
@@ -100,7 +100,7 @@ pub(crate) fn update_row(
 }
 
 /// Records `event`, the latest of its connection: its snapshot is the row.
-pub(crate) fn insert_event(tx: &mut Transaction<'_>, event: &Event) -> Result<(), Error> {
+pub(crate) fn insert_event(tx: &mut impl GenericClient, event: &Event) -> Result<(), Error> {
     tx.execute(
         "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
          reason, actor, time, snapshot, metadata_blob) \
@@ -123,7 +123,10 @@ pub(crate) fn insert_event(tx: &mut Transaction<'_>, event: &Event) -> Result<()
 
 /// Gives the connection's latest event the row as it was before this
 /// change (`before`) as its own snapshot; one that has its own is left.
-pub(crate) fn freeze_snapshot(tx: &mut Transaction<'_>, before: &Connection) -> Result<(), Error> {
+pub(crate) fn freeze_snapshot(
+    tx: &mut impl GenericClient,
+    before: &Connection,
+) -> Result<(), Error> {
     let metadata = codec::encode_metadata(&before.metadata)?;
     let revision = before.revision.get();
     if blob_hash(&metadata).is_some() {
@@ -152,7 +155,7 @@ pub(crate) fn freeze_snapshot(tx: &mut Transaction<'_>, before: &Connection) -> 
 /// Stores `metadata` (as JSON) once, as a blob, when it is large enough;
 /// its hash then. The row that names it counts as a reference.
 pub(crate) fn put_blob(
-    tx: &mut Transaction<'_>,
+    tx: &mut impl GenericClient,
     metadata: &str,
 ) -> Result<Option<[u8; 32]>, Error> {
     let Some(hash) = blob_hash(metadata) else {
@@ -168,7 +171,7 @@ pub(crate) fn put_blob(
 
 /// Stores the answer to `request_id`, which concerns `connection`.
 pub(crate) fn remember(
-    tx: &mut Transaction<'_>,
+    tx: &mut impl GenericClient,
     request_id: &str,
     fingerprint: i64,
     connection: &ConnectionId,
@@ -198,7 +201,7 @@ pub(crate) fn remember(
 
 /// Keeps a check's result on the connection without a new revision or event.
 pub(crate) fn set_probe(
-    tx: &mut Transaction<'_>,
+    tx: &mut impl GenericClient,
     id: &ConnectionId,
     probe: &ProbeResult,
 ) -> Result<(), Error> {
@@ -212,7 +215,7 @@ pub(crate) fn set_probe(
 
 /// Records the sealed key check (once per database).
 pub(crate) fn set_key_check(
-    tx: &mut Transaction<'_>,
+    tx: &mut impl GenericClient,
     nonce: &[u8],
     sealed: &[u8],
 ) -> Result<(), Error> {
@@ -225,7 +228,7 @@ pub(crate) fn set_key_check(
 }
 
 pub(crate) fn insert_credential(
-    tx: &mut Transaction<'_>,
+    tx: &mut impl GenericClient,
     c: &StoredCredential,
     now: i64,
 ) -> Result<(), Error> {
@@ -248,7 +251,7 @@ pub(crate) fn insert_credential(
 }
 
 /// Deletes a credential; whether it existed.
-pub(crate) fn delete_credential(tx: &mut Transaction<'_>, id: &str) -> Result<bool, Error> {
+pub(crate) fn delete_credential(tx: &mut impl GenericClient, id: &str) -> Result<bool, Error> {
     Ok(tx
         .execute("DELETE FROM credentials WHERE id = $1", &[&id])
         .map_err(error)?
@@ -258,7 +261,7 @@ pub(crate) fn delete_credential(tx: &mut Transaction<'_>, id: &str) -> Result<bo
 /// Removes a deleted connection's credential, description, metadata and
 /// labels from its earlier event snapshots and stored answers (and their
 /// blob references).
-pub(crate) fn scrub(tx: &mut Transaction<'_>, id: &ConnectionId) -> Result<(), Error> {
+pub(crate) fn scrub(tx: &mut impl GenericClient, id: &ConnectionId) -> Result<(), Error> {
     let patch = codec::scrub_patch();
     let id = uuid(id);
     tx.execute(
@@ -279,7 +282,7 @@ pub(crate) fn scrub(tx: &mut Transaction<'_>, id: &ConnectionId) -> Result<(), E
 }
 
 /// The create_time of the connection made last (0 when there is none).
-pub(crate) fn last_create_time(tx: &mut Transaction<'_>) -> Result<i64, Error> {
+pub(crate) fn last_create_time(tx: &mut impl GenericClient) -> Result<i64, Error> {
     Ok(tx
         .query_opt(
             "SELECT create_time FROM connections ORDER BY seq DESC LIMIT 1",

@@ -1,0 +1,300 @@
+//! A replica's writer groups over PostgreSQL: the jobs the store queued
+//! (`store::writer::Job`), committed in one transaction per group as the
+//! SQLite writer commits them, each job in a savepoint of its own so that a
+//! failed one rolls back alone.
+//!
+//! The group takes the revisions after the last committed by any replica
+//! ([`order::begin_group`], a row lock held to COMMIT), so groups of all
+//! replicas commit one at a time in revision order. Each job's reads and
+//! rule checks therefore see every change committed before it, wherever it
+//! was made: two replicas changing one connection behave as one writer does.
+//! A group of volatile jobs only (a probe result that moves nothing) commits
+//! without waiting for the disk (`synchronous_commit = off`).
+
+use super::{error, order, write};
+use crate::connection::{Event, Micros};
+use crate::error::Error;
+use crate::store::writer::{Job, Tx, run_caught};
+use std::cell::RefCell;
+
+/// Commits `jobs` as one group on `client` (not in a transaction). `last_create`
+/// is the latest create_time this replica has given; it comes back updated.
+/// The events of the changes that committed come back in revision order.
+pub(crate) fn commit_group(
+    client: &RefCell<postgres::Client>,
+    jobs: &mut [Box<dyn Job>],
+    last_create: &mut Micros,
+) -> Result<Vec<Event>, Error> {
+    let durable = jobs.iter().any(|j| j.durable());
+    // BEGIN and COMMIT are the writer's own statements, not the client's
+    // transaction guard: a job's `Tx` reaches the client between them.
+    let begun = (|| {
+        let c = &mut *client.borrow_mut();
+        c.batch_execute(if durable {
+            "BEGIN"
+        } else {
+            "BEGIN; SET LOCAL synchronous_commit = off"
+        })
+        .map_err(error)?;
+        let revision = order::begin_group(c)?;
+        // Another replica may have made connections since this one last did.
+        let stored = write::last_create_time(c)?;
+        Ok::<_, Error>((revision, stored))
+    })();
+    let (revision, stored) = match begun {
+        Ok(b) => b,
+        Err(e) => {
+            rollback(client);
+            return Err(e);
+        }
+    };
+    let mut tx = Tx::on_pg(client, revision, durable, (*last_create).max(stored));
+    for job in jobs.iter_mut() {
+        let step = (|| -> Result<(), Error> {
+            client
+                .borrow_mut()
+                .batch_execute("SAVEPOINT job")
+                .map_err(error)?;
+            let mark = tx.mark();
+            if run_caught(job, &mut tx) {
+                client
+                    .borrow_mut()
+                    .batch_execute("RELEASE SAVEPOINT job")
+                    .map_err(error)?;
+            } else {
+                client
+                    .borrow_mut()
+                    .batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+                    .map_err(error)?;
+                tx.back_to(mark);
+            }
+            Ok(())
+        })();
+        if let Err(e) = step {
+            drop(tx);
+            rollback(client);
+            return Err(e);
+        }
+    }
+    let (last, events, created) = tx.finish();
+    let ended = (|| {
+        let c = &mut *client.borrow_mut();
+        if last != revision {
+            order::end_group(c, last)?;
+        }
+        // PostgreSQL answers COMMIT of a transaction a failed statement
+        // aborted with a rollback, not an error: a statement first makes
+        // that an error. Every statement's result is checked, so this is
+        // the last guard, not the way failures are found.
+        c.batch_execute("SELECT 1; COMMIT").map_err(error)
+    })();
+    if let Err(e) = ended {
+        rollback(client);
+        return Err(e);
+    }
+    *last_create = created;
+    Ok(events)
+}
+
+/// Ends a group that cannot commit. A connection that broke has nothing to
+/// roll back; its error says so already.
+fn rollback(client: &RefCell<postgres::Client>) {
+    let _ = client.borrow_mut().batch_execute("ROLLBACK");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::{Connection, ConnectionId, EventType, Revision};
+    use crate::lifecycle::{State, Trigger};
+    use crate::store::EventDraft;
+    use crate::store::pg::cluster::Cluster;
+    use crate::store::writer::TypedJob;
+    use std::collections::BTreeMap;
+    use tokio::sync::oneshot;
+
+    type Answer = oneshot::Receiver<Result<Connection, Error>>;
+
+    /// A job as `Store::write` queues it, and where its answer arrives.
+    fn job<F>(f: F) -> (Box<dyn Job>, Answer)
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<Connection, Error> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = TypedJob {
+            f: Some(f),
+            frees_space: false,
+            durable: true,
+            alone: false,
+            result: None,
+            reply,
+        };
+        (Box::new(job), answer)
+    }
+
+    fn draft(type_: EventType, from_state: State) -> EventDraft {
+        EventDraft {
+            type_,
+            from_state,
+            trigger: Trigger::User,
+            reason: String::new(),
+            actor: "test".into(),
+        }
+    }
+
+    fn new_connection(name: &str) -> Connection {
+        let id = ConnectionId::generate();
+        Connection {
+            identity: id.to_string(),
+            id,
+            kind: "tcp".into(),
+            type_: String::new(),
+            sub_type: String::new(),
+            name: name.into(),
+            description: String::new(),
+            url: String::new(),
+            metadata: Default::default(),
+            labels: BTreeMap::from([("n".into(), "0".into())]),
+            managed: false,
+            credential_id: String::new(),
+            owner: String::new(),
+            state: State::Discovered,
+            state_reason: String::new(),
+            state_trigger: Trigger::User,
+            state_time: 0,
+            revision: Revision::ZERO,
+            create_time: 0,
+            update_time: 0,
+            last_probe: None,
+        }
+    }
+
+    fn create(c: Connection) -> impl FnOnce(&mut Tx<'_>) -> Result<Connection, Error> {
+        move |tx| {
+            let mut c = c;
+            tx.record(&mut c, draft(EventType::Created, State::Discovered))?;
+            Ok(c)
+        }
+    }
+
+    /// Commits `jobs` as one group, and answers them as the store does.
+    fn commit(
+        client: &RefCell<postgres::Client>,
+        jobs: Vec<Box<dyn Job>>,
+        last_create: &mut Micros,
+    ) -> Vec<Event> {
+        let mut jobs = jobs;
+        let events = commit_group(client, &mut jobs, last_create).unwrap();
+        for job in jobs {
+            job.finish(Ok(()));
+        }
+        events
+    }
+
+    fn database() -> String {
+        let url = Cluster::shared().database();
+        super::super::schema::migrate(&mut super::super::connect(&url).unwrap()).unwrap();
+        url
+    }
+
+    #[test]
+    fn a_group_commits_its_jobs_and_a_failed_one_rolls_back_alone() {
+        let url = database();
+        let client = RefCell::new(super::super::connect(&url).unwrap());
+        let mut last_create = 0;
+        let a = new_connection("a");
+        let id = a.id.clone();
+        let (first, made) = job(create(a));
+        let (second, refused) = job(|tx| {
+            create(new_connection("b"))(tx)?;
+            Err(Error::invalid("x", "refused after writing"))
+        });
+        let (third, renamed) = job(move |tx| {
+            let mut c = tx.get(&id)?.expect("made by the first job");
+            c.name = "renamed".into();
+            let from = c.state;
+            tx.record(&mut c, draft(EventType::Updated, from))?;
+            Ok(c)
+        });
+        let events = commit(&client, vec![first, second, third], &mut last_create);
+
+        let revisions: Vec<(i64, EventType)> =
+            events.iter().map(|e| (e.revision.get(), e.type_)).collect();
+        assert_eq!(
+            revisions,
+            [(1, EventType::Created), (2, EventType::Updated)]
+        );
+        let made = made.blocking_recv().unwrap().unwrap();
+        assert!(refused.blocking_recv().unwrap().is_err());
+        let renamed = renamed.blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            (renamed.name.as_str(), renamed.revision.get()),
+            ("renamed", 2)
+        );
+        // The rolled-back job's create_time is not given again.
+        assert_eq!(last_create, made.create_time + 1);
+
+        let mut c = client.borrow_mut();
+        let names: Vec<String> = c
+            .query("SELECT name FROM connections", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(names, ["renamed"], "the failed job's connection is gone");
+        let revision: i64 = c
+            .query_one("SELECT value FROM meta WHERE key = 'revision'", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(revision, 2);
+        let stored = super::super::query::get(&mut *c, &made.id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored, renamed);
+    }
+
+    /// Two replicas each add one to a connection's counter 40 times, at
+    /// once: every job reads what the one before it committed, wherever it
+    /// ran, so no increment is lost and the revisions run without a gap.
+    #[test]
+    fn two_replicas_changing_one_connection_lose_no_change() {
+        const EACH: usize = 40;
+        let url = database();
+        let client = RefCell::new(super::super::connect(&url).unwrap());
+        let made = new_connection("counter");
+        let id = made.id.clone();
+        let mut last_create = 0;
+        let (first, _) = job(create(made));
+        commit(&client, vec![first], &mut last_create);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let (url, id) = (&url, &id);
+                s.spawn(move || {
+                    let client = RefCell::new(super::super::connect(url).unwrap());
+                    let mut last_create = 0;
+                    for _ in 0..EACH {
+                        let id = id.clone();
+                        let (add, _) = job(move |tx| {
+                            let mut c = tx.get(&id)?.expect("made");
+                            let n: usize = c.labels["n"].parse().unwrap();
+                            c.labels.insert("n".into(), (n + 1).to_string());
+                            let from = c.state;
+                            tx.record(&mut c, draft(EventType::Updated, from))?;
+                            Ok(c)
+                        });
+                        commit(&client, vec![add], &mut last_create);
+                    }
+                });
+            }
+        });
+        let mut c = client.borrow_mut();
+        let counted = super::super::query::get(&mut *c, &id).unwrap().unwrap();
+        assert_eq!(counted.labels["n"], (2 * EACH).to_string());
+        assert_eq!(counted.revision.get(), 1 + 2 * EACH as i64);
+        let events: i64 = c
+            .query_one("SELECT count(*) FROM events", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(events, 1 + 2 * EACH as i64);
+    }
+}
