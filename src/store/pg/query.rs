@@ -491,7 +491,7 @@ mod tests {
                 x.credential_id = if i % 6 == 0 { "cred" } else { "" }.into();
                 x.labels = match i % 3 {
                     0 => [("env", "prod")].as_slice(),
-                    1 => [("env", "dev"), ("team", "x")].as_slice(),
+                    1 => [("env", "dev"), ("app.example/team", "x")].as_slice(),
                     _ => [].as_slice(),
                 }
                 .iter()
@@ -568,7 +568,7 @@ mod tests {
                 ..f()
             },
             Filter {
-                labels: labels(&[("env", "dev"), ("team", "x")]),
+                labels: labels(&[("env", "dev"), ("app.example/team", "x")]),
                 ..f()
             },
             Filter {
@@ -622,6 +622,9 @@ mod tests {
         for filter in filters(&rows) {
             let (counts, _) = count(&mut pg, &filter).unwrap();
             let matching: i64 = counts.iter().map(|(_, n)| n).sum();
+            // Every filter but the two that match nothing matches some rows.
+            let nothing = filter.search == "%" || filter.owners == Some(vec![]);
+            assert_eq!(matching == 0, nothing, "{filter:?}");
             for field in [
                 OrderField::CreateTime,
                 OrderField::UpdateTime,
