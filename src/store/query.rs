@@ -163,6 +163,7 @@ fn values(args: Vec<Arg>) -> impl Iterator<Item = Value> {
     args.into_iter().map(Value::from)
 }
 
+/// The store-wide revision and the compaction mark.
 pub(super) const REVISIONS_SQL: &str = "SELECT (SELECT value FROM meta WHERE key = 'revision'), \
      (SELECT value FROM meta WHERE key = 'compact_revision')";
 
@@ -1004,6 +1005,7 @@ pub(crate) fn probe_candidates(c: &rusqlite::Connection) -> Result<Vec<Connectio
 /// A sealed value: (nonce, ciphertext).
 pub(crate) type Sealed = (Vec<u8>, Vec<u8>);
 
+/// The sealed key check.
 pub(super) const KEY_CHECK_SQL: &str = "SELECT nonce, sealed FROM key_check WHERE id = 1";
 
 /// The sealed key check, if the database has one.

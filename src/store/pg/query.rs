@@ -491,7 +491,7 @@ mod tests {
                 x.credential_id = if i % 6 == 0 { "cred" } else { "" }.into();
                 x.labels = match i % 3 {
                     0 => [("env", "prod")].as_slice(),
-                    1 => [("env", "dev"), ("team", "x")].as_slice(),
+                    1 => [("env", "dev"), ("app.example/team", "x")].as_slice(),
                     _ => [].as_slice(),
                 }
                 .iter()
@@ -568,7 +568,7 @@ mod tests {
                 ..f()
             },
             Filter {
-                labels: labels(&[("env", "dev"), ("team", "x")]),
+                labels: labels(&[("env", "dev"), ("app.example/team", "x")]),
                 ..f()
             },
             Filter {
@@ -622,6 +622,9 @@ mod tests {
         for filter in filters(&rows) {
             let (counts, _) = count(&mut pg, &filter).unwrap();
             let matching: i64 = counts.iter().map(|(_, n)| n).sum();
+            // Every filter but the two that match nothing matches some rows.
+            let nothing = filter.search == "%" || filter.owners == Some(vec![]);
+            assert_eq!(matching == 0, nothing, "{filter:?}");
             for field in [
                 OrderField::CreateTime,
                 OrderField::UpdateTime,
@@ -891,29 +894,35 @@ mod tests {
              trigger, reason, actor, time, snapshot, metadata_blob) \
              VALUES ($1, $2, $3, $4, $5, 1, $6, 'me', $7, $8, $9)";
         let snapshot = codec::encode_connection(&before, false).unwrap();
-        let rows: [(i64, &ConnectionId, i32, i32, &str, &str, Option<&[u8]>); 3] = [
-            (1, &a.id, 1, 2, "made", &snapshot, Some(b"hash")),
-            (2, &b.id, 1, 2, "made", "", None),
-            (3, &a.id, 3, 3, "up", "", None),
-        ];
-        for (rev, id, type_, to, reason, snap, named) in rows {
-            let from = if type_ == 1 { 1 } else { 2 };
-            let to = if rev == 3 { 3 } else { to };
-            pg.execute(
-                event,
-                &[
-                    &rev,
-                    &uuid(id),
-                    &type_,
-                    &from,
-                    &to,
-                    &reason,
-                    &(rev * 100),
-                    &snap,
-                    &named,
-                ],
-            )
-            .unwrap();
+        // (revision, connection, type, from, to, reason, snapshot, blob)
+        let hash: Option<&[u8]> = Some(b"hash");
+        for (rev, id, type_, from, to, reason, snap, named) in [
+            (
+                1i64,
+                &a.id,
+                1i32,
+                1i32,
+                2i32,
+                "made",
+                snapshot.as_str(),
+                hash,
+            ),
+            (2, &b.id, 1, 1, 2, "made", "", None),
+            (3, &a.id, 3, 2, 3, "up", "", None),
+        ] {
+            let time = rev * 100;
+            let params: [&(dyn ToSql + Sync); 9] = [
+                &rev,
+                &uuid(id),
+                &type_,
+                &from,
+                &to,
+                &reason,
+                &time,
+                &snap,
+                &named,
+            ];
+            pg.execute(event, &params).unwrap();
         }
         let filter =
             |after: i64, id: Option<&ConnectionId>, owners: Option<Vec<String>>| EventFilter {
