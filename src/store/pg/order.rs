@@ -12,10 +12,13 @@
 //! in the group ([`end_group`], delivered at COMMIT) wakes the tails at
 //! once; each also reads on a timer, so a lost notification only delays.
 
-use crate::connection::Revision;
+use crate::connection::{Event, Revision};
 use crate::error::Error;
+use crate::store::EventFilter;
 use postgres::fallible_iterator::FallibleIterator;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::broadcast;
 
 /// The channel every group notifies and every tail listens on.
 const CHANNEL: &str = "tether_events";
@@ -69,14 +72,10 @@ impl Tail {
         Ok(Tail { client, after })
     }
 
-    /// The revisions committed after the last returned (at most `limit`, in
-    /// order), with their connections' ids. When there are none yet, waits
-    /// up to `wait` for a group to commit, and reads again.
-    pub(crate) fn next(
-        &mut self,
-        wait: Duration,
-        limit: i64,
-    ) -> Result<Vec<(Revision, uuid::Uuid)>, Error> {
+    /// The events committed after the last returned (at most `limit`, in
+    /// revision order). When there are none yet, waits up to `wait` for a
+    /// group to commit, and reads again.
+    pub(crate) fn next(&mut self, wait: Duration, limit: usize) -> Result<Vec<Event>, Error> {
         let mut found = self.read(limit)?;
         if found.is_empty() {
             // Woken by a commit, or not: read again either way.
@@ -93,33 +92,60 @@ impl Tail {
             }
             found = self.read(limit)?;
         }
-        if let Some((last, _)) = found.last() {
-            self.after = *last;
+        if let Some(last) = found.last() {
+            self.after = last.revision;
         }
         Ok(found)
     }
 
-    fn read(&mut self, limit: i64) -> Result<Vec<(Revision, uuid::Uuid)>, Error> {
-        let rows = self
-            .client
-            .query(
-                "SELECT revision, connection_id FROM events WHERE revision > $1 \
-                 ORDER BY revision LIMIT $2",
-                &[&self.after.get(), &limit],
-            )
-            .map_err(super::error)?;
-        Ok(rows
-            .iter()
-            .map(|r| (Revision::new(r.get(0)), r.get(1)))
-            .collect())
+    fn read(&mut self, limit: usize) -> Result<Vec<Event>, Error> {
+        super::query::events(
+            &mut self.client,
+            &EventFilter {
+                connection_id: None,
+                after_revision: self.after,
+                limit,
+                owners: None,
+                max_bytes: usize::MAX,
+            },
+        )
     }
 }
+
+/// Publishes to `hub` the events `tail` reads next, in revision order, as
+/// the SQLite writer publishes its own after each commit; how many.
+pub(crate) fn publish(
+    tail: &mut Tail,
+    hub: &broadcast::Sender<Arc<Event>>,
+    wait: Duration,
+) -> Result<usize, Error> {
+    let events = tail.next(wait, PUBLISH_BATCH)?;
+    let n = events.len();
+    for event in events {
+        // No receivers is fine: nobody is watching.
+        let _ = hub.send(Arc::new(event));
+    }
+    Ok(n)
+}
+
+/// Most events one read of the tail takes.
+const PUBLISH_BATCH: usize = 1_000;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::pg::cluster::Cluster;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A connection made at revision $1: its row and its event.
+    const CREATE: &str = "WITH made AS (INSERT INTO connections (id, kind, type, sub_type, name, \
+         description, url, identity, metadata, labels, managed, credential_id, owner, state, \
+         state_reason, state_trigger, state_time, revision, create_time, update_time) \
+         VALUES (gen_random_uuid(), 'tcp', '', '', 'n', '', '', gen_random_uuid()::text, '{}', \
+         '{}', false, '', '', 1, '', 1, 0, $1, 0, 0) RETURNING id, revision) \
+         INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
+         reason, actor, time, snapshot) \
+         SELECT revision, id, 1, 1, 1, 1, '', '', 0, '' FROM made";
 
     /// Three replicas commit groups of one to three events at once while a
     /// tail on each reads: every tail reads every revision exactly once, in
@@ -144,7 +170,7 @@ mod tests {
                             if batch.is_empty() && finished {
                                 return seen;
                             }
-                            seen.extend(batch.into_iter().map(|(r, _)| r.get()));
+                            seen.extend(batch.into_iter().map(|e| e.revision.get()));
                         }
                     })
                 })
@@ -160,13 +186,7 @@ mod tests {
                             let mut revision = begin_group(&mut tx).unwrap();
                             for _ in 0..=(g + w) % 3 {
                                 revision = revision.next();
-                                tx.execute(
-                                    "INSERT INTO events (revision, connection_id, type, \
-                                     from_state, to_state, trigger, reason, actor, time, snapshot) \
-                                     VALUES ($1, gen_random_uuid(), 1, 1, 1, 1, '', '', 0, '')",
-                                    &[&revision.get()],
-                                )
-                                .unwrap();
+                                tx.execute(CREATE, &[&revision.get()]).unwrap();
                                 events += 1;
                             }
                             end_group(&mut tx, revision).unwrap();
@@ -209,13 +229,7 @@ mod tests {
             let mut tx = client.transaction().unwrap();
             let revision = begin_group(&mut tx).unwrap().next();
             assert_eq!(revision, Revision::new(1));
-            tx.execute(
-                "INSERT INTO events (revision, connection_id, type, from_state, to_state, \
-                 trigger, reason, actor, time, snapshot) \
-                 VALUES ($1, gen_random_uuid(), 1, 1, 1, 1, '', '', 0, '')",
-                &[&revision.get()],
-            )
-            .unwrap();
+            tx.execute(CREATE, &[&revision.get()]).unwrap();
             end_group(&mut tx, revision).unwrap();
             if keep {
                 tx.commit().unwrap();
@@ -227,7 +241,7 @@ mod tests {
             .next(Duration::from_secs(5), 10)
             .unwrap()
             .into_iter()
-            .map(|(r, _)| r.get())
+            .map(|e| e.revision.get())
             .collect();
         assert_eq!(read, [1]);
     }

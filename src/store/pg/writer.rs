@@ -297,4 +297,82 @@ mod tests {
             .get(0);
         assert_eq!(events, 1 + 2 * EACH as i64);
     }
+
+    /// Writers on two replicas make connections at once; a publisher on
+    /// each replica reads the tail into its own hub, as watchers there
+    /// receive it. Every hub gets every change once, in revision order,
+    /// with the connection as that change left it.
+    #[test]
+    fn every_replica_publishes_every_change_once_in_order() {
+        use crate::store::pg::order::{Tail, publish};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        const GROUPS: usize = 30;
+        let url = database();
+        let done = AtomicBool::new(false);
+        let received = std::thread::scope(|s| {
+            let publishers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (hub, mut watcher) = tokio::sync::broadcast::channel(1024);
+                    let mut tail = Tail::open(&url, Revision::ZERO).unwrap();
+                    let done = &done;
+                    s.spawn(move || {
+                        loop {
+                            let finished = done.load(Ordering::SeqCst);
+                            let n = publish(&mut tail, &hub, Duration::from_millis(50)).unwrap();
+                            if n == 0 && finished {
+                                break;
+                            }
+                        }
+                        let mut got = Vec::new();
+                        while let Ok(event) = watcher.try_recv() {
+                            got.push((event.revision.get(), event.connection.name.clone()));
+                        }
+                        got
+                    })
+                })
+                .collect();
+            let writers: Vec<_> = (0..2)
+                .map(|w| {
+                    let url = &url;
+                    s.spawn(move || {
+                        let client = RefCell::new(super::super::connect(url).unwrap());
+                        let mut last_create = 0;
+                        for g in 0..GROUPS {
+                            let jobs = (0..=g % 2)
+                                .map(|j| job(create(new_connection(&format!("w{w}-g{g}-{j}")))).0)
+                                .collect();
+                            commit(&client, jobs, &mut last_create);
+                        }
+                    })
+                })
+                .collect();
+            let ended: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
+            done.store(true, Ordering::SeqCst);
+            for e in ended {
+                e.unwrap_or_else(|p| std::panic::resume_unwind(p));
+            }
+            publishers
+                .into_iter()
+                .map(|p| p.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        let mut c = super::super::connect(&url).unwrap();
+        let stored: Vec<(i64, String)> = c
+            .query(
+                "SELECT e.revision, c.name FROM events e JOIN connections c ON c.id = e.connection_id \
+                 ORDER BY e.revision",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(stored.len(), 2 * (GROUPS + GROUPS / 2));
+        let revisions: Vec<i64> = stored.iter().map(|(r, _)| *r).collect();
+        assert_eq!(revisions, (1..=stored.len() as i64).collect::<Vec<_>>());
+        for got in received {
+            assert_eq!(got, stored);
+        }
+    }
 }
