@@ -17,6 +17,31 @@
 //! states are tombstones, which may be probed) it asks `lifecycle`. Jobs
 //! passed to [`Store::write`] decide what to change.
 
+/// The transaction a read or a writer group runs in, in whichever database.
+enum Sql<'a> {
+    Lite(&'a rusqlite::Transaction<'a>),
+    #[cfg(feature = "postgres")]
+    /// A connection in a transaction its user began (`BEGIN`).
+    Pg(&'a std::cell::RefCell<postgres::Client>),
+}
+
+/// Runs `$lite` on SQLite's transaction or `$pg` on PostgreSQL's.
+macro_rules! on {
+    ($sql:expr, $lite:ident => $on_lite:expr, $pg:ident => $on_pg:expr) => {{
+        // Without the `postgres` feature there is one arm.
+        #[allow(clippy::infallible_destructuring_match)]
+        let out = match $sql {
+            Sql::Lite($lite) => $on_lite,
+            #[cfg(feature = "postgres")]
+            Sql::Pg(tx) => {
+                let $pg = &mut *tx.borrow_mut();
+                $on_pg
+            }
+        };
+        out
+    }};
+}
+
 mod backup;
 mod check;
 mod codec;

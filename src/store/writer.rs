@@ -10,7 +10,7 @@
 //! under this one owner.
 
 use super::query::StoredCredential;
-use super::{Inner, codec};
+use super::{Inner, Sql, codec};
 use crate::connection::Revision;
 use crate::connection::{
     Connection, ConnectionId, Event, EventType, Micros, ProbeResult, now_micros,
@@ -133,31 +133,6 @@ pub(crate) struct EventDraft {
     pub(crate) trigger: Trigger,
     pub(crate) reason: String,
     pub(crate) actor: String,
-}
-
-/// The transaction a group runs in, in whichever database.
-pub(super) enum Sql<'a> {
-    Lite(&'a rusqlite::Transaction<'a>),
-    #[cfg(feature = "postgres")]
-    /// A connection in a transaction its writer began (`BEGIN`).
-    Pg(&'a RefCell<postgres::Client>),
-}
-
-/// Runs `$lite` on SQLite's transaction or `$pg` on PostgreSQL's.
-macro_rules! on {
-    ($sql:expr, $lite:ident => $on_lite:expr, $pg:ident => $on_pg:expr) => {{
-        // Without the `postgres` feature there is one arm.
-        #[allow(clippy::infallible_destructuring_match)]
-        let out = match $sql {
-            Sql::Lite($lite) => $on_lite,
-            #[cfg(feature = "postgres")]
-            Sql::Pg(tx) => {
-                let $pg = &mut *tx.borrow_mut();
-                $on_pg
-            }
-        };
-        out
-    }};
 }
 
 /// The write transaction as jobs see it: reads of the current rows and the one

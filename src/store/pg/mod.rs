@@ -14,6 +14,8 @@ pub(crate) mod write;
 pub(crate) mod writer;
 
 use crate::error::Error;
+use crate::store::Read;
+use std::cell::RefCell;
 
 /// A connection to the database at `url` (`postgres://user@host:port/db`).
 pub(crate) fn connect(url: &str) -> Result<postgres::Client, Error> {
@@ -29,4 +31,31 @@ pub(crate) fn error(e: postgres::Error) -> Error {
     } else {
         Error::Internal(format!("PostgreSQL: {e}"))
     }
+}
+
+/// The space the database takes (what a quota would measure).
+pub(crate) fn used_bytes(c: &mut postgres::Client) -> Result<u64, Error> {
+    let bytes: i64 = c
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .map_err(error)?
+        .get(0);
+    Ok(u64::try_from(bytes).unwrap_or(0))
+}
+
+/// Runs `f` on a [`Read`] of `client` in one read-only transaction that sees
+/// one moment (`REPEATABLE READ`), as SQLite's read transactions do.
+pub(crate) fn read<T>(
+    client: &RefCell<postgres::Client>,
+    f: impl FnOnce(&Read<'_>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    client
+        .borrow_mut()
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .map_err(error)?;
+    let out = f(&Read::on_pg(client));
+    let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let ended = client.borrow_mut().batch_execute(end).map_err(error);
+    let out = out?;
+    ended?;
+    Ok(out)
 }

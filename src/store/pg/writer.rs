@@ -375,4 +375,48 @@ mod tests {
             assert_eq!(got, stored);
         }
     }
+
+    /// The store's `Read` on PostgreSQL answers from the rows the writer
+    /// committed: rows, pages, counts and events, as on SQLite.
+    #[test]
+    fn reads_through_the_stores_read_see_what_was_committed() {
+        use crate::store::{Filter, ListQuery, Order};
+        let url = database();
+        let client = RefCell::new(super::super::connect(&url).unwrap());
+        let mut last_create = 0;
+        let jobs = (0..3)
+            .map(|i| job(create(new_connection(&format!("c{i}")))).0)
+            .collect();
+        commit(&client, jobs, &mut last_create);
+        let (names, counted, events, revision) = super::super::read(&client, |r| {
+            let page = r.list(&ListQuery {
+                filter: Filter::default(),
+                order: Order::default(),
+                page_size: 10,
+                after: None,
+            })?;
+            let names: Vec<String> = page.connections.iter().map(|c| c.name.clone()).collect();
+            let (counts, _) = r.count(&Filter::default())?;
+            let counted: i64 = counts.iter().map(|(_, n)| n).sum();
+            let events = r.events(&crate::store::EventFilter {
+                connection_id: None,
+                after_revision: Revision::ZERO,
+                limit: 10,
+                owners: None,
+                max_bytes: usize::MAX,
+            })?;
+            let got = r.get(&page.connections[1].id)?.expect("listed");
+            assert_eq!(got, page.connections[1]);
+            Ok((names, counted, events.len(), r.revisions()?.0))
+        })
+        .unwrap();
+        assert_eq!(names, ["c0", "c1", "c2"]);
+        assert_eq!((counted, events, revision.get()), (3, 3, 3));
+        // A failed read leaves the connection usable.
+        let failed: Result<(), Error> =
+            super::super::read(&client, |_| Err(Error::invalid("x", "no")));
+        assert!(failed.is_err());
+        let again = super::super::read(&client, |r| r.revisions()).unwrap();
+        assert_eq!(again.0.get(), 3);
+    }
 }
