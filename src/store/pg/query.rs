@@ -10,12 +10,12 @@
 //! `integer`) and decodes PostgreSQL's rows.
 
 use super::error;
-use crate::connection::{Connection, ConnectionId, Event, EventType, Revision};
+use crate::connection::{Connection, ConnectionId, Event, EventType, Micros, Revision};
 use crate::error::Error;
 use crate::lifecycle::{State, Trigger};
 use crate::store::codec;
 use crate::store::query::{
-    self, Arg, Dialect, EventFilter, Filter, ListQuery, Page, Sealed, StoredAnswer,
+    self, Arg, Dialect, EventFilter, Filter, ListQuery, Page, Sealed, SnapshotCursor, StoredAnswer,
     StoredCredential, Walk,
 };
 use postgres::GenericClient;
@@ -147,6 +147,17 @@ pub(crate) fn revisions(c: &mut impl GenericClient) -> Result<(Revision, Revisio
     Ok((Revision::new(col(&r, 0)?), Revision::new(col(&r, 1)?)))
 }
 
+/// The create_time of the connection made last (0 when there is none).
+pub(crate) fn last_create_time(c: &mut impl GenericClient) -> Result<Micros, Error> {
+    match c
+        .query_opt(query::LAST_CREATE_TIME_SQL, &[])
+        .map_err(error)?
+    {
+        Some(r) => col(&r, 0),
+        None => Ok(0),
+    }
+}
+
 pub(crate) fn get(
     c: &mut impl GenericClient,
     id: &ConnectionId,
@@ -204,6 +215,27 @@ pub(crate) fn list(c: &mut impl GenericClient, q: &ListQuery) -> Result<Page, Er
         .map(|r| connection_at(r, 0))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(query::page_of(q, connections, revision))
+}
+
+/// One page of the matching connections in creation order after `after`,
+/// as [`query::snapshot_page`] reads it: at most `max_rows`, and no more once
+/// `max_bytes` are read (though always one); the cursor while more may follow.
+pub(crate) fn snapshot_page(
+    c: &mut impl GenericClient,
+    filter: &Filter,
+    after: Option<&SnapshotCursor>,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<(Vec<Connection>, Option<SnapshotCursor>), Error> {
+    let (sql, args) = query::snapshot_sql(filter, after, max_rows, Dialect::Postgres);
+    let rows = rows(c, &sql, args)?;
+    let rows = rows.iter().map(|r| {
+        Ok((
+            connection_at(r, 0)?,
+            col(r, query::CONNECTION_COLUMN_COUNT)?,
+        ))
+    });
+    query::snapshot_of::<Error>(rows, max_rows, max_bytes)
 }
 
 /// Matching connections by state, and the revision they were read at.
@@ -1105,6 +1137,61 @@ mod tests {
             key_check(&mut pg).unwrap(),
             Some((b"n".to_vec(), b"s".to_vec()))
         );
+    }
+
+    /// Snapshot pages, by rows and by bytes, are SQLite's: the same rows,
+    /// each once in creation order, and the same cursors.
+    #[test]
+    fn snapshot_pages_are_sqlites() {
+        let mut pg = database();
+        let (_dir, lite) = sqlite();
+        assert_eq!(last_create_time(&mut pg).unwrap(), 0);
+        let rows = dataset();
+        for x in &rows {
+            insert(&mut pg, x);
+            insert_sqlite(&lite, x);
+        }
+        assert_eq!(
+            last_create_time(&mut pg).unwrap(),
+            rows.last().unwrap().create_time
+        );
+        assert_eq!(
+            last_create_time(&mut pg).unwrap(),
+            query::last_create_time(&lite).unwrap()
+        );
+        let one_row = rows[0].approx_size();
+        for filter in filters(&rows) {
+            for (max_rows, max_bytes) in [(3, usize::MAX), (100, 2 * one_row), (0, 0)] {
+                let (mut after, mut seen, mut pages) = (None, Vec::new(), 0);
+                loop {
+                    let (page, next) =
+                        snapshot_page(&mut pg, &filter, after.as_ref(), max_rows, max_bytes)
+                            .unwrap();
+                    let expected =
+                        query::snapshot_page(&lite, &filter, after.as_ref(), max_rows, max_bytes)
+                            .unwrap();
+                    assert_eq!((&page, &next), (&expected.0, &expected.1), "{filter:?}");
+                    pages += 1;
+                    seen.extend(page.into_iter().map(|c| c.id));
+                    match next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+                let (counts, _) = count(&mut pg, &filter).unwrap();
+                let matching: i64 = counts.iter().map(|(_, n)| n).sum();
+                assert_eq!(seen.len() as i64, matching, "{filter:?}");
+                let in_order: Vec<ConnectionId> = rows
+                    .iter()
+                    .map(|x| x.id.clone())
+                    .filter(|id| seen.contains(id))
+                    .collect();
+                assert_eq!(seen, in_order, "{filter:?}");
+                if matching > 3 {
+                    assert!(pages > 1, "{filter:?} {max_rows} {max_bytes}");
+                }
+            }
+        }
     }
 
     #[test]
