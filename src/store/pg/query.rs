@@ -1,13 +1,13 @@
 //! PostgreSQL reads: what `store::query` reads from SQLite (single rows,
-//! keyset pages, counts, event history, stored answers, credentials, probe
-//! candidates, the key check), with the same meaning and the same domain
-//! types, on any client or transaction ([`GenericClient`]), so callers
-//! choose the snapshot.
+//! keyset pages, watch snapshot pages, counts, event history, stored
+//! answers, credentials, probe candidates, the key check), with the same
+//! meaning and the same domain types, on any client or transaction
+//! ([`GenericClient`]), so callers choose the snapshot.
 //!
-//! The SQL of pages, counts and events comes from `store::query`'s builders
-//! in [`Dialect::Postgres`]; this module numbers their `?` placeholders as
-//! `$n`, binds their [`Arg`]s by type (an id as a `uuid`, a state as an
-//! `integer`) and decodes PostgreSQL's rows.
+//! The SQL comes from `store::query`'s builders in [`Dialect::Postgres`]
+//! (one builder per query, for both backends); this module numbers their
+//! `?` placeholders as `$n`, binds their [`Arg`]s by type (an id as a
+//! `uuid`, a state as an `integer`) and decodes PostgreSQL's rows.
 
 use super::error;
 use crate::connection::{Connection, ConnectionId, Event, EventType, Micros, Revision};
