@@ -890,6 +890,70 @@ mod tests {
         assert!(plan.contains("connections_by_credential"), "{plan}");
     }
 
+    /// A page walks its order's index from its cursor on, rather than
+    /// sorting every row: the primary key (`seq`) in creation order, the
+    /// index of the update time or of the name in theirs, both ways.
+    #[test]
+    fn pages_walk_their_orders_index() {
+        let mut pg = database();
+        for i in 0..2000 {
+            let mut x = connection(
+                ConnectionId::generate(),
+                &format!("i{i}"),
+                State::Connected,
+                i,
+            );
+            x.name = format!("n{}", i % 97);
+            x.update_time = i % 89;
+            insert(&mut pg, &x);
+        }
+        pg.batch_execute("ANALYZE connections").unwrap();
+        for (field, index) in [
+            (OrderField::CreateTime, "connections_pkey"),
+            (OrderField::UpdateTime, "connections_by_update"),
+            (OrderField::Name, "connections_by_name"),
+        ] {
+            for descending in [false, true] {
+                // A cursor near the start of its walk: most rows follow it.
+                let key = match (field, descending) {
+                    (OrderField::Name, false) => CursorKey::Text("n1".into()),
+                    (OrderField::Name, true) => CursorKey::Text("n98".into()),
+                    (_, false) => CursorKey::Int(5),
+                    (_, true) => CursorKey::Int(1995),
+                };
+                let q = ListQuery {
+                    filter: Filter::default(),
+                    order: Order { field, descending },
+                    page_size: 50,
+                    after: Some(Cursor {
+                        key,
+                        id: ConnectionId::generate().to_string(),
+                    }),
+                };
+                let (sql, args) = query::page_sql(&q, Walk::Any, Dialect::Postgres).unwrap();
+                let params = params(args);
+                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref()).collect();
+                let plan = pg
+                    .query(&format!("EXPLAIN {}", numbered(&sql)), &refs)
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>();
+                // The page's own scan: the step right under its LIMIT (the
+                // cursor's place is found by steps of their own).
+                assert!(
+                    plan.iter()
+                        .any(|step| step.starts_with("  ->  ") && step.contains(index)),
+                    "{field:?} {descending}: {plan:#?}"
+                );
+                assert!(
+                    !plan.iter().any(|step| step.contains("Sort")),
+                    "{field:?} {descending}: {plan:#?}"
+                );
+            }
+        }
+    }
+
     /// Stores `body` as a blob named `hash`.
     fn blob(pg: &mut postgres::Client, hash: &[u8], body: &str) {
         pg.execute(
