@@ -2,7 +2,9 @@
 //! keyset pages, watch snapshot pages, counts, event history, stored
 //! answers, credentials, probe candidates, the key check), with the same
 //! meaning and the same domain types, on any client or transaction
-//! ([`GenericClient`]), so callers choose the snapshot.
+//! ([`GenericClient`]), so callers choose the snapshot: a read that runs
+//! more than one statement (a page with its revision, say) shows one moment
+//! only in a `REPEATABLE READ` transaction, as SQLite's read transaction does.
 //!
 //! The SQL comes from `store::query`'s builders in [`Dialect::Postgres`]
 //! (one builder per query, for both backends); this module numbers their
@@ -950,6 +952,30 @@ mod tests {
                     !plan.iter().any(|step| step.contains("Sort")),
                     "{field:?} {descending}: {plan:#?}"
                 );
+            }
+        }
+    }
+
+    /// A row PostgreSQL holds but Tether cannot read is an internal error
+    /// naming what is wrong, not a panic nor a connection made up.
+    #[test]
+    fn a_row_that_does_not_decode_is_an_internal_error() {
+        let mut pg = database();
+        let x = connection(ConnectionId::generate(), "x", State::Connected, 1);
+        insert(&mut pg, &x);
+        for (set, what) in [
+            ("state = 99", "bad state"),
+            ("state = 3, state_trigger = 0", "bad trigger"),
+            ("state_trigger = 1, metadata = 'not json'", "metadata"),
+        ] {
+            pg.execute(
+                &format!("UPDATE connections SET {set} WHERE id = $1"),
+                &[&uuid(&x.id)],
+            )
+            .unwrap();
+            match get(&mut pg, &x.id) {
+                Err(Error::Internal(m)) => assert!(m.contains(what), "{set}: {m}"),
+                other => panic!("{set}: {other:?}"),
             }
         }
     }
