@@ -16,7 +16,7 @@ pub(super) const CONNECTION_COLUMNS: &str = "id, kind, type, sub_type, name, des
      state_time, revision, create_time, update_time, last_probe";
 
 /// How many columns [`CONNECTION_COLUMNS`] names.
-const CONNECTION_COLUMN_COUNT: usize = 21;
+pub(super) const CONNECTION_COLUMN_COUNT: usize = 21;
 
 /// [`CONNECTION_COLUMNS`] of the table aliased `row`.
 const ROW_COLUMNS: &str = "row.id, row.kind, row.type, row.sub_type, row.name, row.description, \
@@ -173,16 +173,16 @@ pub(crate) fn revisions(c: &rusqlite::Connection) -> Result<(Revision, Revision)
     Ok(stmt.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?)
 }
 
+/// The create_time of the connection made last, if any.
+pub(super) const LAST_CREATE_TIME_SQL: &str =
+    "SELECT create_time FROM connections ORDER BY seq DESC LIMIT 1";
+
 /// The create_time of the connection made last (0 when there is none):
 /// the latest of all, since creation order is `(create_time, id)` order.
 pub(crate) fn last_create_time(c: &rusqlite::Connection) -> Result<Micros, Error> {
-    Ok(c.query_row(
-        "SELECT create_time FROM connections ORDER BY seq DESC LIMIT 1",
-        [],
-        |r| r.get(0),
-    )
-    .optional()?
-    .unwrap_or(0))
+    Ok(c.query_row(LAST_CREATE_TIME_SQL, [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
 }
 
 /// The connection with id ?1.
@@ -643,10 +643,28 @@ pub(crate) fn snapshot_page(
     max_rows: usize,
     max_bytes: usize,
 ) -> Result<(Vec<Connection>, Option<SnapshotCursor>), Error> {
-    let max_rows = max_rows.max(1);
+    let (sql, args) = snapshot_sql(filter, after, max_rows, Dialect::Sqlite);
+    let mut stmt = c.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(values(args)), |r| {
+        Ok((
+            connection_from_row(r)?,
+            r.get::<_, i64>(CONNECTION_COLUMN_COUNT)?,
+        ))
+    })?;
+    snapshot_of(rows, max_rows, max_bytes)
+}
+
+/// [`snapshot_page`]'s query in dialect `d`: the connection's columns, then
+/// its `seq`; one row more than the page may take.
+pub(super) fn snapshot_sql(
+    filter: &Filter,
+    after: Option<&SnapshotCursor>,
+    max_rows: usize,
+    d: Dialect,
+) -> (String, Vec<Arg>) {
     let mut clauses = Vec::new();
     let mut args = Vec::new();
-    filter.to_sql(Walk::Order, Dialect::Sqlite, &mut clauses, &mut args);
+    filter.to_sql(Walk::Order, d, &mut clauses, &mut args);
     if let Some(a) = after {
         clauses.push("seq > ?".into());
         args.push(Arg::Int8(a.seq));
@@ -654,17 +672,24 @@ pub(crate) fn snapshot_page(
     let sql = format!(
         "SELECT {CONNECTION_COLUMNS}, seq FROM connections {} ORDER BY seq LIMIT {}",
         where_clause(&clauses),
-        max_rows + 1
+        max_rows.max(1) + 1
     );
-    let mut stmt = c.prepare_cached(&sql)?;
-    let mut rows = stmt.query_map(params_from_iter(values(args)), |r| {
-        Ok((
-            connection_from_row(r)?,
-            r.get::<_, i64>(CONNECTION_COLUMN_COUNT)?,
-        ))
-    })?;
+    (sql, args)
+}
+
+/// The snapshot page of the rows (connection, `seq`) a [`snapshot_sql`]
+/// query reads, and the cursor to continue from while more may follow.
+pub(super) fn snapshot_of<E>(
+    rows: impl Iterator<Item = Result<(Connection, i64), E>>,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<(Vec<Connection>, Option<SnapshotCursor>), Error>
+where
+    Error: From<E>,
+{
+    let max_rows = max_rows.max(1);
     let (mut page, mut bytes, mut more, mut last_seq) = (Vec::new(), 0, false, 0);
-    for row in rows.by_ref() {
+    for row in rows {
         if page.len() == max_rows || (!page.is_empty() && bytes >= max_bytes) {
             more = true;
             break;

@@ -1,21 +1,23 @@
 //! PostgreSQL reads: what `store::query` reads from SQLite (single rows,
-//! keyset pages, counts, event history, stored answers, credentials, probe
-//! candidates, the key check), with the same meaning and the same domain
-//! types, on any client or transaction ([`GenericClient`]), so callers
-//! choose the snapshot.
+//! keyset pages, watch snapshot pages, counts, event history, stored
+//! answers, credentials, probe candidates, the key check), with the same
+//! meaning and the same domain types, on any client or transaction
+//! ([`GenericClient`]), so callers choose the snapshot: a read that runs
+//! more than one statement (a page with its revision, say) shows one moment
+//! only in a `REPEATABLE READ` transaction, as SQLite's read transaction does.
 //!
-//! The SQL of pages, counts and events comes from `store::query`'s builders
-//! in [`Dialect::Postgres`]; this module numbers their `?` placeholders as
-//! `$n`, binds their [`Arg`]s by type (an id as a `uuid`, a state as an
-//! `integer`) and decodes PostgreSQL's rows.
+//! The SQL comes from `store::query`'s builders in [`Dialect::Postgres`]
+//! (one builder per query, for both backends); this module numbers their
+//! `?` placeholders as `$n`, binds their [`Arg`]s by type (an id as a
+//! `uuid`, a state as an `integer`) and decodes PostgreSQL's rows.
 
 use super::error;
-use crate::connection::{Connection, ConnectionId, Event, EventType, Revision};
+use crate::connection::{Connection, ConnectionId, Event, EventType, Micros, Revision};
 use crate::error::Error;
 use crate::lifecycle::{State, Trigger};
 use crate::store::codec;
 use crate::store::query::{
-    self, Arg, Dialect, EventFilter, Filter, ListQuery, Page, Sealed, StoredAnswer,
+    self, Arg, Dialect, EventFilter, Filter, ListQuery, Page, Sealed, SnapshotCursor, StoredAnswer,
     StoredCredential, Walk,
 };
 use postgres::GenericClient;
@@ -147,6 +149,17 @@ pub(crate) fn revisions(c: &mut impl GenericClient) -> Result<(Revision, Revisio
     Ok((Revision::new(col(&r, 0)?), Revision::new(col(&r, 1)?)))
 }
 
+/// The create_time of the connection made last (0 when there is none).
+pub(crate) fn last_create_time(c: &mut impl GenericClient) -> Result<Micros, Error> {
+    match c
+        .query_opt(query::LAST_CREATE_TIME_SQL, &[])
+        .map_err(error)?
+    {
+        Some(r) => col(&r, 0),
+        None => Ok(0),
+    }
+}
+
 pub(crate) fn get(
     c: &mut impl GenericClient,
     id: &ConnectionId,
@@ -204,6 +217,27 @@ pub(crate) fn list(c: &mut impl GenericClient, q: &ListQuery) -> Result<Page, Er
         .map(|r| connection_at(r, 0))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(query::page_of(q, connections, revision))
+}
+
+/// One page of the matching connections in creation order after `after`,
+/// as [`query::snapshot_page`] reads it: at most `max_rows`, and no more once
+/// `max_bytes` are read (though always one); the cursor while more may follow.
+pub(crate) fn snapshot_page(
+    c: &mut impl GenericClient,
+    filter: &Filter,
+    after: Option<&SnapshotCursor>,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<(Vec<Connection>, Option<SnapshotCursor>), Error> {
+    let (sql, args) = query::snapshot_sql(filter, after, max_rows, Dialect::Postgres);
+    let rows = rows(c, &sql, args)?;
+    let rows = rows.iter().map(|r| {
+        Ok((
+            connection_at(r, 0)?,
+            col(r, query::CONNECTION_COLUMN_COUNT)?,
+        ))
+    });
+    query::snapshot_of::<Error>(rows, max_rows, max_bytes)
 }
 
 /// Matching connections by state, and the revision they were read at.
@@ -858,6 +892,94 @@ mod tests {
         assert!(plan.contains("connections_by_credential"), "{plan}");
     }
 
+    /// A page walks its order's index from its cursor on, rather than
+    /// sorting every row: the primary key (`seq`) in creation order, the
+    /// index of the update time or of the name in theirs, both ways.
+    #[test]
+    fn pages_walk_their_orders_index() {
+        let mut pg = database();
+        for i in 0..2000 {
+            let mut x = connection(
+                ConnectionId::generate(),
+                &format!("i{i}"),
+                State::Connected,
+                i,
+            );
+            x.name = format!("n{}", i % 97);
+            x.update_time = i % 89;
+            insert(&mut pg, &x);
+        }
+        pg.batch_execute("ANALYZE connections").unwrap();
+        for (field, index) in [
+            (OrderField::CreateTime, "connections_pkey"),
+            (OrderField::UpdateTime, "connections_by_update"),
+            (OrderField::Name, "connections_by_name"),
+        ] {
+            for descending in [false, true] {
+                // A cursor near the start of its walk: most rows follow it.
+                let key = match (field, descending) {
+                    (OrderField::Name, false) => CursorKey::Text("n1".into()),
+                    (OrderField::Name, true) => CursorKey::Text("n98".into()),
+                    (_, false) => CursorKey::Int(5),
+                    (_, true) => CursorKey::Int(1995),
+                };
+                let q = ListQuery {
+                    filter: Filter::default(),
+                    order: Order { field, descending },
+                    page_size: 50,
+                    after: Some(Cursor {
+                        key,
+                        id: ConnectionId::generate().to_string(),
+                    }),
+                };
+                let (sql, args) = query::page_sql(&q, Walk::Any, Dialect::Postgres).unwrap();
+                let params = params(args);
+                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref()).collect();
+                let plan = pg
+                    .query(&format!("EXPLAIN {}", numbered(&sql)), &refs)
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>();
+                // The page's own scan: the step right under its LIMIT (the
+                // cursor's place is found by steps of their own).
+                assert!(
+                    plan.iter()
+                        .any(|step| step.starts_with("  ->  ") && step.contains(index)),
+                    "{field:?} {descending}: {plan:#?}"
+                );
+                assert!(
+                    !plan.iter().any(|step| step.contains("Sort")),
+                    "{field:?} {descending}: {plan:#?}"
+                );
+            }
+        }
+    }
+
+    /// A row PostgreSQL holds but Tether cannot read is an internal error
+    /// naming what is wrong, not a panic nor a connection made up.
+    #[test]
+    fn a_row_that_does_not_decode_is_an_internal_error() {
+        let mut pg = database();
+        let x = connection(ConnectionId::generate(), "x", State::Connected, 1);
+        insert(&mut pg, &x);
+        for (set, what) in [
+            ("state = 99", "bad state"),
+            ("state = 3, state_trigger = 0", "bad trigger"),
+            ("state_trigger = 1, metadata = 'not json'", "metadata"),
+        ] {
+            pg.execute(
+                &format!("UPDATE connections SET {set} WHERE id = $1"),
+                &[&uuid(&x.id)],
+            )
+            .unwrap();
+            match get(&mut pg, &x.id) {
+                Err(Error::Internal(m)) => assert!(m.contains(what), "{set}: {m}"),
+                other => panic!("{set}: {other:?}"),
+            }
+        }
+    }
+
     /// Stores `body` as a blob named `hash`.
     fn blob(pg: &mut postgres::Client, hash: &[u8], body: &str) {
         pg.execute(
@@ -1105,6 +1227,61 @@ mod tests {
             key_check(&mut pg).unwrap(),
             Some((b"n".to_vec(), b"s".to_vec()))
         );
+    }
+
+    /// Snapshot pages, by rows and by bytes, are SQLite's: the same rows,
+    /// each once in creation order, and the same cursors.
+    #[test]
+    fn snapshot_pages_are_sqlites() {
+        let mut pg = database();
+        let (_dir, lite) = sqlite();
+        assert_eq!(last_create_time(&mut pg).unwrap(), 0);
+        let rows = dataset();
+        for x in &rows {
+            insert(&mut pg, x);
+            insert_sqlite(&lite, x);
+        }
+        assert_eq!(
+            last_create_time(&mut pg).unwrap(),
+            rows.last().unwrap().create_time
+        );
+        assert_eq!(
+            last_create_time(&mut pg).unwrap(),
+            query::last_create_time(&lite).unwrap()
+        );
+        let one_row = rows[0].approx_size();
+        for filter in filters(&rows) {
+            for (max_rows, max_bytes) in [(3, usize::MAX), (100, 2 * one_row), (0, 0)] {
+                let (mut after, mut seen, mut pages) = (None, Vec::new(), 0);
+                loop {
+                    let (page, next) =
+                        snapshot_page(&mut pg, &filter, after.as_ref(), max_rows, max_bytes)
+                            .unwrap();
+                    let expected =
+                        query::snapshot_page(&lite, &filter, after.as_ref(), max_rows, max_bytes)
+                            .unwrap();
+                    assert_eq!((&page, &next), (&expected.0, &expected.1), "{filter:?}");
+                    pages += 1;
+                    seen.extend(page.into_iter().map(|c| c.id));
+                    match next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+                let (counts, _) = count(&mut pg, &filter).unwrap();
+                let matching: i64 = counts.iter().map(|(_, n)| n).sum();
+                assert_eq!(seen.len() as i64, matching, "{filter:?}");
+                let in_order: Vec<ConnectionId> = rows
+                    .iter()
+                    .map(|x| x.id.clone())
+                    .filter(|id| seen.contains(id))
+                    .collect();
+                assert_eq!(seen, in_order, "{filter:?}");
+                if matching > 3 {
+                    assert!(pages > 1, "{filter:?} {max_rows} {max_bytes}");
+                }
+            }
+        }
     }
 
     #[test]
