@@ -34,7 +34,9 @@ const MIGRATIONS: &[&str] = &[
         kind          text NOT NULL,
         type          text NOT NULL,
         sub_type      text NOT NULL,
-        name          text NOT NULL,
+        -- Byte order, as SQLite sorts: pages by name do not depend on the
+        -- database's locale.
+        name          text COLLATE "C" NOT NULL,
         description   text NOT NULL,
         url           text NOT NULL,
         identity      text NOT NULL,

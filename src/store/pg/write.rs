@@ -281,17 +281,6 @@ pub(crate) fn scrub(tx: &mut impl GenericClient, id: &ConnectionId) -> Result<()
     Ok(())
 }
 
-/// The create_time of the connection made last (0 when there is none).
-pub(crate) fn last_create_time(tx: &mut impl GenericClient) -> Result<i64, Error> {
-    Ok(tx
-        .query_opt(
-            "SELECT create_time FROM connections ORDER BY seq DESC LIMIT 1",
-            &[],
-        )
-        .map_err(error)?
-        .map_or(0, |r| r.get(0)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,7 +370,7 @@ mod tests {
         update_row(&mut tx, &before, &c).unwrap();
         freeze_snapshot(&mut tx, &before).unwrap();
         insert_event(&mut tx, &event(&c)).unwrap();
-        assert_eq!(last_create_time(&mut tx).unwrap(), 1);
+        assert_eq!(super::super::query::last_create_time(&mut tx).unwrap(), 1);
         tx.commit().unwrap();
 
         let row = client

@@ -11,7 +11,7 @@
 //! A group of volatile jobs only (a probe result that moves nothing) commits
 //! without waiting for the disk (`synchronous_commit = off`).
 
-use super::{error, order, write};
+use super::{error, order};
 use crate::connection::{Event, Micros};
 use crate::error::Error;
 use crate::store::writer::{Job, Tx, run_caught};
@@ -38,7 +38,7 @@ pub(crate) fn commit_group(
         .map_err(error)?;
         let revision = order::begin_group(c)?;
         // Another replica may have made connections since this one last did.
-        let stored = write::last_create_time(c)?;
+        let stored = super::query::last_create_time(c)?;
         Ok::<_, Error>((revision, stored))
     })();
     let (revision, stored) = match begun {
