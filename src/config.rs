@@ -38,6 +38,12 @@ pub fn db_path(db: Option<&std::path::Path>) -> PathBuf {
     base.join("tether").join("tether.db")
 }
 
+/// `db` when it is a `postgres://` or `postgresql://` URL.
+pub fn postgres_url(db: Option<&std::path::Path>) -> Option<&str> {
+    db.and_then(|d| d.to_str())
+        .filter(|d| d.starts_with("postgres://") || d.starts_with("postgresql://"))
+}
+
 /// The secret key file: `key_file`, or `tether.key` beside the database `db`.
 pub fn key_path(key_file: Option<&std::path::Path>, db: &std::path::Path) -> PathBuf {
     key_file.map(|k| k.to_owned()).unwrap_or_else(|| {
@@ -292,7 +298,8 @@ pub struct Config {
     pub keepalive_timeout: Duration,
 
     /// SQLite database file [default: $XDG_DATA_HOME/tether/tether.db,
-    /// else ~/.local/share/tether/tether.db]
+    /// else ~/.local/share/tether/tether.db], or a postgres:// URL (builds
+    /// with the `postgres` feature; several replicas may share it)
     #[arg(long, env = "TETHER_DB")]
     pub db: Option<PathBuf>,
 
@@ -676,6 +683,12 @@ impl Config {
     /// The database file: `--db`, or the per-user data directory.
     pub fn db_path(&self) -> PathBuf {
         db_path(self.db.as_deref())
+    }
+
+    /// The PostgreSQL database `--db` names, when it is a `postgres://` or
+    /// `postgresql://` URL rather than a file.
+    pub fn postgres_url(&self) -> Option<&str> {
+        postgres_url(self.db.as_deref())
     }
 
     /// The secret key file: `--secret-key-file`, or `tether.key` beside the database.

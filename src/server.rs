@@ -88,23 +88,28 @@ impl Server {
         let registry =
             Registry::load(&config.models).map_err(|e| Error::invalid("models", e.to_string()))?;
         let key_in_env = std::env::var_os("TETHER_SECRET_KEY").is_some_and(|k| !k.is_empty());
-        // SQLite writes a header as soon as it opens a file in WAL mode, so an
-        // empty database file beside a key that already exists was truncated
-        // or swapped: starting afresh would reuse revisions its clients have
-        // seen. Checked before SQLite touches the file. (A missing file is a
-        // first start, perhaps with a key provisioned ahead of it.)
-        if empty_database_file(&config.db_path())
-            && (key_in_env || config.secret_key_path().exists())
-        {
-            return Err(Error::Internal(format!(
-                "{} is an empty file although a secret key exists at {}: the database \
-                 looks replaced or truncated; restore it from a backup, or move the empty \
-                 file and the key away to start a new database",
-                config.db_path().display(),
-                config.secret_key_path().display()
-            )));
-        }
-        let store = Store::open(&config.db_path(), config.store_config())?;
+        let store = match config.postgres_url() {
+            Some(url) => open_postgres(url, &config, key_in_env)?,
+            None => {
+                // SQLite writes a header as soon as it opens a file in WAL mode, so an
+                // empty database file beside a key that already exists was truncated
+                // or swapped: starting afresh would reuse revisions its clients have
+                // seen. Checked before SQLite touches the file. (A missing file is a
+                // first start, perhaps with a key provisioned ahead of it.)
+                if empty_database_file(&config.db_path())
+                    && (key_in_env || config.secret_key_path().exists())
+                {
+                    return Err(Error::Internal(format!(
+                        "{} is an empty file although a secret key exists at {}: the database \
+                     looks replaced or truncated; restore it from a backup, or move the empty \
+                     file and the key away to start a new database",
+                        config.db_path().display(),
+                        config.secret_key_path().display()
+                    )));
+                }
+                Store::open(&config.db_path(), config.store_config())?
+            }
+        };
         let secrets = match open_secrets(&config, &store).await {
             Ok(s) => s,
             Err(e) => {
@@ -167,6 +172,30 @@ impl Server {
     }
 }
 
+/// Opens the PostgreSQL database at `url`. Every replica must hold the key
+/// that seals the secrets they share, so it is never made here: it must be
+/// given (`--secret-key-file` or `TETHER_SECRET_KEY`).
+#[cfg(feature = "postgres")]
+fn open_postgres(url: &str, config: &Config, key_in_env: bool) -> Result<Store, Error> {
+    if config.secret_key_file.is_none() && !key_in_env {
+        return Err(Error::invalid(
+            "secret key",
+            "with a PostgreSQL --db, give the key every replica shares: \
+             --secret-key-file or TETHER_SECRET_KEY",
+        ));
+    }
+    Store::open_pg(url, config.store_config())
+}
+
+/// Without the `postgres` feature a PostgreSQL --db is refused.
+#[cfg(not(feature = "postgres"))]
+fn open_postgres(_url: &str, _config: &Config, _key_in_env: bool) -> Result<Store, Error> {
+    Err(Error::invalid(
+        "db",
+        "this tether was built without PostgreSQL; build it with `--features postgres`",
+    ))
+}
+
 /// Opens the database and serves on `listener` until `shutdown` completes.
 pub async fn run(
     config: Config,
@@ -190,17 +219,23 @@ async fn open_secrets(config: &Config, store: &Store) -> Result<SecretBox, Error
     } else {
         path.display().to_string()
     };
-    match (SecretBox::load(&path, env_key.as_deref())?, recorded) {
-        (Some(secrets), Some((nonce, sealed))) => {
-            secrets.open(KEY_CHECK, &nonce, &sealed).map_err(|_| {
+    let opens = |secrets: &SecretBox, nonce: &[u8], sealed: &[u8]| {
+        secrets
+            .open(KEY_CHECK, nonce, sealed)
+            .map(drop)
+            .map_err(|_| {
                 Error::invalid(
                     "secret key",
                     format!(
                         "the key in {source} does not open this database's secrets; \
-                         use the key it was created with"
+                     use the key it was created with"
                     ),
                 )
-            })?;
+            })
+    };
+    match (SecretBox::load(&path, env_key.as_deref())?, recorded) {
+        (Some(secrets), Some((nonce, sealed))) => {
+            opens(&secrets, &nonce, &sealed)?;
             Ok(secrets)
         }
         (None, Some(_)) => Err(Error::invalid(
@@ -217,10 +252,18 @@ async fn open_secrets(config: &Config, store: &Store) -> Result<SecretBox, Error
             };
             let (nonce, sealed) = secrets.seal(KEY_CHECK, &serde_json::Map::new())?;
             // One small row, once: a database over its quota must still
-            // start, or nobody could free space in it.
-            store
-                .write_freeing(move |tx| tx.set_key_check(&nonce, &sealed))
+            // start, or nobody could free space in it. Another replica of a
+            // shared database may have recorded its check since: then the
+            // key must open that one.
+            let recorded = store
+                .write_freeing(move |tx| match tx.key_check()? {
+                    Some(found) => Ok(Some(found)),
+                    None => tx.set_key_check(&nonce, &sealed).map(|()| None),
+                })
                 .await?;
+            if let Some((nonce, sealed)) = recorded {
+                opens(&secrets, &nonce, &sealed)?;
+            }
             Ok(secrets)
         }
     }

@@ -49,13 +49,6 @@ mod codec;
 mod counts_tests;
 mod error;
 #[cfg(feature = "postgres")]
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "being built: only its tests use it until it serves"
-    )
-)]
 mod pg;
 mod query;
 mod read;
@@ -102,12 +95,10 @@ pub(crate) struct Store {
 }
 
 pub(crate) struct Inner {
-    path: PathBuf,
+    /// The database, and what reads it.
+    backend: Backend,
     sender: Mutex<Option<mpsc::SyncSender<writer::Msg>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    /// Held while the store is open: one process per database.
-    lock: Mutex<Option<std::fs::File>>,
-    readers: Mutex<Vec<rusqlite::Connection>>,
     read_permits: Semaphore,
     /// Snapshots being read, each on a connection of its own.
     snapshot_permits: Arc<Semaphore>,
@@ -116,10 +107,24 @@ pub(crate) struct Inner {
     /// I/O error, file replaced); health reports NOT_SERVING meanwhile.
     fault: tokio::sync::watch::Sender<bool>,
     config: StoreConfig,
-    /// The (device, inode) of the database file as opened.
-    file: (u64, u64),
     /// What the writer and the queue record; shared with the layers above.
     metrics: Arc<Metrics>,
+}
+
+/// Where the data is.
+enum Backend {
+    /// A SQLite file, this process's alone.
+    Lite {
+        path: PathBuf,
+        /// Held while the store is open: one process per database.
+        lock: Mutex<Option<std::fs::File>>,
+        readers: Mutex<Vec<rusqlite::Connection>>,
+        /// The (device, inode) of the database file as opened.
+        file: (u64, u64),
+    },
+    /// A PostgreSQL database that other replicas may share.
+    #[cfg(feature = "postgres")]
+    Pg(pg::store::Pg),
 }
 
 impl Inner {
@@ -128,17 +133,24 @@ impl Inner {
     /// server never wrote, so it answers STORAGE_UNAVAILABLE instead.
     /// Connections opened before keep reading the writer's file.
     fn open_reader(&self) -> Result<rusqlite::Connection, Error> {
+        let (path, file) = match &self.backend {
+            Backend::Lite { path, file, .. } => (path, file),
+            #[cfg(feature = "postgres")]
+            Backend::Pg(_) => {
+                return Err(Error::Internal("a SQLite reader on PostgreSQL".into()));
+            }
+        };
         let same = |path: &Path| {
             std::fs::metadata(path)
-                .map(|m| writer::file_id(&m) == self.file)
+                .map(|m| writer::file_id(&m) == *file)
                 .unwrap_or(false)
         };
-        if !same(&self.path) {
+        if !same(path) {
             return Err(replaced());
         }
-        let conn = open_reader(&self.path, self.config.busy_timeout)?;
+        let conn = open_reader(path, self.config.busy_timeout)?;
         // The path could have changed between the look and the open.
-        if !same(&self.path) {
+        if !same(path) {
             return Err(replaced());
         }
         Ok(conn)
@@ -187,20 +199,23 @@ impl Store {
         let (hub, _) = broadcast::channel(config.publish_buffer.max(1));
         let (sender, rx) = mpsc::sync_channel(config.write_queue.max(1));
         let inner = Arc::new(Inner {
-            path: path.to_owned(),
+            backend: Backend::Lite {
+                path: path.to_owned(),
+                lock: Mutex::new(Some(lock)),
+                readers: Mutex::new(Vec::new()),
+                file,
+            },
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(None),
-            lock: Mutex::new(Some(lock)),
-            readers: Mutex::new(Vec::new()),
             read_permits: Semaphore::new(config.read_pool.max(1)),
             snapshot_permits: Arc::new(Semaphore::new(config.read_pool.max(1))),
             hub,
             fault: tokio::sync::watch::Sender::new(false),
             metrics: Arc::new(Metrics::new(config.writer.storage_quota)),
             config: config.clone(),
-            file,
         });
         let w = writer::Writer {
+            path: path.to_owned(),
             conn,
             revision,
             compact,
@@ -342,7 +357,12 @@ impl Store {
             .map_err(|_| shutting_down())?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = inner.readers.lock().expect("reader pool lock").pop();
+            let readers = match &inner.backend {
+                Backend::Lite { readers, .. } => readers,
+                #[cfg(feature = "postgres")]
+                Backend::Pg(pg) => return pg.read(inner.config.read_pool, f),
+            };
+            let pooled = readers.lock().expect("reader pool lock").pop();
             let mut conn = match pooled {
                 Some(c) => c,
                 None => inner.open_reader()?,
@@ -353,7 +373,7 @@ impl Store {
                 tx.finish()?;
                 Ok(out)
             })();
-            let mut pool = inner.readers.lock().expect("reader pool lock");
+            let mut pool = readers.lock().expect("reader pool lock");
             if pool.len() < inner.config.read_pool {
                 pool.push(conn);
             }
@@ -390,27 +410,13 @@ impl Store {
             let _permit = permit;
             let mut opened = Some(opened);
             let result = (|| -> Result<(), Error> {
+                #[cfg(feature = "postgres")]
+                if let Backend::Pg(pg) = &inner.backend {
+                    return pg.snapshot(&filter, rows, bytes, &mut opened, &pages);
+                }
                 let mut conn = inner.open_reader()?;
                 let sql = conn.transaction()?;
-                // The transaction's view is fixed by its first read.
-                let (revision, _) = query::revisions(&sql)?;
-                if let Some(o) = opened.take()
-                    && o.send(Ok(revision)).is_err()
-                {
-                    return Ok(());
-                }
-                let mut after = None;
-                loop {
-                    let (page, next) =
-                        query::snapshot_page(&sql, &filter, after.as_ref(), rows, bytes)?;
-                    if pages.blocking_send(Ok(page)).is_err() {
-                        return Ok(());
-                    }
-                    match next {
-                        Some(n) => after = Some(n),
-                        None => return Ok(()),
-                    }
-                }
+                send_snapshot(&Read::new(&sql), &filter, rows, bytes, &mut opened, &pages)
             })();
             if let Err(e) = result {
                 match opened.take() {
@@ -450,12 +456,20 @@ impl Store {
             })
             .await?;
         let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-        let wal = PathBuf::from(format!("{}-wal", self.inner.path.display()));
+        let (db_file_bytes, wal_file_bytes) = match &self.inner.backend {
+            Backend::Lite { path, .. } => (
+                size(path),
+                size(&PathBuf::from(format!("{}-wal", path.display()))),
+            ),
+            // The server's files are PostgreSQL's to report.
+            #[cfg(feature = "postgres")]
+            Backend::Pg(_) => (used_bytes, 0),
+        };
         Ok(Scraped {
             connections,
             revision,
-            db_file_bytes: size(&self.inner.path),
-            wal_file_bytes: size(&wal),
+            db_file_bytes,
+            wal_file_bytes,
             used_bytes,
         })
     }
@@ -477,9 +491,45 @@ impl Store {
         {
             tracing::error!("writer thread panicked");
         }
-        self.inner.readers.lock().expect("reader pool lock").clear();
-        // Released last, once nothing of ours writes to the file any more.
-        drop(self.inner.lock.lock().expect("lock file lock").take());
+        match &self.inner.backend {
+            Backend::Lite { readers, lock, .. } => {
+                readers.lock().expect("reader pool lock").clear();
+                // Released last, once nothing of ours writes to the file any more.
+                drop(lock.lock().expect("lock file lock").take());
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Pg(pg) => pg.close(),
+        }
+    }
+}
+
+/// Sends the pages of one snapshot read by `r`: its revision first (on
+/// `opened`), then each page on `pages`, until the last or until nobody
+/// takes them. The read's view is fixed by its first read.
+fn send_snapshot(
+    r: &Read<'_>,
+    filter: &Filter,
+    rows: usize,
+    bytes: usize,
+    opened: &mut Option<oneshot::Sender<Result<Revision, Error>>>,
+    pages: &tokio::sync::mpsc::Sender<Result<Vec<Connection>, Error>>,
+) -> Result<(), Error> {
+    let (revision, _) = r.revisions()?;
+    if let Some(o) = opened.take()
+        && o.send(Ok(revision)).is_err()
+    {
+        return Ok(());
+    }
+    let mut after = None;
+    loop {
+        let (page, next) = r.snapshot_page(filter, after.as_ref(), rows, bytes)?;
+        if pages.blocking_send(Ok(page)).is_err() {
+            return Ok(());
+        }
+        match next {
+            Some(n) => after = Some(n),
+            None => return Ok(()),
+        }
     }
 }
 

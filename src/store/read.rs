@@ -70,6 +70,19 @@ impl<'a> Read<'a> {
         on!(&self.sql, sql => super::writer::used_bytes(sql), pg => super::pg::used_bytes(pg))
     }
 
+    /// One page of a snapshot (see [`query::snapshot_page`]).
+    pub(crate) fn snapshot_page(
+        &self,
+        filter: &Filter,
+        after: Option<&query::SnapshotCursor>,
+        rows: usize,
+        bytes: usize,
+    ) -> Result<(Vec<Connection>, Option<query::SnapshotCursor>), Error> {
+        on!(&self.sql,
+            sql => query::snapshot_page(sql, filter, after, rows, bytes),
+            pg => super::pg::query::snapshot_page(pg, filter, after, rows, bytes))
+    }
+
     pub(crate) fn events(&self, f: &EventFilter) -> Result<Vec<Event>, Error> {
         on!(&self.sql, sql => query::events(sql, f), pg => super::pg::query::events(pg, f))
     }

@@ -310,6 +310,14 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
+    /// The sealed key check, if the database has one (another replica may
+    /// have recorded it since this one looked).
+    pub(crate) fn key_check(&self) -> Result<Option<super::query::Sealed>, Error> {
+        on!(&self.sql,
+            sql => super::query::key_check(sql),
+            pg => super::pg::query::key_check(pg))
+    }
+
     /// Records the sealed key check (once per database).
     pub(crate) fn set_key_check(&self, nonce: &[u8], sealed: &[u8]) -> Result<(), Error> {
         let sql = on!(&self.sql, sql => sql, pg => return super::pg::write::set_key_check(pg, nonce, sealed));
@@ -680,6 +688,8 @@ pub(super) fn blob_hash(metadata: &str) -> Option<[u8; 32]> {
 
 /// The writer's own state: the connection, the counters it alone moves.
 pub(super) struct Writer {
+    /// The database file's path, watched for being replaced.
+    pub(crate) path: std::path::PathBuf,
     pub(crate) conn: rusqlite::Connection,
     pub(crate) revision: Revision,
     pub(crate) compact: Revision,
@@ -927,11 +937,9 @@ impl Writer {
     /// `stat` per group, next to an fsync.
     fn check_file(&mut self) -> Result<(), Error> {
         if !self.replaced {
-            let now = std::fs::metadata(&self.inner.path)
-                .ok()
-                .map(|m| file_id(&m));
+            let now = std::fs::metadata(&self.path).ok().map(|m| file_id(&m));
             if now != Some(self.file) {
-                tracing::error!(path = %self.inner.path.display(), "the database file was removed or replaced; refusing writes");
+                tracing::error!(path = %self.path.display(), "the database file was removed or replaced; refusing writes");
                 self.replaced = true;
             }
         }

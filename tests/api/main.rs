@@ -18,6 +18,11 @@ mod faults;
 mod lifecycle;
 mod metrics;
 mod monitor;
+#[cfg(feature = "postgres")]
+#[path = "../../src/store/pg/cluster.rs"]
+mod pg_cluster;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod process;
 mod quota;
 mod sizes;

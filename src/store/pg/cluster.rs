@@ -4,6 +4,9 @@
 //! `TETHER_PG_BIN` names their folder, else `initdb` on the PATH, else the
 //! newest `/usr/lib/postgresql/*/bin`. PostgreSQL refuses to run as root; as
 //! root, the cluster runs as the `postgres` user the package makes.
+//!
+//! The API tests include this file too (`tests/api/main.rs`), so it uses
+//! nothing of the crate's own.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -78,7 +81,8 @@ impl Cluster {
     /// A URL of a new, empty database in the cluster.
     pub(crate) fn database(&self) -> String {
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = super::connect(&self.url("postgres")).expect("the admin database");
+        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+            .expect("the admin database");
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("create a database");

@@ -10,6 +10,7 @@ mod cluster;
 pub(crate) mod order;
 pub(crate) mod query;
 pub(crate) mod schema;
+pub(crate) mod store;
 pub(crate) mod write;
 pub(crate) mod writer;
 
@@ -27,9 +28,16 @@ pub(crate) fn connect(url: &str) -> Result<postgres::Client, Error> {
 pub(crate) fn error(e: postgres::Error) -> Error {
     let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
     if e.is_closed() || io {
-        Error::StorageUnavailable(format!("PostgreSQL: {e}"))
-    } else {
-        Error::Internal(format!("PostgreSQL: {e}"))
+        return Error::StorageUnavailable(format!("PostgreSQL: {e}"));
+    }
+    match e.as_db_error() {
+        // "db error" alone says nothing: PostgreSQL's own words do.
+        Some(db) => Error::Internal(format!(
+            "PostgreSQL: {} ({})",
+            db.message(),
+            db.code().code()
+        )),
+        None => Error::Internal(format!("PostgreSQL: {e}")),
     }
 }
 

@@ -1,0 +1,310 @@
+//! The store over PostgreSQL: [`Store::open_pg`] migrates the database and
+//! starts this replica's writer thread (groups as `pg::writer` commits them)
+//! and its publisher thread (the tail of committed events, from every
+//! replica, into this replica's hub); [`Pg`] is what `Store` keeps of it:
+//! the pool of read connections and the publisher to stop.
+
+use super::order::{Tail, publish};
+use super::{connect, query, schema, writer};
+use crate::connection::{Connection, Micros, Revision};
+use crate::error::Error;
+use crate::store::writer::{Gathered, Msg, next_group};
+use crate::store::{Backend, Filter, Inner, Read, Store, StoreConfig};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::{Semaphore, broadcast, oneshot};
+
+/// How long the publisher waits for a commit before it reads anyway, and
+/// how often it looks whether the store is closing.
+const TAIL_WAIT: Duration = Duration::from_millis(250);
+
+/// What the store keeps of a PostgreSQL database.
+pub(crate) struct Pg {
+    url: String,
+    readers: Mutex<Vec<postgres::Client>>,
+    publisher: Mutex<Option<JoinHandle<()>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Store {
+    /// Opens the PostgreSQL database at `url` (which may be shared with
+    /// other replicas), migrates it, and starts this replica's writer and
+    /// publisher.
+    pub(crate) fn open_pg(url: &str, config: StoreConfig) -> Result<Store, Error> {
+        // The blocking client runs a runtime of its own, which cannot start
+        // on a thread that drives async tasks: it is used on threads of its own.
+        let opened = std::thread::scope(|s| {
+            s.spawn(|| -> Result<_, Error> {
+                let mut client = connect(url)?;
+                schema::migrate(&mut client)?;
+                let (revision, compact) = query::revisions(&mut client)?;
+                let last_create = query::last_create_time(&mut client)?;
+                let tail = Tail::open(url, revision)?;
+                Ok((client, revision, compact, last_create, tail))
+            })
+            .join()
+            .map_err(|_| Error::Internal("opening PostgreSQL panicked".into()))?
+        });
+        let (client, revision, compact, last_create, mut tail) = opened?;
+        let (hub, _) = broadcast::channel(config.publish_buffer.max(1));
+        let (sender, rx) = mpsc::sync_channel(config.write_queue.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(Inner {
+            backend: Backend::Pg(Pg {
+                url: url.to_owned(),
+                readers: Mutex::new(Vec::new()),
+                publisher: Mutex::new(None),
+                stop: stop.clone(),
+            }),
+            sender: Mutex::new(Some(sender)),
+            thread: Mutex::new(None),
+            read_permits: Semaphore::new(config.read_pool.max(1)),
+            snapshot_permits: Arc::new(Semaphore::new(config.read_pool.max(1))),
+            hub,
+            fault: tokio::sync::watch::Sender::new(false),
+            metrics: Arc::new(crate::metrics::Metrics::new(config.writer.storage_quota)),
+            config: config.clone(),
+        });
+        let publishing = inner.clone();
+        let publisher = std::thread::Builder::new()
+            .name("tether-publisher".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if let Err(e) = publish(&mut tail, &publishing.hub, TAIL_WAIT) {
+                        tracing::warn!(error = %e, "reading committed events failed; retrying");
+                        std::thread::sleep(TAIL_WAIT);
+                    }
+                }
+            })
+            .map_err(|e| Error::Internal(format!("cannot start publisher thread: {e}")))?;
+        let writing = inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("tether-writer".into())
+            .spawn(move || run(client, rx, &writing, last_create))
+            .map_err(|e| Error::Internal(format!("cannot start writer thread: {e}")))?;
+        if let Backend::Pg(pg) = &inner.backend {
+            *pg.publisher.lock().expect("publisher lock") = Some(publisher);
+        }
+        *inner.thread.lock().expect("writer handle lock") = Some(handle);
+        tracing::info!(
+            revision = revision.get(),
+            compact_revision = compact.get(),
+            "store open on PostgreSQL"
+        );
+        Ok(Store { inner })
+    }
+}
+
+/// This replica's writer: groups committed as `pg::writer` commits them,
+/// answered once their fate is known. Published by the tail, not here: the
+/// tail alone keeps this replica's watchers in revision order.
+fn run(client: postgres::Client, rx: Receiver<Msg>, inner: &Inner, mut last_create: Micros) {
+    let client = RefCell::new(client);
+    let mut held = None;
+    loop {
+        let (mut jobs, stop) =
+            match next_group(&rx, &mut held, TAIL_WAIT, &inner.config.writer, inner) {
+                Gathered::Jobs(jobs, stop) => (jobs, stop),
+                Gathered::Timeout => continue,
+                Gathered::Stop => break,
+            };
+        let started = std::time::Instant::now();
+        let durable = jobs.iter().any(|j| j.durable());
+        match writer::commit_group(&client, &mut jobs, &mut last_create) {
+            Ok(_) => {
+                inner
+                    .metrics
+                    .committed(jobs.len(), durable, started.elapsed());
+                let fault = jobs.iter().any(|j| j.storage_fault());
+                inner
+                    .fault
+                    .send_if_modified(|f| std::mem::replace(f, fault) != fault);
+                for job in jobs {
+                    job.finish(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = jobs.len(), "commit failed; nothing in the group was applied");
+                let fault = e.is_storage_fault();
+                inner
+                    .fault
+                    .send_if_modified(|f| std::mem::replace(f, fault) != fault);
+                for job in jobs {
+                    job.finish(Err(e.clone()));
+                }
+                // A connection that broke is made again for the next group.
+                if let Backend::Pg(pg) = &inner.backend
+                    && client.borrow().is_closed()
+                {
+                    match connect(&pg.url) {
+                        Ok(c) => *client.borrow_mut() = c,
+                        Err(e) => tracing::warn!(error = %e, "cannot reach PostgreSQL"),
+                    }
+                }
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+    tracing::debug!("writer stopped");
+}
+
+impl Pg {
+    /// Runs `f` on a pooled connection in one read transaction.
+    pub(crate) fn read<T>(
+        &self,
+        pool_size: usize,
+        f: impl FnOnce(&Read<'_>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let pooled = self.readers.lock().expect("reader pool lock").pop();
+        let client = RefCell::new(match pooled {
+            Some(c) => c,
+            None => connect(&self.url)?,
+        });
+        let result = super::read(&client, f);
+        let client = client.into_inner();
+        let mut pool = self.readers.lock().expect("reader pool lock");
+        if !client.is_closed() && pool.len() < pool_size {
+            pool.push(client);
+        }
+        result
+    }
+
+    /// Sends the pages of one snapshot, as `Store::snapshot` does on SQLite:
+    /// the revision first (on `opened`), then each page on `pages`.
+    pub(crate) fn snapshot(
+        &self,
+        filter: &Filter,
+        rows: usize,
+        bytes: usize,
+        opened: &mut Option<oneshot::Sender<Result<Revision, Error>>>,
+        pages: &tokio::sync::mpsc::Sender<Result<Vec<Connection>, Error>>,
+    ) -> Result<(), Error> {
+        let client = RefCell::new(connect(&self.url)?);
+        super::read(&client, |r| {
+            crate::store::send_snapshot(r, filter, rows, bytes, opened, pages)
+        })
+    }
+
+    /// Stops the publisher and drops the pooled connections.
+    pub(crate) fn close(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.publisher.lock().expect("publisher lock").take()
+            && h.join().is_err()
+        {
+            tracing::error!("publisher thread panicked");
+        }
+        self.readers.lock().expect("reader pool lock").clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::{ConnectionId, EventType};
+    use crate::lifecycle::{State, Trigger};
+    use crate::store::EventDraft;
+    use crate::store::pg::cluster::Cluster;
+
+    fn made(name: &str) -> Connection {
+        let id = ConnectionId::generate();
+        Connection {
+            identity: id.to_string(),
+            id,
+            kind: "tcp".into(),
+            type_: String::new(),
+            sub_type: String::new(),
+            name: name.into(),
+            description: String::new(),
+            url: String::new(),
+            metadata: Default::default(),
+            labels: Default::default(),
+            managed: false,
+            credential_id: String::new(),
+            owner: String::new(),
+            state: State::Discovered,
+            state_reason: String::new(),
+            state_trigger: Trigger::User,
+            state_time: 0,
+            revision: Revision::ZERO,
+            create_time: 0,
+            update_time: 0,
+            last_probe: None,
+        }
+    }
+
+    async fn create(store: &Store, name: &str) -> Connection {
+        let mut c = made(name);
+        store
+            .write(move |tx| {
+                tx.record(
+                    &mut c,
+                    EventDraft {
+                        type_: EventType::Created,
+                        from_state: State::Discovered,
+                        trigger: Trigger::User,
+                        reason: String::new(),
+                        actor: "test".into(),
+                    },
+                )?;
+                Ok(c)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Two replicas on one database: what either commits, both read, and a
+    /// watcher on each receives every change once, in revision order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_serve_one_database() {
+        // The blocking client cannot run on the runtime's threads.
+        let url = std::thread::spawn(|| Cluster::shared().database())
+            .join()
+            .unwrap();
+        let config = crate::Config::default().store_config();
+        let a = Store::open_pg(&url, config.clone()).unwrap();
+        let b = Store::open_pg(&url, config).unwrap();
+        let (mut on_a, mut on_b) = (a.subscribe(), b.subscribe());
+        let mut names = Vec::new();
+        for i in 0..10 {
+            let (x, y) = (format!("a{i}"), format!("b{i}"));
+            let (made_a, made_b) = tokio::join!(create(&a, &x), create(&b, &y));
+            assert_ne!(made_a.revision, made_b.revision);
+            names.push((made_a.revision.get(), x));
+            names.push((made_b.revision.get(), y));
+        }
+        names.sort();
+        for watcher in [&mut on_a, &mut on_b] {
+            let mut got = Vec::new();
+            while got.len() < names.len() {
+                let event = watcher.recv().await.unwrap();
+                got.push((event.revision.get(), event.connection.name.clone()));
+            }
+            assert_eq!(got, names);
+        }
+        for store in [&a, &b] {
+            let (counts, revision) = store.read(|r| r.count(&Filter::default())).await.unwrap();
+            assert_eq!(revision.get(), 20);
+            assert_eq!(counts.iter().map(|(_, n)| n).sum::<i64>(), 20);
+            let mut snapshot = store
+                .snapshot(Filter::default(), 7, usize::MAX)
+                .await
+                .unwrap();
+            let mut listed = 0;
+            while let Some(page) = snapshot.next_page().await {
+                listed += page.unwrap().len();
+            }
+            assert_eq!((snapshot.revision.get(), listed), (20, 20));
+        }
+        for store in [a, b] {
+            tokio::task::spawn_blocking(move || store.close())
+                .await
+                .unwrap();
+        }
+    }
+}
