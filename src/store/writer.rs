@@ -904,10 +904,7 @@ impl Writer {
                     events.iter().map(|e| &e.connection_id).collect();
                 touched.sort_unstable();
                 touched.dedup();
-                let mut stmt = sql.prepare_cached(
-                    "DELETE FROM events WHERE connection_id = ?1 AND revision <= ?2 \
-                     AND revision < (SELECT max(revision) FROM events WHERE connection_id = ?1)",
-                )?;
+                let mut stmt = sql.prepare_cached(DROP_SUPERSEDED)?;
                 for id in touched {
                     stmt.execute(params![id, compact])?;
                 }
@@ -967,14 +964,7 @@ impl Writer {
             // is not, read from the compaction mark up (what is read is what
             // goes). A clock set back keeps more, never less.
             let newest_old: Option<Revision> = sql
-                .query_row(
-                    "SELECT coalesce( \
-                         (SELECT revision - 1 FROM events WHERE revision > ?1 AND time >= ?2 \
-                          ORDER BY revision LIMIT 1), \
-                         (SELECT max(revision) FROM events))",
-                    params![self.compact, cutoff],
-                    |r| r.get(0),
-                )
+                .query_row(NEWEST_OLD, params![self.compact, cutoff], |r| r.get(0))
                 .optional()?
                 .flatten();
             let mut compact = self.compact;
@@ -986,7 +976,7 @@ impl Writer {
                     [r],
                 )?;
             }
-            sql.execute("DELETE FROM requests WHERE time < ?1", [cutoff])?;
+            sql.execute(EXPIRED_ANSWERS, [cutoff])?;
             // And by count: the newest `max_answers` stay.
             sql.execute(
                 "DELETE FROM requests WHERE rowid IN \
@@ -1086,14 +1076,32 @@ fn prune_range(
     above: Revision,
     through: Revision,
 ) -> Result<(), Error> {
-    sql.prepare_cached(
-        "DELETE FROM events WHERE revision > ?1 AND revision <= ?2 AND EXISTS \
-         (SELECT 1 FROM events AS newer WHERE newer.connection_id = events.connection_id \
-          AND newer.revision > events.revision)",
-    )?
-    .execute([above, through])?;
+    sql.prepare_cached(PRUNE_RANGE)?.execute([above, through])?;
     Ok(())
 }
+
+/// [`prune_range`]'s statement: the events in revisions `(?1, ?2]` but each
+/// connection's latest.
+pub(super) const PRUNE_RANGE: &str = "DELETE FROM events WHERE revision > ?1 AND revision <= ?2 \
+     AND EXISTS (SELECT 1 FROM events AS newer WHERE newer.connection_id = events.connection_id \
+     AND newer.revision > events.revision)";
+
+/// Connection ?1's events at or below the compaction mark ?2, but its latest:
+/// kept below the mark while they were its latest, they go once it has a newer.
+pub(super) const DROP_SUPERSEDED: &str = "DELETE FROM events WHERE connection_id = ?1 \
+     AND revision <= ?2 AND revision < (SELECT max(revision) FROM events WHERE connection_id = ?1)";
+
+/// The newest revision older than the retention window (time ?2), read in
+/// revision order from the compaction mark ?1: the one before the first
+/// that is not old (so a clock set back keeps more, never less), or the
+/// newest of all.
+pub(super) const NEWEST_OLD: &str = "SELECT coalesce( \
+     (SELECT revision - 1 FROM events WHERE revision > ?1 AND time >= ?2 \
+      ORDER BY revision LIMIT 1), \
+     (SELECT max(revision) FROM events))";
+
+/// Stored answers older than the retention window (time ?1).
+pub(super) const EXPIRED_ANSWERS: &str = "DELETE FROM requests WHERE time < ?1";
 
 /// Over the storage quota, the error every job that frees no space gets.
 /// Checked once per group, before it runs: a group checked under the quota

@@ -86,6 +86,26 @@ impl App {
     ) -> App {
         let mut config = test_config();
         config.db = Some(dir.path().join("tether.db"));
+        #[cfg(feature = "postgres")]
+        if std::env::var_os("TETHER_TEST_DB").is_some_and(|v| v == "postgres") {
+            // The same tests over a database of their own in a throwaway
+            // cluster; a restart in the same folder finds the same database.
+            let named = dir.path().join("postgres.url");
+            let url = match std::fs::read_to_string(&named) {
+                Ok(url) => url,
+                Err(_) => {
+                    let url = tokio::task::spawn_blocking(|| {
+                        crate::pg_cluster::Cluster::shared().database()
+                    })
+                    .await
+                    .expect("a database");
+                    std::fs::write(&named, &url).expect("note the database");
+                    url
+                }
+            };
+            config.db = Some(url.into());
+            config.secret_key_file = Some(dir.path().join("tether.key"));
+        }
         tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

@@ -1,5 +1,8 @@
 //! One integration-test binary that drives the real gRPC surface: a server on
-//! 127.0.0.1:0, a SQLite file in a temp dir, a tonic client.
+//! 127.0.0.1:0, a SQLite file in a temp dir, a tonic client. With the
+//! `postgres` feature and `TETHER_TEST_DB=postgres`, each server runs on a
+//! database of its own in a throwaway PostgreSQL cluster instead
+//! (`common::App`; the test command runs them both ways).
 
 mod access;
 mod audit;

@@ -49,7 +49,8 @@ impl Cluster {
             .expect("a free port")
             .port();
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {}",
+            // Many tests, each with replicas of their own, run at once.
+            "-c listen_addresses=127.0.0.1 -c max_connections=1000 -p {port} -k {}",
             dir.display()
         );
         run(command(&bin, "pg_ctl")

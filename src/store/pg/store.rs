@@ -6,7 +6,7 @@
 
 use super::order::{Tail, publish};
 use super::{connect, query, schema, writer};
-use crate::connection::{Connection, Micros, Revision};
+use crate::connection::{Connection, Micros, Revision, now_micros};
 use crate::error::Error;
 use crate::store::writer::{Gathered, Msg, next_group};
 use crate::store::{Backend, Filter, Inner, Read, Store, StoreConfig};
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, broadcast, oneshot};
 
 /// How long the publisher waits for a commit before it reads anyway, and
@@ -104,17 +104,29 @@ impl Store {
 /// tail alone keeps this replica's watchers in revision order.
 fn run(client: postgres::Client, rx: Receiver<Msg>, inner: &Inner, mut last_create: Micros) {
     let client = RefCell::new(client);
+    let config = &inner.config.writer;
     let mut held = None;
+    let mut next_prune = Instant::now();
     loop {
-        let (mut jobs, stop) =
-            match next_group(&rx, &mut held, TAIL_WAIT, &inner.config.writer, inner) {
-                Gathered::Jobs(jobs, stop) => (jobs, stop),
-                Gathered::Timeout => continue,
-                Gathered::Stop => break,
-            };
+        if Instant::now() >= next_prune {
+            match writer::prune(&mut client.borrow_mut(), config, now_micros()) {
+                Ok(Some(mark)) => {
+                    tracing::info!(compact_revision = mark.get(), "pruned event history")
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning history failed; will retry"),
+            }
+            next_prune = Instant::now() + config.prune_interval;
+        }
+        let wait = next_prune.saturating_duration_since(Instant::now());
+        let (mut jobs, stop) = match next_group(&rx, &mut held, wait, config, inner) {
+            Gathered::Jobs(jobs, stop) => (jobs, stop),
+            Gathered::Timeout => continue,
+            Gathered::Stop => break,
+        };
         let started = std::time::Instant::now();
         let durable = jobs.iter().any(|j| j.durable());
-        match writer::commit_group(&client, &mut jobs, &mut last_create) {
+        match writer::commit_group(&client, &mut jobs, &mut last_create, config) {
             Ok(_) => {
                 inner
                     .metrics

@@ -12,9 +12,13 @@
 //! without waiting for the disk (`synchronous_commit = off`).
 
 use super::{error, order};
+use crate::connection::{ConnectionId, Revision};
 use crate::connection::{Event, Micros};
 use crate::error::Error;
-use crate::store::writer::{Job, Tx, run_caught};
+use crate::store::writer::{
+    DROP_SUPERSEDED, EXPIRED_ANSWERS, Job, NEWEST_OLD, PRUNE_RANGE, Tx, WriterConfig, run_caught,
+};
+use postgres::GenericClient;
 use std::cell::RefCell;
 
 /// Commits `jobs` as one group on `client` (not in a transaction). `last_create`
@@ -24,6 +28,7 @@ pub(crate) fn commit_group(
     client: &RefCell<postgres::Client>,
     jobs: &mut [Box<dyn Job>],
     last_create: &mut Micros,
+    config: &WriterConfig,
 ) -> Result<Vec<Event>, Error> {
     let durable = jobs.iter().any(|j| j.durable());
     // BEGIN and COMMIT are the writer's own statements, not the client's
@@ -80,6 +85,7 @@ pub(crate) fn commit_group(
     let ended = (|| {
         let c = &mut *client.borrow_mut();
         if last != revision {
+            keep_history(c, last, &events, config)?;
             order::end_group(c, last)?;
         }
         // PostgreSQL answers COMMIT of a transaction a failed statement
@@ -94,6 +100,95 @@ pub(crate) fn commit_group(
     }
     *last_create = created;
     Ok(events)
+}
+
+/// Keeps at most the newest `retention_count` events (and each connection's
+/// latest), as the SQLite writer does after each group: moves the
+/// compaction mark, and drops what a connection changed in this group had
+/// kept below it.
+fn keep_history(
+    c: &mut postgres::Client,
+    revision: Revision,
+    events: &[Event],
+    config: &WriterConfig,
+) -> Result<(), Error> {
+    let mut compact = compaction_mark(c)?;
+    let keep = i64::try_from(config.retention_count).unwrap_or(i64::MAX);
+    let floor = Revision::new(revision.get().saturating_sub(keep));
+    if floor > compact {
+        move_mark(c, compact, floor)?;
+        compact = floor;
+    }
+    if compact > Revision::ZERO {
+        let mut touched: Vec<&ConnectionId> = events.iter().map(|e| &e.connection_id).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let drop = super::query::numbered(DROP_SUPERSEDED);
+        for id in touched {
+            let id = uuid::Uuid::from_bytes(*id.as_bytes());
+            c.execute(&drop, &[&id, &compact.get()]).map_err(error)?;
+        }
+    }
+    Ok(())
+}
+
+fn compaction_mark(c: &mut impl GenericClient) -> Result<Revision, Error> {
+    let row = c
+        .query_one("SELECT value FROM meta WHERE key = 'compact_revision'", &[])
+        .map_err(error)?;
+    Ok(Revision::new(row.get(0)))
+}
+
+/// Prunes the events in `(above, through]` (but each connection's latest)
+/// and moves the compaction mark to `through`.
+fn move_mark(c: &mut impl GenericClient, above: Revision, through: Revision) -> Result<(), Error> {
+    c.execute(
+        &super::query::numbered(PRUNE_RANGE),
+        &[&above.get(), &through.get()],
+    )
+    .map_err(error)?;
+    c.execute(
+        "UPDATE meta SET value = $1 WHERE key = 'compact_revision'",
+        &[&through.get()],
+    )
+    .map_err(error)?;
+    Ok(())
+}
+
+/// Drops the events and stored answers older than the retention window, and
+/// answers past the most kept, as the SQLite writer's timed pruning does. It
+/// holds the revision row, so replicas pruning at once take turns and the
+/// compaction mark only moves up. The new mark, when it moved.
+pub(crate) fn prune(
+    client: &mut postgres::Client,
+    config: &WriterConfig,
+    now: Micros,
+) -> Result<Option<Revision>, Error> {
+    let cutoff = now - config.retention.as_micros() as i64;
+    let mut tx = client.transaction().map_err(error)?;
+    order::begin_group(&mut tx)?;
+    let compact = compaction_mark(&mut tx)?;
+    let newest_old: Option<i64> = tx
+        .query_one(
+            &super::query::numbered(NEWEST_OLD),
+            &[&compact.get(), &cutoff],
+        )
+        .map_err(error)?
+        .get(0);
+    let moved = newest_old.map(Revision::new).filter(|r| *r > compact);
+    if let Some(r) = moved {
+        move_mark(&mut tx, compact, r)?;
+    }
+    tx.execute(&super::query::numbered(EXPIRED_ANSWERS), &[&cutoff])
+        .map_err(error)?;
+    tx.execute(
+        "DELETE FROM requests WHERE request_id IN (SELECT request_id FROM requests \
+         ORDER BY time DESC, request_id DESC OFFSET $1)",
+        &[&(config.max_answers as i64)],
+    )
+    .map_err(error)?;
+    tx.commit().map_err(error)?;
+    Ok(moved)
 }
 
 /// Ends a group that cannot commit. A connection that broke has nothing to
@@ -184,7 +279,8 @@ mod tests {
         last_create: &mut Micros,
     ) -> Vec<Event> {
         let mut jobs = jobs;
-        let events = commit_group(client, &mut jobs, last_create).unwrap();
+        let config = crate::Config::default().store_config().writer;
+        let events = commit_group(client, &mut jobs, last_create, &config).unwrap();
         for job in jobs {
             job.finish(Ok(()));
         }
