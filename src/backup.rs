@@ -37,6 +37,13 @@ pub struct BackupArgs {
 
 /// Copies the database at `args.db` to `args.out` (and the key, if asked).
 pub fn run(args: &BackupArgs) -> Result<Done, Error> {
+    if crate::config::postgres_url(args.db.as_deref()).is_some() {
+        return Err(Error::invalid(
+            "db",
+            "a PostgreSQL database is backed up with PostgreSQL's own tools (pg_dump, or its \
+             continuous archiving)",
+        ));
+    }
     let db = crate::config::db_path(args.db.as_deref());
     if !db.exists() {
         return Err(Error::invalid(

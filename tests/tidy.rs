@@ -79,13 +79,15 @@ fn every_source_file_opens_by_saying_what_it_owns() {
 }
 
 #[test]
-fn sqlite_is_used_only_inside_the_store() {
-    let outside = sources()
-        .into_iter()
-        .filter(|(path, text)| !path.starts_with("src/store/") && code(text).contains("rusqlite"))
-        .map(|(path, _)| path)
-        .collect();
-    fail("rusqlite is used outside src/store/", outside);
+fn databases_are_used_only_inside_the_store() {
+    for client in ["rusqlite", "postgres::"] {
+        let outside = sources()
+            .into_iter()
+            .filter(|(path, text)| !path.starts_with("src/store/") && code(text).contains(client))
+            .map(|(path, _)| path)
+            .collect();
+        fail(&format!("{client} is used outside src/store/"), outside);
+    }
 }
 
 /// Where gRPC and protobuf types may appear: the service and server layers,

@@ -119,3 +119,24 @@ async fn a_backup_never_overwrites_a_file_nor_writes_the_key_into_itself() {
     );
     app.stop().await.unwrap();
 }
+
+/// A PostgreSQL database is PostgreSQL's to back up: refused, nothing written.
+#[tokio::test]
+async fn a_postgresql_database_is_not_backed_up_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("copy.db");
+    // Refused before any connection is tried: no server listens there.
+    let run = backup(&[
+        "--db",
+        "postgres://tether@127.0.0.1:9/tether",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .await;
+    assert!(!run.status.success());
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("pg_dump"),
+        "{run:?}"
+    );
+    assert!(!out.exists());
+}

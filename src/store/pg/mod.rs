@@ -1,9 +1,10 @@
-//! The PostgreSQL backend, being built behind the `postgres` feature: so far
-//! the connection, the schema with its migrations ([`schema`]), the
-//! revision in commit order across replicas with the tail that reads it
-//! ([`order`]), the reads ([`query`]) and the writes a writer job makes
-//! ([`write`]). Nothing serves from it yet; docs/ARCHITECTURE.md
-//! ("PostgreSQL") has the design the rest follows.
+//! The PostgreSQL backend, behind the `postgres` feature (a preview): the
+//! connection and its errors, the schema with its migrations ([`schema`]),
+//! the revision in commit order across replicas with the tail that reads it
+//! ([`order`]), the reads ([`query`]), the writes a writer job makes
+//! ([`mod@write`]), a replica's writer groups ([`writer`]) and the store
+//! over them ([`store`]). docs/ARCHITECTURE.md ("PostgreSQL") has the
+//! design, and what is not built yet.
 
 #[cfg(test)]
 mod cluster;
