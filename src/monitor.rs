@@ -179,6 +179,18 @@ impl Monitor {
                     for id in &ids {
                         schedule.keys.remove(id);
                     }
+                    // Another replica probes the rest (PostgreSQL): looked at
+                    // again at their next turn, in case that one went away.
+                    ids.retain(|id| {
+                        let mine = self.store.probes(id);
+                        if !mine {
+                            schedule.put(id.clone(), self.config.interval);
+                        }
+                        mine
+                    });
+                    if ids.is_empty() {
+                        continue;
+                    }
                     let read = ids.clone();
                     let rows = match self
                         .store

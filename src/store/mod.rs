@@ -64,7 +64,7 @@ pub(crate) use read::Read;
 pub(crate) use writer::{EventDraft, Tx, WriterConfig};
 
 use crate::connection::Revision;
-use crate::connection::{Connection, Event};
+use crate::connection::{Connection, ConnectionId, Event};
 use crate::error::Error;
 use crate::metrics::{Metrics, Scraped};
 use std::path::{Path, PathBuf};
@@ -472,6 +472,19 @@ impl Store {
             wal_file_bytes,
             used_bytes,
         })
+    }
+
+    /// Whether this process probes connection `id`: always on SQLite; on
+    /// PostgreSQL, when its replica holds the connection's shard.
+    pub(crate) fn probes(&self, id: &ConnectionId) -> bool {
+        match &self.inner.backend {
+            Backend::Lite { .. } => {
+                let _ = id;
+                true
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Pg(pg) => pg.held.probes(id),
+        }
     }
 
     /// Receives every committed event from now on, in revision order.

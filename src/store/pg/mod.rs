@@ -2,8 +2,8 @@
 //! connection and its errors, the schema with its migrations ([`schema`]),
 //! the revision in commit order across replicas with the tail that reads it
 //! ([`order`]), the reads ([`query`]), the writes a writer job makes
-//! ([`mod@write`]), a replica's writer groups ([`writer`]) and the store
-//! over them ([`store`]). docs/ARCHITECTURE.md ("PostgreSQL") has the
+//! ([`mod@write`]), a replica's writer groups ([`writer`]), probing shared
+//! out ([`shards`]) and the store over them ([`store`]). docs/ARCHITECTURE.md ("PostgreSQL") has the
 //! design, and what is not built yet.
 
 #[cfg(test)]
@@ -11,6 +11,7 @@ mod cluster;
 pub(crate) mod order;
 pub(crate) mod query;
 pub(crate) mod schema;
+pub(crate) mod shards;
 pub(crate) mod store;
 pub(crate) mod write;
 pub(crate) mod writer;

@@ -1,10 +1,12 @@
 //! The store over PostgreSQL: [`Store::open_pg`] migrates the database and
-//! starts this replica's writer thread (groups as `pg::writer` commits them)
-//! and its publisher thread (the tail of committed events, from every
-//! replica, into this replica's hub); [`Pg`] is what `Store` keeps of it:
-//! the pool of read connections and the publisher to stop.
+//! starts this replica's writer thread (groups as `pg::writer` commits them),
+//! its publisher thread (the tail of committed events, from every replica,
+//! into this replica's hub) and its shard thread (which connections it
+//! probes, `pg::shards`); [`Pg`] is what `Store` keeps of it: the pool of
+//! read connections, the shards held, and the threads to stop.
 
 use super::order::{Tail, publish};
+use super::shards::{Held, Shards};
 use super::{connect, query, schema, writer};
 use crate::connection::{Connection, Micros, Revision, now_micros};
 use crate::error::Error;
@@ -26,8 +28,11 @@ const TAIL_WAIT: Duration = Duration::from_millis(250);
 pub(crate) struct Pg {
     url: String,
     readers: Mutex<Vec<postgres::Client>>,
-    publisher: Mutex<Option<JoinHandle<()>>>,
+    /// The publisher and shard threads, stopped by `stop`.
+    threads: Mutex<Vec<JoinHandle<()>>>,
     stop: Arc<AtomicBool>,
+    /// The shards whose connections this replica probes.
+    pub(crate) held: Arc<Held>,
 }
 
 impl Store {
@@ -44,12 +49,15 @@ impl Store {
                 let (revision, compact) = query::revisions(&mut client)?;
                 let last_create = query::last_create_time(&mut client)?;
                 let tail = Tail::open(url, revision)?;
-                Ok((client, revision, compact, last_create, tail))
+                let mut shards = Shards::open(url)?;
+                // Probing starts with this replica's part already taken.
+                shards.rebalance()?;
+                Ok((client, revision, compact, last_create, tail, shards))
             })
             .join()
             .map_err(|_| Error::Internal("opening PostgreSQL panicked".into()))?
         });
-        let (client, revision, compact, last_create, mut tail) = opened?;
+        let (client, revision, compact, last_create, mut tail, shards) = opened?;
         let (hub, _) = broadcast::channel(config.publish_buffer.max(1));
         let (sender, rx) = mpsc::sync_channel(config.write_queue.max(1));
         let stop = Arc::new(AtomicBool::new(false));
@@ -57,8 +65,9 @@ impl Store {
             backend: Backend::Pg(Pg {
                 url: url.to_owned(),
                 readers: Mutex::new(Vec::new()),
-                publisher: Mutex::new(None),
+                threads: Mutex::new(Vec::new()),
                 stop: stop.clone(),
+                held: shards.held(),
             }),
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(None),
@@ -70,10 +79,11 @@ impl Store {
             config: config.clone(),
         });
         let publishing = inner.clone();
+        let stopping = stop.clone();
         let publisher = std::thread::Builder::new()
             .name("tether-publisher".into())
             .spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
+                while !stopping.load(Ordering::SeqCst) {
                     if let Err(e) = publish(&mut tail, &publishing.hub, TAIL_WAIT) {
                         tracing::warn!(error = %e, "reading committed events failed; retrying");
                         std::thread::sleep(TAIL_WAIT);
@@ -86,8 +96,16 @@ impl Store {
             .name("tether-writer".into())
             .spawn(move || run(client, rx, &writing, last_create))
             .map_err(|e| Error::Internal(format!("cannot start writer thread: {e}")))?;
+        let sharing = url.to_owned();
+        let sharer = std::thread::Builder::new()
+            .name("tether-shards".into())
+            .spawn(move || shards.run(&sharing, &stop))
+            .map_err(|e| Error::Internal(format!("cannot start shard thread: {e}")))?;
         if let Backend::Pg(pg) = &inner.backend {
-            *pg.publisher.lock().expect("publisher lock") = Some(publisher);
+            pg.threads
+                .lock()
+                .expect("threads lock")
+                .extend([publisher, sharer]);
         }
         *inner.thread.lock().expect("writer handle lock") = Some(handle);
         tracing::info!(
@@ -203,13 +221,15 @@ impl Pg {
         })
     }
 
-    /// Stops the publisher and drops the pooled connections.
+    /// Stops the publisher and the shard thread (letting go of the shards),
+    /// and drops the pooled connections.
     pub(crate) fn close(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.publisher.lock().expect("publisher lock").take()
-            && h.join().is_err()
-        {
-            tracing::error!("publisher thread panicked");
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        for h in threads {
+            if h.join().is_err() {
+                tracing::error!("a store thread panicked");
+            }
         }
         self.readers.lock().expect("reader pool lock").clear();
     }
