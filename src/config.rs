@@ -323,6 +323,12 @@ pub struct Config {
     #[arg(long, env = "TETHER_SECRET_KEY_FILE")]
     pub secret_key_file: Option<PathBuf>,
 
+    /// With a postgres:// --db whose URL names no password: the file holding
+    /// it (its first line; readable by this user alone), so that it is in
+    /// neither the command line nor the environment
+    #[arg(long, env = "TETHER_DB_PASSWORD_FILE")]
+    pub db_password_file: Option<PathBuf>,
+
     /// Do not probe connections in the background (verification on request still runs).
     #[arg(long, env = "TETHER_DISABLE_MONITOR")]
     pub disable_monitor: bool,

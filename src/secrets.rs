@@ -144,16 +144,22 @@ fn create_key_file(path: &Path) -> Result<String, Error> {
 
 /// A key others can read is no secret: refuse to use it until it is private.
 fn refuse_if_readable_by_others(path: &Path) -> Result<(), Error> {
+    refuse_unless_private(path, "secret key")
+}
+
+/// A secret (named `field` in the error) in a file that group or others can
+/// read is refused until the file is private.
+pub(crate) fn refuse_unless_private(path: &Path, field: &str) -> Result<(), Error> {
     let meta = std::fs::metadata(path).map_err(|e| {
         Error::Internal(format!(
-            "cannot read the secret key file {}: {e}",
+            "cannot read the {field} file {}: {e}",
             path.display()
         ))
     })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(Error::invalid(
-            "secret key",
+            field,
             format!(
                 "{} has mode {mode:o}: group or others can use it; chmod 600 it (and consider the key exposed)",
                 path.display()

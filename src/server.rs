@@ -184,7 +184,36 @@ fn open_postgres(url: &str, config: &Config, key_in_env: bool) -> Result<Store, 
              --secret-key-file or TETHER_SECRET_KEY",
         ));
     }
-    Store::open_pg(url, config.store_config())
+    let url = match &config.db_password_file {
+        None => url.to_owned(),
+        Some(file) => with_password(url, file)?,
+    };
+    Store::open_pg(&url, config.store_config())
+}
+
+/// `url` with the password in `file` (its first line).
+#[cfg(feature = "postgres")]
+fn with_password(url: &str, file: &std::path::Path) -> Result<String, Error> {
+    crate::secrets::refuse_unless_private(file, "database password")?;
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Error::Internal(format!(
+            "cannot read the database password file {}: {e}",
+            file.display()
+        ))
+    })?;
+    let password = text.lines().next().unwrap_or_default();
+    let mut parsed =
+        url::Url::parse(url).map_err(|e| Error::invalid("db", format!("not a URL: {e}")))?;
+    if parsed.password().is_some() {
+        return Err(Error::invalid(
+            "db-password-file",
+            "the --db URL names a password already: give it in one place",
+        ));
+    }
+    parsed
+        .set_password(Some(password))
+        .map_err(|()| Error::invalid("db", "a URL without a host cannot take a password"))?;
+    Ok(parsed.into())
 }
 
 /// Without the `postgres` feature a PostgreSQL --db is refused.

@@ -144,3 +144,35 @@ async fn replicas_starting_at_once_on_a_new_database_all_serve() {
         app.stop().await.unwrap();
     }
 }
+
+/// The database password may come from a file only the server's user can
+/// read; one others can read, or a second password in the URL, is refused.
+#[tokio::test]
+async fn the_database_password_comes_from_a_private_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let (url, keys) = database().await;
+    let password = keys.path().join("password");
+    std::fs::write(&password, "not-checked-by-the-test-cluster\n").unwrap();
+    let open = |db: String, mode: u32| {
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut config = test_config();
+        config.db = Some(db.into());
+        config.secret_key_file = Some(keys.path().join("tether.key"));
+        config.db_password_file = Some(password.clone());
+        tether::server::Server::open(config)
+    };
+    let shown = open(url.clone(), 0o640).await.err().unwrap().to_string();
+    assert!(shown.contains("chmod 600"), "{shown}");
+    let twice = url.replacen("tether@", "tether:inline@", 1);
+    let refused = open(twice, 0o600).await.err().unwrap().to_string();
+    assert!(refused.contains("one place"), "{refused}");
+    // The test cluster trusts loopback, so any password opens it: the URL
+    // the file completes is one the server serves with.
+    let server = open(url, 0o600).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Serves, and stops at once (closing the store).
+    server
+        .serve(listener, std::future::ready(()))
+        .await
+        .unwrap();
+}

@@ -683,3 +683,37 @@ def test_the_readme_deploying_section_names_files_that_exist():
     assert not missing, missing
     shipped = {str(p.relative_to(ROOT)) for p in DEPLOY.rglob("*") if p.is_file()}
     assert shipped <= named, f"files the README does not mention: {sorted(shipped - named)}"
+
+
+# --- the compose file ------------------------------------------------------------
+
+COMPOSE = DEPLOY / "compose" / "compose.yaml"
+
+
+def test_the_compose_file_runs_three_replicas_on_one_postgresql(serve_help, containerfile):
+    """Three replicas of the Containerfile's image (built with the PostgreSQL
+    preview), each on its own loopback port, all on the one PostgreSQL
+    service, with one shared key, started once the database is healthy."""
+    doc = yaml.safe_load(COMPOSE.read_text())
+    services = doc["services"]
+    assert "healthcheck" in services["postgres"], services["postgres"]
+    replicas = {n: s for n, s in services.items() if n.startswith("tether-")}
+    assert len(replicas) == 3, sorted(services)
+    _, envs = serve_help
+    published = set()
+    for name, service in replicas.items():
+        env = service["environment"]
+        assert_known(env.keys(), envs, f"compose service {name}")
+        assert re.fullmatch(r"postgres://tether:\$\{POSTGRES_PASSWORD[^}]*\}@postgres:5432/tether",
+                            env["TETHER_DB"]), env["TETHER_DB"]
+        assert env["TETHER_SECRET_KEY"].startswith("${TETHER_SECRET_KEY"), env
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        (port,) = service["ports"]
+        host, outside, inside = port.split(":")
+        assert host == "127.0.0.1", port
+        assert inside == env["TETHER_LISTEN"].rsplit(":", 1)[1], (port, env["TETHER_LISTEN"])
+        published.add(outside)
+    assert len(published) == 3, published
+    build, _ = stages(containerfile)
+    runs = " ".join(v for i, v in build if i == "RUN")
+    assert "--features postgres" in runs, "the image serves PostgreSQL too"
