@@ -161,6 +161,36 @@ impl Connection {
         format!("r{}", self.revision)
     }
 
+    /// A new DISCOVERED tcp connection named `name` (its identity its id),
+    /// as the store's tests make them.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str) -> Connection {
+        let id = ConnectionId::generate();
+        Connection {
+            identity: id.to_string(),
+            id,
+            kind: "tcp".into(),
+            type_: String::new(),
+            sub_type: String::new(),
+            name: name.into(),
+            description: String::new(),
+            url: String::new(),
+            metadata: Default::default(),
+            labels: Default::default(),
+            managed: false,
+            credential_id: String::new(),
+            owner: String::new(),
+            state: State::Discovered,
+            state_reason: String::new(),
+            state_trigger: Trigger::User,
+            state_time: 0,
+            revision: Revision::ZERO,
+            create_time: 0,
+            update_time: 0,
+            last_probe: None,
+        }
+    }
+
     /// About how many bytes the connection takes in memory or on the wire:
     /// its text and metadata, plus a fixed allowance for the rest. Counted
     /// without allocating, for budgets.

@@ -1234,29 +1234,9 @@ mod tests {
     }
 
     fn connection(meta: serde_json::Map<String, serde_json::Value>) -> Connection {
-        let id = ConnectionId::generate();
         Connection {
-            identity: id.to_string(),
-            id,
-            kind: "tcp".into(),
-            type_: String::new(),
-            sub_type: String::new(),
-            name: "blob test".into(),
-            description: String::new(),
-            url: String::new(),
             metadata: meta,
-            labels: Default::default(),
-            managed: false,
-            credential_id: String::new(),
-            owner: String::new(),
-            state: State::Discovered,
-            state_reason: String::new(),
-            state_trigger: Trigger::User,
-            state_time: 0,
-            revision: Revision::ZERO,
-            create_time: 0,
-            update_time: 0,
-            last_probe: None,
+            ..Connection::for_test("blob test")
         }
     }
 

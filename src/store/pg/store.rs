@@ -238,40 +238,13 @@ impl Pg {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::{ConnectionId, EventType};
+    use crate::connection::EventType;
     use crate::lifecycle::{State, Trigger};
     use crate::store::EventDraft;
     use crate::store::pg::cluster::Cluster;
 
-    fn made(name: &str) -> Connection {
-        let id = ConnectionId::generate();
-        Connection {
-            identity: id.to_string(),
-            id,
-            kind: "tcp".into(),
-            type_: String::new(),
-            sub_type: String::new(),
-            name: name.into(),
-            description: String::new(),
-            url: String::new(),
-            metadata: Default::default(),
-            labels: Default::default(),
-            managed: false,
-            credential_id: String::new(),
-            owner: String::new(),
-            state: State::Discovered,
-            state_reason: String::new(),
-            state_trigger: Trigger::User,
-            state_time: 0,
-            revision: Revision::ZERO,
-            create_time: 0,
-            update_time: 0,
-            last_probe: None,
-        }
-    }
-
     async fn create(store: &Store, name: &str) -> Connection {
-        let mut c = made(name);
+        let mut c = Connection::for_test(name);
         store
             .write(move |tx| {
                 tx.record(

@@ -200,12 +200,11 @@ fn rollback(client: &RefCell<postgres::Client>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::{Connection, ConnectionId, EventType, Revision};
+    use crate::connection::{Connection, EventType, Revision};
     use crate::lifecycle::{State, Trigger};
     use crate::store::EventDraft;
     use crate::store::pg::cluster::Cluster;
     use crate::store::writer::TypedJob;
-    use std::collections::BTreeMap;
     use tokio::sync::oneshot;
 
     type Answer = oneshot::Receiver<Result<Connection, Error>>;
@@ -234,33 +233,6 @@ mod tests {
             trigger: Trigger::User,
             reason: String::new(),
             actor: "test".into(),
-        }
-    }
-
-    fn new_connection(name: &str) -> Connection {
-        let id = ConnectionId::generate();
-        Connection {
-            identity: id.to_string(),
-            id,
-            kind: "tcp".into(),
-            type_: String::new(),
-            sub_type: String::new(),
-            name: name.into(),
-            description: String::new(),
-            url: String::new(),
-            metadata: Default::default(),
-            labels: BTreeMap::from([("n".into(), "0".into())]),
-            managed: false,
-            credential_id: String::new(),
-            owner: String::new(),
-            state: State::Discovered,
-            state_reason: String::new(),
-            state_trigger: Trigger::User,
-            state_time: 0,
-            revision: Revision::ZERO,
-            create_time: 0,
-            update_time: 0,
-            last_probe: None,
         }
     }
 
@@ -298,11 +270,11 @@ mod tests {
         let url = database();
         let client = RefCell::new(super::super::connect(&url).unwrap());
         let mut last_create = 0;
-        let a = new_connection("a");
+        let a = Connection::for_test("a");
         let id = a.id.clone();
         let (first, made) = job(create(a));
         let (second, refused) = job(|tx| {
-            create(new_connection("b"))(tx)?;
+            create(Connection::for_test("b"))(tx)?;
             Err(Error::invalid("x", "refused after writing"))
         });
         let (third, renamed) = job(move |tx| {
@@ -357,7 +329,8 @@ mod tests {
         const EACH: usize = 40;
         let url = database();
         let client = RefCell::new(super::super::connect(&url).unwrap());
-        let made = new_connection("counter");
+        let mut made = Connection::for_test("counter");
+        made.labels.insert("n".into(), "0".into());
         let id = made.id.clone();
         let mut last_create = 0;
         let (first, _) = job(create(made));
@@ -436,7 +409,9 @@ mod tests {
                         let mut last_create = 0;
                         for g in 0..GROUPS {
                             let jobs = (0..=g % 2)
-                                .map(|j| job(create(new_connection(&format!("w{w}-g{g}-{j}")))).0)
+                                .map(|j| {
+                                    job(create(Connection::for_test(&format!("w{w}-g{g}-{j}")))).0
+                                })
                                 .collect();
                             commit(&client, jobs, &mut last_create);
                         }
@@ -481,7 +456,7 @@ mod tests {
         let client = RefCell::new(super::super::connect(&url).unwrap());
         let mut last_create = 0;
         let jobs = (0..3)
-            .map(|i| job(create(new_connection(&format!("c{i}")))).0)
+            .map(|i| job(create(Connection::for_test(&format!("c{i}")))).0)
             .collect();
         commit(&client, jobs, &mut last_create);
         let (names, counted, events, revision) = super::super::read(&client, |r| {
