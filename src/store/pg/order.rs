@@ -58,6 +58,7 @@ pub(crate) fn end_group(
 /// Reads committed events in revision order on one replica, after the last
 /// it returned.
 pub(crate) struct Tail {
+    url: String,
     client: postgres::Client,
     after: Revision,
 }
@@ -65,17 +66,22 @@ pub(crate) struct Tail {
 impl Tail {
     /// A tail on its own connection, listening, that starts after `after`.
     pub(crate) fn open(url: &str, after: Revision) -> Result<Tail, Error> {
-        let mut client = super::connect(url)?;
-        client
-            .batch_execute(&format!("LISTEN {CHANNEL}"))
-            .map_err(super::error)?;
-        Ok(Tail { client, after })
+        Ok(Tail {
+            url: url.to_owned(),
+            client: listening(url)?,
+            after,
+        })
     }
 
     /// The events committed after the last returned (at most `limit`, in
     /// revision order). When there are none yet, waits up to `wait` for a
     /// group to commit, and reads again.
     pub(crate) fn next(&mut self, wait: Duration, limit: usize) -> Result<Vec<Event>, Error> {
+        if self.client.is_closed() {
+            // PostgreSQL restarted, or the connection broke: listen again and
+            // go on after the last event returned, so nothing is skipped.
+            self.client = listening(&self.url)?;
+        }
         let mut found = self.read(limit)?;
         if found.is_empty() {
             // Woken by a commit, or not: read again either way.
@@ -110,6 +116,17 @@ impl Tail {
             },
         )
     }
+}
+
+/// A connection listening on [`CHANNEL`].
+fn listening(url: &str) -> Result<postgres::Client, Error> {
+    let mut client = super::connect(url)?;
+    client
+        .batch_execute(&format!(
+            "SET application_name = 'tether-tail'; LISTEN {CHANNEL}"
+        ))
+        .map_err(super::error)?;
+    Ok(client)
 }
 
 /// Publishes to `hub` the events `tail` reads next, in revision order, as
@@ -244,5 +261,48 @@ mod tests {
             .map(|e| e.revision.get())
             .collect();
         assert_eq!(read, [1]);
+    }
+
+    /// A tail whose connection PostgreSQL ended listens again on its next
+    /// read, and goes on after the last event it returned.
+    #[test]
+    fn a_tail_whose_connection_ended_goes_on_where_it_was() {
+        let url = Cluster::shared().database();
+        let mut client = super::super::connect(&url).unwrap();
+        super::super::schema::migrate(&mut client).unwrap();
+        let mut tail = Tail::open(&url, Revision::ZERO).unwrap();
+        let commit = |client: &mut postgres::Client| {
+            let mut tx = client.transaction().unwrap();
+            let revision = begin_group(&mut tx).unwrap().next();
+            tx.execute(CREATE, &[&revision.get()]).unwrap();
+            end_group(&mut tx, revision).unwrap();
+            tx.commit().unwrap();
+        };
+        commit(&mut client);
+        let read = |tail: &mut Tail| -> Vec<i64> {
+            tail.next(Duration::from_secs(5), 10)
+                .unwrap()
+                .iter()
+                .map(|e| e.revision.get())
+                .collect()
+        };
+        assert_eq!(read(&mut tail), [1]);
+        let ended: i64 = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'tether-tail'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(ended, 1, "the tail's connection was found and ended");
+        commit(&mut client);
+        // The first read may meet the ended connection; then the next listens again.
+        let mut got = tail.next(Duration::from_secs(5), 10);
+        if got.is_err() {
+            got = tail.next(Duration::from_secs(5), 10);
+        }
+        let got: Vec<i64> = got.unwrap().iter().map(|e| e.revision.get()).collect();
+        assert_eq!(got, [2]);
     }
 }
