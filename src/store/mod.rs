@@ -476,12 +476,10 @@ impl Store {
 
     /// Whether this process probes connection `id`: always on SQLite; on
     /// PostgreSQL, when its replica holds the connection's shard.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
     pub(crate) fn probes(&self, id: &ConnectionId) -> bool {
         match &self.inner.backend {
-            Backend::Lite { .. } => {
-                let _ = id;
-                true
-            }
+            Backend::Lite { .. } => true,
             #[cfg(feature = "postgres")]
             Backend::Pg(pg) => pg.held.probes(id),
         }
