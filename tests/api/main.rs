@@ -25,6 +25,8 @@ mod monitor;
 #[path = "../../src/store/pg/cluster.rs"]
 mod pg_cluster;
 #[cfg(feature = "postgres")]
+mod pg_reach;
+#[cfg(feature = "postgres")]
 mod postgres;
 mod process;
 mod quota;

@@ -14,6 +14,13 @@ use std::sync::OnceLock;
 
 pub(crate) struct Cluster {
     port: u16,
+    bin: PathBuf,
+    /// The folder holding the data, the log and the socket.
+    dir: PathBuf,
+    /// The server's settings (`-c name=value` …).
+    options: String,
+    /// Stopped and removed on drop (the shared one is, at exit).
+    private: bool,
 }
 
 impl Cluster {
@@ -21,17 +28,56 @@ impl Cluster {
     /// its own ([`Cluster::database`]).
     pub(crate) fn shared() -> &'static Cluster {
         static SHARED: OnceLock<Cluster> = OnceLock::new();
-        SHARED.get_or_init(Cluster::start)
+        SHARED.get_or_init(|| {
+            let cluster = Cluster::start(&[], &[]);
+            // Stopped when the test process exits, whichever test ends last.
+            STOP.get_or_init(|| (cluster.bin.clone(), cluster.dir.clone()));
+            unsafe extern "C" {
+                fn atexit(f: extern "C" fn()) -> i32;
+            }
+            extern "C" fn stop() {
+                if let Some((bin, dir)) = STOP.get() {
+                    let _ = command(bin, "pg_ctl")
+                        .args(["-m", "immediate", "-D"])
+                        .arg(dir.join("data"))
+                        .arg("stop")
+                        .output();
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+            // SAFETY: `stop` is a plain function that only runs a command.
+            unsafe { atexit(stop) };
+            cluster
+        })
     }
 
-    fn start() -> Cluster {
+    /// A cluster of the test's own, which it may stop and start again:
+    /// `files` (name, contents) are written into its folder first (mode
+    /// 0600, the server's), and `settings` (`name=value`) set on the server;
+    /// a setting may name a file as `{dir}/name`.
+    #[allow(dead_code, reason = "the API tests use it, the unit tests not yet")]
+    pub(crate) fn private(files: &[(&str, &str)], settings: &[&str]) -> Cluster {
+        let mut cluster = Cluster::start(files, settings);
+        cluster.private = true;
+        cluster
+    }
+
+    fn start(files: &[(&str, &str)], settings: &[&str]) -> Cluster {
+        use std::os::unix::fs::PermissionsExt;
         let bin = bin_dir();
-        // Removed when the process exits, once the cluster has stopped.
+        // Removed when the process exits (or the private cluster drops),
+        // once the cluster has stopped.
         let dir = tempfile::Builder::new()
             .prefix("tether-pg-")
             .tempdir()
             .expect("a temporary folder")
             .keep();
+        for (name, contents) in files {
+            let path = dir.join(name);
+            std::fs::write(&path, contents).expect("a file for the cluster");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+        }
         if as_root() {
             let status = Command::new("chown")
                 .args(["-R", "postgres:"])
@@ -40,43 +86,51 @@ impl Cluster {
                 .expect("chown");
             assert!(status.success(), "chown the cluster's folder to postgres");
         }
-        let data = dir.join("data");
         run(command(&bin, "initdb")
             .args(["--auth=trust", "--username=tether", "--encoding=UTF8", "-D"])
-            .arg(&data));
+            .arg(dir.join("data")));
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let options = format!(
-            // Many tests, each with replicas of their own, run at once.
+        // Many tests, each with replicas of their own, run at once.
+        let mut options = format!(
             "-c listen_addresses=127.0.0.1 -c max_connections=1000 -p {port} -k {}",
             dir.display()
         );
-        run(command(&bin, "pg_ctl")
+        for setting in settings {
+            let setting = setting.replace("{dir}", &dir.display().to_string());
+            options.push_str(&format!(" -c {setting}"));
+        }
+        let cluster = Cluster {
+            port,
+            bin,
+            dir,
+            options,
+            private: false,
+        };
+        cluster.resume();
+        cluster
+    }
+
+    /// Stops the server at once, as a crash would: every connection to it
+    /// breaks, and new ones are refused.
+    #[allow(dead_code, reason = "the API tests use it, the unit tests not yet")]
+    pub(crate) fn halt(&self) {
+        run(command(&self.bin, "pg_ctl")
+            .args(["-m", "immediate", "-w", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop"));
+    }
+
+    /// Starts the server (again), on the same port, once it accepts connections.
+    pub(crate) fn resume(&self) {
+        run(command(&self.bin, "pg_ctl")
             .args(["-w", "-D"])
-            .arg(&data)
+            .arg(self.dir.join("data"))
             .arg("-l")
-            .arg(dir.join("log"))
-            .args(["-o", &options, "start"]));
-        // Stopped when the test process exits, whichever test ends last.
-        STOP.get_or_init(|| (bin, dir));
-        unsafe extern "C" {
-            fn atexit(f: extern "C" fn()) -> i32;
-        }
-        extern "C" fn stop() {
-            if let Some((bin, dir)) = STOP.get() {
-                let _ = command(bin, "pg_ctl")
-                    .args(["-m", "immediate", "-D"])
-                    .arg(dir.join("data"))
-                    .arg("stop")
-                    .output();
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        }
-        // SAFETY: `stop` is a plain function that only runs a command.
-        unsafe { atexit(stop) };
-        Cluster { port }
+            .arg(self.dir.join("log"))
+            .args(["-o", &self.options, "start"]));
     }
 
     /// A URL of a new, empty database in the cluster.
@@ -92,6 +146,19 @@ impl Cluster {
 
     fn url(&self, database: &str) -> String {
         format!("postgres://tether@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.private {
+            let _ = command(&self.bin, "pg_ctl")
+                .args(["-m", "immediate", "-D"])
+                .arg(self.dir.join("data"))
+                .arg("stop")
+                .output();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -19,10 +19,94 @@ pub(crate) mod writer;
 use crate::error::Error;
 use crate::store::Read;
 use std::cell::RefCell;
+use std::time::Duration;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::rustls;
 
-/// A connection to the database at `url` (`postgres://user@host:port/db`).
+/// A connection to the database at `url` (`postgres://user@host:port/db`),
+/// over TLS when the server offers it (or `sslmode=require` demands it).
 pub(crate) fn connect(url: &str) -> Result<postgres::Client, Error> {
-    postgres::Client::connect(url, postgres::NoTls).map_err(error)
+    let (config, tls) = settings(url)?;
+    config.connect(tls).map_err(|e| {
+        if matches!(config.get_ssl_mode(), postgres::config::SslMode::Disable)
+            || !e.to_string().contains("TLS")
+        {
+            return error(e);
+        }
+        Error::StorageUnavailable(format!(
+            "PostgreSQL: {e}; its certificate must name the host in --db and be signed by a \
+             public CA or the one in the URL's sslrootcert=FILE (or connect with sslmode=disable)"
+        ))
+    })
+}
+
+/// Time to reach PostgreSQL and log in, unless the URL's `connect_timeout` says.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that has sent data unacknowledged this long, or that answers
+/// no keepalive probe for about as long, is broken: its reader and writer
+/// then learn so (and health says NOT_SERVING) instead of waiting for ever.
+const DEAD_PEER: Duration = Duration::from_secs(10);
+
+/// The client's settings from `url`, and TLS that verifies the server's
+/// certificate against the public roots, plus `sslrootcert` when the URL names
+/// one. libpq's `sslmode=verify-ca` and `verify-full` are taken as `require`:
+/// the certificate is always verified, host name included.
+fn settings(url: &str) -> Result<(postgres::Config, MakeRustlsConnect), Error> {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut kept = Vec::new();
+    let mut root = None;
+    let mut given = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = url::form_urlencoded::parse(pair.as_bytes())
+            .next()
+            .unwrap_or_default();
+        match (key.as_ref(), value.as_ref()) {
+            ("sslrootcert", file) => root = Some(std::path::PathBuf::from(file)),
+            ("sslmode", "verify-ca" | "verify-full") => kept.push("sslmode=require"),
+            _ => kept.push(pair),
+        }
+        given.push(key.into_owned());
+    }
+    let url = match kept.is_empty() {
+        true => base.to_owned(),
+        false => format!("{base}?{}", kept.join("&")),
+    };
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e| Error::invalid("db", format!("not a PostgreSQL URL: {e}")))?;
+    let says = |key: &str| given.iter().any(|k| k == key);
+    if !says("connect_timeout") {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if !says("tcp_user_timeout") {
+        config.tcp_user_timeout(DEAD_PEER);
+    }
+    if !says("keepalives_idle") {
+        config.keepalives_idle(DEAD_PEER / 2);
+    }
+    if !says("keepalives_interval") {
+        config.keepalives_interval(DEAD_PEER / 10);
+    }
+    if !says("keepalives_retries") {
+        config.keepalives_retries(3);
+    }
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(file) = &root {
+        for cert in crate::transport::read_certs(file, "db sslrootcert")? {
+            roots.add(cert).map_err(|e| {
+                Error::invalid("db sslrootcert", format!("{}: {e}", file.display()))
+            })?;
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Internal(format!("TLS to PostgreSQL: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((config, MakeRustlsConnect::new(tls)))
 }
 
 /// PostgreSQL's errors as the store's: one it cannot reach is storage that

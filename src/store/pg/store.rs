@@ -82,19 +82,12 @@ impl Store {
         let stopping = stop.clone();
         let publisher = std::thread::Builder::new()
             .name("tether-publisher".into())
-            .spawn(move || {
-                while !stopping.load(Ordering::SeqCst) {
-                    if let Err(e) = publish(&mut tail, &publishing.hub, TAIL_WAIT) {
-                        tracing::warn!(error = %e, "reading committed events failed; retrying");
-                        std::thread::sleep(TAIL_WAIT);
-                    }
-                }
-            })
+            .spawn(move || tail_into_hub(&mut tail, &publishing, &stopping))
             .map_err(|e| Error::Internal(format!("cannot start publisher thread: {e}")))?;
-        let writing = inner.clone();
+        let (writing, writer_url) = (inner.clone(), url.to_owned());
         let handle = std::thread::Builder::new()
             .name("tether-writer".into())
-            .spawn(move || run(client, rx, &writing, last_create))
+            .spawn(move || run(client, &writer_url, rx, &writing, last_create))
             .map_err(|e| Error::Internal(format!("cannot start writer thread: {e}")))?;
         let sharing = url.to_owned();
         let sharer = std::thread::Builder::new()
@@ -117,10 +110,48 @@ impl Store {
     }
 }
 
+/// The publisher: `tail` into this replica's hub until `stop`. It reads
+/// PostgreSQL at least every [`TAIL_WAIT`], so it is also what notices first
+/// that PostgreSQL is out of reach, or back: health says NOT_SERVING from
+/// its first failed read to its next good one.
+fn tail_into_hub(tail: &mut Tail, inner: &Inner, stop: &AtomicBool) {
+    let mut unreachable = false;
+    while !stop.load(Ordering::SeqCst) {
+        match publish(tail, &inner.hub, TAIL_WAIT) {
+            Ok(_) if unreachable => {
+                unreachable = false;
+                inner
+                    .fault
+                    .send_if_modified(|f| std::mem::replace(f, false));
+                tracing::info!("PostgreSQL is reachable again; watchers go on where they were");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if !unreachable {
+                    tracing::warn!(error = %e, "reading committed events failed; retrying");
+                }
+                if e.is_storage_fault() && !unreachable {
+                    unreachable = true;
+                    inner
+                        .fault
+                        .send_if_modified(|f| !std::mem::replace(f, true));
+                }
+                std::thread::sleep(TAIL_WAIT);
+            }
+        }
+    }
+}
+
 /// This replica's writer: groups committed as `pg::writer` commits them,
 /// answered once their fate is known. Published by the tail, not here: the
 /// tail alone keeps this replica's watchers in revision order.
-fn run(client: postgres::Client, rx: Receiver<Msg>, inner: &Inner, mut last_create: Micros) {
+fn run(
+    client: postgres::Client,
+    url: &str,
+    rx: Receiver<Msg>,
+    inner: &Inner,
+    mut last_create: Micros,
+) {
     let client = RefCell::new(client);
     let config = &inner.config.writer;
     let mut held = None;
@@ -144,7 +175,9 @@ fn run(client: postgres::Client, rx: Receiver<Msg>, inner: &Inner, mut last_crea
         };
         let started = std::time::Instant::now();
         let durable = jobs.iter().any(|j| j.durable());
-        match writer::commit_group(&client, &mut jobs, &mut last_create, config) {
+        let committed = reconnect(&client, url)
+            .and_then(|()| writer::commit_group(&client, &mut jobs, &mut last_create, config));
+        match committed {
             Ok(_) => {
                 inner
                     .metrics
@@ -166,15 +199,6 @@ fn run(client: postgres::Client, rx: Receiver<Msg>, inner: &Inner, mut last_crea
                 for job in jobs {
                     job.finish(Err(e.clone()));
                 }
-                // A connection that broke is made again for the next group.
-                if let Backend::Pg(pg) = &inner.backend
-                    && client.borrow().is_closed()
-                {
-                    match connect(&pg.url) {
-                        Ok(c) => *client.borrow_mut() = c,
-                        Err(e) => tracing::warn!(error = %e, "cannot reach PostgreSQL"),
-                    }
-                }
             }
         }
         if stop {
@@ -182,6 +206,16 @@ fn run(client: postgres::Client, rx: Receiver<Msg>, inner: &Inner, mut last_crea
         }
     }
     tracing::debug!("writer stopped");
+}
+
+/// Makes the writer's connection again if it broke (PostgreSQL restarted,
+/// or was out of reach), before a group.
+fn reconnect(client: &RefCell<postgres::Client>, url: &str) -> Result<(), Error> {
+    if client.borrow().is_closed() {
+        *client.borrow_mut() = connect(url)?;
+        tracing::info!("the writer reaches PostgreSQL again");
+    }
+    Ok(())
 }
 
 impl Pg {

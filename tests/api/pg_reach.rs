@@ -1,0 +1,183 @@
+//! Reaching PostgreSQL (the `postgres` feature): TLS to it, verified, and
+//! a replica whose PostgreSQL goes away and comes back (health, writes and
+//! watchers), each on a private cluster the test stops and starts.
+
+use crate::common::*;
+use crate::pg_cluster::Cluster;
+use std::sync::Arc;
+use std::time::Duration;
+use tether::pb::tether::v1 as pb;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A private cluster started with `files` and `settings`, and a database on it.
+async fn cluster(
+    files: Vec<(&'static str, String)>,
+    settings: &'static [&'static str],
+) -> (Arc<Cluster>, String) {
+    // The blocking client cannot run on the runtime's threads.
+    tokio::task::spawn_blocking(move || {
+        let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+        let cluster = Cluster::private(&files, settings);
+        let url = cluster.database();
+        (Arc::new(cluster), url)
+    })
+    .await
+    .unwrap()
+}
+
+/// Config for a replica on `url`, its key in `dir`.
+fn on(url: &str, dir: &tempfile::TempDir) -> tether::Config {
+    let mut config = test_config();
+    config.db = Some(url.into());
+    config.secret_key_file = Some(dir.path().join("tether.key"));
+    config
+}
+
+/// The next message, failing the test if none comes within 20 s.
+async fn next<T>(s: &mut tonic::Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), s.message())
+        .await
+        .expect("a message within 20 s")
+        .unwrap()
+        .expect("the stream goes on")
+}
+
+/// With `sslmode=verify-full` and `sslrootcert`, every connection of the
+/// replica to PostgreSQL is TLS, its certificate checked against that CA;
+/// without the CA the server's certificate is not trusted, and the replica
+/// says how to give it.
+#[tokio::test]
+async fn tls_to_postgresql_is_verified() {
+    let ca = TestCa::new("tether postgres ca");
+    let leaf = ca.server();
+    let (cluster, url) = cluster(
+        vec![("server.crt", leaf.cert.clone()), ("server.key", leaf.key)],
+        &[
+            "ssl=on",
+            "ssl_cert_file={dir}/server.crt",
+            "ssl_key_file={dir}/server.key",
+        ],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("pg-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+
+    let untrusted = tether::server::Server::open(on(&format!("{url}?sslmode=require"), &dir))
+        .await
+        .err()
+        .expect("an untrusted certificate is refused")
+        .to_string();
+    assert!(untrusted.contains("sslrootcert"), "{untrusted}");
+
+    let verified = format!(
+        "{url}?sslmode=verify-full&sslrootcert={}",
+        ca_file.display()
+    );
+    let (served, key, url_again) = (verified, dir.path().join("tether.key"), url.clone());
+    let app = App::start_with(move |c| {
+        c.db = Some(served.into());
+        c.secret_key_file = Some(key);
+    })
+    .await;
+    let made = create(&mut app.client.clone(), conn("tcp", "tcp://tls.example:1")).await;
+    assert_eq!(get(&mut app.client.clone(), &made.id).await, made);
+    // What PostgreSQL itself says of the replica's connections.
+    let (tls, plain): (i64, i64) = tokio::task::spawn_blocking(move || {
+        let mut admin = postgres::Client::connect(&url_again, postgres::NoTls).unwrap();
+        let row = admin
+            .query_one(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+                 FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    })
+    .await
+    .unwrap();
+    assert!(tls >= 3, "writer, tail and shards at least: {tls}");
+    assert_eq!(plain, 0, "no connection of the replica is in the clear");
+    app.stop().await.unwrap();
+    drop(cluster);
+}
+
+/// PostgreSQL stops under a serving replica: health turns NOT_SERVING and
+/// writes are UNAVAILABLE, without a write having to fail first; once it is
+/// back, health is SERVING again, the next write is accepted, and an open
+/// watch goes on after the last change it had, missing none.
+#[tokio::test]
+async fn a_replica_whose_postgresql_goes_away_and_comes_back() {
+    let (cluster, url) = cluster(Vec::new(), &[]).await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let app = App::start_with({
+        let (url, key) = (url.clone(), dir.path().join("tether.key"));
+        move |c| {
+            c.db = Some(url.into());
+            c.secret_key_file = Some(key);
+        }
+    })
+    .await;
+    let mut client = app.client.clone();
+    let mut health = HealthClient::new(app.channel.clone())
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next(&mut health).await.status,
+        ServingStatus::Serving as i32
+    );
+    let mut watch = client
+        .watch_connections(pb::WatchConnectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next(&mut watch).await.r#type,
+        pb::WatchEventType::Synced as i32
+    );
+    let before = create(&mut client, conn("tcp", "tcp://before.example:1")).await;
+    assert_eq!(next(&mut watch).await.connection.unwrap().id, before.id);
+
+    let halting = cluster.clone();
+    tokio::task::spawn_blocking(move || halting.halt())
+        .await
+        .unwrap();
+    // No write is made: the replica notices by itself.
+    assert_eq!(
+        next(&mut health).await.status,
+        ServingStatus::NotServing as i32
+    );
+    let refused = client
+        .create_connection(pb::CreateConnectionRequest {
+            connection: Some(conn("tcp", "tcp://during.example:1")),
+            ..Default::default()
+        })
+        .await;
+    assert_error(refused, Code::Unavailable, "STORAGE_UNAVAILABLE");
+
+    let resuming = cluster.clone();
+    tokio::task::spawn_blocking(move || resuming.resume())
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut health).await.status,
+        ServingStatus::Serving as i32
+    );
+    let after = create(&mut client, conn("tcp", "tcp://after.example:1")).await;
+    let seen = next(&mut watch).await;
+    assert_eq!(seen.connection.unwrap().id, after.id);
+    let revision = |c: &pb::Connection| c.etag.trim_start_matches('r').parse::<i64>().unwrap();
+    assert_eq!(seen.revision, revision(&after));
+    assert_eq!(
+        revision(&after),
+        revision(&before) + 1,
+        "the refused write took none"
+    );
+    app.stop().await.unwrap();
+}
