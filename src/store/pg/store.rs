@@ -7,7 +7,7 @@
 
 use super::order::{Tail, publish};
 use super::shards::{Held, Shards};
-use super::{connect, query, schema, writer};
+use super::{Client, connect, query, schema, writer};
 use crate::connection::{Connection, Micros, Revision, now_micros};
 use crate::error::Error;
 use crate::store::writer::{Gathered, Msg, next_group};
@@ -27,7 +27,7 @@ const TAIL_WAIT: Duration = Duration::from_millis(250);
 /// What the store keeps of a PostgreSQL database.
 pub(crate) struct Pg {
     url: String,
-    readers: Mutex<Vec<postgres::Client>>,
+    readers: Mutex<Vec<Client>>,
     /// The publisher and shard threads, stopped by `stop`.
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop: Arc<AtomicBool>,
@@ -152,7 +152,7 @@ fn run(
     inner: &Inner,
     mut last_create: Micros,
 ) {
-    let client = RefCell::new(client);
+    let client = RefCell::new(Client::from(client));
     let config = &inner.config.writer;
     let mut held = None;
     let mut next_prune = Instant::now();
@@ -210,9 +210,9 @@ fn run(
 
 /// Makes the writer's connection again if it broke (PostgreSQL restarted,
 /// or was out of reach), before a group.
-fn reconnect(client: &RefCell<postgres::Client>, url: &str) -> Result<(), Error> {
+fn reconnect(client: &RefCell<super::Client>, url: &str) -> Result<(), Error> {
     if client.borrow().is_closed() {
-        *client.borrow_mut() = connect(url)?;
+        *client.borrow_mut() = Client::connect(url)?;
         tracing::info!("the writer reaches PostgreSQL again");
     }
     Ok(())
@@ -228,7 +228,7 @@ impl Pg {
         let pooled = self.readers.lock().expect("reader pool lock").pop();
         let client = RefCell::new(match pooled {
             Some(c) => c,
-            None => connect(&self.url)?,
+            None => Client::connect(&self.url)?,
         });
         let result = super::read(&client, f);
         let client = client.into_inner();
@@ -249,7 +249,7 @@ impl Pg {
         opened: &mut Option<oneshot::Sender<Result<Revision, Error>>>,
         pages: &tokio::sync::mpsc::Sender<Result<Vec<Connection>, Error>>,
     ) -> Result<(), Error> {
-        let client = RefCell::new(connect(&self.url)?);
+        let client = RefCell::new(Client::connect(&self.url)?);
         super::read(&client, |r| {
             crate::store::send_snapshot(r, filter, rows, bytes, opened, pages)
         })

@@ -11,21 +11,21 @@
 //! A group of volatile jobs only (a probe result that moves nothing) commits
 //! without waiting for the disk (`synchronous_commit = off`).
 
-use super::{error, order};
+use super::Statements;
+use super::{Client, error, order};
 use crate::connection::{ConnectionId, Revision};
 use crate::connection::{Event, Micros};
 use crate::error::Error;
 use crate::store::writer::{
     DROP_SUPERSEDED, EXPIRED_ANSWERS, Job, NEWEST_OLD, PRUNE_RANGE, Tx, WriterConfig, run_caught,
 };
-use postgres::GenericClient;
 use std::cell::RefCell;
 
 /// Commits `jobs` as one group on `client` (not in a transaction). `last_create`
 /// is the latest create_time this replica has given; it comes back updated.
 /// The events of the changes that committed come back in revision order.
 pub(crate) fn commit_group(
-    client: &RefCell<postgres::Client>,
+    client: &RefCell<Client>,
     jobs: &mut [Box<dyn Job>],
     last_create: &mut Micros,
     config: &WriterConfig,
@@ -107,7 +107,7 @@ pub(crate) fn commit_group(
 /// compaction mark, and drops what a connection changed in this group had
 /// kept below it.
 fn keep_history(
-    c: &mut postgres::Client,
+    c: &mut impl Statements,
     revision: Revision,
     events: &[Event],
     config: &WriterConfig,
@@ -132,7 +132,7 @@ fn keep_history(
     Ok(())
 }
 
-fn compaction_mark(c: &mut impl GenericClient) -> Result<Revision, Error> {
+fn compaction_mark(c: &mut impl Statements) -> Result<Revision, Error> {
     let row = c
         .query_one("SELECT value FROM meta WHERE key = 'compact_revision'", &[])
         .map_err(error)?;
@@ -141,7 +141,7 @@ fn compaction_mark(c: &mut impl GenericClient) -> Result<Revision, Error> {
 
 /// Prunes the events in `(above, through]` (but each connection's latest)
 /// and moves the compaction mark to `through`.
-fn move_mark(c: &mut impl GenericClient, above: Revision, through: Revision) -> Result<(), Error> {
+fn move_mark(c: &mut impl Statements, above: Revision, through: Revision) -> Result<(), Error> {
     c.execute(
         &super::query::numbered(PRUNE_RANGE),
         &[&above.get(), &through.get()],
@@ -160,12 +160,12 @@ fn move_mark(c: &mut impl GenericClient, above: Revision, through: Revision) -> 
 /// holds the revision row, so replicas pruning at once take turns and the
 /// compaction mark only moves up. The new mark, when it moved.
 pub(crate) fn prune(
-    client: &mut postgres::Client,
+    client: &mut super::Client,
     config: &WriterConfig,
     now: Micros,
 ) -> Result<Option<Revision>, Error> {
     let cutoff = now - config.retention.as_micros() as i64;
-    let mut tx = client.transaction().map_err(error)?;
+    let mut tx = client.raw.transaction().map_err(error)?;
     order::begin_group(&mut tx)?;
     let compact = compaction_mark(&mut tx)?;
     let newest_old: Option<i64> = tx
@@ -193,7 +193,7 @@ pub(crate) fn prune(
 
 /// Ends a group that cannot commit. A connection that broke has nothing to
 /// roll back; its error says so already.
-fn rollback(client: &RefCell<postgres::Client>) {
+fn rollback(client: &RefCell<Client>) {
     let _ = client.borrow_mut().batch_execute("ROLLBACK");
 }
 
@@ -246,7 +246,7 @@ mod tests {
 
     /// Commits `jobs` as one group, and answers them as the store does.
     fn commit(
-        client: &RefCell<postgres::Client>,
+        client: &RefCell<Client>,
         jobs: Vec<Box<dyn Job>>,
         last_create: &mut Micros,
     ) -> Vec<Event> {
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn a_group_commits_its_jobs_and_a_failed_one_rolls_back_alone() {
         let url = database();
-        let client = RefCell::new(super::super::connect(&url).unwrap());
+        let client = RefCell::new(Client::connect(&url).unwrap());
         let mut last_create = 0;
         let a = Connection::for_test("a");
         let id = a.id.clone();
@@ -328,7 +328,7 @@ mod tests {
     fn two_replicas_changing_one_connection_lose_no_change() {
         const EACH: usize = 40;
         let url = database();
-        let client = RefCell::new(super::super::connect(&url).unwrap());
+        let client = RefCell::new(Client::connect(&url).unwrap());
         let mut made = Connection::for_test("counter");
         made.labels.insert("n".into(), "0".into());
         let id = made.id.clone();
@@ -339,7 +339,7 @@ mod tests {
             for _ in 0..2 {
                 let (url, id) = (&url, &id);
                 s.spawn(move || {
-                    let client = RefCell::new(super::super::connect(url).unwrap());
+                    let client = RefCell::new(Client::connect(url).unwrap());
                     let mut last_create = 0;
                     for _ in 0..EACH {
                         let id = id.clone();
@@ -405,7 +405,7 @@ mod tests {
                 .map(|w| {
                     let url = &url;
                     s.spawn(move || {
-                        let client = RefCell::new(super::super::connect(url).unwrap());
+                        let client = RefCell::new(Client::connect(url).unwrap());
                         let mut last_create = 0;
                         for g in 0..GROUPS {
                             let jobs = (0..=g % 2)
@@ -453,7 +453,7 @@ mod tests {
     fn reads_through_the_stores_read_see_what_was_committed() {
         use crate::store::{Filter, ListQuery, Order};
         let url = database();
-        let client = RefCell::new(super::super::connect(&url).unwrap());
+        let client = RefCell::new(Client::connect(&url).unwrap());
         let mut last_create = 0;
         let jobs = (0..3)
             .map(|i| job(create(Connection::for_test(&format!("c{i}")))).0)
