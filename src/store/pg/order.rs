@@ -40,14 +40,11 @@ pub(crate) fn begin_group(tx: &mut impl super::Statements) -> Result<Revision, E
 /// Ends a writer group that took the revisions up to `revision`: records it
 /// and wakes the tails, both taking effect when `tx` commits.
 pub(crate) fn end_group(tx: &mut impl super::Statements, revision: Revision) -> Result<(), Error> {
-    tx.execute(
-        "UPDATE meta SET value = $1 WHERE key = 'revision'",
-        &[&revision.get()],
-    )
-    .map_err(super::error)?;
-    tx.execute(
-        "SELECT pg_notify($1, $2)",
-        &[&CHANNEL, &revision.to_string()],
+    // One statement, one round trip: a data-modifying WITH always runs.
+    tx.query_one(
+        "WITH recorded AS (UPDATE meta SET value = $1 WHERE key = 'revision') \
+         SELECT pg_notify($2, $3)",
+        &[&revision.get(), &CHANNEL, &revision.to_string()],
     )
     .map_err(super::error)?;
     Ok(())

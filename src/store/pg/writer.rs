@@ -13,11 +13,11 @@
 
 use super::Statements;
 use super::{Client, error, order};
-use crate::connection::{ConnectionId, Revision};
+use crate::connection::Revision;
 use crate::connection::{Event, Micros};
 use crate::error::Error;
 use crate::store::writer::{
-    DROP_SUPERSEDED, EXPIRED_ANSWERS, Job, NEWEST_OLD, PRUNE_RANGE, Tx, WriterConfig, run_caught,
+    EXPIRED_ANSWERS, Job, NEWEST_OLD, PRUNE_RANGE, Tx, WriterConfig, run_caught,
 };
 use std::cell::RefCell;
 
@@ -42,11 +42,15 @@ pub(crate) fn commit_group(
         })
         .map_err(error)?;
         let revision = order::begin_group(c)?;
-        // Another replica may have made connections since this one last did.
-        let stored = super::query::last_create_time(c)?;
-        Ok::<_, Error>((revision, stored))
+        // Read once the group holds the revision row, so they include every
+        // group committed before it. Another replica may have made
+        // connections since this one last did, or moved the mark.
+        let row = c.query_one(GROUP_START, &[]).map_err(error)?;
+        let stored: Option<Micros> = row.get(0);
+        let compact = Revision::new(row.get(1));
+        Ok::<_, Error>((revision, (stored.unwrap_or(0), compact)))
     })();
-    let (revision, stored) = match begun {
+    let (revision, (stored, compact)) = match begun {
         Ok(b) => b,
         Err(e) => {
             rollback(client);
@@ -54,19 +58,21 @@ pub(crate) fn commit_group(
         }
     };
     let mut tx = Tx::on_pg(client, revision, durable, (*last_create).max(stored));
+    // The savepoint of a job that succeeded is released with the next
+    // job's start, in one round trip; COMMIT releases the last.
+    let mut kept = false;
     for job in jobs.iter_mut() {
         let step = (|| -> Result<(), Error> {
             client
                 .borrow_mut()
-                .batch_execute("SAVEPOINT job")
+                .batch_execute(match kept {
+                    true => "RELEASE SAVEPOINT job; SAVEPOINT job",
+                    false => "SAVEPOINT job",
+                })
                 .map_err(error)?;
             let mark = tx.mark();
-            if run_caught(job, &mut tx) {
-                client
-                    .borrow_mut()
-                    .batch_execute("RELEASE SAVEPOINT job")
-                    .map_err(error)?;
-            } else {
+            kept = run_caught(job, &mut tx);
+            if !kept {
                 client
                     .borrow_mut()
                     .batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
@@ -85,7 +91,7 @@ pub(crate) fn commit_group(
     let ended = (|| {
         let c = &mut *client.borrow_mut();
         if last != revision {
-            keep_history(c, last, &events, config)?;
+            keep_history(c, compact, last, &events, config)?;
             order::end_group(c, last)?;
         }
         // PostgreSQL answers COMMIT of a transaction a failed statement
@@ -108,11 +114,11 @@ pub(crate) fn commit_group(
 /// kept below it.
 fn keep_history(
     c: &mut impl Statements,
+    mut compact: Revision,
     revision: Revision,
     events: &[Event],
     config: &WriterConfig,
 ) -> Result<(), Error> {
-    let mut compact = compaction_mark(c)?;
     let keep = i64::try_from(config.retention_count).unwrap_or(i64::MAX);
     let floor = Revision::new(revision.get().saturating_sub(keep));
     if floor > compact {
@@ -120,17 +126,27 @@ fn keep_history(
         compact = floor;
     }
     if compact > Revision::ZERO {
-        let mut touched: Vec<&ConnectionId> = events.iter().map(|e| &e.connection_id).collect();
+        let mut touched: Vec<uuid::Uuid> = events
+            .iter()
+            .map(|e| uuid::Uuid::from_bytes(*e.connection_id.as_bytes()))
+            .collect();
         touched.sort_unstable();
         touched.dedup();
-        let drop = super::query::numbered(DROP_SUPERSEDED);
-        for id in touched {
-            let id = uuid::Uuid::from_bytes(*id.as_bytes());
-            c.execute(&drop, &[&id, &compact.get()]).map_err(error)?;
-        }
+        c.execute(DROP_SUPERSEDED_OF_ALL, &[&touched, &compact.get()])
+            .map_err(error)?;
     }
     Ok(())
 }
+
+/// What a group reads once it holds the revision row: the create_time of
+/// the connection made last (none when there is none) and the compaction mark.
+const GROUP_START: &str = "SELECT (SELECT create_time FROM connections ORDER BY seq DESC LIMIT 1), \
+     (SELECT value FROM meta WHERE key = 'compact_revision')";
+
+/// SQLite's `DROP_SUPERSEDED` for every connection in the array $1 at once.
+const DROP_SUPERSEDED_OF_ALL: &str = "DELETE FROM events e WHERE e.connection_id = ANY($1) \
+     AND e.revision <= $2 \
+     AND e.revision < (SELECT max(revision) FROM events m WHERE m.connection_id = e.connection_id)";
 
 fn compaction_mark(c: &mut impl Statements) -> Result<Revision, Error> {
     let row = c
