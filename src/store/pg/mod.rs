@@ -112,21 +112,30 @@ fn settings(url: &str) -> Result<(postgres::Config, MakeRustlsConnect), Error> {
     Ok((config, MakeRustlsConnect::new(tls)))
 }
 
-/// PostgreSQL's errors as the store's: one it cannot reach is storage that
-/// is unavailable; any other, an internal error with PostgreSQL's words.
+/// PostgreSQL's errors as the store's: one it cannot reach, or that is
+/// going away, starting or out of connections, is storage that is
+/// unavailable (a retry may succeed); a full disk is storage that is full;
+/// any other, an internal error with PostgreSQL's words.
 pub(crate) fn error(e: postgres::Error) -> Error {
     let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
     if e.is_closed() || io {
         return Error::StorageUnavailable(format!("PostgreSQL: {e}"));
     }
-    match e.as_db_error() {
-        // "db error" alone says nothing: PostgreSQL's own words do.
-        Some(db) => Error::Internal(format!(
-            "PostgreSQL: {} ({})",
-            db.message(),
-            db.code().code()
-        )),
-        None => Error::Internal(format!("PostgreSQL: {e}")),
+    let Some(db) = e.as_db_error() else {
+        return Error::Internal(format!("PostgreSQL: {e}"));
+    };
+    // "db error" alone says nothing: PostgreSQL's own words do.
+    let said = format!("PostgreSQL: {} ({})", db.message(), db.code().code());
+    match db.code().code() {
+        // Disk full, out of memory or files.
+        "53100" => Error::StorageFull(said),
+        // A connection exception (class 08); admin or crash shutdown, or
+        // not accepting connections yet (57P01-57P03); too many
+        // connections, or other resources short (class 53).
+        code if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") => {
+            Error::StorageUnavailable(said)
+        }
+        _ => Error::Internal(said),
     }
 }
 
