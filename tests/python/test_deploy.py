@@ -7,6 +7,8 @@ flag and environment variable they set is one `tether serve --help` lists,
 and the real binary is started with exactly the settings of each StatefulSet
 and of the unit, paths moved into a temp dir and addresses to loopback, then
 asked for its health and a call with a token from the access file they name.
+The Deployment of three replicas over PostgreSQL is checked the same way,
+short of a run.
 """
 
 import base64
@@ -18,9 +20,11 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import grpc
@@ -34,6 +38,9 @@ DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
 STATEFULSETS = ["statefulset.yaml", "statefulset-tls.yaml"]
+# Three replicas over a PostgreSQL database, and the Secret of its password.
+REPLICAS = "postgres/deployment.yaml"
+DB_SECRET = "postgres/secret.example.yaml"
 # Settings of work merged separately (the admin HTTP listener): the files may
 # name them before the binary knows them, and they are checked once it does.
 NOT_YET = {"--admin-listen", "TETHER_ADMIN_LISTEN"}
@@ -45,20 +52,35 @@ SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 
 
 @pytest.fixture(scope="module")
-def serve_help():
-    """The flags and environment variables `tether serve --help` lists."""
+def serve_help_text():
+    """What `tether serve --help` prints."""
     out = subprocess.run(
         [tether_bin(), "serve", "--help"], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0, out.stderr
-    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.stdout))
-    envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", out.stdout))
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def serve_help(serve_help_text):
+    """The flags and environment variables `tether serve --help` lists."""
+    text = serve_help_text
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+    envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", text))
     # The key itself has no flag; the help of --secret-key-file names it.
-    if "TETHER_SECRET_KEY," in out.stdout:
+    if "TETHER_SECRET_KEY," in text:
         envs.add("TETHER_SECRET_KEY")
-    assert {"--listen", "--db", "--secret-key-file"} <= flags, out.stdout
-    assert {"TETHER_LISTEN", "TETHER_DB", "TETHER_LOG_FORMAT"} <= envs, out.stdout
+    assert {"--listen", "--db", "--secret-key-file"} <= flags, text
+    assert {"TETHER_LISTEN", "TETHER_DB", "TETHER_LOG_FORMAT"} <= envs, text
     return flags, envs
+
+
+def help_default(help_text: str, flag: str) -> str:
+    """The default `tether serve --help` gives for `flag`."""
+    block = re.search(rf"^\s+{flag} <\w+>\n((?:\s{{8,}}.*\n)+)", help_text, re.M)
+    found = block and re.search(r"\[default: ([^\]]+)\]", block.group(1))
+    assert found, f"no default for {flag} in serve --help"
+    return found.group(1)
 
 
 def assert_known(names, known, what):
@@ -187,15 +209,20 @@ def test_the_manifests_are_valid_kubernetes_objects():
 
     version = kubernetes_validate.latest_version()
     seen = []
-    for path in sorted(KUBE.glob("*.yaml")):
-        for doc in manifests(path.name):
-            assert "namespace" not in doc["metadata"], f"{path.name}: namespace-free"
-            seen.append((path.name, doc["apiVersion"], doc["kind"]))
+    for path in sorted(KUBE.rglob("*.yaml")):
+        name = str(path.relative_to(KUBE))
+        for doc in manifests(name):
+            assert "namespace" not in doc["metadata"], f"{name}: namespace-free"
+            seen.append((name, doc["apiVersion"], doc["kind"]))
             if doc["kind"] == "ServiceMonitor":
                 continue  # a CRD: no schema ships with Kubernetes; checked below
             # strict: a misspelt or misplaced field fails too.
             kubernetes_validate.validate(doc, version, strict=True)
     assert sorted(seen) == [
+        ("postgres/deployment.yaml", "apps/v1", "Deployment"),
+        ("postgres/deployment.yaml", "policy/v1", "PodDisruptionBudget"),
+        ("postgres/deployment.yaml", "v1", "Service"),
+        ("postgres/secret.example.yaml", "v1", "Secret"),
         ("secret.example.yaml", "v1", "Secret"),
         ("servicemonitor.yaml", "monitoring.coreos.com/v1", "ServiceMonitor"),
         ("statefulset-tls.yaml", "apps/v1", "StatefulSet"),
@@ -306,7 +333,7 @@ def test_the_tls_statefulset_differs_only_in_tls_and_probes():
 
 def test_the_service_monitor_scrapes_the_admin_port():
     monitor = the(manifests("servicemonitor.yaml"), "ServiceMonitor")
-    for name in STATEFULSETS:
+    for name in [*STATEFULSETS, REPLICAS]:
         svc = the(manifests(name), "Service")
         assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
         (endpoint,) = monitor["spec"]["endpoints"]
@@ -717,3 +744,184 @@ def test_the_compose_file_runs_three_replicas_on_one_postgresql(serve_help, cont
     build, _ = stages(containerfile)
     runs = " ".join(v for i, v in build if i == "RUN")
     assert "--features postgres" in runs, "the image serves PostgreSQL too"
+
+
+# --- three replicas over PostgreSQL, on Kubernetes ---------------------------------
+
+
+def example_secrets() -> dict[str, dict]:
+    """The example Secrets by name: "tether" and "tether-db"."""
+    return {
+        d["metadata"]["name"]: d
+        for name in ("secret.example.yaml", DB_SECRET)
+        for d in manifests(name)
+    }
+
+
+def seconds(duration: str) -> int:
+    assert re.fullmatch(r"\d+s", duration), f"{duration}: whole seconds expected"
+    return int(duration[:-1])
+
+
+def test_the_replicas_deployment_holds_together(serve_help, serve_help_text, containerfile):
+    """Three replicas with no state of their own: the database a postgres://
+    URL without its password, which is a file, as the key is, both copied by
+    the init container from the Secrets into files only the server's user
+    can read; probes on grpc.health.v1.Health; a drain that fits the grace."""
+    flags, envs = serve_help
+    docs = manifests(REPLICAS)
+    svc, dep, pdb = (the(docs, k) for k in ("Service", "Deployment", "PodDisruptionBudget"))
+    spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
+    c = container(dep)
+    env = env_values(c)
+
+    # Several replicas, and no claim: the state is in PostgreSQL.
+    assert spec["replicas"] == 3
+    assert "volumeClaimTemplates" not in spec
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    # A rollout adds a pod before it takes one away; a drain takes one at a time.
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+    labels = spec["template"]["metadata"]["labels"]
+    for selector in (spec["selector"], pdb["spec"]["selector"]):
+        assert selector["matchLabels"].items() <= labels.items()
+    assert svc["spec"]["selector"].items() <= labels.items()
+    # A virtual IP, not headless, with the name and ports of statefulset.yaml's
+    # Service: clients and the ServiceMonitor need no change.
+    assert svc["spec"].get("clusterIP", "") != "None"
+    single = the(manifests("statefulset.yaml"), "Service")
+    assert svc["metadata"] == single["metadata"]
+    assert svc["spec"]["ports"] == single["spec"]["ports"]
+    for port in svc["spec"]["ports"]:
+        port_number(c, port["targetPort"])
+
+    # Settings only through `tether serve`'s own flags and variables.
+    assert c["args"][0] == "serve"
+    assert_known([a.split("=")[0] for a in c["args"][1:] if a.startswith("--")], flags, REPLICAS)
+    assert_known(env, envs, REPLICAS)
+    assert pod["enableServiceLinks"] is False
+    assert int(env["TETHER_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "grpc")
+    assert int(env["TETHER_ADMIN_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "admin")
+
+    # A user and no password in the URL: the server refuses a password given
+    # twice, and the password file is the one place for it.
+    url = urllib.parse.urlsplit(env["TETHER_DB"])
+    assert url.scheme in ("postgres", "postgresql") and url.hostname, env["TETHER_DB"]
+    assert url.username and url.password is None and url.path.strip("/"), env["TETHER_DB"]
+    # No secret in the environment: the key (which a PostgreSQL --db needs
+    # given, never made) and the password are files.
+    assert "TETHER_SECRET_KEY" not in env
+    assert not [e for e in c["env"] if "valueFrom" in e]
+    files = [env["TETHER_DB_PASSWORD_FILE"], env["TETHER_SECRET_KEY_FILE"]]
+
+    # Both in a folder in memory that the init container fills and the
+    # server only reads; the Secrets' own files are the init container's alone.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    (init,) = pod["initContainers"]
+    init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+    (folder,) = {f.rsplit("/", 1)[0] for f in files}
+    private = mounts[folder]
+    assert private["readOnly"] is True
+    assert volumes[private["name"]]["emptyDir"]["medium"] == "Memory"
+    assert not init_mounts[private["name"]].get("readOnly", False)
+    (source,) = [n for n in init_mounts if n != private["name"]]
+    assert source not in {m["name"] for m in c["volumeMounts"]}
+    projected = volumes[source]["projected"]
+    assert projected["defaultMode"] & 0o077 == 0, "0400 or 0600"
+    secrets = example_secrets()
+    items = {}
+    for each in projected["sources"]:
+        ref = each["secret"]
+        for item in ref["items"]:
+            assert item["key"] in secrets[ref["name"]]["stringData"], (ref["name"], item["key"])
+            items[item["path"]] = (ref["name"], item["key"])
+    assert sorted(items) == sorted(f.rsplit("/", 1)[1] for f in files)
+    key_file = env["TETHER_SECRET_KEY_FILE"].rsplit("/", 1)[1]
+    assert items[key_file] == ("tether", "secret-key"), "the key statefulset.yaml reads too"
+
+    # The access file straight from the Secret "tether": updated in place and
+    # reloaded; the server refuses it only if others can write it.
+    (access_at,) = [m for m in mounts if env["TETHER_AUTH_FILE"].startswith(m + "/")]
+    access = volumes[mounts[access_at]["name"]]["secret"]
+    assert access["secretName"] == "tether"
+    assert access["defaultMode"] & 0o022 == 0
+    assert {i["key"] for i in access["items"]} <= secrets["tether"]["stringData"].keys()
+
+    # Both containers as the image's user; fsGroup makes the Secrets' files
+    # readable to its group, which is how the init container reads them.
+    runtime = stages(containerfile)[-1]
+    (user,) = [v for i, v in runtime if i == "USER"]
+    security = pod["securityContext"]
+    assert f"{security['runAsUser']}:{security['runAsGroup']}" == user
+    assert security["fsGroup"] == security["runAsGroup"] and security["runAsNonRoot"]
+    for each in (init, c):
+        assert not {"runAsUser", "runAsGroup"} & each["securityContext"].keys()
+        assert each["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # Native gRPC probes on grpc.health.v1.Health (the whole server: no service).
+    probes = [c[p] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+    assert all(p["grpc"]["port"] == port_number(c, "grpc") for p in probes), probes
+    assert "service" not in str(probes)
+
+    # The preStop sleep, then SIGTERM and --shutdown-grace for open calls,
+    # with room left to commit what is queued, all before the kill.
+    grace = env.get("TETHER_SHUTDOWN_GRACE") or help_default(serve_help_text, "--shutdown-grace")
+    sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert sleep + seconds(grace) + 10 <= pod["terminationGracePeriodSeconds"]
+
+
+def test_the_replicas_pod_differs_from_the_statefulsets_only_in_store_and_drain():
+    """The same image, ports, probes, resources, security and other settings
+    as statefulset.yaml's pod: only the database, the key's and the
+    password's files, and the preStop sleep differ."""
+    single, many = (the(manifests(n), k) for n, k in
+                    (("statefulset.yaml", "StatefulSet"), (REPLICAS, "Deployment")))
+    a, b = container(single), container(many)
+    for key in ("image", "imagePullPolicy", "args", "ports", "startupProbe", "readinessProbe",
+                "livenessProbe", "resources", "securityContext"):
+        assert a[key] == b[key], key
+    store = {"TETHER_DB", "TETHER_DB_PASSWORD_FILE", "TETHER_SECRET_KEY", "TETHER_SECRET_KEY_FILE"}
+    assert ({k: v for k, v in env_values(a).items() if k not in store}
+            == {k: v for k, v in env_values(b).items() if k not in store})
+    pod_a, pod_b = (s["spec"]["template"]["spec"] for s in (single, many))
+    for key in ("automountServiceAccountToken", "enableServiceLinks",
+                "terminationGracePeriodSeconds"):
+        assert pod_a[key] == pod_b[key], key
+    # fsGroupChangePolicy is about the claim, which the Deployment has not.
+    security = {k: v for k, v in pod_a["securityContext"].items() if k != "fsGroupChangePolicy"}
+    assert security == pod_b["securityContext"]
+
+
+def loopback_url(url: str, port: int) -> str:
+    """`url` with its host and port moved to 127.0.0.1:`port`."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}").geturl()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_password_file_mounted_straight_from_the_secret_is_refused(tmp_path):
+    """Why the init container copies: under fsGroup, kubelet makes a Secret's
+    files group-readable (0400 becomes 0440), and the server refuses such a
+    password file before it connects anywhere. The same file 0600 passes
+    that check (and then finds no PostgreSQL on a closed loopback port)."""
+    c = container(the(manifests(REPLICAS), "Deployment"))
+    password = tmp_path / "db-password"
+    password.write_text("s3cret")
+    env = clean_env()
+    env["TETHER_DB"] = loopback_url(env_values(c)["TETHER_DB"], free_port())
+    env["TETHER_DB_PASSWORD_FILE"] = str(password)
+    env["TETHER_SECRET_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    argv = [tether_bin(), "serve", "--listen", "127.0.0.1:0"]
+    for mode, refused in ((0o440, True), (0o600, False)):
+        os.chmod(password, mode)
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=START_TIMEOUT)
+        assert out.returncode != 0, out.stdout + out.stderr
+        assert ("group or others" in out.stderr) == refused, (oct(mode), out.stderr)
+
