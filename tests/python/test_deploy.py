@@ -7,8 +7,8 @@ flag and environment variable they set is one `tether serve --help` lists,
 and the real binary is started with exactly the settings of each StatefulSet
 and of the unit, paths moved into a temp dir and addresses to loopback, then
 asked for its health and a call with a token from the access file they name.
-The Deployment of three replicas over PostgreSQL is checked the same way,
-short of a run.
+The Deployment of three replicas over PostgreSQL runs the same way, its init
+container's copy included, on a throwaway PostgreSQL cluster.
 """
 
 import base64
@@ -22,9 +22,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+import types
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -358,9 +361,10 @@ def test_the_example_secret_is_refused_as_is(tmp_path):
 
 
 class Process:
-    """A `tether` started with a whole argv and environment of a test's choice."""
+    """A `tether` started with a whole argv and environment of a test's
+    choice; `popen` may say as whom (user, group, extra_groups)."""
 
-    def __init__(self, argv, env, log_path: Path):
+    def __init__(self, argv, env, log_path: Path, **popen):
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
@@ -370,6 +374,7 @@ class Process:
             stderr=self._log,
             text=True,
             env=env,
+            **popen,
         )
         # The address line, read by a thread so that the wait is bounded.
         lines: queue.Queue = queue.Queue()
@@ -925,3 +930,207 @@ def test_a_password_file_mounted_straight_from_the_secret_is_refused(tmp_path):
         assert out.returncode != 0, out.stdout + out.stderr
         assert ("group or others" in out.stderr) == refused, (oct(mode), out.stderr)
 
+
+def pg_bin() -> Path | None:
+    """PostgreSQL's binaries, found as src/store/pg/cluster.rs finds them."""
+    if os.environ.get("TETHER_PG_BIN"):
+        return Path(os.environ["TETHER_PG_BIN"])
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")]
+    found.sort(key=lambda b: int(b.parent.name) if b.parent.name.isdigit() else 0)
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster on a free loopback port, started as the
+    store's tests start one (src/store/pg/cluster.rs; as root, it runs as
+    the user postgres), but with password authentication over TCP: the user
+    and database the Deployment's URL names, and a random password, which
+    only the password file can give the server."""
+    bin_dir = pg_bin()
+    if bin_dir is None or not (bin_dir / "initdb").exists():
+        pytest.skip("no PostgreSQL binaries: install Debian's postgresql "
+                    "(scripts/test does) or set TETHER_PG_BIN")
+    url = urllib.parse.urlsplit(
+        env_values(container(the(manifests(REPLICAS), "Deployment")))["TETHER_DB"])
+    root = os.geteuid() == 0
+    folder = Path(tempfile.mkdtemp(prefix="tether-deploy-pg-"))
+    password = base64.urlsafe_b64encode(os.urandom(18)).decode()
+    (folder / "password").write_text(password + "\n")
+    if root:
+        subprocess.run(["chown", "-R", "postgres:", folder], check=True, timeout=30)
+
+    def pg(program: str, *args: str):
+        argv = [str(bin_dir / program), *args]
+        if root:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    def run(program: str, *args: str):
+        out = pg(program, *args)
+        assert out.returncode == 0, f"{program}: {out.stdout}{out.stderr}"
+
+    data, port = folder / "data", free_port()
+    try:
+        run("initdb", "--no-sync", "--auth-local=trust", "--auth-host=scram-sha-256",
+            f"--username={url.username}", f"--pwfile={folder / 'password'}", "--encoding=UTF8",
+            "-D", str(data))
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off"
+        run("pg_ctl", "-w", "-D", str(data), "-l", str(folder / "log"), "-o", options, "start")
+        run("createdb", "-h", str(folder), "-p", str(port), "-U", url.username,
+            url.path.strip("/"))
+        yield types.SimpleNamespace(port=port, password=password)
+    finally:
+        pg("pg_ctl", "-m", "immediate", "-D", str(data), "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def as_pod_user(pod) -> dict:
+    """Popen's arguments that run a process as the pod's user, group and
+    fsGroup, when the tests run as root; otherwise, as whoever runs them."""
+    if os.geteuid() != 0:
+        return {}
+    security = pod["securityContext"]
+    return {"user": security["runAsUser"], "group": security["runAsGroup"],
+            "extra_groups": [security["fsGroup"]]}
+
+
+def kubelet_secret_volume(folder: Path, files: dict[str, str], mode: int, fs_group: int):
+    """A Secret or projected volume as kubelet writes one: the files in a
+    dated folder that `..data` links to, each name a link through `..data`;
+    with an fsGroup, that is their group, and group read is added to `mode`
+    whatever it says."""
+    dated = folder / "..2026_01_01_00_00_00.000000001"
+    dated.mkdir(parents=True)
+    for name, text in files.items():
+        (dated / name).write_text(text)
+        if os.geteuid() == 0:
+            os.chown(dated / name, 0, fs_group)
+        os.chmod(dated / name, mode | 0o440)
+    (folder / "..data").symlink_to(dated.name)
+    for name in files:
+        (folder / name).symlink_to(f"..data/{name}")
+
+
+def pod_volumes(pod, folder: Path, secrets: dict[str, dict[str, str]]) -> dict[str, Path]:
+    """A folder for each volume of `pod`, set up as kubelet would: the
+    Secrets' files in theirs, emptyDirs empty."""
+    fs_group = pod["securityContext"]["fsGroup"]
+    out = {}
+    for volume in pod["volumes"]:
+        where = out[volume["name"]] = folder / volume["name"]
+        if "emptyDir" in volume:
+            where.mkdir(parents=True)
+            if os.geteuid() == 0:
+                os.chown(where, 0, fs_group)
+            os.chmod(where, 0o2777)  # open to all, fsGroup's, setgid
+            continue
+        if "secret" in volume:
+            sources = [{"name": volume["secret"]["secretName"], **volume["secret"]}]
+            mode = volume["secret"]["defaultMode"]
+        else:
+            sources = [s["secret"] for s in volume["projected"]["sources"]]
+            mode = volume["projected"]["defaultMode"]
+        files = {}
+        for source in sources:
+            data = secrets[source["name"]]
+            for item in source.get("items") or [{"key": k, "path": k} for k in data]:
+                files[item["path"]] = data[item["key"]]
+        kubelet_secret_volume(where, files, mode, fs_group)
+    return out
+
+
+def in_pod(text: str, c, folders: dict[str, Path]) -> str:
+    """`text` with each of container `c`'s mount paths moved to its volume's folder."""
+    for mount in sorted(c["volumeMounts"], key=lambda m: -len(m["mountPath"])):
+        text = text.replace(mount["mountPath"], str(folders[mount["name"]]))
+    return text
+
+
+def test_three_replicas_run_as_the_deployment_configures_them(pb, postgres, serve_help):
+    """Each pod set up as kubelet would (its Secrets' files group-readable
+    behind kubelet's links, an empty folder for the emptyDir), its init
+    container's own script run by /bin/sh in place of busybox's, then the
+    three servers started at once on one new database, all as the pod's user
+    when the tests run as root. The URL's host and port move to a throwaway
+    PostgreSQL that wants the password, the listeners to loopback;
+    everything else is the manifest's. Each replica answers health and a
+    token's call, and a connection made through one is read through the
+    others; each exits 0 on SIGTERM."""
+    _, envs = serve_help
+    dep = the(manifests(REPLICAS), "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c, (init,) = container(dep), pod["initContainers"]
+    token, entry = make_token("alice", "operator")
+    secrets = {
+        "tether": {
+            "secret-key": base64.b64encode(os.urandom(32)).decode(),
+            "access.yaml": f"tokens:\n{entry}\n",
+        },
+        "tether-db": {"password": postgres.password},
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="tether-deploy-pods-"))
+    os.chmod(workdir, 0o755)  # the pod's user goes through it
+
+    def start(i: int) -> Process:
+        folders = pod_volumes(pod, workdir / f"pod-{i}", secrets)
+        argv = [*init["command"], *init.get("args", [])]
+        assert argv[0] == "/busybox/sh", argv  # the image's busybox; here, /bin/sh
+        copied = subprocess.run(
+            ["/bin/sh", *(in_pod(a, init, folders) for a in argv[1:])],
+            capture_output=True, text=True, timeout=30, env={"PATH": os.defpath},
+            **as_pod_user(pod),
+        )
+        assert copied.returncode == 0, copied.stderr
+        env = clean_env()
+        for e in c["env"]:
+            env[e["name"]] = in_pod(e["value"], c, folders)
+        for key in ("TETHER_DB_PASSWORD_FILE", "TETHER_SECRET_KEY_FILE"):
+            made = os.stat(env[key])
+            assert made.st_mode & 0o777 == 0o600, (key, oct(made.st_mode))
+            assert made.st_uid == as_pod_user(pod).get("user", os.geteuid()), key
+        env["TETHER_DB"] = loopback_url(env["TETHER_DB"], postgres.port)
+        env["TETHER_LISTEN"] = "127.0.0.1:0"
+        if "TETHER_ADMIN_LISTEN" in envs:
+            env["TETHER_ADMIN_LISTEN"] = "127.0.0.1:0"
+        else:
+            env.pop("TETHER_ADMIN_LISTEN")
+        return Process([tether_bin(), *c["args"]], env, workdir / f"pod-{i}.log",
+                       **as_pod_user(pod))
+
+    replicas = dep["spec"]["replicas"]
+    started = []
+    try:
+        with ThreadPoolExecutor(replicas) as pool:
+            futures = [pool.submit(start, i) for i in range(replicas)]
+        started = [f.result() for f in futures if f.exception() is None]
+        for f in futures:
+            f.result()
+        auth = [("authorization", f"Bearer {token}")]
+        for server in started:
+            user = as_pod_user(pod).get("user", os.geteuid())
+            assert os.stat(f"/proc/{server.proc.pid}").st_uid == user
+            with open_channel(server.addr) as ch:
+                assert_serves_with_token(pb, ch, token)
+        with open_channel(started[0].addr) as ch:
+            made = pb.grpc.ConnectionServiceStub(ch).CreateConnection(
+                pb.service.CreateConnectionRequest(
+                    connection=pb.connection.Connection(kind="tcp", name="shared",
+                                                        url="tcp://127.0.0.1:9")),
+                timeout=CALL_TIMEOUT, metadata=auth,
+            )
+        for server in started[1:]:
+            with open_channel(server.addr) as ch:
+                got = pb.grpc.ConnectionServiceStub(ch).GetConnection(
+                    pb.service.GetConnectionRequest(id=made.id),
+                    timeout=CALL_TIMEOUT, metadata=auth,
+                )
+            assert (got.id, got.name) == (made.id, "shared")
+    finally:
+        try:
+            with ThreadPoolExecutor(max(len(started), 1)) as pool:
+                codes = list(pool.map(Process.stop, started))
+            logs = "\n".join(server.log() for server in started)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    assert codes == [0] * replicas, logs
