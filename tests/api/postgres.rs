@@ -176,3 +176,275 @@ async fn the_database_password_comes_from_a_private_file() {
         .await
         .unwrap();
 }
+
+// ---- several replicas under load ----
+
+/// One change as a client saw it: its store revision, the connection and
+/// what a watcher that sees everything is sent for it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Change {
+    revision: i64,
+    id: String,
+    r#type: i32,
+    state: i32,
+}
+
+impl Change {
+    /// The write a replica answered with `c`, which a watcher reports as `ty`.
+    fn acked(c: &pb::Connection, ty: pb::WatchEventType) -> Change {
+        assert_eq!(
+            c.etag,
+            format!("r{}", c.revision),
+            "the etag is the revision"
+        );
+        Change {
+            revision: c.revision,
+            id: c.id.clone(),
+            r#type: ty as i32,
+            state: c.state,
+        }
+    }
+}
+
+/// Acknowledged writes, as they are acknowledged.
+#[derive(Clone, Default)]
+struct Ledger {
+    acked: Arc<std::sync::Mutex<Vec<Change>>>,
+}
+
+impl Ledger {
+    fn record(&self, c: Change) {
+        self.acked.lock().unwrap().push(c);
+    }
+
+    fn acked(&self) -> Vec<Change> {
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+/// The lifecycle each writer takes its connections through after creating
+/// them, every step a USER edge of the table, and what a watcher of
+/// everything is sent for it (a tombstone leaves the view).
+const ROUND: [(S, pb::WatchEventType); 5] = [
+    (S::Registered, pb::WatchEventType::Modified),
+    (S::Connected, pb::WatchEventType::Modified),
+    (S::Maintenance, pb::WatchEventType::Modified),
+    (S::Ignored, pb::WatchEventType::Modified),
+    (S::Deleted, pb::WatchEventType::Removed),
+];
+
+/// Writes through `client` until `rounds` are done, `stop` is set or a call
+/// fails (that call's status): each round creates an unmanaged connection
+/// (never probed) and moves it along [`ROUND`]. Every answered write goes
+/// into `ledger` as it is answered.
+async fn write(
+    mut client: Client,
+    rounds: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+    ledger: Ledger,
+) -> Result<(), tonic::Status> {
+    for _ in 0..rounds {
+        if *stop.borrow() {
+            break;
+        }
+        let made = client
+            .create_connection(pb::CreateConnectionRequest {
+                connection: Some(pb::Connection {
+                    managed: Some(false),
+                    ..conn("http", "")
+                }),
+                skip_verification: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ledger.record(Change::acked(&made, pb::WatchEventType::Added));
+        for (target, ty) in ROUND {
+            let moved = client
+                .transition_connection(pb::TransitionConnectionRequest {
+                    id: made.id.clone(),
+                    target_state: target as i32,
+                    skip_verification: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            assert_eq!(moved.state, target as i32);
+            ledger.record(Change::acked(&moved, ty));
+        }
+    }
+    Ok(())
+}
+
+/// A watch of everything, opened on an empty database and read in the
+/// background from its SYNCED on.
+struct Watcher {
+    seen: Arc<std::sync::Mutex<Vec<pb::WatchConnectionsResponse>>>,
+    last: tokio::sync::watch::Receiver<i64>,
+    task: tokio::task::JoinHandle<tonic::Status>,
+}
+
+impl Watcher {
+    async fn open(client: &mut Client) -> Watcher {
+        let mut stream = client
+            .watch_connections(pb::WatchConnectionsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let synced = next(&mut stream).await;
+        assert_eq!(synced.r#type, pb::WatchEventType::Synced as i32);
+        let (tx, last) = tokio::sync::watch::channel(synced.revision);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(m)) => {
+                        let revision = m.revision;
+                        log.lock().unwrap().push(m);
+                        tx.send_replace(revision);
+                    }
+                    Ok(None) => return tonic::Status::unknown("the watch ended"),
+                    Err(status) => return status,
+                }
+            }
+        });
+        Watcher { seen, last, task }
+    }
+
+    /// Every change sent so far, in the order it was sent.
+    fn changes(&self) -> Vec<Change> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let c = m
+                    .connection
+                    .as_ref()
+                    .expect("a change names its connection");
+                Change {
+                    revision: m.revision,
+                    id: c.id.clone(),
+                    r#type: m.r#type,
+                    state: c.state,
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until `done` holds of what was sent, failing the test if it
+    /// does not by `deadline` or the watch ends.
+    async fn until(
+        &mut self,
+        deadline: tokio::time::Instant,
+        what: &str,
+        done: impl Fn(&[pb::WatchConnectionsResponse]) -> bool,
+    ) {
+        while !done(&self.seen.lock().unwrap()) {
+            match tokio::time::timeout_at(deadline, self.last.changed()).await {
+                Err(_) => panic!("{what}: not by the deadline"),
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => panic!("{what}: {:?}", (&mut self.task).await),
+            }
+        }
+    }
+
+    /// Waits until it was sent everything up to `revision` (20 s at most).
+    async fn reached(&mut self, revision: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let what = format!("sent everything up to r{revision}");
+        self.until(deadline, &what, |seen| {
+            seen.last().is_some_and(|m| m.revision >= revision)
+        })
+        .await;
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Asserts that `seen` is `want` (both in revision order), naming the first
+/// place they differ rather than printing thousands of changes.
+fn assert_same(seen: &[Change], want: &[Change], what: &str) {
+    if let Some(i) = (0..seen.len().max(want.len())).find(|&i| seen.get(i) != want.get(i)) {
+        panic!(
+            "{what}: change {i} of {} (of {} wanted) is {:?}, wanted {:?}",
+            seen.len(),
+            want.len(),
+            seen.get(i),
+            want.get(i)
+        );
+    }
+}
+
+/// Asserts that `changes` have strictly increasing revisions with no gap:
+/// the store revision is one counter for the whole database, so a watcher
+/// of everything is sent each of its values once.
+fn assert_gapless(changes: &[Change], what: &str) {
+    for pair in changes.windows(2) {
+        assert_eq!(
+            pair[1].revision,
+            pair[0].revision + 1,
+            "{what}: r{} followed by r{}",
+            pair[0].revision,
+            pair[1].revision
+        );
+    }
+}
+
+/// Three replicas, each with writers and a watcher: every write any of them
+/// acknowledged reaches every watcher once, in revision order, with no
+/// revision missing or repeated, and the three watchers are sent the very
+/// same history (a revision names the same change of the same connection
+/// everywhere). The revision is one counter across replicas, in commit
+/// order, even while all of them commit at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_writing_at_once_give_every_watcher_one_history() {
+    const WRITERS: usize = 4;
+    const ROUNDS: usize = 6;
+    let (url, keys) = database().await;
+    let first = replica(&url, &keys).await;
+    let (second, third) = tokio::join!(replica(&url, &keys), replica(&url, &keys));
+    let replicas = [first, second, third];
+    // The monitor is off (`test_config`): every change is a writer's.
+    let mut watchers = Vec::new();
+    for app in &replicas {
+        watchers.push(Watcher::open(&mut app.new_client().await).await);
+    }
+
+    let ledger = Ledger::default();
+    let (_stop, never) = tokio::sync::watch::channel(false);
+    let mut writers = tokio::task::JoinSet::new();
+    for app in &replicas {
+        for _ in 0..WRITERS {
+            let client = app.new_client().await;
+            writers.spawn(write(client, ROUNDS, never.clone(), ledger.clone()));
+        }
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap().expect("every write is answered");
+    }
+    let mut acked = ledger.acked();
+    assert_eq!(
+        acked.len(),
+        replicas.len() * WRITERS * ROUNDS * (1 + ROUND.len())
+    );
+    acked.sort();
+    let last = acked.last().unwrap().revision;
+
+    for (i, w) in watchers.iter_mut().enumerate() {
+        w.reached(last).await;
+        let seen = w.changes();
+        let what = format!("the watcher on replica {i}");
+        // Nothing but the acknowledged writes, each once, in revision order.
+        assert_same(&seen, &acked, &what);
+        assert_gapless(&seen, &what);
+    }
+    for app in replicas {
+        app.stop().await.unwrap();
+    }
+}
