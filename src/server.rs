@@ -221,7 +221,8 @@ fn with_password(url: &str, file: &std::path::Path) -> Result<String, Error> {
 fn open_postgres(_url: &str, _config: &Config, _key_in_env: bool) -> Result<Store, Error> {
     Err(Error::invalid(
         "db",
-        "this tether was built without PostgreSQL; build it with `--features postgres`",
+        "this tether was built without PostgreSQL (--no-default-features); build it with \
+         the `postgres` feature",
     ))
 }
 
