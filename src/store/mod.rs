@@ -22,7 +22,7 @@ enum Sql<'a> {
     Lite(&'a rusqlite::Transaction<'a>),
     #[cfg(feature = "postgres")]
     /// A connection in a transaction its user began (`BEGIN`).
-    Pg(&'a std::cell::RefCell<postgres::Client>),
+    Pg(&'a std::cell::RefCell<pg::Client>),
 }
 
 /// Runs `$lite` on SQLite's transaction or `$pg` on PostgreSQL's.

@@ -24,7 +24,7 @@ impl<'a> Read<'a> {
     /// A read on PostgreSQL: `client` is in a read transaction its user
     /// began (`BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`, one snapshot).
     #[cfg(feature = "postgres")]
-    pub(super) fn on_pg(client: &'a std::cell::RefCell<postgres::Client>) -> Self {
+    pub(super) fn on_pg(client: &'a std::cell::RefCell<super::pg::Client>) -> Self {
         Read {
             sql: Sql::Pg(client),
         }

@@ -157,7 +157,7 @@ impl<'a> Tx<'a> {
     /// writer began, after the revisions up to `revision`.
     #[cfg(feature = "postgres")]
     pub(super) fn on_pg(
-        client: &'a RefCell<postgres::Client>,
+        client: &'a RefCell<super::pg::Client>,
         revision: Revision,
         durable: bool,
         last_create: Micros,

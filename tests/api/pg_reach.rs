@@ -107,9 +107,10 @@ async fn tls_to_postgresql_is_verified() {
 }
 
 /// PostgreSQL stops under a serving replica: health turns NOT_SERVING and
-/// writes are UNAVAILABLE, without a write having to fail first; once it is
-/// back, health is SERVING again, the next write is accepted, and an open
-/// watch goes on after the last change it had, missing none.
+/// writes and reads are UNAVAILABLE, without a write having to fail first;
+/// once it is back, health is SERVING again, reads and the next write are
+/// answered, and an open watch goes on after the last change it had,
+/// missing none.
 #[tokio::test]
 async fn a_replica_whose_postgresql_goes_away_and_comes_back() {
     let (cluster, url) = cluster(Vec::new(), &[]).await;
@@ -144,6 +145,15 @@ async fn a_replica_whose_postgresql_goes_away_and_comes_back() {
     let before = create(&mut client, conn("tcp", "tcp://before.example:1")).await;
     assert_eq!(next(&mut watch).await.connection.unwrap().id, before.id);
 
+    // Reads at once fill the replica's pool of read connections.
+    let reads = (0..4).map(|_| {
+        let (mut client, id) = (client.clone(), before.id.clone());
+        async move { get(&mut client, &id).await }
+    });
+    for read in futures::future::join_all(reads).await {
+        assert_eq!(read, before);
+    }
+
     let halting = cluster.clone();
     tokio::task::spawn_blocking(move || halting.halt())
         .await
@@ -160,6 +170,12 @@ async fn a_replica_whose_postgresql_goes_away_and_comes_back() {
         })
         .await;
     assert_error(refused, Code::Unavailable, "STORAGE_UNAVAILABLE");
+    let unread = client
+        .get_connection(pb::GetConnectionRequest {
+            id: before.id.clone(),
+        })
+        .await;
+    assert_error(unread, Code::Unavailable, "STORAGE_UNAVAILABLE");
 
     let resuming = cluster.clone();
     tokio::task::spawn_blocking(move || resuming.resume())
@@ -169,6 +185,10 @@ async fn a_replica_whose_postgresql_goes_away_and_comes_back() {
         next(&mut health).await.status,
         ServingStatus::Serving as i32
     );
+    // No read meets a connection that broke while PostgreSQL was away.
+    for _ in 0..4 {
+        assert_eq!(get(&mut client, &before.id).await, before);
+    }
     let after = create(&mut client, conn("tcp", "tcp://after.example:1")).await;
     let seen = next(&mut watch).await;
     assert_eq!(seen.connection.unwrap().id, after.id);

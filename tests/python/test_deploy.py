@@ -7,6 +7,8 @@ flag and environment variable they set is one `tether serve --help` lists,
 and the real binary is started with exactly the settings of each StatefulSet
 and of the unit, paths moved into a temp dir and addresses to loopback, then
 asked for its health and a call with a token from the access file they name.
+The Deployment of three replicas over PostgreSQL runs the same way, its init
+container's copy included, on a throwaway PostgreSQL cluster.
 """
 
 import base64
@@ -18,9 +20,14 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import threading
 import time
+import types
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -34,6 +41,9 @@ DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
 STATEFULSETS = ["statefulset.yaml", "statefulset-tls.yaml"]
+# Three replicas over a PostgreSQL database, and the Secret of its password.
+REPLICAS = "postgres/deployment.yaml"
+DB_SECRET = "postgres/secret.example.yaml"
 # Settings of work merged separately (the admin HTTP listener): the files may
 # name them before the binary knows them, and they are checked once it does.
 NOT_YET = {"--admin-listen", "TETHER_ADMIN_LISTEN"}
@@ -45,20 +55,35 @@ SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 
 
 @pytest.fixture(scope="module")
-def serve_help():
-    """The flags and environment variables `tether serve --help` lists."""
+def serve_help_text():
+    """What `tether serve --help` prints."""
     out = subprocess.run(
         [tether_bin(), "serve", "--help"], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0, out.stderr
-    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.stdout))
-    envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", out.stdout))
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def serve_help(serve_help_text):
+    """The flags and environment variables `tether serve --help` lists."""
+    text = serve_help_text
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+    envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", text))
     # The key itself has no flag; the help of --secret-key-file names it.
-    if "TETHER_SECRET_KEY," in out.stdout:
+    if "TETHER_SECRET_KEY," in text:
         envs.add("TETHER_SECRET_KEY")
-    assert {"--listen", "--db", "--secret-key-file"} <= flags, out.stdout
-    assert {"TETHER_LISTEN", "TETHER_DB", "TETHER_LOG_FORMAT"} <= envs, out.stdout
+    assert {"--listen", "--db", "--secret-key-file"} <= flags, text
+    assert {"TETHER_LISTEN", "TETHER_DB", "TETHER_LOG_FORMAT"} <= envs, text
     return flags, envs
+
+
+def help_default(help_text: str, flag: str) -> str:
+    """The default `tether serve --help` gives for `flag`."""
+    block = re.search(rf"^\s+{flag} <\w+>\n((?:\s{{8,}}.*\n)+)", help_text, re.M)
+    found = block and re.search(r"\[default: ([^\]]+)\]", block.group(1))
+    assert found, f"no default for {flag} in serve --help"
+    return found.group(1)
 
 
 def assert_known(names, known, what):
@@ -187,15 +212,20 @@ def test_the_manifests_are_valid_kubernetes_objects():
 
     version = kubernetes_validate.latest_version()
     seen = []
-    for path in sorted(KUBE.glob("*.yaml")):
-        for doc in manifests(path.name):
-            assert "namespace" not in doc["metadata"], f"{path.name}: namespace-free"
-            seen.append((path.name, doc["apiVersion"], doc["kind"]))
+    for path in sorted(KUBE.rglob("*.yaml")):
+        name = str(path.relative_to(KUBE))
+        for doc in manifests(name):
+            assert "namespace" not in doc["metadata"], f"{name}: namespace-free"
+            seen.append((name, doc["apiVersion"], doc["kind"]))
             if doc["kind"] == "ServiceMonitor":
                 continue  # a CRD: no schema ships with Kubernetes; checked below
             # strict: a misspelt or misplaced field fails too.
             kubernetes_validate.validate(doc, version, strict=True)
     assert sorted(seen) == [
+        ("postgres/deployment.yaml", "apps/v1", "Deployment"),
+        ("postgres/deployment.yaml", "policy/v1", "PodDisruptionBudget"),
+        ("postgres/deployment.yaml", "v1", "Service"),
+        ("postgres/secret.example.yaml", "v1", "Secret"),
         ("secret.example.yaml", "v1", "Secret"),
         ("servicemonitor.yaml", "monitoring.coreos.com/v1", "ServiceMonitor"),
         ("statefulset-tls.yaml", "apps/v1", "StatefulSet"),
@@ -306,7 +336,7 @@ def test_the_tls_statefulset_differs_only_in_tls_and_probes():
 
 def test_the_service_monitor_scrapes_the_admin_port():
     monitor = the(manifests("servicemonitor.yaml"), "ServiceMonitor")
-    for name in STATEFULSETS:
+    for name in [*STATEFULSETS, REPLICAS]:
         svc = the(manifests(name), "Service")
         assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
         (endpoint,) = monitor["spec"]["endpoints"]
@@ -331,9 +361,10 @@ def test_the_example_secret_is_refused_as_is(tmp_path):
 
 
 class Process:
-    """A `tether` started with a whole argv and environment of a test's choice."""
+    """A `tether` started with a whole argv and environment of a test's
+    choice; `popen` may say as whom (user, group, extra_groups)."""
 
-    def __init__(self, argv, env, log_path: Path):
+    def __init__(self, argv, env, log_path: Path, **popen):
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
@@ -343,6 +374,7 @@ class Process:
             stderr=self._log,
             text=True,
             env=env,
+            **popen,
         )
         # The address line, read by a thread so that the wait is bounded.
         lines: queue.Queue = queue.Queue()
@@ -717,3 +749,388 @@ def test_the_compose_file_runs_three_replicas_on_one_postgresql(serve_help, cont
     build, _ = stages(containerfile)
     runs = " ".join(v for i, v in build if i == "RUN")
     assert "--features postgres" in runs, "the image serves PostgreSQL too"
+
+
+# --- three replicas over PostgreSQL, on Kubernetes ---------------------------------
+
+
+def example_secrets() -> dict[str, dict]:
+    """The example Secrets by name: "tether" and "tether-db"."""
+    return {
+        d["metadata"]["name"]: d
+        for name in ("secret.example.yaml", DB_SECRET)
+        for d in manifests(name)
+    }
+
+
+def seconds(duration: str) -> int:
+    assert re.fullmatch(r"\d+s", duration), f"{duration}: whole seconds expected"
+    return int(duration[:-1])
+
+
+def test_the_replicas_deployment_holds_together(serve_help, serve_help_text, containerfile):
+    """Three replicas with no state of their own: the database a postgres://
+    URL without its password, which is a file, as the key is, both copied by
+    the init container from the Secrets into files only the server's user
+    can read; probes on grpc.health.v1.Health; a drain that fits the grace."""
+    flags, envs = serve_help
+    docs = manifests(REPLICAS)
+    svc, dep, pdb = (the(docs, k) for k in ("Service", "Deployment", "PodDisruptionBudget"))
+    spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
+    c = container(dep)
+    env = env_values(c)
+
+    # Several replicas, and no claim: the state is in PostgreSQL.
+    assert spec["replicas"] == 3
+    assert "volumeClaimTemplates" not in spec
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    # A rollout adds a pod before it takes one away; a drain takes one at a time.
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+    labels = spec["template"]["metadata"]["labels"]
+    for selector in (spec["selector"], pdb["spec"]["selector"]):
+        assert selector["matchLabels"].items() <= labels.items()
+    assert svc["spec"]["selector"].items() <= labels.items()
+    # A virtual IP, not headless, with the name and ports of statefulset.yaml's
+    # Service: clients and the ServiceMonitor need no change.
+    assert svc["spec"].get("clusterIP", "") != "None"
+    single = the(manifests("statefulset.yaml"), "Service")
+    assert svc["metadata"] == single["metadata"]
+    assert svc["spec"]["ports"] == single["spec"]["ports"]
+    for port in svc["spec"]["ports"]:
+        port_number(c, port["targetPort"])
+
+    # Settings only through `tether serve`'s own flags and variables.
+    assert c["args"][0] == "serve"
+    assert_known([a.split("=")[0] for a in c["args"][1:] if a.startswith("--")], flags, REPLICAS)
+    assert_known(env, envs, REPLICAS)
+    assert pod["enableServiceLinks"] is False
+    assert int(env["TETHER_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "grpc")
+    assert int(env["TETHER_ADMIN_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "admin")
+
+    # A user and no password in the URL: the server refuses a password given
+    # twice, and the password file is the one place for it.
+    url = urllib.parse.urlsplit(env["TETHER_DB"])
+    assert url.scheme in ("postgres", "postgresql") and url.hostname, env["TETHER_DB"]
+    assert url.username and url.password is None and url.path.strip("/"), env["TETHER_DB"]
+    # No secret in the environment: the key (which a PostgreSQL --db needs
+    # given, never made) and the password are files.
+    assert "TETHER_SECRET_KEY" not in env
+    assert not [e for e in c["env"] if "valueFrom" in e]
+    files = [env["TETHER_DB_PASSWORD_FILE"], env["TETHER_SECRET_KEY_FILE"]]
+
+    # Both in a folder in memory that the init container fills and the
+    # server only reads; the Secrets' own files are the init container's alone.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    (init,) = pod["initContainers"]
+    init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+    (folder,) = {f.rsplit("/", 1)[0] for f in files}
+    private = mounts[folder]
+    assert private["readOnly"] is True
+    assert volumes[private["name"]]["emptyDir"]["medium"] == "Memory"
+    assert not init_mounts[private["name"]].get("readOnly", False)
+    (source,) = [n for n in init_mounts if n != private["name"]]
+    assert source not in {m["name"] for m in c["volumeMounts"]}
+    projected = volumes[source]["projected"]
+    assert projected["defaultMode"] & 0o077 == 0, "0400 or 0600"
+    secrets = example_secrets()
+    items = {}
+    for each in projected["sources"]:
+        ref = each["secret"]
+        for item in ref["items"]:
+            assert item["key"] in secrets[ref["name"]]["stringData"], (ref["name"], item["key"])
+            items[item["path"]] = (ref["name"], item["key"])
+    assert sorted(items) == sorted(f.rsplit("/", 1)[1] for f in files)
+    key_file = env["TETHER_SECRET_KEY_FILE"].rsplit("/", 1)[1]
+    assert items[key_file] == ("tether", "secret-key"), "the key statefulset.yaml reads too"
+
+    # The access file straight from the Secret "tether": updated in place and
+    # reloaded; the server refuses it only if others can write it.
+    (access_at,) = [m for m in mounts if env["TETHER_AUTH_FILE"].startswith(m + "/")]
+    access = volumes[mounts[access_at]["name"]]["secret"]
+    assert access["secretName"] == "tether"
+    assert access["defaultMode"] & 0o022 == 0
+    assert {i["key"] for i in access["items"]} <= secrets["tether"]["stringData"].keys()
+
+    # Both containers as the image's user; fsGroup makes the Secrets' files
+    # readable to its group, which is how the init container reads them.
+    runtime = stages(containerfile)[-1]
+    (user,) = [v for i, v in runtime if i == "USER"]
+    security = pod["securityContext"]
+    assert f"{security['runAsUser']}:{security['runAsGroup']}" == user
+    assert security["fsGroup"] == security["runAsGroup"] and security["runAsNonRoot"]
+    for each in (init, c):
+        assert not {"runAsUser", "runAsGroup"} & each["securityContext"].keys()
+        assert each["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # Native gRPC probes on grpc.health.v1.Health (the whole server: no service).
+    probes = [c[p] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+    assert all(p["grpc"]["port"] == port_number(c, "grpc") for p in probes), probes
+    assert "service" not in str(probes)
+
+    # The preStop sleep, then SIGTERM and --shutdown-grace for open calls,
+    # with room left to commit what is queued, all before the kill.
+    grace = env.get("TETHER_SHUTDOWN_GRACE") or help_default(serve_help_text, "--shutdown-grace")
+    sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert sleep + seconds(grace) + 10 <= pod["terminationGracePeriodSeconds"]
+
+
+def test_the_replicas_pod_differs_from_the_statefulsets_only_in_store_and_drain():
+    """The same image, ports, probes, resources, security and other settings
+    as statefulset.yaml's pod: only the database, the key's and the
+    password's files, and the preStop sleep differ."""
+    single, many = (the(manifests(n), k) for n, k in
+                    (("statefulset.yaml", "StatefulSet"), (REPLICAS, "Deployment")))
+    a, b = container(single), container(many)
+    for key in ("image", "imagePullPolicy", "args", "ports", "startupProbe", "readinessProbe",
+                "livenessProbe", "resources", "securityContext"):
+        assert a[key] == b[key], key
+    store = {"TETHER_DB", "TETHER_DB_PASSWORD_FILE", "TETHER_SECRET_KEY", "TETHER_SECRET_KEY_FILE"}
+    assert ({k: v for k, v in env_values(a).items() if k not in store}
+            == {k: v for k, v in env_values(b).items() if k not in store})
+    pod_a, pod_b = (s["spec"]["template"]["spec"] for s in (single, many))
+    for key in ("automountServiceAccountToken", "enableServiceLinks",
+                "terminationGracePeriodSeconds"):
+        assert pod_a[key] == pod_b[key], key
+    # fsGroupChangePolicy is about the claim, which the Deployment has not.
+    security = {k: v for k, v in pod_a["securityContext"].items() if k != "fsGroupChangePolicy"}
+    assert security == pod_b["securityContext"]
+
+
+def loopback_url(url: str, port: int) -> str:
+    """`url` with its host and port moved to 127.0.0.1:`port`."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}").geturl()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_password_file_mounted_straight_from_the_secret_is_refused(tmp_path):
+    """Why the init container copies: under fsGroup, kubelet makes a Secret's
+    files group-readable (0400 becomes 0440), and the server refuses such a
+    password file before it connects anywhere. The same file 0600 passes
+    that check (and then finds no PostgreSQL on a closed loopback port)."""
+    c = container(the(manifests(REPLICAS), "Deployment"))
+    password = tmp_path / "db-password"
+    password.write_text("s3cret")
+    env = clean_env()
+    env["TETHER_DB"] = loopback_url(env_values(c)["TETHER_DB"], free_port())
+    env["TETHER_DB_PASSWORD_FILE"] = str(password)
+    env["TETHER_SECRET_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    argv = [tether_bin(), "serve", "--listen", "127.0.0.1:0"]
+    for mode, refused in ((0o440, True), (0o600, False)):
+        os.chmod(password, mode)
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=START_TIMEOUT)
+        assert out.returncode != 0, out.stdout + out.stderr
+        assert ("group or others" in out.stderr) == refused, (oct(mode), out.stderr)
+
+
+def pg_bin() -> Path | None:
+    """PostgreSQL's binaries, found as src/store/pg/cluster.rs finds them."""
+    if os.environ.get("TETHER_PG_BIN"):
+        return Path(os.environ["TETHER_PG_BIN"])
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")]
+    found.sort(key=lambda b: int(b.parent.name) if b.parent.name.isdigit() else 0)
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster on a free loopback port, started as the
+    store's tests start one (src/store/pg/cluster.rs; as root, it runs as
+    the user postgres), but with password authentication over TCP: the user
+    and database the Deployment's URL names, and a random password, which
+    only the password file can give the server."""
+    bin_dir = pg_bin()
+    if bin_dir is None or not (bin_dir / "initdb").exists():
+        pytest.skip("no PostgreSQL binaries: install Debian's postgresql "
+                    "(scripts/test does) or set TETHER_PG_BIN")
+    url = urllib.parse.urlsplit(
+        env_values(container(the(manifests(REPLICAS), "Deployment")))["TETHER_DB"])
+    root = os.geteuid() == 0
+    folder = Path(tempfile.mkdtemp(prefix="tether-deploy-pg-"))
+    password = base64.urlsafe_b64encode(os.urandom(18)).decode()
+    (folder / "password").write_text(password + "\n")
+    if root:
+        subprocess.run(["chown", "-R", "postgres:", folder], check=True, timeout=30)
+
+    def pg(program: str, *args: str):
+        argv = [str(bin_dir / program), *args]
+        if root:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    def run(program: str, *args: str):
+        out = pg(program, *args)
+        assert out.returncode == 0, f"{program}: {out.stdout}{out.stderr}"
+
+    data, port = folder / "data", free_port()
+    try:
+        run("initdb", "--no-sync", "--auth-local=trust", "--auth-host=scram-sha-256",
+            f"--username={url.username}", f"--pwfile={folder / 'password'}", "--encoding=UTF8",
+            "-D", str(data))
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off"
+        run("pg_ctl", "-w", "-D", str(data), "-l", str(folder / "log"), "-o", options, "start")
+        run("createdb", "-h", str(folder), "-p", str(port), "-U", url.username,
+            url.path.strip("/"))
+        yield types.SimpleNamespace(port=port, password=password)
+    finally:
+        pg("pg_ctl", "-m", "immediate", "-D", str(data), "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def as_pod_user(pod) -> dict:
+    """Popen's arguments that run a process as the pod's user, group and
+    fsGroup, when the tests run as root; otherwise, as whoever runs them."""
+    if os.geteuid() != 0:
+        return {}
+    security = pod["securityContext"]
+    return {"user": security["runAsUser"], "group": security["runAsGroup"],
+            "extra_groups": [security["fsGroup"]]}
+
+
+def kubelet_secret_volume(folder: Path, files: dict[str, str], mode: int, fs_group: int):
+    """A Secret or projected volume as kubelet writes one: the files in a
+    dated folder that `..data` links to, each name a link through `..data`;
+    with an fsGroup, that is their group, and group read is added to `mode`
+    whatever it says."""
+    dated = folder / "..2026_01_01_00_00_00.000000001"
+    dated.mkdir(parents=True)
+    for name, text in files.items():
+        (dated / name).write_text(text)
+        if os.geteuid() == 0:
+            os.chown(dated / name, 0, fs_group)
+        os.chmod(dated / name, mode | 0o440)
+    (folder / "..data").symlink_to(dated.name)
+    for name in files:
+        (folder / name).symlink_to(f"..data/{name}")
+
+
+def pod_volumes(pod, folder: Path, secrets: dict[str, dict[str, str]]) -> dict[str, Path]:
+    """A folder for each volume of `pod`, set up as kubelet would: the
+    Secrets' files in theirs, emptyDirs empty."""
+    fs_group = pod["securityContext"]["fsGroup"]
+    out = {}
+    for volume in pod["volumes"]:
+        where = out[volume["name"]] = folder / volume["name"]
+        if "emptyDir" in volume:
+            where.mkdir(parents=True)
+            if os.geteuid() == 0:
+                os.chown(where, 0, fs_group)
+            os.chmod(where, 0o2777)  # open to all, fsGroup's, setgid
+            continue
+        if "secret" in volume:
+            sources = [{"name": volume["secret"]["secretName"], **volume["secret"]}]
+            mode = volume["secret"]["defaultMode"]
+        else:
+            sources = [s["secret"] for s in volume["projected"]["sources"]]
+            mode = volume["projected"]["defaultMode"]
+        files = {}
+        for source in sources:
+            data = secrets[source["name"]]
+            for item in source.get("items") or [{"key": k, "path": k} for k in data]:
+                files[item["path"]] = data[item["key"]]
+        kubelet_secret_volume(where, files, mode, fs_group)
+    return out
+
+
+def in_pod(text: str, c, folders: dict[str, Path]) -> str:
+    """`text` with each of container `c`'s mount paths moved to its volume's folder."""
+    for mount in sorted(c["volumeMounts"], key=lambda m: -len(m["mountPath"])):
+        text = text.replace(mount["mountPath"], str(folders[mount["name"]]))
+    return text
+
+
+def test_three_replicas_run_as_the_deployment_configures_them(pb, postgres, serve_help):
+    """Each pod set up as kubelet would (its Secrets' files group-readable
+    behind kubelet's links, an empty folder for the emptyDir), its init
+    container's own script run by /bin/sh in place of busybox's, then the
+    three servers started at once on one new database, all as the pod's user
+    when the tests run as root. The URL's host and port move to a throwaway
+    PostgreSQL that wants the password, the listeners to loopback;
+    everything else is the manifest's. Each replica answers health and a
+    token's call, and a connection made through one is read through the
+    others; each exits 0 on SIGTERM."""
+    _, envs = serve_help
+    dep = the(manifests(REPLICAS), "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c, (init,) = container(dep), pod["initContainers"]
+    token, entry = make_token("alice", "operator")
+    secrets = {
+        "tether": {
+            "secret-key": base64.b64encode(os.urandom(32)).decode(),
+            "access.yaml": f"tokens:\n{entry}\n",
+        },
+        "tether-db": {"password": postgres.password},
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="tether-deploy-pods-"))
+    os.chmod(workdir, 0o755)  # the pod's user goes through it
+
+    def start(i: int) -> Process:
+        folders = pod_volumes(pod, workdir / f"pod-{i}", secrets)
+        argv = [*init["command"], *init.get("args", [])]
+        assert argv[0] == "/busybox/sh", argv  # the image's busybox; here, /bin/sh
+        copied = subprocess.run(
+            ["/bin/sh", *(in_pod(a, init, folders) for a in argv[1:])],
+            capture_output=True, text=True, timeout=30, env={"PATH": os.defpath},
+            **as_pod_user(pod),
+        )
+        assert copied.returncode == 0, copied.stderr
+        env = clean_env()
+        for e in c["env"]:
+            env[e["name"]] = in_pod(e["value"], c, folders)
+        for key in ("TETHER_DB_PASSWORD_FILE", "TETHER_SECRET_KEY_FILE"):
+            made = os.stat(env[key])
+            assert made.st_mode & 0o777 == 0o600, (key, oct(made.st_mode))
+            assert made.st_uid == as_pod_user(pod).get("user", os.geteuid()), key
+        env["TETHER_DB"] = loopback_url(env["TETHER_DB"], postgres.port)
+        env["TETHER_LISTEN"] = "127.0.0.1:0"
+        if "TETHER_ADMIN_LISTEN" in envs:
+            env["TETHER_ADMIN_LISTEN"] = "127.0.0.1:0"
+        else:
+            env.pop("TETHER_ADMIN_LISTEN")
+        return Process([tether_bin(), *c["args"]], env, workdir / f"pod-{i}.log",
+                       **as_pod_user(pod))
+
+    replicas = dep["spec"]["replicas"]
+    started = []
+    try:
+        with ThreadPoolExecutor(replicas) as pool:
+            futures = [pool.submit(start, i) for i in range(replicas)]
+        started = [f.result() for f in futures if f.exception() is None]
+        for f in futures:
+            f.result()
+        auth = [("authorization", f"Bearer {token}")]
+        for server in started:
+            user = as_pod_user(pod).get("user", os.geteuid())
+            assert os.stat(f"/proc/{server.proc.pid}").st_uid == user
+            with open_channel(server.addr) as ch:
+                assert_serves_with_token(pb, ch, token)
+        with open_channel(started[0].addr) as ch:
+            made = pb.grpc.ConnectionServiceStub(ch).CreateConnection(
+                pb.service.CreateConnectionRequest(
+                    connection=pb.connection.Connection(kind="tcp", name="shared",
+                                                        url="tcp://127.0.0.1:9")),
+                timeout=CALL_TIMEOUT, metadata=auth,
+            )
+        for server in started[1:]:
+            with open_channel(server.addr) as ch:
+                got = pb.grpc.ConnectionServiceStub(ch).GetConnection(
+                    pb.service.GetConnectionRequest(id=made.id),
+                    timeout=CALL_TIMEOUT, metadata=auth,
+                )
+            assert (got.id, got.name) == (made.id, "shared")
+    finally:
+        try:
+            with ThreadPoolExecutor(max(len(started), 1)) as pool:
+                codes = list(pool.map(Process.stop, started))
+            logs = "\n".join(server.log() for server in started)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    assert codes == [0] * replicas, logs

@@ -18,7 +18,10 @@ pub(crate) mod writer;
 
 use crate::error::Error;
 use crate::store::Read;
+use postgres::types::ToSql;
+use postgres::{Error as PgError, Row, Statement};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_rustls::rustls;
@@ -109,26 +112,142 @@ fn settings(url: &str) -> Result<(postgres::Config, MakeRustlsConnect), Error> {
     Ok((config, MakeRustlsConnect::new(tls)))
 }
 
-/// PostgreSQL's errors as the store's: one it cannot reach is storage that
-/// is unavailable; any other, an internal error with PostgreSQL's words.
+/// PostgreSQL's errors as the store's: one it cannot reach, or that is
+/// going away, starting or out of connections, is storage that is
+/// unavailable (a retry may succeed); a full disk is storage that is full;
+/// any other, an internal error with PostgreSQL's words.
 pub(crate) fn error(e: postgres::Error) -> Error {
     let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
     if e.is_closed() || io {
         return Error::StorageUnavailable(format!("PostgreSQL: {e}"));
     }
-    match e.as_db_error() {
-        // "db error" alone says nothing: PostgreSQL's own words do.
-        Some(db) => Error::Internal(format!(
-            "PostgreSQL: {} ({})",
-            db.message(),
-            db.code().code()
-        )),
-        None => Error::Internal(format!("PostgreSQL: {e}")),
+    let Some(db) = e.as_db_error() else {
+        return Error::Internal(format!("PostgreSQL: {e}"));
+    };
+    // "db error" alone says nothing: PostgreSQL's own words do.
+    let said = format!("PostgreSQL: {} ({})", db.message(), db.code().code());
+    match db.code().code() {
+        // Disk full, out of memory or files.
+        "53100" => Error::StorageFull(said),
+        // A connection exception (class 08); admin or crash shutdown, or
+        // not accepting connections yet (57P01-57P03); too many
+        // connections, or other resources short (class 53).
+        code if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") => {
+            Error::StorageUnavailable(said)
+        }
+        _ => Error::Internal(said),
+    }
+}
+
+/// Runs statements. On a plain `postgres` client or transaction, each is
+/// prepared as it comes (two round trips); on a [`Client`], once per
+/// connection (one round trip, and no planning again).
+pub(crate) trait Statements {
+    fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, PgError>;
+    fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError>;
+    fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, PgError>;
+    fn query_one(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, PgError>;
+    /// Runs `sql` (one or more statements, no parameters) as it is.
+    fn batch_execute(&mut self, sql: &str) -> Result<(), PgError>;
+}
+
+impl<C: postgres::GenericClient> Statements for C {
+    fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, PgError> {
+        postgres::GenericClient::execute(self, sql, params)
+    }
+    fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
+        postgres::GenericClient::query(self, sql, params)
+    }
+    fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, PgError> {
+        postgres::GenericClient::query_opt(self, sql, params)
+    }
+    fn query_one(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, PgError> {
+        postgres::GenericClient::query_one(self, sql, params)
+    }
+    fn batch_execute(&mut self, sql: &str) -> Result<(), PgError> {
+        postgres::GenericClient::batch_execute(self, sql)
+    }
+}
+
+/// A connection that keeps the statements it prepared, by their text: the
+/// writer's, a reader's and the tail's run the same few again and again.
+pub(crate) struct Client {
+    pub(crate) raw: postgres::Client,
+    prepared: HashMap<String, Statement>,
+}
+
+/// Most statements a [`Client`] keeps; past it, it forgets them all and
+/// starts again (queries built from filters can vary without end).
+const MOST_PREPARED: usize = 256;
+
+impl Client {
+    /// A new connection to `url`, as [`connect`] makes it.
+    pub(crate) fn connect(url: &str) -> Result<Client, Error> {
+        connect(url).map(Client::from)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.raw.is_closed()
+    }
+
+    fn prepared(&mut self, sql: &str) -> Result<Statement, PgError> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        if self.prepared.len() >= MOST_PREPARED {
+            self.prepared.clear();
+        }
+        let statement = self.raw.prepare(sql)?;
+        self.prepared.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+}
+
+impl From<postgres::Client> for Client {
+    fn from(raw: postgres::Client) -> Client {
+        Client {
+            raw,
+            prepared: HashMap::new(),
+        }
+    }
+}
+
+impl Statements for Client {
+    fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, PgError> {
+        let statement = self.prepared(sql)?;
+        self.raw.execute(&statement, params)
+    }
+    fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
+        let statement = self.prepared(sql)?;
+        self.raw.query(&statement, params)
+    }
+    fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, PgError> {
+        let statement = self.prepared(sql)?;
+        self.raw.query_opt(&statement, params)
+    }
+    fn query_one(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, PgError> {
+        let statement = self.prepared(sql)?;
+        self.raw.query_one(&statement, params)
+    }
+    fn batch_execute(&mut self, sql: &str) -> Result<(), PgError> {
+        self.raw.batch_execute(sql)
     }
 }
 
 /// The space the database takes (what a quota would measure).
-pub(crate) fn used_bytes(c: &mut postgres::Client) -> Result<u64, Error> {
+pub(crate) fn used_bytes(c: &mut impl Statements) -> Result<u64, Error> {
     let bytes: i64 = c
         .query_one("SELECT pg_database_size(current_database())", &[])
         .map_err(error)?
@@ -139,7 +258,7 @@ pub(crate) fn used_bytes(c: &mut postgres::Client) -> Result<u64, Error> {
 /// Runs `f` on a [`Read`] of `client` in one read-only transaction that sees
 /// one moment (`REPEATABLE READ`), as SQLite's read transactions do.
 pub(crate) fn read<T>(
-    client: &RefCell<postgres::Client>,
+    client: &RefCell<Client>,
     f: impl FnOnce(&Read<'_>) -> Result<T, Error>,
 ) -> Result<T, Error> {
     client

@@ -12,6 +12,7 @@
 //! in the group ([`end_group`], delivered at COMMIT) wakes the tails at
 //! once; each also reads on a timer, so a lost notification only delays.
 
+use super::Statements as _;
 use crate::connection::{Event, Revision};
 use crate::error::Error;
 use crate::store::EventFilter;
@@ -26,7 +27,7 @@ const CHANNEL: &str = "tether_events";
 /// Starts a writer group in `tx`: waits for the groups of other replicas
 /// that are committing, and returns the revision the last of them left.
 /// The group's events take the revisions after it.
-pub(crate) fn begin_group(tx: &mut impl postgres::GenericClient) -> Result<Revision, Error> {
+pub(crate) fn begin_group(tx: &mut impl super::Statements) -> Result<Revision, Error> {
     let row = tx
         .query_one(
             "UPDATE meta SET value = value WHERE key = 'revision' RETURNING value",
@@ -38,18 +39,12 @@ pub(crate) fn begin_group(tx: &mut impl postgres::GenericClient) -> Result<Revis
 
 /// Ends a writer group that took the revisions up to `revision`: records it
 /// and wakes the tails, both taking effect when `tx` commits.
-pub(crate) fn end_group(
-    tx: &mut impl postgres::GenericClient,
-    revision: Revision,
-) -> Result<(), Error> {
-    tx.execute(
-        "UPDATE meta SET value = $1 WHERE key = 'revision'",
-        &[&revision.get()],
-    )
-    .map_err(super::error)?;
-    tx.execute(
-        "SELECT pg_notify($1, $2)",
-        &[&CHANNEL, &revision.to_string()],
+pub(crate) fn end_group(tx: &mut impl super::Statements, revision: Revision) -> Result<(), Error> {
+    // One statement, one round trip: a data-modifying WITH always runs.
+    tx.query_one(
+        "WITH recorded AS (UPDATE meta SET value = $1 WHERE key = 'revision') \
+         SELECT pg_notify($2, $3)",
+        &[&revision.get(), &CHANNEL, &revision.to_string()],
     )
     .map_err(super::error)?;
     Ok(())
@@ -59,7 +54,7 @@ pub(crate) fn end_group(
 /// it returned.
 pub(crate) struct Tail {
     url: String,
-    client: postgres::Client,
+    client: super::Client,
     after: Revision,
 }
 
@@ -87,13 +82,14 @@ impl Tail {
             // Woken by a commit, or not: read again either way.
             let woken = self
                 .client
+                .raw
                 .notifications()
                 .timeout_iter(wait)
                 .next()
                 .map_err(super::error)?;
             if woken.is_some() {
                 // Take every notification already here: one read answers them all.
-                let mut pending = self.client.notifications();
+                let mut pending = self.client.raw.notifications();
                 while pending.iter().next().map_err(super::error)?.is_some() {}
             }
             found = self.read(limit)?;
@@ -119,8 +115,8 @@ impl Tail {
 }
 
 /// A connection listening on [`CHANNEL`].
-fn listening(url: &str) -> Result<postgres::Client, Error> {
-    let mut client = super::connect(url)?;
+fn listening(url: &str) -> Result<super::Client, Error> {
+    let mut client = super::Client::connect(url)?;
     client
         .batch_execute(&format!(
             "SET application_name = 'tether-tail'; LISTEN {CHANNEL}"

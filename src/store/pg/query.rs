@@ -11,6 +11,7 @@
 //! `?` placeholders as `$n`, binds their [`Arg`]s by type (an id as a
 //! `uuid`, a state as an `integer`) and decodes PostgreSQL's rows.
 
+use super::Statements;
 use super::error;
 use crate::connection::{Connection, ConnectionId, Event, EventType, Micros, Revision};
 use crate::error::Error;
@@ -20,7 +21,6 @@ use crate::store::query::{
     self, Arg, Dialect, EventFilter, Filter, ListQuery, Page, Sealed, SnapshotCursor, StoredAnswer,
     StoredCredential, Walk,
 };
-use postgres::GenericClient;
 use postgres::types::{FromSql, ToSql};
 use std::collections::BTreeMap;
 
@@ -67,22 +67,14 @@ fn params(args: Vec<Arg>) -> Vec<Param> {
 }
 
 /// The rows of the builder's query `sql` with `args`.
-fn rows(
-    c: &mut impl GenericClient,
-    sql: &str,
-    args: Vec<Arg>,
-) -> Result<Vec<postgres::Row>, Error> {
+fn rows(c: &mut impl Statements, sql: &str, args: Vec<Arg>) -> Result<Vec<postgres::Row>, Error> {
     let params = params(args);
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref()).collect();
     c.query(&numbered(sql), &refs).map_err(error)
 }
 
 /// The row, if any, of the builder's query `sql` with `args`.
-fn row(
-    c: &mut impl GenericClient,
-    sql: &str,
-    args: Vec<Arg>,
-) -> Result<Option<postgres::Row>, Error> {
+fn row(c: &mut impl Statements, sql: &str, args: Vec<Arg>) -> Result<Option<postgres::Row>, Error> {
     let params = params(args);
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref()).collect();
     c.query_opt(&numbered(sql), &refs).map_err(error)
@@ -144,13 +136,13 @@ pub(crate) fn connection_at(r: &postgres::Row, at: usize) -> Result<Connection, 
 }
 
 /// The store-wide revision and the compaction mark (events at or below it are gone).
-pub(crate) fn revisions(c: &mut impl GenericClient) -> Result<(Revision, Revision), Error> {
+pub(crate) fn revisions(c: &mut impl Statements) -> Result<(Revision, Revision), Error> {
     let r = c.query_one(query::REVISIONS_SQL, &[]).map_err(error)?;
     Ok((Revision::new(col(&r, 0)?), Revision::new(col(&r, 1)?)))
 }
 
 /// The create_time of the connection made last (0 when there is none).
-pub(crate) fn last_create_time(c: &mut impl GenericClient) -> Result<Micros, Error> {
+pub(crate) fn last_create_time(c: &mut impl Statements) -> Result<Micros, Error> {
     match c
         .query_opt(query::LAST_CREATE_TIME_SQL, &[])
         .map_err(error)?
@@ -160,10 +152,7 @@ pub(crate) fn last_create_time(c: &mut impl GenericClient) -> Result<Micros, Err
     }
 }
 
-pub(crate) fn get(
-    c: &mut impl GenericClient,
-    id: &ConnectionId,
-) -> Result<Option<Connection>, Error> {
+pub(crate) fn get(c: &mut impl Statements, id: &ConnectionId) -> Result<Option<Connection>, Error> {
     row(c, &query::get_sql(), vec![Arg::Id(id.clone())])?
         .map(|r| connection_at(&r, 0))
         .transpose()
@@ -173,7 +162,7 @@ pub(crate) fn get(
 /// condition of `connections_live_identity` (`state <> 7`), so it is
 /// answered from that index.
 pub(crate) fn live_by_identity(
-    c: &mut impl GenericClient,
+    c: &mut impl Statements,
     identity: &str,
 ) -> Result<Option<Connection>, Error> {
     row(
@@ -187,7 +176,7 @@ pub(crate) fn live_by_identity(
 
 /// The stored answer to `request_id`, and its request's fingerprint.
 pub(crate) fn request_answer(
-    c: &mut impl GenericClient,
+    c: &mut impl Statements,
     request_id: &str,
 ) -> Result<Option<StoredAnswer>, Error> {
     let Some(r) = row(
@@ -209,7 +198,7 @@ pub(crate) fn request_answer(
 /// One keyset page, as [`query::list`] reads it: in creation order by
 /// `seq`, the cursor placed by its row or, without one, by its
 /// `(create_time, id)`; in the other orders by `(column, id)`.
-pub(crate) fn list(c: &mut impl GenericClient, q: &ListQuery) -> Result<Page, Error> {
+pub(crate) fn list(c: &mut impl Statements, q: &ListQuery) -> Result<Page, Error> {
     let (revision, _) = revisions(c)?;
     let (sql, args) = query::page_sql(q, Walk::Any, Dialect::Postgres)?;
     let connections = rows(c, &sql, args)?
@@ -223,7 +212,7 @@ pub(crate) fn list(c: &mut impl GenericClient, q: &ListQuery) -> Result<Page, Er
 /// as [`query::snapshot_page`] reads it: at most `max_rows`, and no more once
 /// `max_bytes` are read (though always one); the cursor while more may follow.
 pub(crate) fn snapshot_page(
-    c: &mut impl GenericClient,
+    c: &mut impl Statements,
     filter: &Filter,
     after: Option<&SnapshotCursor>,
     max_rows: usize,
@@ -242,7 +231,7 @@ pub(crate) fn snapshot_page(
 
 /// Matching connections by state, and the revision they were read at.
 pub(crate) fn count(
-    c: &mut impl GenericClient,
+    c: &mut impl Statements,
     filter: &Filter,
 ) -> Result<(Vec<(State, i64)>, Revision), Error> {
     count_by(c, filter, filter.counted())
@@ -251,7 +240,7 @@ pub(crate) fn count(
 /// [`count`], from the kept counts (`kept`, when they answer the filter) or
 /// by reading the rows.
 pub(crate) fn count_by(
-    c: &mut impl GenericClient,
+    c: &mut impl Statements,
     filter: &Filter,
     kept: bool,
 ) -> Result<(Vec<(State, i64)>, Revision), Error> {
@@ -265,9 +254,7 @@ pub(crate) fn count_by(
 }
 
 /// Connections by (kind, state), tombstones included, from the kept counts.
-pub(crate) fn counts_by_kind(
-    c: &mut impl GenericClient,
-) -> Result<Vec<(String, State, i64)>, Error> {
+pub(crate) fn counts_by_kind(c: &mut impl Statements) -> Result<Vec<(String, State, i64)>, Error> {
     rows(c, &query::counts_by_kind_sql(Dialect::Postgres), vec![])?
         .iter()
         .map(|r| Ok((col(r, 0)?, state_at(r, 1)?, col(r, 2)?)))
@@ -276,7 +263,7 @@ pub(crate) fn counts_by_kind(
 
 /// Events above `after_revision` in revision order, at most `limit` of them
 /// and no more once `max_bytes` are read (though always one).
-pub(crate) fn events(c: &mut impl GenericClient, f: &EventFilter) -> Result<Vec<Event>, Error> {
+pub(crate) fn events(c: &mut impl Statements, f: &EventFilter) -> Result<Vec<Event>, Error> {
     let (sql, args) = query::events_sql(f, Dialect::Postgres);
     let (mut events, mut bytes) = (Vec::new(), 0);
     for r in rows(c, &sql, args)? {
@@ -327,7 +314,7 @@ fn credential_from_row(r: &postgres::Row) -> Result<StoredCredential, Error> {
 }
 
 pub(crate) fn credential(
-    c: &mut impl GenericClient,
+    c: &mut impl Statements,
     id: &str,
 ) -> Result<Option<StoredCredential>, Error> {
     row(c, &query::credential_sql(), vec![Arg::Text(id.into())])?
@@ -338,7 +325,7 @@ pub(crate) fn credential(
 /// Credentials of `owners` (`None`: every owner) in creation order after
 /// `(create_time, id)`, at most `limit`.
 pub(crate) fn credentials(
-    c: &mut impl GenericClient,
+    c: &mut impl Statements,
     after: Option<(i64, String)>,
     limit: usize,
     owners: Option<&[String]>,
@@ -355,7 +342,7 @@ pub(crate) fn credentials(
 
 /// A live connection other than `except` that refers to credential `id`.
 pub(crate) fn credential_user(
-    c: &mut impl GenericClient,
+    c: &mut impl Statements,
     id: &str,
     except: Option<&ConnectionId>,
 ) -> Result<Option<ConnectionId>, Error> {
@@ -367,7 +354,7 @@ pub(crate) fn credential_user(
 }
 
 /// Every connection the monitor may have to probe.
-pub(crate) fn probe_candidates(c: &mut impl GenericClient) -> Result<Vec<Connection>, Error> {
+pub(crate) fn probe_candidates(c: &mut impl Statements) -> Result<Vec<Connection>, Error> {
     rows(c, &query::probe_candidates_sql(Dialect::Postgres), vec![])?
         .iter()
         .map(|r| connection_at(r, 0))
@@ -375,7 +362,7 @@ pub(crate) fn probe_candidates(c: &mut impl GenericClient) -> Result<Vec<Connect
 }
 
 /// The sealed key check, if the database has one.
-pub(crate) fn key_check(c: &mut impl GenericClient) -> Result<Option<Sealed>, Error> {
+pub(crate) fn key_check(c: &mut impl Statements) -> Result<Option<Sealed>, Error> {
     c.query_opt(query::KEY_CHECK_SQL, &[])
         .map_err(error)?
         .map(|r| Ok((col(&r, 0)?, col(&r, 1)?)))
@@ -410,7 +397,7 @@ mod tests {
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 
     /// Stores `x` as a row, the last in creation order.
-    fn insert(c: &mut impl GenericClient, x: &Connection) {
+    fn insert(c: &mut impl Statements, x: &Connection) {
         let probe = x
             .last_probe
             .as_ref()

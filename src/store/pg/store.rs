@@ -7,7 +7,7 @@
 
 use super::order::{Tail, publish};
 use super::shards::{Held, Shards};
-use super::{connect, query, schema, writer};
+use super::{Client, connect, query, schema, writer};
 use crate::connection::{Connection, Micros, Revision, now_micros};
 use crate::error::Error;
 use crate::store::writer::{Gathered, Msg, next_group};
@@ -27,10 +27,12 @@ const TAIL_WAIT: Duration = Duration::from_millis(250);
 /// What the store keeps of a PostgreSQL database.
 pub(crate) struct Pg {
     url: String,
-    readers: Mutex<Vec<postgres::Client>>,
+    readers: Mutex<Vec<Client>>,
     /// The publisher and shard threads, stopped by `stop`.
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop: Arc<AtomicBool>,
+    /// Whether the writer's last group met a full disk.
+    full: AtomicBool,
     /// The shards whose connections this replica probes.
     pub(crate) held: Arc<Held>,
 }
@@ -67,6 +69,7 @@ impl Store {
                 readers: Mutex::new(Vec::new()),
                 threads: Mutex::new(Vec::new()),
                 stop: stop.clone(),
+                full: AtomicBool::new(false),
                 held: shards.held(),
             }),
             sender: Mutex::new(Some(sender)),
@@ -118,14 +121,21 @@ fn tail_into_hub(tail: &mut Tail, inner: &Inner, stop: &AtomicBool) {
     let mut unreachable = false;
     while !stop.load(Ordering::SeqCst) {
         match publish(tail, &inner.hub, TAIL_WAIT) {
-            Ok(_) if unreachable => {
-                unreachable = false;
-                inner
-                    .fault
-                    .send_if_modified(|f| std::mem::replace(f, false));
-                tracing::info!("PostgreSQL is reachable again; watchers go on where they were");
+            Ok(_) => {
+                if std::mem::take(&mut unreachable) {
+                    tracing::info!("PostgreSQL is reachable again; watchers go on where they were");
+                }
+                // PostgreSQL answers: a fault the writer met because its
+                // connection broke is over too (its next group connects
+                // again); a full disk is the writer's to clear.
+                if let Backend::Pg(pg) = &inner.backend
+                    && !pg.full.load(Ordering::SeqCst)
+                {
+                    inner
+                        .fault
+                        .send_if_modified(|f| std::mem::replace(f, false));
+                }
             }
-            Ok(_) => {}
             Err(e) => {
                 if !unreachable {
                     tracing::warn!(error = %e, "reading committed events failed; retrying");
@@ -135,6 +145,11 @@ fn tail_into_hub(tail: &mut Tail, inner: &Inner, stop: &AtomicBool) {
                     inner
                         .fault
                         .send_if_modified(|f| !std::mem::replace(f, true));
+                    // The pooled read connections broke too, most likely:
+                    // reads after PostgreSQL is back start on new ones.
+                    if let Backend::Pg(pg) = &inner.backend {
+                        pg.readers.lock().expect("reader pool lock").clear();
+                    }
                 }
                 std::thread::sleep(TAIL_WAIT);
             }
@@ -152,7 +167,7 @@ fn run(
     inner: &Inner,
     mut last_create: Micros,
 ) {
-    let client = RefCell::new(client);
+    let client = RefCell::new(Client::from(client));
     let config = &inner.config.writer;
     let mut held = None;
     let mut next_prune = Instant::now();
@@ -183,19 +198,21 @@ fn run(
                     .metrics
                     .committed(jobs.len(), durable, started.elapsed());
                 let fault = jobs.iter().any(|j| j.storage_fault());
-                inner
-                    .fault
-                    .send_if_modified(|f| std::mem::replace(f, fault) != fault);
+                let full = jobs
+                    .iter()
+                    .any(|j| matches!(j.error(), Some(Error::StorageFull(_))));
+                note_fault(inner, fault, full);
                 for job in jobs {
                     job.finish(Ok(()));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, jobs = jobs.len(), "commit failed; nothing in the group was applied");
-                let fault = e.is_storage_fault();
-                inner
-                    .fault
-                    .send_if_modified(|f| std::mem::replace(f, fault) != fault);
+                note_fault(
+                    inner,
+                    e.is_storage_fault(),
+                    matches!(e, Error::StorageFull(_)),
+                );
                 for job in jobs {
                     job.finish(Err(e.clone()));
                 }
@@ -208,11 +225,23 @@ fn run(
     tracing::debug!("writer stopped");
 }
 
+/// What the writer's last group met: a storage `fault` (health says
+/// NOT_SERVING), and whether it was a `full` disk (which the publisher,
+/// reading fine, must not clear).
+fn note_fault(inner: &Inner, fault: bool, full: bool) {
+    if let Backend::Pg(pg) = &inner.backend {
+        pg.full.store(full, Ordering::SeqCst);
+    }
+    inner
+        .fault
+        .send_if_modified(|f| std::mem::replace(f, fault) != fault);
+}
+
 /// Makes the writer's connection again if it broke (PostgreSQL restarted,
 /// or was out of reach), before a group.
-fn reconnect(client: &RefCell<postgres::Client>, url: &str) -> Result<(), Error> {
+fn reconnect(client: &RefCell<super::Client>, url: &str) -> Result<(), Error> {
     if client.borrow().is_closed() {
-        *client.borrow_mut() = connect(url)?;
+        *client.borrow_mut() = Client::connect(url)?;
         tracing::info!("the writer reaches PostgreSQL again");
     }
     Ok(())
@@ -228,12 +257,15 @@ impl Pg {
         let pooled = self.readers.lock().expect("reader pool lock").pop();
         let client = RefCell::new(match pooled {
             Some(c) => c,
-            None => connect(&self.url)?,
+            None => Client::connect(&self.url)?,
         });
         let result = super::read(&client, f);
         let client = client.into_inner();
         let mut pool = self.readers.lock().expect("reader pool lock");
-        if !client.is_closed() && pool.len() < pool_size {
+        if matches!(result, Err(Error::StorageUnavailable(_))) {
+            // PostgreSQL went away, or is going: the others broke as well.
+            pool.clear();
+        } else if !client.is_closed() && pool.len() < pool_size {
             pool.push(client);
         }
         result
@@ -249,7 +281,7 @@ impl Pg {
         opened: &mut Option<oneshot::Sender<Result<Revision, Error>>>,
         pages: &tokio::sync::mpsc::Sender<Result<Vec<Connection>, Error>>,
     ) -> Result<(), Error> {
-        let client = RefCell::new(connect(&self.url)?);
+        let client = RefCell::new(Client::connect(&self.url)?);
         super::read(&client, |r| {
             crate::store::send_snapshot(r, filter, rows, bytes, opened, pages)
         })

@@ -9,13 +9,13 @@
 //! (`store::codec`); the schema's triggers keep the counts and the blob
 //! references.
 
+use super::Statements;
 use super::error;
 use crate::connection::{Connection, ConnectionId, Event, ProbeResult};
 use crate::error::Error;
 use crate::store::codec;
 use crate::store::query::StoredCredential;
 use crate::store::writer::{Column, blob_hash, changed_columns};
-use postgres::GenericClient;
 use postgres::types::ToSql;
 
 fn uuid(id: &ConnectionId) -> uuid::Uuid {
@@ -23,7 +23,7 @@ fn uuid(id: &ConnectionId) -> uuid::Uuid {
 }
 
 /// Inserts a new connection's row.
-pub(crate) fn insert_row(tx: &mut impl GenericClient, conn: &Connection) -> Result<(), Error> {
+pub(crate) fn insert_row(tx: &mut impl Statements, conn: &Connection) -> Result<(), Error> {
     let last_probe = conn
         .last_probe
         .as_ref()
@@ -65,7 +65,7 @@ pub(crate) fn insert_row(tx: &mut impl GenericClient, conn: &Connection) -> Resu
 
 /// Writes the columns of `conn` that differ from `before`, and only those.
 pub(crate) fn update_row(
-    tx: &mut impl GenericClient,
+    tx: &mut impl Statements,
     before: &Connection,
     conn: &Connection,
 ) -> Result<(), Error> {
@@ -100,7 +100,7 @@ pub(crate) fn update_row(
 }
 
 /// Records `event`, the latest of its connection: its snapshot is the row.
-pub(crate) fn insert_event(tx: &mut impl GenericClient, event: &Event) -> Result<(), Error> {
+pub(crate) fn insert_event(tx: &mut impl Statements, event: &Event) -> Result<(), Error> {
     tx.execute(
         "INSERT INTO events (revision, connection_id, type, from_state, to_state, trigger, \
          reason, actor, time, snapshot, metadata_blob) \
@@ -123,10 +123,7 @@ pub(crate) fn insert_event(tx: &mut impl GenericClient, event: &Event) -> Result
 
 /// Gives the connection's latest event the row as it was before this
 /// change (`before`) as its own snapshot; one that has its own is left.
-pub(crate) fn freeze_snapshot(
-    tx: &mut impl GenericClient,
-    before: &Connection,
-) -> Result<(), Error> {
+pub(crate) fn freeze_snapshot(tx: &mut impl Statements, before: &Connection) -> Result<(), Error> {
     let metadata = codec::encode_metadata(&before.metadata)?;
     let revision = before.revision.get();
     if blob_hash(&metadata).is_some() {
@@ -155,7 +152,7 @@ pub(crate) fn freeze_snapshot(
 /// Stores `metadata` (as JSON) once, as a blob, when it is large enough;
 /// its hash then. The row that names it counts as a reference.
 pub(crate) fn put_blob(
-    tx: &mut impl GenericClient,
+    tx: &mut impl Statements,
     metadata: &str,
 ) -> Result<Option<[u8; 32]>, Error> {
     let Some(hash) = blob_hash(metadata) else {
@@ -171,7 +168,7 @@ pub(crate) fn put_blob(
 
 /// Stores the answer to `request_id`, which concerns `connection`.
 pub(crate) fn remember(
-    tx: &mut impl GenericClient,
+    tx: &mut impl Statements,
     request_id: &str,
     fingerprint: i64,
     connection: &ConnectionId,
@@ -201,7 +198,7 @@ pub(crate) fn remember(
 
 /// Keeps a check's result on the connection without a new revision or event.
 pub(crate) fn set_probe(
-    tx: &mut impl GenericClient,
+    tx: &mut impl Statements,
     id: &ConnectionId,
     probe: &ProbeResult,
 ) -> Result<(), Error> {
@@ -215,7 +212,7 @@ pub(crate) fn set_probe(
 
 /// Records the sealed key check (once per database).
 pub(crate) fn set_key_check(
-    tx: &mut impl GenericClient,
+    tx: &mut impl Statements,
     nonce: &[u8],
     sealed: &[u8],
 ) -> Result<(), Error> {
@@ -228,7 +225,7 @@ pub(crate) fn set_key_check(
 }
 
 pub(crate) fn insert_credential(
-    tx: &mut impl GenericClient,
+    tx: &mut impl Statements,
     c: &StoredCredential,
     now: i64,
 ) -> Result<(), Error> {
@@ -251,7 +248,7 @@ pub(crate) fn insert_credential(
 }
 
 /// Deletes a credential; whether it existed.
-pub(crate) fn delete_credential(tx: &mut impl GenericClient, id: &str) -> Result<bool, Error> {
+pub(crate) fn delete_credential(tx: &mut impl Statements, id: &str) -> Result<bool, Error> {
     Ok(tx
         .execute("DELETE FROM credentials WHERE id = $1", &[&id])
         .map_err(error)?
@@ -261,7 +258,7 @@ pub(crate) fn delete_credential(tx: &mut impl GenericClient, id: &str) -> Result
 /// Removes a deleted connection's credential, description, metadata and
 /// labels from its earlier event snapshots and stored answers (and their
 /// blob references).
-pub(crate) fn scrub(tx: &mut impl GenericClient, id: &ConnectionId) -> Result<(), Error> {
+pub(crate) fn scrub(tx: &mut impl Statements, id: &ConnectionId) -> Result<(), Error> {
     let patch = codec::scrub_patch();
     let id = uuid(id);
     tx.execute(
@@ -337,7 +334,7 @@ mod tests {
         }
     }
 
-    fn text(client: &mut impl postgres::GenericClient, sql: &str) -> Vec<String> {
+    fn text(client: &mut impl super::Statements, sql: &str) -> Vec<String> {
         client
             .query(sql, &[])
             .unwrap()

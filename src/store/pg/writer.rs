@@ -11,21 +11,21 @@
 //! A group of volatile jobs only (a probe result that moves nothing) commits
 //! without waiting for the disk (`synchronous_commit = off`).
 
-use super::{error, order};
-use crate::connection::{ConnectionId, Revision};
+use super::Statements;
+use super::{Client, error, order};
+use crate::connection::Revision;
 use crate::connection::{Event, Micros};
 use crate::error::Error;
 use crate::store::writer::{
-    DROP_SUPERSEDED, EXPIRED_ANSWERS, Job, NEWEST_OLD, PRUNE_RANGE, Tx, WriterConfig, run_caught,
+    EXPIRED_ANSWERS, Job, NEWEST_OLD, PRUNE_RANGE, Tx, WriterConfig, run_caught,
 };
-use postgres::GenericClient;
 use std::cell::RefCell;
 
 /// Commits `jobs` as one group on `client` (not in a transaction). `last_create`
 /// is the latest create_time this replica has given; it comes back updated.
 /// The events of the changes that committed come back in revision order.
 pub(crate) fn commit_group(
-    client: &RefCell<postgres::Client>,
+    client: &RefCell<Client>,
     jobs: &mut [Box<dyn Job>],
     last_create: &mut Micros,
     config: &WriterConfig,
@@ -42,11 +42,15 @@ pub(crate) fn commit_group(
         })
         .map_err(error)?;
         let revision = order::begin_group(c)?;
-        // Another replica may have made connections since this one last did.
-        let stored = super::query::last_create_time(c)?;
-        Ok::<_, Error>((revision, stored))
+        // Read once the group holds the revision row, so they include every
+        // group committed before it. Another replica may have made
+        // connections since this one last did, or moved the mark.
+        let row = c.query_one(GROUP_START, &[]).map_err(error)?;
+        let stored: Option<Micros> = row.get(0);
+        let compact = Revision::new(row.get(1));
+        Ok::<_, Error>((revision, (stored.unwrap_or(0), compact)))
     })();
-    let (revision, stored) = match begun {
+    let (revision, (stored, compact)) = match begun {
         Ok(b) => b,
         Err(e) => {
             rollback(client);
@@ -54,19 +58,21 @@ pub(crate) fn commit_group(
         }
     };
     let mut tx = Tx::on_pg(client, revision, durable, (*last_create).max(stored));
+    // The savepoint of a job that succeeded is released with the next
+    // job's start, in one round trip; COMMIT releases the last.
+    let mut kept = false;
     for job in jobs.iter_mut() {
         let step = (|| -> Result<(), Error> {
             client
                 .borrow_mut()
-                .batch_execute("SAVEPOINT job")
+                .batch_execute(match kept {
+                    true => "RELEASE SAVEPOINT job; SAVEPOINT job",
+                    false => "SAVEPOINT job",
+                })
                 .map_err(error)?;
             let mark = tx.mark();
-            if run_caught(job, &mut tx) {
-                client
-                    .borrow_mut()
-                    .batch_execute("RELEASE SAVEPOINT job")
-                    .map_err(error)?;
-            } else {
+            kept = run_caught(job, &mut tx);
+            if !kept {
                 client
                     .borrow_mut()
                     .batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
@@ -85,7 +91,7 @@ pub(crate) fn commit_group(
     let ended = (|| {
         let c = &mut *client.borrow_mut();
         if last != revision {
-            keep_history(c, last, &events, config)?;
+            keep_history(c, compact, last, &events, config)?;
             order::end_group(c, last)?;
         }
         // PostgreSQL answers COMMIT of a transaction a failed statement
@@ -107,12 +113,12 @@ pub(crate) fn commit_group(
 /// compaction mark, and drops what a connection changed in this group had
 /// kept below it.
 fn keep_history(
-    c: &mut postgres::Client,
+    c: &mut impl Statements,
+    mut compact: Revision,
     revision: Revision,
     events: &[Event],
     config: &WriterConfig,
 ) -> Result<(), Error> {
-    let mut compact = compaction_mark(c)?;
     let keep = i64::try_from(config.retention_count).unwrap_or(i64::MAX);
     let floor = Revision::new(revision.get().saturating_sub(keep));
     if floor > compact {
@@ -120,19 +126,29 @@ fn keep_history(
         compact = floor;
     }
     if compact > Revision::ZERO {
-        let mut touched: Vec<&ConnectionId> = events.iter().map(|e| &e.connection_id).collect();
+        let mut touched: Vec<uuid::Uuid> = events
+            .iter()
+            .map(|e| uuid::Uuid::from_bytes(*e.connection_id.as_bytes()))
+            .collect();
         touched.sort_unstable();
         touched.dedup();
-        let drop = super::query::numbered(DROP_SUPERSEDED);
-        for id in touched {
-            let id = uuid::Uuid::from_bytes(*id.as_bytes());
-            c.execute(&drop, &[&id, &compact.get()]).map_err(error)?;
-        }
+        c.execute(DROP_SUPERSEDED_OF_ALL, &[&touched, &compact.get()])
+            .map_err(error)?;
     }
     Ok(())
 }
 
-fn compaction_mark(c: &mut impl GenericClient) -> Result<Revision, Error> {
+/// What a group reads once it holds the revision row: the create_time of
+/// the connection made last (none when there is none) and the compaction mark.
+const GROUP_START: &str = "SELECT (SELECT create_time FROM connections ORDER BY seq DESC LIMIT 1), \
+     (SELECT value FROM meta WHERE key = 'compact_revision')";
+
+/// SQLite's `DROP_SUPERSEDED` for every connection in the array $1 at once.
+const DROP_SUPERSEDED_OF_ALL: &str = "DELETE FROM events e WHERE e.connection_id = ANY($1) \
+     AND e.revision <= $2 \
+     AND e.revision < (SELECT max(revision) FROM events m WHERE m.connection_id = e.connection_id)";
+
+fn compaction_mark(c: &mut impl Statements) -> Result<Revision, Error> {
     let row = c
         .query_one("SELECT value FROM meta WHERE key = 'compact_revision'", &[])
         .map_err(error)?;
@@ -141,7 +157,7 @@ fn compaction_mark(c: &mut impl GenericClient) -> Result<Revision, Error> {
 
 /// Prunes the events in `(above, through]` (but each connection's latest)
 /// and moves the compaction mark to `through`.
-fn move_mark(c: &mut impl GenericClient, above: Revision, through: Revision) -> Result<(), Error> {
+fn move_mark(c: &mut impl Statements, above: Revision, through: Revision) -> Result<(), Error> {
     c.execute(
         &super::query::numbered(PRUNE_RANGE),
         &[&above.get(), &through.get()],
@@ -160,12 +176,12 @@ fn move_mark(c: &mut impl GenericClient, above: Revision, through: Revision) -> 
 /// holds the revision row, so replicas pruning at once take turns and the
 /// compaction mark only moves up. The new mark, when it moved.
 pub(crate) fn prune(
-    client: &mut postgres::Client,
+    client: &mut super::Client,
     config: &WriterConfig,
     now: Micros,
 ) -> Result<Option<Revision>, Error> {
     let cutoff = now - config.retention.as_micros() as i64;
-    let mut tx = client.transaction().map_err(error)?;
+    let mut tx = client.raw.transaction().map_err(error)?;
     order::begin_group(&mut tx)?;
     let compact = compaction_mark(&mut tx)?;
     let newest_old: Option<i64> = tx
@@ -193,7 +209,7 @@ pub(crate) fn prune(
 
 /// Ends a group that cannot commit. A connection that broke has nothing to
 /// roll back; its error says so already.
-fn rollback(client: &RefCell<postgres::Client>) {
+fn rollback(client: &RefCell<Client>) {
     let _ = client.borrow_mut().batch_execute("ROLLBACK");
 }
 
@@ -246,7 +262,7 @@ mod tests {
 
     /// Commits `jobs` as one group, and answers them as the store does.
     fn commit(
-        client: &RefCell<postgres::Client>,
+        client: &RefCell<Client>,
         jobs: Vec<Box<dyn Job>>,
         last_create: &mut Micros,
     ) -> Vec<Event> {
@@ -268,7 +284,7 @@ mod tests {
     #[test]
     fn a_group_commits_its_jobs_and_a_failed_one_rolls_back_alone() {
         let url = database();
-        let client = RefCell::new(super::super::connect(&url).unwrap());
+        let client = RefCell::new(Client::connect(&url).unwrap());
         let mut last_create = 0;
         let a = Connection::for_test("a");
         let id = a.id.clone();
@@ -328,7 +344,7 @@ mod tests {
     fn two_replicas_changing_one_connection_lose_no_change() {
         const EACH: usize = 40;
         let url = database();
-        let client = RefCell::new(super::super::connect(&url).unwrap());
+        let client = RefCell::new(Client::connect(&url).unwrap());
         let mut made = Connection::for_test("counter");
         made.labels.insert("n".into(), "0".into());
         let id = made.id.clone();
@@ -339,7 +355,7 @@ mod tests {
             for _ in 0..2 {
                 let (url, id) = (&url, &id);
                 s.spawn(move || {
-                    let client = RefCell::new(super::super::connect(url).unwrap());
+                    let client = RefCell::new(Client::connect(url).unwrap());
                     let mut last_create = 0;
                     for _ in 0..EACH {
                         let id = id.clone();
@@ -405,7 +421,7 @@ mod tests {
                 .map(|w| {
                     let url = &url;
                     s.spawn(move || {
-                        let client = RefCell::new(super::super::connect(url).unwrap());
+                        let client = RefCell::new(Client::connect(url).unwrap());
                         let mut last_create = 0;
                         for g in 0..GROUPS {
                             let jobs = (0..=g % 2)
@@ -453,7 +469,7 @@ mod tests {
     fn reads_through_the_stores_read_see_what_was_committed() {
         use crate::store::{Filter, ListQuery, Order};
         let url = database();
-        let client = RefCell::new(super::super::connect(&url).unwrap());
+        let client = RefCell::new(Client::connect(&url).unwrap());
         let mut last_create = 0;
         let jobs = (0..3)
             .map(|i| job(create(Connection::for_test(&format!("c{i}")))).0)
