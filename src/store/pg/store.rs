@@ -78,7 +78,8 @@ impl Store {
             snapshot_permits: Arc::new(Semaphore::new(config.read_pool.max(1))),
             hub,
             fault: tokio::sync::watch::Sender::new(false),
-            metrics: Arc::new(crate::metrics::Metrics::new(config.writer.storage_quota)),
+            // No quota applies on PostgreSQL (README, "Not yet"): none is reported.
+            metrics: Arc::new(crate::metrics::Metrics::new(0)),
             config: config.clone(),
         });
         let publishing = inner.clone();
