@@ -127,7 +127,7 @@ pub(crate) fn error(e: postgres::Error) -> Error {
     // "db error" alone says nothing: PostgreSQL's own words do.
     let said = format!("PostgreSQL: {} ({})", db.message(), db.code().code());
     match db.code().code() {
-        // Disk full, out of memory or files.
+        // Disk full.
         "53100" => Error::StorageFull(said),
         // A connection exception (class 08); admin or crash shutdown, or
         // not accepting connections yet (57P01-57P03); too many
