@@ -77,6 +77,9 @@ impl Tail {
             // go on after the last event returned, so nothing is skipped.
             self.client = listening(&self.url)?;
         }
+        // The read answers every notification already here: a wait after it
+        // must not return at once for a commit it has read.
+        self.drain()?;
         let mut found = self.read(limit)?;
         if found.is_empty() {
             // Woken by a commit, or not: read again either way.
@@ -88,9 +91,7 @@ impl Tail {
                 .next()
                 .map_err(super::error)?;
             if woken.is_some() {
-                // Take every notification already here: one read answers them all.
-                let mut pending = self.client.raw.notifications();
-                while pending.iter().next().map_err(super::error)?.is_some() {}
+                self.drain()?;
             }
             found = self.read(limit)?;
         }
@@ -98,6 +99,13 @@ impl Tail {
             self.after = last.revision;
         }
         Ok(found)
+    }
+
+    /// Takes the notifications already received, without waiting.
+    fn drain(&mut self) -> Result<(), Error> {
+        let mut pending = self.client.raw.notifications();
+        while pending.iter().next().map_err(super::error)?.is_some() {}
+        Ok(())
     }
 
     fn read(&mut self, limit: usize) -> Result<Vec<Event>, Error> {
