@@ -723,8 +723,8 @@ COMPOSE = DEPLOY / "compose" / "compose.yaml"
 
 
 def test_the_compose_file_runs_three_replicas_on_one_postgresql(serve_help, containerfile):
-    """Three replicas of the Containerfile's image (built with the PostgreSQL
-    preview), each on its own loopback port, all on the one PostgreSQL
+    """Three replicas of the Containerfile's image (built with PostgreSQL in),
+    each on its own loopback port, all on the one PostgreSQL
     service, with one shared key, started once the database is healthy."""
     doc = yaml.safe_load(COMPOSE.read_text())
     services = doc["services"]

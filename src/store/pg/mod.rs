@@ -1,10 +1,10 @@
-//! The PostgreSQL backend, behind the `postgres` feature (a preview): the
+//! The PostgreSQL backend, the `postgres` feature (on by default): the
 //! connection and its errors, the schema with its migrations ([`schema`]),
 //! the revision in commit order across replicas with the tail that reads it
 //! ([`order`]), the reads ([`query`]), the writes a writer job makes
 //! ([`mod@write`]), a replica's writer groups ([`writer`]), probing shared
-//! out ([`shards`]) and the store over them ([`store`]). docs/ARCHITECTURE.md ("PostgreSQL") has the
-//! design, and what is not built yet.
+//! out ([`shards`]) and the store over them ([`store`]).
+//! docs/ARCHITECTURE.md ("PostgreSQL") has the design, and what is not built yet.
 
 #[cfg(test)]
 mod cluster;
