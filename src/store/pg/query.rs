@@ -2,7 +2,8 @@
 //! keyset pages, watch snapshot pages, counts, event history, stored
 //! answers, credentials, probe candidates, the key check), with the same
 //! meaning and the same domain types, on any client or transaction
-//! ([`GenericClient`]), so callers choose the snapshot: a read that runs
+//! ([`Statements`]: a plain one, or a `Client` that keeps its prepared
+//! statements), so callers choose the snapshot: a read that runs
 //! more than one statement (a page with its revision, say) shows one moment
 //! only in a `REPEATABLE READ` transaction, as SQLite's read transaction does.
 //!
