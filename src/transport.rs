@@ -182,7 +182,7 @@ fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig, Error> {
     Ok(config)
 }
 
-pub(crate) fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
         .map_err(|e| file_error(flag, path, e))?;

@@ -97,10 +97,18 @@ fn settings(url: &str) -> Result<(postgres::Config, MakeRustlsConnect), Error> {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
     if let Some(file) = &root {
-        for cert in crate::transport::read_certs(file, "db sslrootcert")? {
-            roots.add(cert).map_err(|e| {
-                Error::invalid("db sslrootcert", format!("{}: {e}", file.display()))
-            })?;
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::invalid("db sslrootcert", format!("{}: {e}", file.display()))
+        };
+        let certs = CertificateDer::pem_file_iter(file)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| bad(&e))?;
+        if certs.is_empty() {
+            return Err(bad(&"no PEM certificate in it"));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| bad(&e))?;
         }
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
