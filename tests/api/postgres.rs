@@ -487,69 +487,37 @@ async fn three_replicas_writing_at_once_give_every_watcher_one_history() {
     }
 }
 
-/// A loopback HTTP peer for probes: answers every request with the status it
-/// is set to, and notes the path of each request it answered.
+/// A loopback HTTP peer for probes (a [`RoutedHttp`]): answers every
+/// request with the status it is set to, and tells of each path it is asked.
 struct Peer {
-    addr: std::net::SocketAddr,
+    http: RoutedHttp,
     status: Arc<std::sync::atomic::AtomicU16>,
     paths: tokio::sync::watch::Receiver<Vec<String>>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl Peer {
     async fn new() -> Peer {
-        use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
         let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let (noted, paths) = tokio::sync::watch::channel(Vec::new());
-        let noted = Arc::new(noted);
         let answer = status.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let (answer, noted) = (answer.clone(), noted.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut head = Vec::new();
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let code = answer.load(Ordering::SeqCst);
-                    let reply = format!(
-                        "HTTP/1.1 {code} Test\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    );
-                    let _ = s.write_all(reply.as_bytes()).await;
-                    let _ = s.shutdown().await;
-                    let head = String::from_utf8_lossy(&head);
-                    let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
-                    noted.send_modify(|p| p.push(path));
-                });
-            }
-        });
+        let http = RoutedHttp::new(move |seen| {
+            noted.send_modify(|p| p.push(seen.path.clone()));
+            answer.load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await;
         Peer {
-            addr,
+            http,
             status,
             paths,
-            task,
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        self.http.url(path)
     }
 
     fn answer(&self, code: u16) {
         self.status.store(code, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
