@@ -1,6 +1,7 @@
-//! Reaching PostgreSQL (the `postgres` feature): TLS to it, verified, and
-//! a replica whose PostgreSQL goes away and comes back (health, writes and
-//! watchers), each on a private cluster the test stops and starts.
+//! Reaching PostgreSQL (the `postgres` feature): TLS to it, verified; a
+//! replica whose PostgreSQL goes away and comes back (health, writes and
+//! watchers), on a private cluster the test stops and starts; and one whose
+//! database a newer replica migrated under it.
 
 use crate::common::*;
 use crate::pg_cluster::Cluster;
@@ -199,5 +200,69 @@ async fn a_replica_whose_postgresql_goes_away_and_comes_back() {
         revision(&before) + 1,
         "the refused write took none"
     );
+    app.stop().await.unwrap();
+}
+
+/// A newer replica migrates the database while an older one serves: the
+/// older one says NOT_SERVING without a write having to fail, and refuses
+/// writes (UNAVAILABLE, so clients go to another replica) rather than write
+/// to a schema it does not know.
+#[tokio::test]
+async fn a_replica_stops_serving_once_a_newer_one_migrates_its_database() {
+    // The blocking client cannot run on the runtime's threads.
+    let url = tokio::task::spawn_blocking(|| Cluster::shared().database())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start_with({
+        let (url, key) = (url.clone(), dir.path().join("tether.key"));
+        move |c| {
+            c.db = Some(url.into());
+            c.secret_key_file = Some(key);
+        }
+    })
+    .await;
+    let mut client = app.client.clone();
+    let made = create(&mut client, conn("tcp", "tcp://old.example:1")).await;
+    let mut health = HealthClient::new(app.channel.clone())
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next(&mut health).await.status,
+        ServingStatus::Serving as i32
+    );
+
+    // What a newer tether's migration leaves: a version this one never wrote.
+    let sql = |statement: &'static str| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            admin.query_one(statement, &[]).unwrap().get::<_, i64>(0)
+        })
+    };
+    sql("UPDATE schema_version SET version = version + 1 RETURNING version")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut health).await.status,
+        ServingStatus::NotServing as i32
+    );
+    let refused = client
+        .transition_connection(pb::TransitionConnectionRequest {
+            id: made.id.clone(),
+            target_state: S::Ignored as i32,
+            ..Default::default()
+        })
+        .await;
+    let shown = refused.as_ref().unwrap_err().message().to_owned();
+    assert_error(refused, Code::Unavailable, "STORAGE_UNAVAILABLE");
+    assert!(shown.contains("newer than this tether"), "{shown}");
+    let revision = sql("SELECT value FROM meta WHERE key = 'revision'")
+        .await
+        .unwrap();
+    let made_at = made.etag.trim_start_matches('r').parse::<i64>().unwrap();
+    assert_eq!(revision, made_at, "nothing was written");
     app.stop().await.unwrap();
 }

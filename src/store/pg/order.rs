@@ -101,6 +101,15 @@ impl Tail {
         Ok(found)
     }
 
+    /// The database's schema version, as it is now.
+    pub(crate) fn schema_version(&mut self) -> Result<i64, Error> {
+        let row = self
+            .client
+            .query_one("SELECT version FROM schema_version", &[])
+            .map_err(super::error)?;
+        Ok(row.get(0))
+    }
+
     /// Takes the notifications already received, without waiting.
     fn drain(&mut self) -> Result<(), Error> {
         let mut pending = self.client.raw.notifications();

@@ -11,7 +11,11 @@
 //! migration runs in one transaction that first takes a transaction-level
 //! advisory lock ([`MIGRATION_LOCK`]): replicas starting at once take turns,
 //! and each finds the version the one before it left. A database migrated by
-//! a newer Tether is refused rather than guessed at.
+//! a newer Tether is refused rather than guessed at, at start and after:
+//! a migration also takes the revision row, so it commits between two writer
+//! groups, and each group reads the version once it holds that row
+//! (`pg::writer`), so an older replica still running writes nothing to a
+//! schema it does not know ([`newer`]).
 
 use crate::error::Error;
 
@@ -218,6 +222,11 @@ pub(crate) fn migrate(client: &mut postgres::Client) -> Result<(), Error> {
         let Some(step) = MIGRATIONS.get(current as usize) else {
             return Ok(());
         };
+        if current > 0 {
+            // Between two writer groups of the replicas already serving.
+            tx.batch_execute("UPDATE meta SET value = value WHERE key = 'revision'")
+                .map_err(super::error)?;
+        }
         tx.batch_execute(step).map_err(super::error)?;
         let next = current + 1;
         if current == 0 {
@@ -229,6 +238,15 @@ pub(crate) fn migrate(client: &mut postgres::Client) -> Result<(), Error> {
         tx.commit().map_err(super::error)?;
         tracing::info!(version = next, "migrated database schema");
     }
+}
+
+/// The refusal of an older replica whose database a newer one has migrated
+/// to `version` while it serves.
+pub(crate) fn newer(version: i64) -> Error {
+    Error::StorageUnavailable(format!(
+        "the database has schema version {version}, newer than this tether understands \
+         ({VERSION}): a newer replica has upgraded it; replace this replica with a newer one"
+    ))
 }
 
 #[cfg(test)]

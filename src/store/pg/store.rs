@@ -24,6 +24,9 @@ use tokio::sync::{Semaphore, broadcast, oneshot};
 /// how often it looks whether the store is closing.
 const TAIL_WAIT: Duration = Duration::from_millis(250);
 
+/// How often the publisher reads the schema version.
+const SCHEMA_LOOK: Duration = Duration::from_secs(1);
+
 /// What the store keeps of a PostgreSQL database.
 pub(crate) struct Pg {
     url: String,
@@ -117,21 +120,40 @@ impl Store {
 /// The publisher: `tail` into this replica's hub until `stop`. It reads
 /// PostgreSQL at least every [`TAIL_WAIT`], so it is also what notices first
 /// that PostgreSQL is out of reach, or back: health says NOT_SERVING from
-/// its first failed read to its next good one.
+/// its first failed read to its next good one. Every [`SCHEMA_LOOK`] it also
+/// reads the schema version: once a newer replica has migrated the database,
+/// this one says NOT_SERVING for good (and its writer writes nothing).
 fn tail_into_hub(tail: &mut Tail, inner: &Inner, stop: &AtomicBool) {
+    let Backend::Pg(pg) = &inner.backend else {
+        return;
+    };
     let mut unreachable = false;
+    let mut newer = false;
+    let mut looked: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
-        match publish(tail, &inner.hub, TAIL_WAIT) {
-            Ok(_) => {
+        let mut read = publish(tail, &inner.hub, TAIL_WAIT).map(|_| None);
+        if read.is_ok() && looked.is_none_or(|t| t.elapsed() >= SCHEMA_LOOK) {
+            looked = Some(Instant::now());
+            read = tail.schema_version().map(Some);
+        }
+        match read {
+            Ok(version) => {
                 if std::mem::take(&mut unreachable) {
                     tracing::info!("PostgreSQL is reachable again; watchers go on where they were");
+                }
+                if let Some(v) = version.filter(|v| *v > schema::VERSION)
+                    && !std::mem::replace(&mut newer, true)
+                {
+                    tracing::error!(error = %schema::newer(v), "serving no more");
                 }
                 // PostgreSQL answers: a fault the writer met because its
                 // connection broke is over too (its next group connects
                 // again); a full disk is the writer's to clear.
-                if let Backend::Pg(pg) = &inner.backend
-                    && !pg.full.load(Ordering::SeqCst)
-                {
+                if newer {
+                    inner
+                        .fault
+                        .send_if_modified(|f| !std::mem::replace(f, true));
+                } else if !pg.full.load(Ordering::SeqCst) {
                     inner
                         .fault
                         .send_if_modified(|f| std::mem::replace(f, false));
@@ -148,9 +170,7 @@ fn tail_into_hub(tail: &mut Tail, inner: &Inner, stop: &AtomicBool) {
                         .send_if_modified(|f| !std::mem::replace(f, true));
                     // The pooled read connections broke too, most likely:
                     // reads after PostgreSQL is back start on new ones.
-                    if let Backend::Pg(pg) = &inner.backend {
-                        pg.readers.lock().expect("reader pool lock").clear();
-                    }
+                    pg.readers.lock().expect("reader pool lock").clear();
                 }
                 std::thread::sleep(TAIL_WAIT);
             }

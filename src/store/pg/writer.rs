@@ -48,6 +48,10 @@ pub(crate) fn commit_group(
         let row = c.query_one(GROUP_START, &[]).map_err(error)?;
         let stored: Option<Micros> = row.get(0);
         let compact = Revision::new(row.get(1));
+        let version: i64 = row.get(2);
+        if version > super::schema::VERSION {
+            return Err(super::schema::newer(version));
+        }
         Ok::<_, Error>((revision, (stored.unwrap_or(0), compact)))
     })();
     let (revision, (stored, compact)) = match begun {
@@ -139,9 +143,11 @@ fn keep_history(
 }
 
 /// What a group reads once it holds the revision row: the create_time of
-/// the connection made last (none when there is none) and the compaction mark.
+/// the connection made last (none when there is none), the compaction mark,
+/// and the schema version (a newer replica may have migrated the database).
 const GROUP_START: &str = "SELECT (SELECT create_time FROM connections ORDER BY seq DESC LIMIT 1), \
-     (SELECT value FROM meta WHERE key = 'compact_revision')";
+     (SELECT value FROM meta WHERE key = 'compact_revision'), \
+     (SELECT version FROM schema_version)";
 
 /// SQLite's `DROP_SUPERSEDED` for every connection in the array $1 at once.
 const DROP_SUPERSEDED_OF_ALL: &str = "DELETE FROM events e WHERE e.connection_id = ANY($1) \
