@@ -37,6 +37,30 @@ fn on(url: &str, dir: &tempfile::TempDir) -> tether::Config {
     config
 }
 
+/// A replica on `url`, its key in `dir`, once it serves.
+async fn replica(url: &str, dir: &tempfile::TempDir) -> App {
+    let (url, key) = (url.to_owned(), dir.path().join("tether.key"));
+    App::start_with(move |c| {
+        c.db = Some(url.into());
+        c.secret_key_file = Some(key);
+    })
+    .await
+}
+
+/// A watch of `app`'s health, which says SERVING first.
+async fn serving(app: &App) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let mut health = HealthClient::new(app.channel.clone())
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next(&mut health).await.status,
+        ServingStatus::Serving as i32
+    );
+    health
+}
+
 /// The next message, failing the test if none comes within 20 s.
 async fn next<T>(s: &mut tonic::Streaming<T>) -> T {
     tokio::time::timeout(Duration::from_secs(20), s.message())
@@ -78,12 +102,8 @@ async fn tls_to_postgresql_is_verified() {
         "{url}?sslmode=verify-full&sslrootcert={}",
         ca_file.display()
     );
-    let (served, key, url_again) = (verified, dir.path().join("tether.key"), url.clone());
-    let app = App::start_with(move |c| {
-        c.db = Some(served.into());
-        c.secret_key_file = Some(key);
-    })
-    .await;
+    let app = replica(&verified, &dir).await;
+    let url_again = url.clone();
     let made = create(&mut app.client.clone(), conn("tcp", "tcp://tls.example:1")).await;
     assert_eq!(get(&mut app.client.clone(), &made.id).await, made);
     // What PostgreSQL itself says of the replica's connections.
@@ -115,25 +135,10 @@ async fn tls_to_postgresql_is_verified() {
 #[tokio::test]
 async fn a_replica_whose_postgresql_goes_away_and_comes_back() {
     let (cluster, url) = cluster(Vec::new(), &[]).await;
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let app = App::start_with({
-        let (url, key) = (url.clone(), dir.path().join("tether.key"));
-        move |c| {
-            c.db = Some(url.into());
-            c.secret_key_file = Some(key);
-        }
-    })
-    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = replica(&url, &dir).await;
     let mut client = app.client.clone();
-    let mut health = HealthClient::new(app.channel.clone())
-        .watch(HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        next(&mut health).await.status,
-        ServingStatus::Serving as i32
-    );
+    let mut health = serving(&app).await;
     let mut watch = client
         .watch_connections(pb::WatchConnectionsRequest::default())
         .await
@@ -214,25 +219,10 @@ async fn a_replica_stops_serving_once_a_newer_one_migrates_its_database() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start_with({
-        let (url, key) = (url.clone(), dir.path().join("tether.key"));
-        move |c| {
-            c.db = Some(url.into());
-            c.secret_key_file = Some(key);
-        }
-    })
-    .await;
+    let app = replica(&url, &dir).await;
     let mut client = app.client.clone();
     let made = create(&mut client, conn("tcp", "tcp://old.example:1")).await;
-    let mut health = HealthClient::new(app.channel.clone())
-        .watch(HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        next(&mut health).await.status,
-        ServingStatus::Serving as i32
-    );
+    let mut health = serving(&app).await;
 
     // What a newer tether's migration leaves: a version this one never wrote.
     let sql = |statement: &'static str| {
