@@ -260,7 +260,7 @@ fn note_fault(inner: &Inner, fault: bool, full: bool) {
 
 /// Makes the writer's connection again if it broke (PostgreSQL restarted,
 /// or was out of reach), before a group.
-fn reconnect(client: &RefCell<super::Client>, url: &str) -> Result<(), Error> {
+fn reconnect(client: &RefCell<Client>, url: &str) -> Result<(), Error> {
     if client.borrow().is_closed() {
         *client.borrow_mut() = Client::connect(url)?;
         tracing::info!("the writer reaches PostgreSQL again");

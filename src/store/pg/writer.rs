@@ -182,7 +182,7 @@ fn move_mark(c: &mut impl Statements, above: Revision, through: Revision) -> Res
 /// holds the revision row, so replicas pruning at once take turns and the
 /// compaction mark only moves up. The new mark, when it moved.
 pub(crate) fn prune(
-    client: &mut super::Client,
+    client: &mut Client,
     config: &WriterConfig,
     now: Micros,
 ) -> Result<Option<Revision>, Error> {
