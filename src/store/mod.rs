@@ -45,6 +45,7 @@ macro_rules! on {
 mod backup;
 mod check;
 mod codec;
+mod counts;
 #[cfg(test)]
 mod counts_tests;
 mod error;

@@ -9,6 +9,7 @@
 //! happens here too, so revisions and the compaction mark only ever move
 //! under this one owner.
 
+use super::counts::Counts;
 use super::query::StoredCredential;
 use super::{Inner, Sql, codec};
 use crate::connection::Revision;
@@ -150,6 +151,8 @@ pub(crate) struct Tx<'a> {
     durable: bool,
     /// The latest create_time stored: a new connection's is later.
     last_create: Micros,
+    /// What the group's changes add to the kept counts, on SQLite.
+    counts: Counts,
 }
 
 impl<'a> Tx<'a> {
@@ -170,12 +173,15 @@ impl<'a> Tx<'a> {
             seen: RefCell::new(None),
             durable,
             last_create,
+            counts: Counts::default(),
         }
     }
 
-    /// Where the next job starts: what [`Tx::back_to`] returns to when it fails.
-    pub(super) fn mark(&self) -> (Revision, usize) {
+    /// Where the next job starts: what [`Tx::back_to`] returns to when it
+    /// fails. What the jobs before it recorded is kept.
+    pub(super) fn mark(&mut self) -> (Revision, usize) {
         self.seen.take();
+        self.counts.keep();
         (self.revision, self.events.len())
     }
 
@@ -183,6 +189,7 @@ impl<'a> Tx<'a> {
     pub(super) fn back_to(&mut self, mark: (Revision, usize)) {
         self.revision = mark.0;
         self.events.truncate(mark.1);
+        self.counts.forget();
     }
 
     /// The group's last revision, its events and the latest create_time.
@@ -447,6 +454,9 @@ impl<'a> Tx<'a> {
                 self.update_row(before, conn)?;
                 self.freeze_snapshot(before)?;
             }
+        }
+        if matches!(self.sql, Sql::Lite(_)) {
+            self.counts.change(before.as_ref(), conn);
         }
         let event = Event {
             revision: self.revision,
@@ -823,6 +833,7 @@ impl Writer {
             seen: RefCell::new(None),
             durable,
             last_create: self.last_create,
+            counts: Counts::default(),
         };
         // A job alone is the whole transaction: it needs no savepoint.
         let alone = matches!(jobs, [job] if job.alone());
@@ -864,7 +875,7 @@ impl Writer {
                 tx.back_to(mark);
             }
         }
-        let (revision, events) = (tx.revision, tx.events);
+        let (revision, events, counts) = (tx.revision, tx.events, tx.counts);
         // Kept whatever the group's fate: a later create_time is as good.
         self.last_create = tx.last_create;
         if rolled_back {
@@ -885,6 +896,7 @@ impl Writer {
             }
             return Ok(Vec::new());
         }
+        counts.write(&sql)?;
         let mut compact = self.compact;
         if revision != self.revision {
             sql.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'revision'")?

@@ -694,6 +694,7 @@ mod tests {
             insert(&mut pg, x);
             insert_sqlite(&lite, x);
         }
+        crate::store::counts_tests::recount(&lite);
         let mut counted = 0;
         for filter in filters(&rows) {
             let scanned = count_by(&mut pg, &filter, false).unwrap().0;
