@@ -579,8 +579,10 @@ fn shutting_down() -> Error {
 /// what one group of writes dirties over a large table (a page of each index
 /// a row touches, and its keys are random): the rest is spilled to the log
 /// and written again, over and over, before the commit. Pages are held only
-/// as they are used.
-const WRITER_CACHE_KIB: i64 = 64 * 1024;
+/// as they are used. 32 MiB loads a million connections as fast as 64 did,
+/// and a full cache is most of what the process holds after such a load
+/// (`docs/BENCHMARKS.md`, *A third run*).
+const WRITER_CACHE_KIB: i64 = 32 * 1024;
 
 /// The write connection: WAL, and every commit synced to disk before it returns.
 fn open_writer(path: &Path, busy: Duration) -> Result<rusqlite::Connection, Error> {
