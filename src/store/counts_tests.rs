@@ -246,29 +246,25 @@ async fn the_kept_counts_follow_every_write_and_answer_like_a_scan() {
         .await
         .unwrap();
 
-    let check = |conn: &rusqlite::Connection| {
-        assert_counts_kept(conn);
-        for f in filters() {
-            let kept = query::count_by(conn, &f, true).unwrap();
-            let scanned = query::count_by(conn, &f, false).unwrap();
-            assert_eq!(kept, scanned, "{f:?}");
-        }
+    // The counts agree with the rows, and how many live connections they count.
+    let live = || async {
+        store
+            .read(|r| {
+                let conn = r.sql();
+                assert_counts_kept(conn);
+                for f in filters() {
+                    let kept = query::count_by(conn, &f, true).unwrap();
+                    let scanned = query::count_by(conn, &f, false).unwrap();
+                    assert_eq!(kept, scanned, "{f:?}");
+                }
+                let counted = query::count_by(conn, &Filter::default(), true).unwrap();
+                Ok(counted.0.iter().map(|(_, n)| n).sum::<i64>())
+            })
+            .await
+            .unwrap()
     };
-    store
-        .read(move |r| {
-            check(r.sql());
-            let total: i64 = query::count_by(r.sql(), &Filter::default(), true)
-                .unwrap()
-                .0
-                .iter()
-                .map(|(_, n)| n)
-                .sum();
-            // 48, less the 12 tombstones (every 8th, and every 8th from 1 and 7).
-            assert_eq!(total, 36);
-            Ok(())
-        })
-        .await
-        .unwrap();
+    // 48, less the 12 tombstones (every 8th, and every 8th from 1 and 7).
+    assert_eq!(live().await, 36);
 
     // A job that fails takes back what it added, alone or among others, and
     // the jobs beside it keep theirs.
@@ -293,23 +289,11 @@ async fn the_kept_counts_follow_every_write_and_answer_like_a_scan() {
         store.write_alone(failing),
     );
     assert!(a.is_ok() && b.is_err() && c.is_ok() && d.is_err());
-    store
-        .read(move |r| {
-            check(r.sql());
-            let total: i64 = query::count_by(r.sql(), &Filter::default(), true)
-                .unwrap()
-                .0
-                .iter()
-                .map(|(_, n)| n)
-                .sum();
-            assert_eq!(
-                total, 38,
-                "the two kept jobs' connections, not the failed ones'"
-            );
-            Ok(())
-        })
-        .await
-        .unwrap();
+    assert_eq!(
+        live().await,
+        38,
+        "the two kept jobs' connections, not the failed ones'"
+    );
 }
 
 /// What a page or a lookup by identity walks, as SQLite plans it.
