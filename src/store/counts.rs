@@ -6,8 +6,8 @@
 //! The writer keeps them, not triggers (schema version 8). Each change adds
 //! what it takes away and what it brings ([`Counts::change`]); a job's sums
 //! are kept once the job is ([`Counts::keep`]) and forgotten if it rolls
-//! back ([`Counts::forget`]); the group writes its sums at its end, in its
-//! own transaction ([`Counts::write`]). Five hundred connections discovered
+//! back ([`Counts::forget`]); the group writes its sums at its end, inside
+//! its transaction, before it commits ([`Counts::write`]). Five hundred connections discovered
 //! in one job cost one upsert per (owner, kind, state) and per label, where
 //! a trigger cost several statements and a statement journal per
 //! connection. Every change to a row's owner, kind, state or labels goes
