@@ -249,6 +249,17 @@ def env_values(c):
     return {e["name"]: e.get("value") for e in c["env"]}
 
 
+def assert_serve_settings(c, pod, env, flags, envs, name):
+    """Settings only through `tether serve`'s own flags and variables, and gRPC and admin
+    ports that agree with the listeners."""
+    assert c["args"][0] == "serve"
+    assert_known([a.split("=")[0] for a in c["args"][1:] if a.startswith("--")], flags, name)
+    assert_known(env, envs, name)
+    assert pod["enableServiceLinks"] is False
+    assert int(env["TETHER_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "grpc")
+    assert int(env["TETHER_ADMIN_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "admin")
+
+
 def port_number(c, name):
     (p,) = [p["containerPort"] for p in c["ports"] if p["name"] == name]
     return p
@@ -272,15 +283,7 @@ def test_the_statefulset_holds_together(name, serve_help, containerfile):
     for port in svc["spec"]["ports"]:
         port_number(c, port["targetPort"])
 
-    # Settings only through `tether serve`'s own flags and variables.
-    assert c["args"][0] == "serve"
-    assert_known([a.split("=")[0] for a in c["args"][1:] if a.startswith("--")], flags, name)
-    assert_known(env, envs, name)
-    assert pod["enableServiceLinks"] is False
-
-    # gRPC and admin ports agree with the listeners.
-    assert int(env["TETHER_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "grpc")
-    assert int(env["TETHER_ADMIN_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "admin")
+    assert_serve_settings(c, pod, env, flags, envs, name)
     probes = [c[p] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
     if "TETHER_TLS_CERT" in env:
         # Kubelet's gRPC probes cannot speak TLS: HTTP on the admin listener.
@@ -801,13 +804,7 @@ def test_the_replicas_deployment_holds_together(serve_help, serve_help_text, con
     for port in svc["spec"]["ports"]:
         port_number(c, port["targetPort"])
 
-    # Settings only through `tether serve`'s own flags and variables.
-    assert c["args"][0] == "serve"
-    assert_known([a.split("=")[0] for a in c["args"][1:] if a.startswith("--")], flags, REPLICAS)
-    assert_known(env, envs, REPLICAS)
-    assert pod["enableServiceLinks"] is False
-    assert int(env["TETHER_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "grpc")
-    assert int(env["TETHER_ADMIN_LISTEN"].rsplit(":", 1)[1]) == port_number(c, "admin")
+    assert_serve_settings(c, pod, env, flags, envs, REPLICAS)
 
     # A user and no password in the URL: the server refuses a password given
     # twice, and the password file is the one place for it.
