@@ -284,11 +284,17 @@ impl AsyncWrite for Conn {
         }
     }
 
+    /// Always `false`, though both streams could gather writes. HTTP/2 (`h2`)
+    /// keeps a DATA payload of 256 bytes or more out of its write buffer when
+    /// the stream gathers, and must then write it out before it can buffer
+    /// the next frame: a unary answer of that size (one carrying a connection
+    /// usually is) took two writes, its headers and message, then its
+    /// trailers, and answers ready at once on one connection seldom shared
+    /// one. Told the stream does not gather, `h2` copies payloads under 1 KiB
+    /// into its buffer, so an answer goes out in one write, shared with the
+    /// others ready with it (docs/BENCHMARKS.md, *One write per answer*).
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
+        false
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1,6 +1,6 @@
 //! The listener: TLS, client certificates, the name a certificate stands for,
-//! the connection limit, certificate reload, and the refusal to serve a
-//! non-loopback address unprotected.
+//! the connection limit, certificate reload, the refusal to serve a
+//! non-loopback address unprotected, and answers of every size written whole.
 
 use crate::common::*;
 use std::net::SocketAddr;
@@ -509,4 +509,66 @@ async fn a_certificate_may_not_claim_the_servers_own_name() {
         .await;
     assert_error(r, tonic::Code::Unauthenticated, "UNAUTHENTICATED");
     app.stop().await.unwrap();
+}
+
+/// A connection whose answers are about `n` bytes of metadata larger than an
+/// empty one's.
+fn sized(n: usize) -> pb::Connection {
+    let filler: String = (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    pb::Connection {
+        metadata: Some(json_struct(serde_json::json!({ "filler": filler }))),
+        ..conn("tcp", "")
+    }
+}
+
+/// Answers of every size, alone and many at once on one connection, arrive
+/// whole: the listener tells HTTP/2 its streams do not gather writes, so an
+/// answer under 1 KiB is copied into one write with those ready beside it and
+/// a larger one is written in pieces (`Conn::is_write_vectored`).
+async fn answers_arrive_whole(client: &mut Client) {
+    // Below, around and above the sizes where HTTP/2 copies or chains a
+    // payload (256 B, 1 KiB), and frames of 16 KiB.
+    let sizes = [0, 100, 200, 700, 1_000, 3_000, 20_000, 60_000];
+    let mut made = Vec::new();
+    for n in sizes {
+        let want = sized(n);
+        let got = create(client, want.clone()).await;
+        assert_eq!(got.metadata, want.metadata, "create's answer at {n} B");
+        made.push(got);
+    }
+    // Many answers in flight at once, on the one HTTP/2 connection.
+    let gets = made.iter().cycle().take(64).map(|c| {
+        let mut client = client.clone();
+        let id = c.id.clone();
+        async move { get(&mut client, &id).await }
+    });
+    let got = futures::future::join_all(gets).await;
+    for (g, want) in got.iter().zip(made.iter().cycle()) {
+        assert_eq!(g, want, "a get among 64 in flight");
+    }
+    // One answer of many 16 KiB frames.
+    let page = client
+        .list_connections(pb::ListConnectionsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    for want in &made {
+        let listed = page.connections.iter().find(|c| c.id == want.id);
+        assert_eq!(listed, Some(want), "listed");
+    }
+}
+
+#[tokio::test]
+async fn answers_of_every_size_arrive_whole_in_plaintext_and_over_tls() {
+    let plain = App::start().await;
+    answers_arrive_whole(&mut plain.client.clone()).await;
+    plain.stop().await.unwrap();
+
+    let pki = ServerPki::new();
+    let tls = tls_app(&pki, None, false).await;
+    answers_arrive_whole(&mut tls.client.clone()).await;
+    tls.stop().await.unwrap();
 }
